@@ -1,0 +1,397 @@
+"""KVQCache: a KV cache stored quantized in memory, for mlx-lm models.
+
+Tokens live in three segments, in temporal order:
+  sinks     the first `spec.sinks` tokens, 16-bit;
+  body      quantized; keys per channel (stored transposed, [B, H, D, T],
+            quantized along tokens in groups) or per token, values per token;
+  residual  the most recent tokens, 16-bit, flushed into the body once more
+            than `spec.residual` wait (in whole groups for channel keys).
+Attention (attention.py) reads the segments where they are; nothing is
+dequantized into a full-precision copy.
+"""
+
+import json
+from dataclasses import dataclass
+from typing import Optional
+
+import mlx.core as mx
+from mlx_lm.models.cache import _BaseCache, create_attention_mask
+
+from . import quant
+from .spec import KVQuantSpec, parse_spec
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Segment:
+    """One stretch of cached tokens as attention sees it."""
+
+    start: int  # absolute position of its first token
+    length: int
+    keys: object  # [B, H, T, D] array, or quantized triple
+    values: object
+    k_bits: Optional[int] = None  # None: full-precision arrays
+    v_bits: Optional[int] = None
+    keys_transposed: bool = False  # quantized channel keys: codes are [B, H, D, T]
+
+
+class KVQView:
+    """Stands in for keys/values returned by update_and_fetch.
+
+    The patched scaled_dot_product_attention reads the cache itself; a model
+    that operates on the returned keys directly is not supported.
+    """
+
+    def __init__(self, cache):
+        self.cache = cache
+
+    def __getattr__(self, name):
+        raise TypeError(
+            f"this model uses cached keys/values directly (.{name}); mlx_kvq "
+            "supports models that route attention through "
+            "mlx_lm.models.base.scaled_dot_product_attention"
+        )
+
+
+class KVQCache(_BaseCache):
+    step = 256  # body capacity grows in steps (a multiple of every group size)
+
+    def __init__(self, spec=None, max_size: Optional[int] = None):
+        self.spec = parse_spec(spec)
+        self.max_size = max_size
+        if max_size is not None and max_size < self.spec.sinks + self._min_window():
+            raise ValueError(
+                f"max_kv_size={max_size} is too small for {self.spec}: it must hold "
+                f"{self.spec.sinks} sinks and {self._min_window()} recent tokens"
+            )
+        self.offset = 0
+        self.body_start = 0
+        self.n_body = 0
+        self.sink_k = self.sink_v = None
+        self.res_k = self.res_v = None
+        self.body_k = self.body_v = None  # array or triple, preallocated
+        self.capacity = 0
+        self.dims = None  # (B, H, D, Dv)
+
+    def _min_window(self):
+        return self.spec.residual + self._flush_unit()
+
+    def _flush_unit(self):
+        s = self.spec
+        return s.group_size if s.k_bits is not None and s.key_axis == "channel" else 1
+
+    # -- writing ----------------------------------------------------------
+
+    def update_and_fetch(self, keys, values):
+        B, H, L, D = keys.shape
+        dims = (B, H, D, values.shape[-1])
+        if self.dims is None:
+            self.spec.validate_for(D)
+            if values.shape[-1] != D:
+                raise ValueError(
+                    f"mlx_kvq needs equal key and value head dims, got {D} and "
+                    f"{values.shape[-1]}"
+                )
+            self.dims = dims
+            self.dtype = keys.dtype
+        elif dims != self.dims:
+            raise ValueError(
+                f"cache holds K/V of shape (B, H, D, Dv)={self.dims} but got {dims}; "
+                "was it made for another model?"
+            )
+        if self.spec.rotate:
+            keys, values = quant.hadamard(keys), quant.hadamard(values)
+        fp = quant.storage_dtype(keys.dtype)
+        keys, values = keys.astype(fp), values.astype(fp)
+
+        n_sink = self._sink_len()
+        if self.offset == n_sink and n_sink < self.spec.sinks:
+            take = min(L, self.spec.sinks - n_sink)
+            self.sink_k = _cat(self.sink_k, keys[..., :take, :])
+            self.sink_v = _cat(self.sink_v, values[..., :take, :])
+            keys, values = keys[..., take:, :], values[..., take:, :]
+        if keys.shape[2]:
+            self.res_k = _cat(self.res_k, keys)
+            self.res_v = _cat(self.res_v, values)
+        self.offset += L
+        self._flush()
+        if self.max_size is not None:
+            self._evict()
+        return KVQView(self), KVQView(self)
+
+    def _sink_len(self):
+        return 0 if self.sink_k is None else self.sink_k.shape[2]
+
+    def _res_len(self):
+        return 0 if self.res_k is None else self.res_k.shape[2]
+
+    def _flush(self):
+        s = self.spec
+        keep = s.residual if s.quantized else 0
+        n = self._res_len() - keep
+        unit = self._flush_unit()
+        n = (n // unit) * unit
+        if n <= 0:
+            return
+        k, v = self.res_k[..., :n, :], self.res_v[..., :n, :]
+        self.res_k, self.res_v = self.res_k[..., n:, :], self.res_v[..., n:, :]
+        if self.n_body == 0:
+            self.body_start = self.offset - self._res_len() - n
+        self._append_body(k, v)
+
+    def _encode_keys(self, k):
+        s = self.spec
+        if s.k_bits is None:
+            return k
+        if s.key_axis == "channel":
+            return quant.quantize(k.swapaxes(-1, -2), s.k_bits, s.group_size)
+        return quant.quantize(k, s.k_bits, s.group_size)
+
+    def _encode_values(self, v):
+        s = self.spec
+        return v if s.v_bits is None else quant.quantize(v, s.v_bits, s.group_size)
+
+    def _layouts(self):
+        s = self.spec
+        k_t = s.k_bits is not None and s.key_axis == "channel"
+        return _Layout(s.k_bits, s.group_size, k_t), _Layout(s.v_bits, s.group_size, False)
+
+    def _append_body(self, k, v):
+        if self.n_body + k.shape[2] > self.capacity:
+            self._rebuild(0, self.n_body + k.shape[2])
+        lk, lv = self._layouts()
+        self.body_k = lk.write(self.body_k, self._encode_keys(k), self.n_body)
+        self.body_v = lv.write(self.body_v, self._encode_values(v), self.n_body)
+        self.n_body += k.shape[2]
+
+    def _rebuild(self, drop, need):
+        """Reallocate the body for `need` tokens, keeping tokens [drop, n_body)."""
+        cap = max(self.step, -(-need // self.step) * self.step)
+        B, H, D, Dv = self.dims
+        fp = quant.storage_dtype(self.dtype)
+        parts = []
+        for lay, old, dim in zip(self._layouts(), (self.body_k, self.body_v), (D, Dv)):
+            new = lay.alloc(B, H, cap, dim, fp)
+            if old is not None and self.n_body > drop:
+                new = lay.write(new, lay.slice(old, drop, self.n_body), 0)
+            parts.append(new)
+        self.body_k, self.body_v = parts
+        self.n_body -= drop
+        self.body_start += drop
+        self.capacity = cap
+
+    def _evict(self):
+        """Drop the oldest body tokens (keeping sinks) to stay within max_size."""
+        excess = self.size() - self.max_size
+        unit = self._flush_unit()
+        drop = min(-(-excess // unit) * unit, self.n_body) if excess > 0 else 0
+        if drop > 0:
+            self._rebuild(drop, self.n_body - drop)
+
+    # -- reading ----------------------------------------------------------
+
+    def segments(self):
+        """The cached tokens as Segments in temporal order (empty ones left out)."""
+        s = self.spec
+        out = []
+        n_sink = self._sink_len()
+        if n_sink:
+            out.append(Segment(0, n_sink, self.sink_k, self.sink_v))
+        if self.n_body:
+            lk, lv = self._layouts()
+            out.append(
+                Segment(
+                    self.body_start,
+                    self.n_body,
+                    lk.slice(self.body_k, 0, self.n_body),
+                    lv.slice(self.body_v, 0, self.n_body),
+                    s.k_bits,
+                    s.v_bits,
+                    lk.transposed,
+                )
+            )
+        n_res = self._res_len()
+        if n_res:
+            out.append(Segment(self.offset - n_res, n_res, self.res_k, self.res_v))
+        return out
+
+    def size(self):
+        return self._sink_len() + self.n_body + self._res_len()
+
+    def empty(self):
+        return self.dims is None
+
+    @property
+    def nbytes(self):
+        arrays = [self.sink_k, self.sink_v, self.res_k, self.res_v]
+        for part in (self.body_k, self.body_v):
+            arrays.extend(part if isinstance(part, (tuple, list)) else [part])
+        return sum(a.nbytes for a in arrays if a is not None)
+
+    def make_mask(self, N, return_array=False, window_size=None):
+        return create_attention_mask(
+            N, offset=self.offset, return_array=return_array, window_size=window_size
+        )
+
+    # -- trimming ---------------------------------------------------------
+
+    def is_trimmable(self):
+        return self.max_size is None or self.body_start == 0
+
+    def trim(self, n):
+        n = min(n, self.size())
+        unit = self._flush_unit()
+        # Bring back whole body groups (as their dequantized values) until the
+        # residual holds the tokens to drop.
+        while n > self._res_len() and self.n_body:
+            take = min(self.n_body, unit if unit > 1 else n - self._res_len())
+            k, v = self._decode_body(self.n_body - take, self.n_body)
+            self.res_k, self.res_v = _cat(k, self.res_k), _cat(v, self.res_v)
+            self.n_body -= take
+        from_res = min(n, self._res_len())
+        if from_res:
+            self.res_k = self.res_k[..., : self._res_len() - from_res, :]
+            self.res_v = self.res_v[..., : self.res_v.shape[2] - from_res, :]
+        from_sink = n - from_res
+        if from_sink:
+            keep = self._sink_len() - from_sink
+            self.sink_k = self.sink_k[..., :keep, :]
+            self.sink_v = self.sink_v[..., :keep, :]
+        self.offset -= n
+        return n
+
+    def _decode_body(self, a, b):
+        s, (lk, lv) = self.spec, self._layouts()
+        fp = quant.storage_dtype(self.dtype)
+        k, v = lk.slice(self.body_k, a, b), lv.slice(self.body_v, a, b)
+        if s.k_bits is not None:
+            k = quant.dequantize(k, s.k_bits, s.group_size, fp)
+            k = k.swapaxes(-1, -2) if lk.transposed else k
+        if s.v_bits is not None:
+            v = quant.dequantize(v, s.v_bits, s.group_size, fp)
+        return k, v
+
+    # -- serialization ----------------------------------------------------
+
+    @property
+    def meta_state(self):
+        meta = {
+            "format": FORMAT_VERSION,
+            "spec": self.spec.to_dict(),
+            "offset": self.offset,
+            "body_start": self.body_start,
+            "n_body": self.n_body,
+            "max_size": self.max_size,
+            "dims": self.dims,
+            "dtype": None if self.dims is None else str(self.dtype),
+        }
+        return json.dumps(meta)
+
+    @meta_state.setter
+    def meta_state(self, v):
+        pass  # carried inside `state`; accepted for mlx-lm's loader
+
+    @property
+    def state(self):
+        lk, lv = self._layouts()
+        body_k = body_v = None
+        if self.n_body:
+            body_k = lk.slice(self.body_k, 0, self.n_body)
+            body_v = lv.slice(self.body_v, 0, self.n_body)
+        return [self.meta_state, self.sink_k, self.sink_v, self.res_k, self.res_v,
+                body_k, body_v]
+
+    @state.setter
+    def state(self, v):
+        try:
+            meta = json.loads(v[0])
+            if meta.get("format") != FORMAT_VERSION:
+                raise ValueError(f"unknown KVQCache format {meta.get('format')!r}")
+            self.spec = KVQuantSpec.from_dict(meta["spec"])
+        except (TypeError, KeyError, json.JSONDecodeError, IndexError) as e:
+            raise ValueError(f"corrupt KVQCache state: {e}") from e
+        self.max_size = meta["max_size"]
+        self.offset, self.body_start = meta["offset"], meta["body_start"]
+        self.n_body = meta["n_body"]
+        self.dims = None if meta["dims"] is None else tuple(meta["dims"])
+        self.sink_k, self.sink_v, self.res_k, self.res_v = v[1:5]
+        self.body_k, self.body_v = (
+            tuple(p) if isinstance(p, list) else p for p in v[5:7]
+        )
+        self.capacity = self.n_body
+        if self.dims is not None:
+            self.dtype = getattr(mx, meta["dtype"].split(".")[-1])
+        expected = self._sink_len() + self.n_body + self._res_len()
+        if self.dims is not None and (
+            expected > self.offset or self.sink_k is None and self._res_len() == 0
+            and self.n_body == 0 and self.offset
+        ):
+            raise ValueError("corrupt KVQCache state: token counts do not add up")
+
+    @classmethod
+    def from_state(cls, state, meta_state=None):
+        obj = cls.__new__(cls)
+        obj.state = state
+        return obj
+
+
+def _cat(a, b):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return mx.concatenate([a, b], axis=2)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where tokens sit in one body part: fp [B, H, T, D], or a quantized
+    triple along the last axis (per-token) or transposed (per-channel keys)."""
+
+    bits: Optional[int]
+    group: int
+    transposed: bool
+
+    def alloc(self, B, H, cap, D, fp):
+        if self.bits is None:
+            return mx.zeros((B, H, cap, D), fp)
+        G = self.group
+        if self.transposed:  # codes [B, H, D, T]
+            shapes = ((B, H, D, quant.packed_width(cap, self.bits)), (B, H, D, cap // G))
+        else:
+            shapes = ((B, H, cap, quant.packed_width(D, self.bits)), (B, H, cap, D // G))
+        return (
+            mx.zeros(shapes[0], mx.uint32),
+            mx.zeros(shapes[1], quant.SCALE_DTYPE),
+            mx.zeros(shapes[1], quant.SCALE_DTYPE),
+        )
+
+    def _ranges(self, a, b):
+        """Index ranges of tokens [a, b) in (codes, scales, biases)."""
+        if not self.transposed:
+            return [(a, b)] * 3
+        G, w = self.group, quant.packed_width
+        return [(w(a, self.bits), w(b, self.bits)), (a // G, b // G), (a // G, b // G)]
+
+    def slice(self, part, a, b):
+        if self.bits is None:
+            return part[..., a:b, :]
+        if self.transposed:
+            return tuple(x[..., i:j] for x, (i, j) in zip(part, self._ranges(a, b)))
+        return tuple(x[..., a:b, :] for x in part)
+
+    def write(self, dst, src, a):
+        b = a + (src.shape[2] if self.bits is None else self._count(src))
+        if self.bits is None:
+            dst[..., a:b, :] = src
+            return dst
+        for x, y, (i, j) in zip(dst, src, self._ranges(a, b)):
+            if self.transposed:
+                x[..., i:j] = y
+            else:
+                x[..., i:j, :] = y
+        return dst
+
+    def _count(self, part):
+        return part[1].shape[-1] * self.group if self.transposed else part[0].shape[2]

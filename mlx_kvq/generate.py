@@ -1,0 +1,132 @@
+"""Generate text with a quantized KV cache: `mlx_kvq.generate`, mirroring mlx_lm.generate."""
+
+import argparse
+import sys
+
+import mlx.core as mx
+from mlx_lm.generate import stream_generate
+from mlx_lm.sample_utils import make_sampler
+
+from .integration import make_prompt_cache
+from .models import describe_weights, load
+from .persist import load_prompt_cache, save_prompt_cache
+from .report import format_report, kv_stats
+from .spec import DEFAULT_PRESET, PRESETS, KVQuantSpec
+
+SPEC_FLAGS = ("k_bits", "v_bits", "group_size", "residual", "sinks")
+
+
+def _bits(text):
+    """Bits as given; 16 (or "none") means full precision."""
+    return 16 if text.lower() in ("16", "none", "fp16") else int(text)
+
+
+def setup_arg_parser():
+    p = argparse.ArgumentParser(
+        description="Generate text with an mlx-lm model and a quantized KV cache."
+    )
+    p.add_argument("--model", default=None,
+                   help="Model folder or hub id (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--prompt", "-p", default="Hello! Who are you?",
+                   help="Prompt text, or '-' to read it from stdin")
+    p.add_argument("--system-prompt", default=None)
+    p.add_argument("--max-tokens", "-m", type=int, default=256)
+    p.add_argument("--temp", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ignore-chat-template", action="store_true")
+    p.add_argument("--max-kv-size", type=int, default=None,
+                   help="Keep at most this many tokens (sinks plus the most recent)")
+    p.add_argument("--prefill-step-size", type=int, default=2048)
+    p.add_argument("--prompt-cache-file", default=None,
+                   help="Continue from a saved quantized prompt cache")
+    p.add_argument("--save-prompt-cache", default=None,
+                   help="Save the quantized prompt cache after generating")
+    p.add_argument("--verbose", type=lambda s: s.lower() in ("1", "true", "yes"),
+                   default=True, help="Print the KV report (true/false)")
+    g = p.add_argument_group("KV cache quantization")
+    g.add_argument("--kv", default=None,
+                   help=f"Preset ({', '.join(PRESETS)}) or label like k4v2-g32-r64-s4; "
+                   f"default {DEFAULT_PRESET}")
+    g.add_argument("--k-bits", type=_bits, default=None, help="2-8, or 16 for none")
+    g.add_argument("--v-bits", type=_bits, default=None, help="2-8, or 16 for none")
+    g.add_argument("--key-axis", choices=("channel", "token"), default=None)
+    g.add_argument("--group-size", type=int, default=None)
+    g.add_argument("--residual", type=int, default=None)
+    g.add_argument("--sinks", type=int, default=None)
+    g.add_argument("--rotate", action="store_true", default=None)
+    return p
+
+
+def spec_from_args(args) -> KVQuantSpec:
+    """--kv, then any of the explicit field flags on top."""
+    overrides = {f: getattr(args, f) for f in SPEC_FLAGS if getattr(args, f) is not None}
+    for flag in ("k_bits", "v_bits"):
+        if overrides.get(flag) == 16:
+            overrides[flag] = None
+    if args.key_axis is not None:
+        overrides["key_axis"] = args.key_axis
+    if args.rotate:
+        overrides["rotate"] = True
+    return KVQuantSpec.from_string(args.kv or DEFAULT_PRESET, **overrides)
+
+
+def build_prompt(tokenizer, args, continuing: bool):
+    prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
+    prompt = sys.stdin.read() if prompt == "-" else prompt
+    if args.ignore_chat_template or not tokenizer.has_chat_template:
+        return tokenizer.encode(prompt)
+    messages = []
+    if args.system_prompt is not None:
+        messages.append({"role": "system", "content": args.system_prompt})
+    messages.append({"role": "user", "content": prompt})
+    text = tokenizer.apply_chat_template(messages, tokenize=False,
+                                         add_generation_prompt=True)
+    if continuing:  # the cache already holds the conversation's prefix
+        messages[-1]["content"] = "<query>"
+        probe = tokenizer.apply_chat_template(messages, tokenize=False,
+                                              add_generation_prompt=True)
+        text = text[probe.index("<query>"):]
+        text = "\n" + text if not text.startswith("\n") else text
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def main(argv=None):
+    parser = setup_arg_parser()
+    args = parser.parse_args(argv)
+    try:
+        spec = spec_from_args(args)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.seed is not None:
+        mx.random.seed(args.seed)
+
+    model, tokenizer = load(args.model)
+    if args.prompt_cache_file:
+        explicit = args.kv is not None or any(getattr(args, f) is not None for f in SPEC_FLAGS)
+        cache = load_prompt_cache(args.prompt_cache_file, model=model,
+                                  spec=spec if explicit else None)
+    else:
+        cache = make_prompt_cache(model, spec, max_kv_size=args.max_kv_size)
+
+    prompt = build_prompt(tokenizer, args, continuing=bool(args.prompt_cache_file))
+    sampler = make_sampler(args.temp, args.top_p)
+    mx.reset_peak_memory()
+    response = None
+    for response in stream_generate(
+        model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler,
+        prompt_cache=cache, prefill_step_size=args.prefill_step_size,
+    ):
+        print(response.text, end="", flush=True)
+    print()
+    if args.save_prompt_cache:
+        save_prompt_cache(args.save_prompt_cache, cache, model=model,
+                          metadata={"model": str(args.model or "default")})
+    if args.verbose:
+        stats = kv_stats(cache)
+        print(format_report(stats, response, peak=mx.get_peak_memory()))
+        print(f"weights:      {describe_weights(args.model)}")
+
+
+if __name__ == "__main__":
+    main()

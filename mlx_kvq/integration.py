@@ -1,0 +1,93 @@
+"""Route mlx-lm's attention to mlx_kvq for layers whose cache is a KVQCache.
+
+mlx-lm model modules import `scaled_dot_product_attention` from
+mlx_lm.models.base by name, so patching base alone does not reach them: the
+dispatcher is set on base and on every loaded mlx_lm.models module that holds
+the original. Other caches go to the original function untouched.
+"""
+
+import sys
+
+import mlx_lm.models.base as base
+import mlx_lm.models.cache as mlx_cache
+from mlx_lm.models.cache import KVCache
+
+from .attention import kvq_attention
+from .cache import KVQCache
+from .spec import parse_spec
+
+_original = getattr(base.scaled_dot_product_attention, "_kvq_original",
+                    base.scaled_dot_product_attention)
+
+
+def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
+    if isinstance(cache, KVQCache):
+        return kvq_attention(queries, cache, scale=scale, mask=mask, sinks=sinks)
+    return _original(queries, keys, values, cache=cache, scale=scale, mask=mask,
+                     sinks=sinks)
+
+
+scaled_dot_product_attention._kvq_original = _original
+
+
+def install():
+    """Patch every loaded mlx-lm model module; idempotent and cheap."""
+    # load_prompt_cache looks cache classes up in mlx-lm's cache module.
+    mlx_cache.KVQCache = KVQCache
+    for name, mod in list(sys.modules.items()):
+        if mod is None or not (name == base.__name__ or name.startswith("mlx_lm.models.")):
+            continue
+        if getattr(mod, "scaled_dot_product_attention", None) is _original:
+            mod.scaled_dot_product_attention = scaled_dot_product_attention
+
+
+def model_module_supported(model) -> bool:
+    mod = sys.modules.get(type(model).__module__)
+    inner = getattr(model, "language_model", None) or getattr(model, "model", None)
+    mods = [mod] + ([sys.modules.get(type(inner).__module__)] if inner is not None else [])
+    return any(
+        m is not None and getattr(m, "scaled_dot_product_attention", None) in
+        (_original, scaled_dot_product_attention)
+        for m in mods
+    )
+
+
+def head_dim_of(model) -> int:
+    """head_dim from the model's config, as mlx-lm models compute it."""
+    args = getattr(model, "args", None)
+    for a in (args, getattr(args, "text_config", None)):
+        a = a if isinstance(a, dict) or a is None else vars(a)
+        if not a:
+            continue
+        if a.get("head_dim"):
+            return int(a["head_dim"])
+        if a.get("hidden_size") and a.get("num_attention_heads"):
+            return a["hidden_size"] // a["num_attention_heads"]
+    raise ValueError(f"cannot tell the head_dim of model {type(model).__module__!r}")
+
+
+def make_prompt_cache(model, spec=None, max_kv_size=None):
+    """mlx-lm's make_prompt_cache with full-attention KV caches quantized.
+
+    Layers whose default cache is a plain KVCache get a KVQCache; sliding-window
+    layers (RotatingKVCache, already bounded by their window) and non-attention
+    caches (SSM state) keep mlx-lm's cache in full precision.
+    """
+    spec = parse_spec(spec)
+    install()
+    if not model_module_supported(model):
+        raise ValueError(
+            f"architecture {type(model).__module__!r} does not route attention through "
+            "mlx_lm.models.base.scaled_dot_product_attention; mlx_kvq cannot "
+            "quantize its KV cache"
+        )
+    spec.validate_for(head_dim_of(model))
+    caches = mlx_cache.make_prompt_cache(model)
+    out = [KVQCache(spec, max_size=max_kv_size) if type(c) is KVCache else c
+           for c in caches]
+    if not any(isinstance(c, KVQCache) for c in out):
+        raise ValueError(
+            f"architecture {type(model).__module__!r} has no full-attention KV cache "
+            "layers for mlx_kvq to quantize"
+        )
+    return out

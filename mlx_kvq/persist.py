@@ -1,0 +1,72 @@
+"""Save and load quantized prompt caches.
+
+Files are mlx-lm prompt-cache files (mlx_lm.models.cache.load_prompt_cache
+reads them once mlx_kvq is imported); these wrappers add the KV spec and a
+model fingerprint to the metadata and refuse a file made for another model or
+spec, or a file that is damaged.
+"""
+
+import hashlib
+import json
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from mlx_lm.models import cache as mlx_cache
+
+from .cache import KVQCache
+from .integration import install
+from .spec import KVQuantSpec
+
+
+def model_fingerprint(model) -> str:
+    """Cheap identity of a model: its config and a sample of its first weights."""
+    args = getattr(model, "args", None)
+    cfg = vars(args) if args is not None else {}
+    cfg = {k: v for k, v in cfg.items() if isinstance(v, (int, float, str, bool))}
+    leaves = tree_flatten(model.parameters())
+    sample = 0.0
+    if leaves:
+        sample = float(leaves[0][1].reshape(-1)[:4096].astype(mx.float32).sum())
+    text = json.dumps(cfg, sort_keys=True) + f"|{sample:.4e}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _specs(cache):
+    return [str(c.spec) if isinstance(c, KVQCache) else type(c).__name__ for c in cache]
+
+
+def save_prompt_cache(file_name, cache, metadata=None, model=None):
+    meta = dict(metadata or {})
+    meta["mlx_kvq.specs"] = json.dumps(_specs(cache))
+    if model is not None:
+        meta["mlx_kvq.model"] = model_fingerprint(model)
+    mlx_cache.save_prompt_cache(str(file_name), cache, meta)
+
+
+def load_prompt_cache(file_name, return_metadata=False, model=None, spec=None):
+    """Load a cache file; with `model` / `spec`, refuse one made for others."""
+    install()
+    try:
+        cache, meta = mlx_cache.load_prompt_cache(str(file_name), return_metadata=True)
+    except Exception as e:  # mx.load and the state setter raise many kinds
+        raise ValueError(f"cannot load prompt cache {file_name}: {e}") from e
+    if model is not None and "mlx_kvq.model" in meta:
+        if meta["mlx_kvq.model"] != model_fingerprint(model):
+            raise ValueError(
+                f"prompt cache {file_name} was made with another model "
+                f"(fingerprint {meta['mlx_kvq.model']} != {model_fingerprint(model)})"
+            )
+    if model is not None and len(cache) != len(getattr(model, "layers", cache)):
+        raise ValueError(
+            f"prompt cache {file_name} has {len(cache)} layers, the model has "
+            f"{len(model.layers)}"
+        )
+    if spec is not None:
+        want = str(spec if isinstance(spec, KVQuantSpec) else KVQuantSpec.from_string(spec))
+        have = {str(c.spec) for c in cache if isinstance(c, KVQCache)}
+        if have and have != {want}:
+            raise ValueError(
+                f"prompt cache {file_name} was made with KV spec {sorted(have)}, "
+                f"not {want}"
+            )
+    return (cache, meta) if return_metadata else cache

@@ -1,0 +1,179 @@
+"""KV quantization scheme: what is stored, at which precision, along which axis."""
+
+import re
+from dataclasses import asdict, dataclass, replace
+from typing import Optional
+
+VALID_BITS = (2, 3, 4, 5, 6, 8)
+VALID_GROUPS = (32, 64, 128)
+KEY_AXES = ("channel", "token")
+
+
+@dataclass(frozen=True)
+class KVQuantSpec:
+    """How a KV cache is quantized.
+
+    k_bits / v_bits: 2, 3, 4, 5, 6, 8, or None for full precision (16-bit).
+    key_axis: "channel" quantizes each key channel over groups of tokens
+        (KIVI; keys have per-channel outliers), "token" quantizes each key
+        vector over groups of channels (as mlx-lm does). Values are always
+        quantized per token.
+    group_size: elements sharing one scale and bias (32, 64 or 128).
+    residual: most recent tokens kept in full precision. Channel keys are
+        flushed in whole groups, so up to group_size - 1 more tokens wait there.
+    sinks: first tokens kept in full precision (attention sinks).
+    rotate: Hadamard rotation of head_dim before quantizing keys and values.
+    """
+
+    k_bits: Optional[int] = 4
+    v_bits: Optional[int] = 4
+    key_axis: str = "channel"
+    group_size: int = 32
+    residual: int = 64
+    sinks: int = 4
+    rotate: bool = False
+
+    def __post_init__(self):
+        for name in ("k_bits", "v_bits"):
+            b = getattr(self, name)
+            if b is not None and b not in VALID_BITS:
+                raise ValueError(
+                    f"{name}={b!r} is not supported; use one of {VALID_BITS} or None"
+                )
+        if self.key_axis not in KEY_AXES:
+            raise ValueError(f"key_axis={self.key_axis!r}; use one of {KEY_AXES}")
+        if self.group_size not in VALID_GROUPS:
+            raise ValueError(
+                f"group_size={self.group_size!r}; use one of {VALID_GROUPS}"
+            )
+        for name in ("residual", "sinks"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name}={v!r} must be a non-negative integer")
+        if (
+            self.key_axis == "channel"
+            and self.k_bits is not None
+            and self.residual % self.group_size
+        ):
+            raise ValueError(
+                f"residual={self.residual} must be a multiple of group_size="
+                f"{self.group_size} when keys are quantized per channel"
+            )
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_bits is not None or self.v_bits is not None
+
+    def validate_for(self, head_dim: int) -> "KVQuantSpec":
+        """Check the spec against a model's head_dim; raise ValueError if it cannot apply."""
+        if head_dim % self.group_size:
+            raise ValueError(
+                f"group_size={self.group_size} does not divide head_dim={head_dim}"
+            )
+        if self.rotate and head_dim & (head_dim - 1):
+            raise ValueError(
+                f"rotate=True needs a power-of-two head_dim, got head_dim={head_dim}"
+            )
+        return self
+
+    def __str__(self) -> str:
+        def b(x):
+            return "16" if x is None else str(x)
+
+        label = f"k{b(self.k_bits)}v{b(self.v_bits)}"
+        if not self.quantized:
+            return label
+        label += f"-g{self.group_size}-r{self.residual}-s{self.sinks}"
+        if self.key_axis == "token":
+            label += "-ktok"
+        if self.rotate:
+            label += "-rot"
+        return label
+
+    def describe(self) -> str:
+        """The scheme in full, for reports."""
+        if not self.quantized:
+            return "full precision (16-bit), no quantization"
+        k = (
+            "16-bit"
+            if self.k_bits is None
+            else f"{self.k_bits}-bit per-{self.key_axis}"
+        )
+        v = "16-bit" if self.v_bits is None else f"{self.v_bits}-bit per-token"
+        return (
+            f"K {k}, V {v}, group {self.group_size}, residual {self.residual} "
+            f"fp16 tokens, sinks {self.sinks}, rotation "
+            f"{'hadamard' if self.rotate else 'none'}"
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "KVQuantSpec":
+        return cls(**d)
+
+    @classmethod
+    def from_string(cls, s: str, **overrides) -> "KVQuantSpec":
+        """Parse a preset name or a label like "k4v2", "k4v4-g64-r128-s4-rot".
+
+        Keyword overrides (k_bits=..., group_size=..., ...) win over the string.
+        """
+        text = s.strip().lower()
+        if text in PRESETS:
+            base = PRESETS[text]
+            return replace(base, **overrides) if overrides else base
+        m = re.fullmatch(r"k(\d+)v(\d+)((?:-[a-z]+\d*)*)", text)
+        if not m:
+            raise ValueError(
+                f"cannot parse KV spec {s!r}: use a preset ({', '.join(PRESETS)}) "
+                "or a label like k4v2, k4v4-g64-r128-s4-rot"
+            )
+        fields = {}
+        for name, raw in (("k_bits", m.group(1)), ("v_bits", m.group(2))):
+            fields[name] = None if raw == "16" else int(raw)
+        for part in filter(None, m.group(3).split("-")):
+            opt = re.fullmatch(r"([a-z]+)(\d*)", part)
+            key, num = opt.group(1), opt.group(2)
+            if key in _NUMERIC_OPTS and num:
+                fields[_NUMERIC_OPTS[key]] = int(num)
+            elif key == "rot" and not num:
+                fields["rotate"] = True
+            elif key == "ktok" and not num:
+                fields["key_axis"] = "token"
+            else:
+                raise ValueError(f"unknown option {part!r} in KV spec {s!r}")
+        fields.update(overrides)
+        return cls(**fields)
+
+
+_NUMERIC_OPTS = {"g": "group_size", "r": "residual", "s": "sinks"}
+
+# Named presets; labels like "k4v4" parse to the defaults above.
+PRESETS = {
+    "fp16": KVQuantSpec(k_bits=None, v_bits=None),
+    "k8v8": KVQuantSpec(k_bits=8, v_bits=8),
+    "k8v4": KVQuantSpec(k_bits=8, v_bits=4),
+    "k4v4": KVQuantSpec(k_bits=4, v_bits=4),
+    "k4v2": KVQuantSpec(k_bits=4, v_bits=2),
+    "k3v3": KVQuantSpec(k_bits=3, v_bits=3),
+    "k2v2": KVQuantSpec(k_bits=2, v_bits=2),
+}
+PRESETS.update(
+    {
+        "lossless": PRESETS["k8v8"],
+        "balanced": PRESETS["k4v4"],
+        "compact": PRESETS["k4v2"],
+        "tiny": PRESETS["k2v2"],
+    }
+)
+DEFAULT_PRESET = "k4v4"
+
+
+def parse_spec(s) -> KVQuantSpec:
+    """Accept a KVQuantSpec, a preset name or a label."""
+    if isinstance(s, KVQuantSpec):
+        return s
+    if s is None:
+        return PRESETS[DEFAULT_PRESET]
+    return KVQuantSpec.from_string(str(s))

@@ -1,0 +1,40 @@
+import importlib
+
+import pytest
+
+import mlx_kvq  # noqa: F401  (loads OpenBLAS before mlx)
+import mlx.core as mx
+
+# Small random-weight configs of mlx-lm architectures: GQA ratios 1-4,
+# head_dim 64/128/256, sliding-window layers (gemma3), tied/untied heads.
+TINY = {
+    "llama": dict(hidden_size=256, num_hidden_layers=2, intermediate_size=512,
+                  num_attention_heads=8, num_key_value_heads=2, rms_norm_eps=1e-5,
+                  vocab_size=512, head_dim=64, rope_theta=10000.0,
+                  tie_word_embeddings=True),
+    "qwen3": dict(hidden_size=256, num_hidden_layers=2, intermediate_size=512,
+                  num_attention_heads=4, num_key_value_heads=1, rms_norm_eps=1e-6,
+                  vocab_size=512, max_position_embeddings=4096, head_dim=128,
+                  tie_word_embeddings=False, rope_theta=1e6),
+    "qwen2": dict(hidden_size=256, num_hidden_layers=2, intermediate_size=512,
+                  num_attention_heads=4, num_key_value_heads=4, rms_norm_eps=1e-6,
+                  vocab_size=512),
+    "gemma3_text": dict(hidden_size=256, num_hidden_layers=3, intermediate_size=512,
+                        num_attention_heads=2, num_key_value_heads=1, head_dim=256,
+                        vocab_size=512, sliding_window=64, sliding_window_pattern=3,
+                        query_pre_attn_scalar=256),
+}
+
+
+def tiny_model(arch, seed=0, **overrides):
+    mod = importlib.import_module(f"mlx_lm.models.{arch}")
+    cfg = dict(TINY[arch], model_type=arch, **overrides)
+    mx.random.seed(seed)
+    model = mod.Model(mod.ModelArgs.from_dict(cfg))
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.fixture(scope="session")
+def llama_tiny():
+    return tiny_model("llama")

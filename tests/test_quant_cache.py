@@ -1,0 +1,185 @@
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_kvq import KVQCache, KVQuantSpec
+from mlx_kvq import quant
+from mlx_kvq.attention import kvq_attention
+
+
+def cached_kv(cache):
+    """Keys and values as the cache represents them, dequantized, [B, H, T, D]."""
+    ks, vs = [], []
+    for seg in cache.segments():
+        k, v = seg.keys, seg.values
+        if seg.k_bits is not None:
+            k = quant.dequantize(k, seg.k_bits, cache.spec.group_size)
+            k = k.swapaxes(-1, -2) if seg.keys_transposed else k
+        if seg.v_bits is not None:
+            v = quant.dequantize(v, seg.v_bits, cache.spec.group_size)
+        ks.append(k.astype(mx.float32))
+        vs.append(v.astype(mx.float32))
+    k, v = mx.concatenate(ks, axis=2), mx.concatenate(vs, axis=2)
+    if cache.spec.rotate:
+        k, v = quant.hadamard(k), quant.hadamard(v)
+    return k, v
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_quantize_error_bound(bits, group):
+    x = mx.random.normal((4, 3, 256)) * mx.array([1.0, 10.0, 0.1])[None, :, None]
+    q = quant.quantize(x, bits, group)
+    err = mx.abs(quant.dequantize(q, bits, group) - x)
+    xg = x.reshape(4, 3, -1, group)
+    # mx.quantize keeps zero exactly representable, so the worst case is one
+    # step (not half) of the group's range; fp16 scales add a little.
+    step = (xg.max(-1) - xg.min(-1)) / (2**bits - 1)
+    bound = (1.01 * step + 2e-3 * mx.abs(xg).max(-1))[..., None]
+    assert bool(mx.all(err.reshape(xg.shape) <= bound)), float(err.max())
+
+
+# Errors on unit normal data: max within one step of a group's range (~9
+# sigma); a token written to the wrong place would miss the mean by far.
+MAX_ERR = {None: 2e-3, 2: 3.0, 3: 1.3, 4: 0.6, 8: 0.04}
+MEAN_ERR = {None: 1e-3, 2: 0.45, 3: 0.2, 4: 0.1, 8: 6e-3}
+
+
+def feed(cache, k, v, sizes):
+    i = 0
+    for n in sizes:
+        cache.update_and_fetch(k[:, :, i:i + n], v[:, :, i:i + n])
+        i += n
+    return i
+
+
+@pytest.mark.parametrize("label", ["k4v4", "k2v8-g64-r64-s2", "k8v4-ktok-r5-s0",
+                                   "k3v3-g32-r0-s4", "k16v2", "k4v16-g128-r128-s1",
+                                   "k4v4-rot", "k16v16"])
+def test_append_across_groups(label):
+    spec = KVQuantSpec.from_string(label)
+    k = mx.random.normal((2, 3, 700, 128))
+    v = mx.random.normal((2, 3, 700, 128))
+    cache = KVQCache(spec)
+    n = feed(cache, k, v, [1, 3, 60, 200, 1, 1, 135, 299])
+    assert cache.offset == cache.size() == n
+    segs = cache.segments()
+    assert [s.start for s in segs] == list(np.cumsum([0] + [s.length for s in segs[:-1]]))
+    res = segs[-1]
+    if spec.quantized:
+        unit = spec.group_size if spec.k_bits and spec.key_axis == "channel" else 1
+        assert spec.residual <= res.length < spec.residual + unit
+    kk, vv = cached_kv(cache)
+    for got, want, bits in ((kk, k, spec.k_bits), (vv, v, spec.v_bits)):
+        err = mx.abs(got - want[:, :, :n])
+        assert float(err.max()) < MAX_ERR[bits]
+        assert float(err.mean()) < MEAN_ERR[bits]
+    # sinks and residual are kept at 16 bits
+    r = res.length
+    assert float(mx.abs(kk[:, :, -r:] - k[:, :, n - r:n]).max()) < 2e-3
+
+
+def reference_attention(q, cache, scale, L):
+    k, v = cached_kv(cache)
+    H = k.shape[1]
+    rep = q.shape[1] // H
+    k, v = mx.repeat(k, rep, axis=1), mx.repeat(v, rep, axis=1)
+    T = k.shape[2]
+    qpos = mx.arange(T - L, T)[:, None]
+    mask = qpos >= mx.arange(T)[None]
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+
+@pytest.mark.parametrize("label", ["k4v4", "k2v2-g64-r64-s0", "k8v4-ktok-r3",
+                                   "k4v4-rot", "k3v16", "k16v16"])
+@pytest.mark.parametrize("L", [1, 37])
+def test_attention_equals_dequantized_reference(label, L, monkeypatch):
+    import mlx_kvq.attention as att
+
+    monkeypatch.setattr(att, "SCORE_BUDGET_BYTES", 4096 * 8)  # force query chunking
+    spec = KVQuantSpec.from_string(label)
+    B, H, rep, D = 2, 2, 3, 64
+    cache = KVQCache(spec)
+    k = mx.random.normal((B, H, 400, D))
+    v = mx.random.normal((B, H, 400, D))
+    feed(cache, k, v, [200, 150 - L, L])
+    q = mx.random.normal((B, H * rep, L, D))
+    out = kvq_attention(q, cache, scale=D**-0.5, mask="causal" if L > 1 else None)
+    ref = reference_attention(q, cache, D**-0.5, L)
+    assert float(mx.abs(out - ref).max()) < 1e-4
+
+
+def test_attention_sinks_logit_matches_extra_key():
+    spec = KVQuantSpec.from_string("k4v4")
+    B, H, rep, D = 1, 2, 2, 64
+    cache = KVQCache(spec)
+    k, v = mx.random.normal((B, H, 100, D)), mx.random.normal((B, H, 100, D))
+    feed(cache, k, v, [100])
+    q = mx.random.normal((B, H * rep, 1, D))
+    sinks = mx.array([0.5, -1.0, 2.0, 0.0])
+    out = kvq_attention(q, cache, scale=0.125, mask=None, sinks=sinks)
+    kk, vv = cached_kv(cache)
+    kk, vv = mx.repeat(kk, rep, 1), mx.repeat(vv, rep, 1)
+    ref = mx.fast.scaled_dot_product_attention(q, kk, vv, scale=0.125, sinks=sinks)
+    assert float(mx.abs(out - ref).max()) < 1e-4
+
+
+@pytest.mark.parametrize("label", ["k4v4", "k2v4-ktok-r3-s2", "k16v16"])
+def test_trim_and_state_round_trip(label):
+    spec = KVQuantSpec.from_string(label)
+    k, v = mx.random.normal((1, 2, 300, 64)), mx.random.normal((1, 2, 300, 64))
+    cache = KVQCache(spec)
+    feed(cache, k, v, [250, 50])
+    full = cached_kv(cache)
+    # Trimming keeps what the cache held for the remaining tokens; body
+    # groups brought back into the residual keep their dequantized values.
+    for n, left in ((50, 250), (200, 50), (45, 5)):
+        assert cache.trim(n) == n and cache.offset == cache.size() == left
+        for a, b in zip(cached_kv(cache), full):
+            assert float(mx.abs(a - b[:, :, :left]).max()) < 5e-3
+    cache.update_and_fetch(k[:, :, 5:100], v[:, :, 5:100])
+    assert cache.offset == 100
+    err = float(mx.abs(cached_kv(cache)[0] - k[:, :, :100]).max())
+    assert err < MAX_ERR[spec.k_bits]
+    restored = KVQCache.from_state(cache.state)
+    for a, b in zip(cached_kv(cache), cached_kv(restored)):
+        assert mx.array_equal(a, b)
+    assert restored.offset == cache.offset and restored.spec == cache.spec
+
+
+def test_max_size_keeps_sinks_and_recent_tokens():
+    spec = KVQuantSpec.from_string("k4v4-g32-r32-s4")
+    cache = KVQCache(spec, max_size=200)
+    k, v = mx.random.normal((1, 1, 1000, 64)), mx.random.normal((1, 1, 1000, 64))
+    for i in range(0, 1000, 25):
+        cache.update_and_fetch(k[:, :, i:i + 25], v[:, :, i:i + 25])
+        assert cache.size() <= 200
+    segs = cache.segments()
+    assert segs[0].start == 0 and segs[0].length == 4
+    assert segs[-1].start + segs[-1].length == 1000
+    kk, _ = cached_kv(cache)
+    assert float(mx.abs(kk[:, :, :4] - k[:, :, :4]).max()) < 2e-3
+
+
+def test_nbytes_counts_everything():
+    spec = KVQuantSpec.from_string("k4v2-g32-r64-s4")
+    cache = KVQCache(spec)
+    k = mx.random.normal((1, 4, 1024, 64))
+    feed(cache, k, k, [1024])
+    n_res = cache.segments()[-1].length
+    assert 64 <= n_res < 96 and cache.n_body == 1024 - 4 - n_res
+    cap = 1024  # bodies grow in steps of 256 tokens
+    expect = (4 + n_res) * 4 * 64 * 2 * 2  # fp16 sinks + residual, K and V
+    expect += cap * 4 * 64 * (4 + 2) // 8  # codes
+    expect += 2 * 2 * cap * 4 * 64 // 32 * 2  # fp16 scales + biases, K and V
+    assert cache.nbytes == expect
+
+
+def test_mismatched_shapes_refused():
+    cache = KVQCache("k4v4")
+    cache.update_and_fetch(mx.zeros((1, 2, 4, 64)), mx.zeros((1, 2, 4, 64)))
+    with pytest.raises(ValueError, match="another model"):
+        cache.update_and_fetch(mx.zeros((1, 3, 4, 64)), mx.zeros((1, 3, 4, 64)))
+    with pytest.raises(ValueError, match="group_size=128 does not divide head_dim=96"):
+        KVQCache("k4v4-g128-r128").update_and_fetch(mx.zeros((1, 1, 2, 96)),
+                                                    mx.zeros((1, 1, 2, 96)))

@@ -1,0 +1,47 @@
+import pytest
+
+from mlx_kvq import PRESETS, KVQuantSpec
+
+
+def test_defaults_and_label_round_trip():
+    for name, spec in PRESETS.items():
+        assert KVQuantSpec.from_string(str(spec)) == spec, name
+    s = KVQuantSpec.from_string("k4v2-g64-r128-s8-rot")
+    assert (s.k_bits, s.v_bits, s.group_size, s.residual, s.sinks, s.rotate) == (
+        4, 2, 64, 128, 8, True)
+    assert str(s) == "k4v2-g64-r128-s8-rot"
+    assert KVQuantSpec.from_string("k16v4").k_bits is None
+    assert KVQuantSpec.from_string("k4v4-ktok").key_axis == "token"
+    assert KVQuantSpec.from_string("k4v4", group_size=64).group_size == 64
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(k_bits=7), "k_bits"),
+    (dict(v_bits=1), "v_bits"),
+    (dict(group_size=48), "group_size"),
+    (dict(key_axis="head"), "key_axis"),
+    (dict(residual=-1), "residual"),
+    (dict(sinks=2.5), "sinks"),
+    (dict(group_size=64, residual=32), "residual"),
+])
+def test_invalid_fields_are_named(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        KVQuantSpec(**kwargs)
+
+
+def test_residual_free_for_token_keys():
+    KVQuantSpec(key_axis="token", group_size=64, residual=10)
+
+
+def test_validate_for_head_dim():
+    with pytest.raises(ValueError, match="group_size=128 does not divide head_dim=96"):
+        KVQuantSpec(group_size=128, residual=128).validate_for(96)
+    with pytest.raises(ValueError, match="rotate"):
+        KVQuantSpec(rotate=True).validate_for(96)
+    KVQuantSpec(rotate=True).validate_for(128)
+
+
+@pytest.mark.parametrize("text", ["k9v4", "q4", "k4v4-x3", "k4v4-g", ""])
+def test_unparsable(text):
+    with pytest.raises(ValueError):
+        KVQuantSpec.from_string(text)
