@@ -19,15 +19,17 @@ from .spec import KVQuantSpec
 
 
 def model_fingerprint(model) -> str:
-    """Cheap identity of a model: its config and a sample of its first weights."""
+    """Cheap identity of a model: its config and a sample of its weights."""
     args = getattr(model, "args", None)
     cfg = vars(args) if args is not None else {}
     cfg = {k: v for k, v in cfg.items() if isinstance(v, (int, float, str, bool))}
-    leaves = tree_flatten(model.parameters())
-    sample = 0.0
-    if leaves:
-        sample = float(leaves[0][1].reshape(-1)[:4096].astype(mx.float32).sum())
-    text = json.dumps(cfg, sort_keys=True) + f"|{sample:.4e}"
+    # A few values of every weight (norm weights alone may all be ones).
+    sample = [
+        x.reshape(-1)[:64].astype(mx.float32).sum()
+        for _, x in tree_flatten(model.parameters())
+    ]
+    sample = mx.stack(sample).tolist() if sample else []
+    text = json.dumps(cfg, sort_keys=True) + "|" + ",".join(f"{v:.3e}" for v in sample)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -37,9 +39,9 @@ def _specs(cache):
 
 def save_prompt_cache(file_name, cache, metadata=None, model=None):
     meta = dict(metadata or {})
-    meta["mlx_kvq.specs"] = json.dumps(_specs(cache))
+    meta["mlx_kvq_specs"] = json.dumps(_specs(cache))
     if model is not None:
-        meta["mlx_kvq.model"] = model_fingerprint(model)
+        meta["mlx_kvq_model"] = model_fingerprint(model)
     mlx_cache.save_prompt_cache(str(file_name), cache, meta)
 
 
@@ -50,11 +52,11 @@ def load_prompt_cache(file_name, return_metadata=False, model=None, spec=None):
         cache, meta = mlx_cache.load_prompt_cache(str(file_name), return_metadata=True)
     except Exception as e:  # mx.load and the state setter raise many kinds
         raise ValueError(f"cannot load prompt cache {file_name}: {e}") from e
-    if model is not None and "mlx_kvq.model" in meta:
-        if meta["mlx_kvq.model"] != model_fingerprint(model):
+    if model is not None and "mlx_kvq_model" in meta:
+        if meta["mlx_kvq_model"] != model_fingerprint(model):
             raise ValueError(
                 f"prompt cache {file_name} was made with another model "
-                f"(fingerprint {meta['mlx_kvq.model']} != {model_fingerprint(model)})"
+                f"(fingerprint {meta['mlx_kvq_model']} != {model_fingerprint(model)})"
             )
     if model is not None and len(cache) != len(getattr(model, "layers", cache)):
         raise ValueError(

@@ -1,0 +1,125 @@
+"""mlx_kvq caches inside unmodified mlx-lm models (small random-weight configs)."""
+
+import mlx.core as mx
+import pytest
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import KVCache, RotatingKVCache
+from mlx_lm.models.cache import load_prompt_cache as mlx_load_prompt_cache
+from mlx_lm.models.cache import save_prompt_cache as mlx_save_prompt_cache
+
+import mlx_kvq
+from mlx_kvq import KVQCache
+from mlx_kvq.persist import load_prompt_cache, save_prompt_cache
+
+from conftest import tiny_model
+
+
+def run_chunks(model, cache, tokens, chunks):
+    outs, i = [], 0
+    for c in chunks:
+        outs.append(model(tokens[:, i:i + c], cache=cache))
+        i += c
+    return mx.concatenate(outs, axis=1)
+
+
+def kld(ref, out):
+    lr = ref - mx.logsumexp(ref, -1, keepdims=True)
+    lo = out - mx.logsumexp(out, -1, keepdims=True)
+    return float((mx.exp(lr) * (lr - lo)).sum(-1).mean())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen2", "gemma3_text"])
+def test_architectures_k8v8_close_k2v2_worse(arch):
+    model = tiny_model(arch)
+    tokens = mx.random.randint(0, 512, (1, 300), key=mx.random.key(1))
+    chunks = (128, 100, 1, 1, 70)
+    ref = run_chunks(model, mlx_kvq.integration.mlx_cache.make_prompt_cache(model),
+                     tokens, chunks)
+    res = {}
+    for label in ("k16v16", "k8v8", "k2v2-r0-s0"):
+        cache = mlx_kvq.make_prompt_cache(model, label)
+        assert any(isinstance(c, KVQCache) for c in cache)
+        res[label] = kld(ref, run_chunks(model, cache, tokens, chunks))
+    assert res["k16v16"] < 1e-4
+    assert res["k8v8"] < 1e-3
+    assert res["k2v2-r0-s0"] > 3 * res["k8v8"]
+
+
+def test_sliding_window_layers_stay_full_precision():
+    model = tiny_model("gemma3_text")
+    cache = mlx_kvq.make_prompt_cache(model, "k4v4")
+    kinds = [type(c) for c in cache]
+    assert kinds == [RotatingKVCache, RotatingKVCache, KVQCache]
+
+
+def test_unsupported_architecture_is_refused():
+    import importlib
+
+    mod = importlib.import_module("mlx_lm.models.gemma2")
+    args = mod.ModelArgs(model_type="gemma2", hidden_size=64, num_hidden_layers=1,
+                         intermediate_size=128, num_attention_heads=2, head_dim=32,
+                         rms_norm_eps=1e-6, vocab_size=64, num_key_value_heads=1)
+    with pytest.raises(ValueError, match="gemma2"):
+        mlx_kvq.make_prompt_cache(mod.Model(args), "k4v4")
+
+
+def test_group_size_must_divide_head_dim():
+    model = tiny_model("llama", head_dim=96, hidden_size=384, num_attention_heads=4)
+    with pytest.raises(ValueError, match="group_size=64 does not divide head_dim=96"):
+        mlx_kvq.make_prompt_cache(model, "k4v4-g64-r64")
+
+
+def test_generate_step_greedy_matches_fp(llama_tiny):
+    """mlx-lm's generation loop (under generate/stream_generate) with our cache."""
+    prompt = mx.random.randint(0, 512, (40,), key=mx.random.key(3))
+
+    def greedy(cache):
+        return [int(t) for t, _ in generate_step(prompt, llama_tiny, max_tokens=24,
+                                                 prompt_cache=cache,
+                                                 prefill_step_size=16)]
+
+    cache = mlx_kvq.make_prompt_cache(llama_tiny, "k8v8")
+    assert greedy(cache) == greedy(None)
+    assert 40 + 23 <= cache[0].offset <= 40 + 24  # mlx-lm computes one step ahead
+
+
+def test_save_load_round_trip(tmp_path, llama_tiny):
+    tokens = mx.random.randint(0, 512, (1, 150), key=mx.random.key(4))
+    cache = mlx_kvq.make_prompt_cache(llama_tiny, "k4v2-g32-r32-s4")
+    llama_tiny(tokens[:, :149], cache=cache)
+    nxt = tokens[:, 149:]
+    f = tmp_path / "c.safetensors"
+    save_prompt_cache(f, cache, model=llama_tiny)
+    want = llama_tiny(nxt, cache=cache)
+    for loaded in (load_prompt_cache(f, model=llama_tiny, spec="k4v2-g32-r32-s4"),
+                   mlx_load_prompt_cache(str(f))):
+        assert all(isinstance(c, KVQCache) for c in loaded)
+        got = llama_tiny(nxt, cache=loaded)
+        assert mx.allclose(got, want, atol=1e-5)
+    with pytest.raises(ValueError, match="KV spec"):
+        load_prompt_cache(f, spec="k8v8")
+    with pytest.raises(ValueError, match="another model"):
+        load_prompt_cache(f, model=tiny_model("llama", seed=7))
+    # mlx-lm's own saver works too
+    f2 = tmp_path / "d.safetensors"
+    mlx_save_prompt_cache(str(f2), cache)
+    assert mlx_load_prompt_cache(str(f2))[0].offset == cache[0].offset
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_damaged_cache_file_gives_clear_error(tmp_path, llama_tiny, damage):
+    cache = mlx_kvq.make_prompt_cache(llama_tiny, "k4v4")
+    llama_tiny(mx.zeros((1, 70), mx.int32), cache=cache)
+    f = tmp_path / "c.safetensors"
+    save_prompt_cache(f, cache, model=llama_tiny)
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\0" * 64 + data[64:])
+    with pytest.raises(ValueError, match="cannot load prompt cache"):
+        load_prompt_cache(f, model=llama_tiny)
+
+
+def test_max_kv_size_bounds_the_cache(llama_tiny):
+    cache = mlx_kvq.make_prompt_cache(llama_tiny, "k4v4", max_kv_size=256)
+    tokens = mx.random.randint(0, 512, (1, 700), key=mx.random.key(5))
+    run_chunks(llama_tiny, cache, tokens, (300, 300, 1, 1, 98))
+    assert all(c.size() <= 256 for c in cache) and cache[0].offset == 700
