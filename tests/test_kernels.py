@@ -1,0 +1,267 @@
+"""The fused Metal decode kernel, executed through the CPU emulation.
+
+Every case runs the shipped kernel text (metal_kernels/dequant_attention.*)
+through mlx_kvq.metal_emu and compares it with the pure-MLX reference
+attention.quantized_segment_partials and with a float64 numpy computation
+from the raw packed codes. Broken kernel variants must fail the same check.
+"""
+
+import os
+
+import mlx_kvq  # noqa: F401  (loads OpenBLAS before mlx)
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_kvq import kernels as K
+from mlx_kvq import metal_emu
+from mlx_kvq.attention import quantized_segment_partials
+
+RTOL = 2e-5  # float32 accumulation over up to a few thousand tokens
+
+# (B, Hkv, rep, L, D, G, k_bits, v_bits, n_tokens, split_tokens)
+CASES = [
+    (1, 1, 1, 1, 64, 32, 2, 2, 32, None),        # one group
+    (1, 2, 2, 1, 128, 64, 3, 3, 192, None),      # odd number of groups
+    (2, 2, 4, 1, 128, 32, 4, 4, 160, None),      # B > 1, partial last block
+    (1, 1, 8, 1, 256, 128, 8, 8, 640, 256),      # several splits, last one partial
+    (1, 2, 4, 1, 64, 64, 5, 5, 1344, 256),       # many groups, 6 splits
+    (2, 1, 8, 1, 128, 128, 6, 6, 384, 128),      # one block per split
+    (1, 2, 1, 1, 256, 32, 2, 8, 0, None),        # empty cache
+    (1, 1, 2, 1, 64, 32, 8, 2, 1120, 384),       # 35 groups
+    (1, 2, 4, 1, 128, 64, 4, 2, 4096, None),     # k4v2 at 4K, default splits
+    (1, 1, 4, 1, 256, 64, 3, 6, 448, 128),       # 7 groups, 4 splits
+    (2, 2, 2, 1, 64, 32, 6, 3, 96, None),
+    (1, 1, 8, 1, 128, 32, 5, 4, 288, None),
+    (1, 2, 2, 1, 256, 128, 2, 5, 768, None),
+    (1, 1, 1, 1, 128, 64, 8, 3, 1024, 512),
+    (1, 1, 4, 5, 64, 32, 4, 4, 64, None),        # R = 20 rows: two row chunks
+    (2, 1, 2, 1, 128, 64, 2, 2, 4096, 1024),     # k2v2 at 4K
+]
+
+
+def _case_id(c):
+    B, H, rep, L, D, G, kb, vb, n, split = c
+    return f"B{B}H{H}r{rep}L{L}-D{D}-G{G}-k{kb}v{vb}-n{n}-s{split}"
+
+
+def make_inputs(B, H, R, D, G, kb, vb, n, *, seed=0, scale_dtype=np.float16):
+    """A preallocated cache holding n valid tokens; the spare capacity holds
+    NaN so any read past n_tokens poisons the result."""
+    rng = np.random.default_rng(seed)
+    cap = n + 2 * G
+    kt = rng.standard_normal((B, H, D, cap)).astype(scale_dtype)
+    v = rng.standard_normal((B, H, cap, D)).astype(scale_dtype)
+    kt[..., :n] += rng.standard_normal((1, 1, D, 1)).astype(scale_dtype)  # per-channel offsets
+    kt[..., n:] = np.nan
+    v[:, :, n:] = np.nan
+    k_codes, k_scales, k_biases = mx.quantize(mx.array(kt), group_size=G, bits=kb)
+    v_codes, v_scales, v_biases = mx.quantize(mx.array(v), group_size=G, bits=vb)
+    qg = (rng.standard_normal((B, H, R, D)) * (2.0 / np.sqrt(D))).astype(np.float32)
+    return mx.array(qg), k_codes, k_scales, k_biases, v_codes, v_scales, v_biases
+
+
+def truth_partials(qg, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases, kb, vb, G, n):
+    """float64 partials from the packed codes (mx.quantize's LSB-first bit stream)."""
+
+    def deq(codes, scales, biases, bits, count):
+        stream = np.unpackbits(np.array(codes).view(np.uint8), axis=-1, bitorder="little")
+        c = stream.reshape(*stream.shape[:-1], -1, bits) @ (1 << np.arange(bits))
+        s = np.repeat(np.array(scales).astype(np.float64), G, axis=-1)
+        b = np.repeat(np.array(biases).astype(np.float64), G, axis=-1)
+        return (c * s + b)[..., :count]
+
+    q = np.array(qg).astype(np.float64)
+    B, H, R, D = q.shape
+    if n == 0:
+        return np.full((B, H, R), -np.inf), np.zeros((B, H, R)), np.zeros((B, H, R, D))
+    kd = deq(k_codes[..., : n * kb // 32], k_scales[..., : n // G], k_biases[..., : n // G], kb, n)
+    vd = deq(v_codes[:, :, :n], v_scales[:, :, :n], v_biases[:, :, :n], vb, D)  # [B, H, n, D]
+    s = q @ kd
+    m = s.max(-1)
+    p = np.exp(s - m[..., None])
+    return m, p.sum(-1), p @ vd
+
+
+def max_errors(got, want):
+    """(m abs err / (1+|m|), l rel err, o err relative to the row's max |o|)."""
+    m, l, o = (np.array(x).astype(np.float64) for x in got)
+    wm, wl, wo = (np.asarray(x, dtype=np.float64) for x in want)
+    if not (np.isfinite(l).all() and np.isfinite(o).all()):
+        return np.inf, np.inf, np.inf
+    empty = np.isneginf(wm)
+    if not np.array_equal(np.isneginf(m), empty):
+        return np.inf, np.inf, np.inf
+    em = np.where(empty, 0.0, np.abs(np.where(empty, 0, m) - np.where(empty, 0, wm)) / (1 + np.abs(np.where(empty, 0, wm))))
+    el = np.abs(l - wl) / np.maximum(np.abs(wl), 1e-30)
+    el = np.where(empty, np.abs(l), el)
+    scale = np.maximum(np.abs(wo).max(-1, keepdims=True), 1e-30)
+    eo = np.where(empty[..., None], np.abs(o), np.abs(o - wo) / scale)
+    return float(em.max()), float(el.max()), float(eo.max())
+
+
+def run_case(case, *, seed=0, scale_dtype=np.float16):
+    B, H, rep, L, D, G, kb, vb, n, split = case
+    R = rep * L
+    args = make_inputs(B, H, R, D, G, kb, vb, n, seed=seed, scale_dtype=scale_dtype)
+    got = K.metal_decode_partials(*args, k_bits=kb, v_bits=vb, group_size=G, n_tokens=n,
+                                  split_tokens=split, backend="emu")
+    ref = quantized_segment_partials(*args, k_bits=kb, v_bits=vb, group_size=G, n_tokens=n)
+    mx.eval(*got, *ref)
+    assert got[0].shape == (B, H, R) and got[1].shape == (B, H, R) and got[2].shape == (B, H, R, D)
+    return got, ref, truth_partials(*args, kb, vb, G, n)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_kernel_matches_reference(case):
+    got, ref, truth = run_case(case)
+    err_ref = max_errors(got, ref)
+    err_truth = max_errors(got, truth)
+    assert max(err_ref) < RTOL, f"kernel vs quantized_segment_partials: m/l/o errors {err_ref}"
+    assert max(err_truth) < RTOL, f"kernel vs float64: m/l/o errors {err_truth}"
+
+
+def test_case_matrix_covers_the_contract():
+    bits = {c[6] for c in CASES}, {c[7] for c in CASES}
+    assert bits[0] == bits[1] == set(K.SUPPORTED_BITS)
+    assert {c[4] for c in CASES} == set(K.SUPPORTED_HEAD_DIMS)
+    assert {c[5] for c in CASES} == set(K.SUPPORTED_GROUP_SIZES)
+    assert {c[2] for c in CASES} >= {1, 2, 4, 8}
+    assert any(c[0] > 1 for c in CASES)
+    ns = [(c[8], c[5]) for c in CASES]
+    assert any(n == 0 for n, _ in ns) and any(n == g for n, g in ns)
+    assert any((n // g) % 2 == 1 and n > g for n, g in ns)
+    assert any(c[2] * c[3] > K.MAX_ROWS for c in CASES)
+
+
+def test_float32_scales():
+    got, ref, _ = run_case((1, 2, 2, 1, 128, 64, 4, 4, 256, 128), scale_dtype=np.float32)
+    assert max(max_errors(got, ref)) < RTOL
+
+
+# ----------------------------------------------------- the checker has teeth
+_BARRIER = "metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup);"
+
+
+def _without_barrier(body, index):
+    pos = -1
+    for _ in range(index + 1):
+        pos = body.index(_BARRIER, pos + 1)
+    return body[:pos] + body[pos + len(_BARRIER):]
+
+
+def _broken(variant):
+    header, body = K.kernel_sources()
+    if variant == "bit_offset":
+        new = header.replace("const uint bit = idx * BITS;", "const uint bit = idx * BITS + 1;")
+        assert new != header
+        return new, body
+    if variant == "straddle_ignored":  # drops the second word of 3/5/6-bit codes
+        new = header.replace("shift + BITS > 32u", "shift + BITS > 64u")
+        assert new != header
+        return new, body
+    index = {"no_q_barrier": 0, "no_max_barrier": 1, "no_p_barrier": 2, "no_reduce_barrier": 3}[variant]
+    assert body.count(_BARRIER) == 4
+    return header, _without_barrier(body, index)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    ["bit_offset", "straddle_ignored", "no_q_barrier", "no_max_barrier", "no_p_barrier", "no_reduce_barrier"],
+)
+def test_broken_kernel_is_caught(variant, monkeypatch):
+    header, body = _broken(variant)
+    kernel = metal_emu.metal_kernel("kvq_broken", K._INPUTS, K._OUTPUTS, body, header)
+    monkeypatch.setattr(K, "_decode_kernel", lambda backend: kernel)
+    case = (2, 2, 4, 1, 64, 32, 3, 5, 320, None)
+    got, ref, _ = run_case(case)
+    assert max(max_errors(got, ref)) > 100 * RTOL
+
+
+# ----------------------------------------------------------- the emulation
+def test_emulator_signature_and_attributes():
+    src = """
+        uint i = thread_position_in_grid.x;
+        out[i] = inp[i] * scale + float(inp_shape[1]) + float(threads_per_threadgroup.x);
+    """
+    k = metal_emu.metal_kernel("sig", ["inp", "scale"], ["out"], src)
+    x = np.arange(64, dtype=np.float32).reshape(2, 32)
+    (out,) = k(inputs=[x, np.float32(2.0)], grid=(64, 1, 1), threadgroup=(32, 1, 1),
+               output_shapes=[(64,)], output_dtypes=[mx.float32])
+    np.testing.assert_array_equal(np.array(out), x.ravel() * 2 + 32 + 32)
+
+
+def test_emulator_reports_divergent_simd_op():
+    src = """
+        float v = 1.0f;
+        if (thread_index_in_simdgroup < 16) v = metal::simd_sum(v);
+        out[thread_position_in_grid.x] = v;
+    """
+    k = metal_emu.metal_kernel("diverge", ["inp"], ["out"], src)
+    with pytest.raises(RuntimeError, match="deadlock"):
+        k(inputs=[np.zeros(32, np.float32)], grid=(32, 1, 1), threadgroup=(32, 1, 1),
+          output_shapes=[(32,)], output_dtypes=[mx.float32], timeout=0.5)
+
+
+# ------------------------------------------------------------ dispatching
+def test_dispatch_env(monkeypatch):
+    monkeypatch.delenv(K.ENV_VAR, raising=False)
+    assert K.kernel_mode() == "auto"
+    assert K.use_metal() == mx.metal.is_available()
+    monkeypatch.setenv(K.ENV_VAR, "mlx")
+    assert K.use_metal() is False
+    monkeypatch.setenv(K.ENV_VAR, "emu")
+    assert K.use_metal() is True
+    monkeypatch.setenv(K.ENV_VAR, "bogus")
+    with pytest.raises(ValueError, match=K.ENV_VAR):
+        K.use_metal()
+    monkeypatch.setenv(K.ENV_VAR, "metal")
+    if mx.metal.is_available():
+        assert K.use_metal() is True
+    else:
+        with pytest.raises(RuntimeError, match="Metal is not available"):
+            K.use_metal()
+        monkeypatch.setenv(K.ENV_VAR, "auto")
+        with pytest.raises(RuntimeError, match="needs a Metal GPU"):
+            K.metal_decode_partials(*make_inputs(1, 1, 1, 64, 32, 4, 4, 32), k_bits=4, v_bits=4,
+                                    group_size=32, n_tokens=32)
+
+
+@pytest.mark.parametrize("mode", ["mlx", "emu"])
+def test_decode_partials_routes(mode, monkeypatch):
+    monkeypatch.setenv(K.ENV_VAR, mode)
+    calls = []
+    real = K.metal_decode_partials
+    monkeypatch.setattr(K, "metal_decode_partials", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    args = make_inputs(1, 2, 2, 64, 32, 4, 2, 96)
+    got = K.decode_partials(*args, k_bits=4, v_bits=2, group_size=32, n_tokens=96)
+    ref = quantized_segment_partials(*args, k_bits=4, v_bits=2, group_size=32, n_tokens=96)
+    assert len(calls) == (1 if mode == "emu" else 0)
+    assert max(max_errors(got, ref)) < RTOL
+
+
+def test_supports():
+    assert K.supports(4, 2) and K.supports(3, 6, head_dim=128, group_size=64)
+    assert not K.supports(None, 4) and not K.supports(4, 7) and not K.supports(1, 4)
+    assert not K.supports(4, 4, head_dim=96) and not K.supports(4, 4, head_dim=64, group_size=128)
+
+
+# ------------------------------------------------------------ byte counts
+def test_decode_bytes_read():
+    n, D = 4096, 128
+    fp16 = 2 * n * D * 2
+    assert K.decode_bytes_read("fp16", head_dim=D, n_tokens=n) == fp16
+    # 4-bit codes + fp16 scale and bias per 64 elements, for K and for V.
+    assert K.decode_bytes_read(4, 4, head_dim=D, n_tokens=n, group_size=64) == 2 * (n * D // 2 + n * D // 64 * 4)
+    assert K.decode_bytes_read(4, 2, head_dim=D, n_tokens=n, group_size=64, n_kv_heads=8, batch=2) == \
+        16 * (n * D // 2 + n * D // 4 + 2 * (n * D // 64 * 4))
+    assert K.decode_bytes_read(8, 8, head_dim=D, n_tokens=10, n_fp_tokens=10) == 2 * 10 * D * 2
+    # A spec keeps sinks + residual (+ an incomplete group) in fp16.
+    from mlx_kvq.spec import KVQuantSpec
+
+    spec = KVQuantSpec(k_bits=4, v_bits=2, group_size=32, residual=64, sinks=4)
+    n_q = (n - 68) // 32 * 32
+    want = n_q * D // 2 + n_q * D // 4 + 2 * (n_q * D // 32 * 4) + 2 * (n - n_q) * D * 2
+    assert K.decode_bytes_read(spec, head_dim=D, n_tokens=n) == want
+    assert K.decode_bytes_read("k4v2-g32-r64-s4", head_dim=D, n_tokens=n) == want
+    assert K.decode_bytes_read(spec, head_dim=D, n_tokens=50) == 2 * 50 * D * 2
