@@ -23,17 +23,83 @@ from .spec import KVQuantSpec, parse_spec
 FORMAT_VERSION = 1
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where tokens sit in one body part: fp [B, H, T, D], or a quantized
+    triple along the last axis (per-token) or transposed (per-channel keys)."""
+
+    bits: Optional[int]
+    group: int
+    transposed: bool
+
+    def alloc(self, B, H, cap, D, fp):
+        if self.bits is None:
+            return mx.zeros((B, H, cap, D), fp)
+        G = self.group
+        if self.transposed:  # codes [B, H, D, T]
+            shapes = ((B, H, D, quant.packed_width(cap, self.bits)), (B, H, D, cap // G))
+        else:
+            shapes = ((B, H, cap, quant.packed_width(D, self.bits)), (B, H, cap, D // G))
+        return (
+            mx.zeros(shapes[0], mx.uint32),
+            mx.zeros(shapes[1], quant.SCALE_DTYPE),
+            mx.zeros(shapes[1], quant.SCALE_DTYPE),
+        )
+
+    def _ranges(self, a, b):
+        """Index ranges of tokens [a, b) in (codes, scales, biases)."""
+        if not self.transposed:
+            return [(a, b)] * 3
+        G, w = self.group, quant.packed_width
+        return [(w(a, self.bits), w(b, self.bits)), (a // G, b // G), (a // G, b // G)]
+
+    def slice(self, part, a, b):
+        if self.bits is None:
+            return part[..., a:b, :]
+        if self.transposed:
+            return tuple(x[..., i:j] for x, (i, j) in zip(part, self._ranges(a, b)))
+        return tuple(x[..., a:b, :] for x in part)
+
+    def write(self, dst, src, a):
+        b = a + (src.shape[2] if self.bits is None else self._count(src))
+        if self.bits is None:
+            dst[..., a:b, :] = src
+            return dst
+        for x, y, (i, j) in zip(dst, src, self._ranges(a, b)):
+            if self.transposed:
+                x[..., i:j] = y
+            else:
+                x[..., i:j, :] = y
+        return dst
+
+    def decode(self, part, dtype=mx.float32):
+        """Tokens as a [B, H, T, D] array (dequantized if quantized)."""
+        if self.bits is None:
+            return part.astype(dtype)
+        x = quant.dequantize(part, self.bits, self.group, dtype)
+        return x.swapaxes(-1, -2) if self.transposed else x
+
+    def _count(self, part):
+        return part[1].shape[-1] * self.group if self.transposed else part[0].shape[2]
+
+
 @dataclass
 class Segment:
-    """One stretch of cached tokens as attention sees it."""
+    """One stretch of cached tokens as attention sees it. `keys`/`values` may
+    be preallocated buffers longer than `length`; view() gives exact slices."""
 
     start: int  # absolute position of its first token
     length: int
-    keys: object  # [B, H, T, D] array, or quantized triple
+    keys: object
     values: object
-    k_bits: Optional[int] = None  # None: full-precision arrays
-    v_bits: Optional[int] = None
-    keys_transposed: bool = False  # quantized channel keys: codes are [B, H, D, T]
+    k_layout: Layout
+    v_layout: Layout
+
+    def view(self, a: int, b: int) -> "Segment":
+        """Tokens [a, b) of this segment (a multiple of the group for transposed keys)."""
+        return Segment(self.start + a, b - a, self.k_layout.slice(self.keys, a, b),
+                       self.v_layout.slice(self.values, a, b), self.k_layout,
+                       self.v_layout)
 
 
 class KVQView:
@@ -155,7 +221,10 @@ class KVQCache(_BaseCache):
     def _layouts(self):
         s = self.spec
         k_t = s.k_bits is not None and s.key_axis == "channel"
-        return _Layout(s.k_bits, s.group_size, k_t), _Layout(s.v_bits, s.group_size, False)
+        return Layout(s.k_bits, s.group_size, k_t), Layout(s.v_bits, s.group_size, False)
+
+    def _fp_layout(self):
+        return Layout(None, self.spec.group_size, False)
 
     def _append_body(self, k, v):
         if self.n_body + k.shape[2] > self.capacity:
@@ -192,28 +261,19 @@ class KVQCache(_BaseCache):
     # -- reading ----------------------------------------------------------
 
     def segments(self):
-        """The cached tokens as Segments in temporal order (empty ones left out)."""
-        s = self.spec
+        """The cached tokens as Segments in temporal order (empty ones left out).
+
+        The body segment holds the preallocated buffers (no copy)."""
+        fp, (lk, lv) = self._fp_layout(), self._layouts()
         out = []
-        n_sink = self._sink_len()
-        if n_sink:
-            out.append(Segment(0, n_sink, self.sink_k, self.sink_v))
+        if self._sink_len():
+            out.append(Segment(0, self._sink_len(), self.sink_k, self.sink_v, fp, fp))
         if self.n_body:
-            lk, lv = self._layouts()
-            out.append(
-                Segment(
-                    self.body_start,
-                    self.n_body,
-                    lk.slice(self.body_k, 0, self.n_body),
-                    lv.slice(self.body_v, 0, self.n_body),
-                    s.k_bits,
-                    s.v_bits,
-                    lk.transposed,
-                )
-            )
+            out.append(Segment(self.body_start, self.n_body, self.body_k, self.body_v,
+                               lk, lv))
         n_res = self._res_len()
         if n_res:
-            out.append(Segment(self.offset - n_res, n_res, self.res_k, self.res_v))
+            out.append(Segment(self.offset - n_res, n_res, self.res_k, self.res_v, fp, fp))
         return out
 
     def size(self):
@@ -262,15 +322,10 @@ class KVQCache(_BaseCache):
         return n
 
     def _decode_body(self, a, b):
-        s, (lk, lv) = self.spec, self._layouts()
         fp = quant.storage_dtype(self.dtype)
-        k, v = lk.slice(self.body_k, a, b), lv.slice(self.body_v, a, b)
-        if s.k_bits is not None:
-            k = quant.dequantize(k, s.k_bits, s.group_size, fp)
-            k = k.swapaxes(-1, -2) if lk.transposed else k
-        if s.v_bits is not None:
-            v = quant.dequantize(v, s.v_bits, s.group_size, fp)
-        return k, v
+        lk, lv = self._layouts()
+        return (lk.decode(lk.slice(self.body_k, a, b), fp),
+                lv.decode(lv.slice(self.body_v, a, b), fp))
 
     # -- serialization ----------------------------------------------------
 
@@ -342,56 +397,3 @@ def _cat(a, b):
     if b is None:
         return a
     return mx.concatenate([a, b], axis=2)
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """Where tokens sit in one body part: fp [B, H, T, D], or a quantized
-    triple along the last axis (per-token) or transposed (per-channel keys)."""
-
-    bits: Optional[int]
-    group: int
-    transposed: bool
-
-    def alloc(self, B, H, cap, D, fp):
-        if self.bits is None:
-            return mx.zeros((B, H, cap, D), fp)
-        G = self.group
-        if self.transposed:  # codes [B, H, D, T]
-            shapes = ((B, H, D, quant.packed_width(cap, self.bits)), (B, H, D, cap // G))
-        else:
-            shapes = ((B, H, cap, quant.packed_width(D, self.bits)), (B, H, cap, D // G))
-        return (
-            mx.zeros(shapes[0], mx.uint32),
-            mx.zeros(shapes[1], quant.SCALE_DTYPE),
-            mx.zeros(shapes[1], quant.SCALE_DTYPE),
-        )
-
-    def _ranges(self, a, b):
-        """Index ranges of tokens [a, b) in (codes, scales, biases)."""
-        if not self.transposed:
-            return [(a, b)] * 3
-        G, w = self.group, quant.packed_width
-        return [(w(a, self.bits), w(b, self.bits)), (a // G, b // G), (a // G, b // G)]
-
-    def slice(self, part, a, b):
-        if self.bits is None:
-            return part[..., a:b, :]
-        if self.transposed:
-            return tuple(x[..., i:j] for x, (i, j) in zip(part, self._ranges(a, b)))
-        return tuple(x[..., a:b, :] for x in part)
-
-    def write(self, dst, src, a):
-        b = a + (src.shape[2] if self.bits is None else self._count(src))
-        if self.bits is None:
-            dst[..., a:b, :] = src
-            return dst
-        for x, y, (i, j) in zip(dst, src, self._ranges(a, b)):
-            if self.transposed:
-                x[..., i:j] = y
-            else:
-                x[..., i:j, :] = y
-        return dst
-
-    def _count(self, part):
-        return part[1].shape[-1] * self.group if self.transposed else part[0].shape[2]

@@ -123,3 +123,20 @@ def test_max_kv_size_bounds_the_cache(llama_tiny):
     tokens = mx.random.randint(0, 512, (1, 700), key=mx.random.key(5))
     run_chunks(llama_tiny, cache, tokens, (300, 300, 1, 1, 98))
     assert all(c.size() <= 256 for c in cache) and cache[0].offset == 700
+
+
+def test_decode_through_emulated_metal_kernel_matches_mlx_path(monkeypatch, llama_tiny):
+    """The whole model path with the Metal decode kernel (run by the CPU emulation)."""
+    from mlx_kvq import kernels
+
+    tokens = mx.random.randint(0, 512, (1, 200), key=mx.random.key(6))
+    calls, kernel = [], kernels.metal_decode_partials
+    monkeypatch.setattr(kernels, "metal_decode_partials",
+                        lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    outs = {}
+    for mode in ("mlx", "emu"):
+        monkeypatch.setenv(kernels.ENV_VAR, mode)
+        cache = mlx_kvq.make_prompt_cache(llama_tiny, "k4v2-g32-r32-s4")
+        outs[mode] = run_chunks(llama_tiny, cache, tokens, (190, 1, 1, 1, 7))
+    assert len(calls) == 3 * len(llama_tiny.layers)  # every decode step, every layer
+    assert float(mx.abs(outs["emu"] - outs["mlx"]).max()) < 1e-3
