@@ -144,7 +144,7 @@ def kvq_attention(queries, cache, scale, mask=None, sinks=None):
     rep = Hq // H
     spec = cache.spec
     q = (queries * scale).astype(mx.float32)
-    if spec.rotate:
+    if spec.rotate_keys:
         q = quant.hadamard(q)
     segs = cache.segments()
     n_keys = sum(s.length for s in segs)
@@ -158,7 +158,7 @@ def kvq_attention(queries, cache, scale, mask=None, sinks=None):
             _attend_chunk(q[:, :, l0:l1], cache, segs, l0, L, mask, rep, sinks)
         )
     out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
-    if spec.rotate:
+    if spec.rotate_values:
         out = quant.hadamard(out)
     return out.astype(queries.dtype)
 

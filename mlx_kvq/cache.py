@@ -166,8 +166,10 @@ class KVQCache(_BaseCache):
                 f"cache holds K/V of shape (B, H, D, Dv)={self.dims} but got {dims}; "
                 "was it made for another model?"
             )
-        if self.spec.rotate:
-            keys, values = quant.hadamard(keys), quant.hadamard(values)
+        if self.spec.rotate_keys:
+            keys = quant.hadamard(keys)
+        if self.spec.rotate_values:
+            values = quant.hadamard(values)
         fp = quant.storage_dtype(keys.dtype)
         keys, values = keys.astype(fp), values.astype(fp)
 

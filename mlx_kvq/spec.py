@@ -22,7 +22,8 @@ class KVQuantSpec:
     residual: most recent tokens kept in full precision. Channel keys are
         flushed in whole groups, so up to group_size - 1 more tokens wait there.
     sinks: first tokens kept in full precision (attention sinks).
-    rotate: Hadamard rotation of head_dim before quantizing keys and values.
+    rotate: Hadamard rotation of head_dim before quantizing values (and keys
+        when they are quantized per token), spreading outliers across a group.
     """
 
     k_bits: Optional[int] = 4
@@ -59,6 +60,16 @@ class KVQuantSpec:
                 f"residual={self.residual} must be a multiple of group_size="
                 f"{self.group_size} when keys are quantized per channel"
             )
+
+    @property
+    def rotate_keys(self) -> bool:
+        # Per-channel key groups already isolate outlier channels; rotating
+        # would smear those outliers over every channel.
+        return self.rotate and self.key_axis == "token"
+
+    @property
+    def rotate_values(self) -> bool:
+        return self.rotate
 
     @property
     def quantized(self) -> bool:

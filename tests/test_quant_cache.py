@@ -15,8 +15,10 @@ def cached_kv(cache):
         ks.append(seg.k_layout.decode(t.keys))
         vs.append(seg.v_layout.decode(t.values))
     k, v = mx.concatenate(ks, axis=2), mx.concatenate(vs, axis=2)
-    if cache.spec.rotate:
-        k, v = quant.hadamard(k), quant.hadamard(v)
+    if cache.spec.rotate_keys:
+        k = quant.hadamard(k)
+    if cache.spec.rotate_values:
+        v = quant.hadamard(v)
     return k, v
 
 
@@ -86,7 +88,7 @@ def reference_attention(q, cache, scale, L):
 
 
 @pytest.mark.parametrize("label", ["k4v4", "k2v2-g64-r64-s0", "k8v4-ktok-r3",
-                                   "k4v4-rot", "k3v16", "k16v16"])
+                                   "k4v4-rot", "k4v2-ktok-r0-rot", "k3v16", "k16v16"])
 @pytest.mark.parametrize("L", [1, 37])
 def test_attention_equals_dequantized_reference(label, L, monkeypatch):
     import mlx_kvq.attention as att
