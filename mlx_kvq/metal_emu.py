@@ -496,15 +496,20 @@ def _runtime() -> tuple[Path, Path]:
     if not obj.exists():
         src = root / f"kvq_runtime_{tag}.cpp"
         _atomic_write(src, _RUNTIME_CPP)
-        fd, tmp = tempfile.mkstemp(dir=root, suffix=".o")
-        os.close(fd)
-        try:
-            _run_cxx([_cxx(), *_CXX_FLAGS, "-I", str(inc), "-c", str(src), "-o", tmp], "the emulator runtime")
-            os.replace(tmp, obj)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        _compile_to(obj, ["-I", str(inc), "-c", str(src)], "the emulator runtime")
     return inc, obj
+
+
+def _compile_to(out: Path, args: list[str], what: str) -> None:
+    """Compile into a temporary file and rename it into place (atomic for readers)."""
+    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=out.suffix)
+    os.close(fd)
+    try:
+        _run_cxx([_cxx(), *_CXX_FLAGS, *args, "-o", tmp], what)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _load(name: str, source: str) -> ctypes.CDLL:
@@ -519,15 +524,8 @@ def _load(name: str, source: str) -> ctypes.CDLL:
         if not so.exists():
             src = root / f"{safe}_{key}.cpp"
             _atomic_write(src, source)
-            fd, tmp = tempfile.mkstemp(dir=root, suffix=".so")
-            os.close(fd)
-            try:
-                _run_cxx([_cxx(), *_CXX_FLAGS, "-shared", "-I", str(inc), str(src), str(obj), "-o", tmp],
-                         f"kernel {name!r} (source: {src})")
-                os.replace(tmp, so)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            _compile_to(so, ["-shared", "-I", str(inc), str(src), str(obj)],
+                        f"kernel {name!r} (source: {src})")
         lib = ctypes.CDLL(str(so))
         lib.kvq_emu_run.restype = ctypes.c_int
         lib.kvq_emu_run.argtypes = [
