@@ -72,6 +72,13 @@ class Layout:
                 x[..., i:j, :] = y
         return dst
 
+    def encode(self, x):
+        """[B, H, T, D] tokens into this layout's storage form."""
+        if self.bits is None:
+            return x
+        return quant.quantize(x.swapaxes(-1, -2) if self.transposed else x, self.bits,
+                              self.group)
+
     def decode(self, part, dtype=mx.float32):
         """Tokens as a [B, H, T, D] array (dequantized if quantized)."""
         if self.bits is None:
@@ -176,8 +183,8 @@ class KVQCache(_BaseCache):
         n_sink = self._sink_len()
         if self.offset == n_sink and n_sink < self.spec.sinks:
             take = min(L, self.spec.sinks - n_sink)
-            self.sink_k = _cat(self.sink_k, keys[..., :take, :])
-            self.sink_v = _cat(self.sink_v, values[..., :take, :])
+            self.sink_k = _cat(self.sink_k, _own(keys[..., :take, :]))
+            self.sink_v = _cat(self.sink_v, _own(values[..., :take, :]))
             keys, values = keys[..., take:, :], values[..., take:, :]
         if keys.shape[2]:
             self.res_k = _cat(self.res_k, keys)
@@ -203,22 +210,10 @@ class KVQCache(_BaseCache):
         if n <= 0:
             return
         k, v = self.res_k[..., :n, :], self.res_v[..., :n, :]
-        self.res_k, self.res_v = self.res_k[..., n:, :], self.res_v[..., n:, :]
+        self.res_k, self.res_v = _own(self.res_k[..., n:, :]), _own(self.res_v[..., n:, :])
         if self.n_body == 0:
             self.body_start = self.offset - self._res_len() - n
         self._append_body(k, v)
-
-    def _encode_keys(self, k):
-        s = self.spec
-        if s.k_bits is None:
-            return k
-        if s.key_axis == "channel":
-            return quant.quantize(k.swapaxes(-1, -2), s.k_bits, s.group_size)
-        return quant.quantize(k, s.k_bits, s.group_size)
-
-    def _encode_values(self, v):
-        s = self.spec
-        return v if s.v_bits is None else quant.quantize(v, s.v_bits, s.group_size)
 
     def _layouts(self):
         s = self.spec
@@ -232,8 +227,8 @@ class KVQCache(_BaseCache):
         if self.n_body + k.shape[2] > self.capacity:
             self._rebuild(0, self.n_body + k.shape[2])
         lk, lv = self._layouts()
-        self.body_k = lk.write(self.body_k, self._encode_keys(k), self.n_body)
-        self.body_v = lv.write(self.body_v, self._encode_values(v), self.n_body)
+        self.body_k = lk.write(self.body_k, lk.encode(k), self.n_body)
+        self.body_v = lv.write(self.body_v, lv.encode(v), self.n_body)
         self.n_body += k.shape[2]
 
     def _rebuild(self, drop, need):
@@ -313,13 +308,12 @@ class KVQCache(_BaseCache):
             self.n_body -= take
         from_res = min(n, self._res_len())
         if from_res:
-            self.res_k = self.res_k[..., : self._res_len() - from_res, :]
-            self.res_v = self.res_v[..., : self.res_v.shape[2] - from_res, :]
+            keep = self._res_len() - from_res
+            self.res_k, self.res_v = _own(self.res_k[..., :keep, :]), _own(self.res_v[..., :keep, :])
         from_sink = n - from_res
         if from_sink:
             keep = self._sink_len() - from_sink
-            self.sink_k = self.sink_k[..., :keep, :]
-            self.sink_v = self.sink_v[..., :keep, :]
+            self.sink_k, self.sink_v = _own(self.sink_k[..., :keep, :]), _own(self.sink_v[..., :keep, :])
         self.offset -= n
         return n
 
@@ -391,6 +385,11 @@ class KVQCache(_BaseCache):
         obj = cls.__new__(cls)
         obj.state = state
         return obj
+
+
+def _own(x):
+    """A copy of a slice: a view would keep its whole source buffer alive."""
+    return mx.contiguous(x)
 
 
 def _cat(a, b):

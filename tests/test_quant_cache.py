@@ -181,3 +181,17 @@ def test_mismatched_shapes_refused():
     with pytest.raises(ValueError, match="group_size=128 does not divide head_dim=96"):
         KVQCache("k4v4-g128-r128").update_and_fetch(mx.zeros((1, 1, 2, 96)),
                                                     mx.zeros((1, 1, 2, 96)))
+
+
+def test_memory_held_is_what_nbytes_reports():
+    """Sinks and residual must not keep views of the big chunks they came from."""
+    mx.eval(mx.zeros(1))
+    before = mx.get_active_memory()
+    cache = KVQCache("k4v4")
+    k = mx.random.normal((1, 8, 4096, 128))
+    cache.update_and_fetch(k, k)
+    cache.update_and_fetch(k[:, :, :3], k[:, :, :3])
+    mx.eval(cache.state[1:])
+    del k
+    held = mx.get_active_memory() - before
+    assert held <= 1.1 * cache.nbytes, (held, cache.nbytes)
