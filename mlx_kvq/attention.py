@@ -4,7 +4,9 @@ Each cache segment (sinks, quantized body, residual) yields softmax partials
 (m = row max, l = sum of exp(s - m), o = sum of exp(s - m) * v); the partials
 merge by log-sum-exp. Quantized keys stored transposed ([D, T], grouped along
 tokens) and per-token values both map onto mx.quantized_matmul with
-transpose=False, so no full-precision copy of the cache is ever made.
+transpose=False, so decode reads the packed codes and no full-precision copy
+of the cache is made. Prefill on the CPU, where mx.quantized_matmul is slow
+for many query rows, dequantizes one bounded tile of TILE_TOKENS at a time.
 Queries are grouped per kv head (GQA without repeating K/V) and processed in
 chunks so that no score tensor exceeds SCORE_BUDGET_BYTES.
 """
@@ -69,7 +71,7 @@ def _segment_partials(qg, seg, mask_fn):
     """Partials of one segment, reading its store where it is."""
     lk, lv = seg.k_layout, seg.v_layout
     R = qg.shape[-2]
-    if lk.bits is not None and R > QMM_MAX_ROWS:
+    if (lk.bits is not None or lv.bits is not None) and R > QMM_MAX_ROWS:
         # Many queries (prefill): dequantize bounded tiles and use BLAS.
         parts = []
         for a in range(0, seg.length, TILE_TOKENS):
