@@ -21,13 +21,20 @@ if [[ "$(uname -s)" == "Linux" ]] && command -v apt-get >/dev/null; then
     if [[ "${SUDO[*]}" == "none" ]]; then
         dpkg -s libopenblas0-pthread >/dev/null 2>&1 ||
             echo "warning: not root and no sudo: install libopenblas0-pthread for fast CPU matmuls" >&2
+        dpkg -s chromium chromium-driver >/dev/null 2>&1 ||
+            echo "warning: not root and no sudo: install chromium chromium-driver for the browser test" >&2
     else
         # Update the package lists only if they lack what we fetch.
-        if ! has_candidate libopenblas0-pthread || ! has_candidate r-cran-janeaustenr; then
+        if ! has_candidate libopenblas0-pthread || ! has_candidate r-cran-janeaustenr \
+            || ! has_candidate chromium; then
             "${SUDO[@]}" apt-get update -qq
         fi
         if ! dpkg -s libopenblas0-pthread >/dev/null 2>&1; then
             DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq libopenblas0-pthread >/dev/null
+        fi
+        # Headless browser for tests/test_assistant_browser.py
+        if ! dpkg -s chromium chromium-driver >/dev/null 2>&1; then
+            DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq chromium chromium-driver >/dev/null
         fi
     fi
 fi

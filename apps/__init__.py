@@ -1,0 +1,1 @@
+"""Applications built on mlx_kvq, shipped as mlx_kvq.apps."""

@@ -1,0 +1,494 @@
+"""The model and the conversations' caches.
+
+One worker thread runs every MLX operation (loading, prefill, generation,
+cache loads and saves), one job at a time from a bounded queue; HTTP threads
+submit jobs and read their events. Caches of recently used conversations stay
+in memory within the budget; the others are parked (they are saved after
+every turn) and loaded back on use.
+"""
+
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import mlx.core as mx
+from mlx_lm.generate import stream_generate
+from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+from mlx_lm.sample_utils import make_sampler
+
+from mlx_kvq import make_prompt_cache, persist, plan
+from mlx_kvq.cache import KVQCache
+from mlx_kvq.models import DEFAULT_MODEL, load
+from mlx_kvq.report import kv_stats
+from mlx_kvq.spec import parse_spec
+
+from .budget import Budget, to_park
+from .store import DEFAULT_TITLE, CacheRefused, NotFound, Store, title_of
+
+log = logging.getLogger("mlx_kvq.assistant")
+
+
+class RequestError(Exception):
+    """A request the server refuses; `status` is the HTTP status."""
+
+    def __init__(self, status: int, message: str, code: Optional[str] = None,
+                 param: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+    def body(self) -> dict:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": self.message, "type": kind, "param": self.param,
+                          "code": self.code}}
+
+
+def busy(message: str) -> RequestError:
+    return RequestError(503, message, code="server_busy")
+
+
+@dataclass
+class Settings:
+    model: Optional[str] = None  # folder or hub id; None: the embedded model
+    kv: str = "k4v4"
+    memory: Optional[int] = None  # bytes; None: half of this machine's RAM
+    max_tokens: int = 512
+    temp: float = 0.0
+    top_p: float = 1.0
+    max_kv_size: Optional[int] = None
+    prefill_step_size: int = 2048
+    queue_size: int = 8
+
+
+@dataclass
+class Session:
+    """A conversation's cache in memory and the token ids it holds."""
+
+    cache: list
+    tokens: List[int] = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return self.stats.get("cache_bytes", 0)
+
+
+@dataclass
+class Job:
+    kind: str  # "chat": answer the messages; "document": prefill them, no answer
+    conversation: str
+    messages: List[dict]  # appended to the conversation's messages
+    max_tokens: int = 0
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: List[str] = field(default_factory=list)
+    seed: Optional[int] = None
+    title: Optional[str] = None  # set: a new conversation, created when the turn is saved
+    submitted: float = field(default_factory=time.perf_counter)
+    events: queue.Queue = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def emit(self, kind: str, data=None):
+        self.events.put((kind, data))
+
+    def stream(self, alive):
+        """(kind, data) events up to and including "done" or "error"."""
+        while True:
+            try:
+                kind, data = self.events.get(timeout=1.0)
+            except queue.Empty:
+                if not alive():
+                    yield "error", RequestError(500, "the generation worker stopped")
+                    return
+                continue
+            yield kind, data
+            if kind in ("done", "error"):
+                return
+
+
+class StopText:
+    """Cuts generated text at the first stop string. Text that could begin a
+    stop string is held back, so nothing streamed is ever taken back."""
+
+    def __init__(self, stops: List[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, text: str) -> Tuple[str, bool]:
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[:min(hits)], ""
+            return out, True
+        hold = max((k for s in self.stops for k in range(1, len(s))
+                    if self.pending.endswith(s[:k])), default=0)
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def common_prefix(a: List[int], b: List[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def prefill(model, cache, tokens: List[int], step: int, progress):
+    """Run `tokens` through the model into `cache`, `step` tokens at a time."""
+    for start in range(0, len(tokens), step):
+        chunk = tokens[start:start + step]
+        model(mx.array(chunk)[None], cache=cache)
+        mx.eval([c.state for c in cache])
+        mx.clear_cache()
+        progress(start + len(chunk), len(tokens))
+
+
+def chat_messages(messages: List[dict]) -> List[dict]:
+    """Messages as the chat template takes them (the page's extra keys dropped)."""
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _extend(conv, messages: List[dict]):
+    if not conv.messages and conv.title == DEFAULT_TITLE:  # name it after its start
+        conv.title = title_of(messages)
+    conv.messages.extend(messages)
+
+
+class Engine:
+    def __init__(self, settings: Settings, store: Store):
+        self.settings, self.store = settings, store
+        self.spec = parse_spec(settings.kv)
+        self.jobs = queue.Queue(maxsize=settings.queue_size)
+        self.sessions = OrderedDict()  # id -> Session, least recently used first
+        self.notes = {}  # id -> why its saved cache was not used or saved
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._stopping = threading.Event()
+        self._error = None
+        self._current = None
+        self._thread = threading.Thread(target=self._run, name="mlx_kvq-worker",
+                                        daemon=True)
+
+    # -- any thread -------------------------------------------------------
+
+    def start(self):
+        """Start the worker and wait until the model is loaded."""
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+
+    def stop(self, timeout: float = 60.0):
+        """Stop taking jobs, end the running one (its reply so far is saved)."""
+        self._stopping.set()
+        job = self._current
+        if job is not None:
+            job.cancelled.set()
+        self._thread.join(timeout)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def submit(self, job: Job) -> Job:
+        if self._stopping.is_set():
+            raise busy("the server is shutting down")
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            raise busy(f"the generation queue is full ({self.jobs.maxsize} requests "
+                       "waiting); try again shortly") from None
+        return job
+
+    def forget(self, cid: str):
+        with self._lock:
+            self.sessions.pop(cid, None)
+        self.notes.pop(cid, None)
+
+    def memory(self, cid: str) -> dict:
+        """The memory panel of a conversation."""
+        with self._lock:
+            session = self.sessions.get(cid)
+            stats = dict(session.stats) if session else None
+            held = sum(s.nbytes for s in self.sessions.values())
+        note = self.notes.get(cid)
+        if stats is None:
+            problem = self.store.check_cache(cid, self.fingerprint, str(self.spec))
+            if problem:
+                note = (f"The saved KV cache is refused: {problem}. The messages are "
+                        "intact; the cache is rebuilt from them on the next turn.")
+            info = None if problem else self.store.cache_info(cid)
+            stats = (info or {}).get("stats")
+        stats = stats or {"tokens": 0, "cache_bytes": 0, "fp16_bytes": 0}
+        b = self.budget
+        workspace = b.workspace(stats["tokens"] + self.settings.max_tokens)
+        fit, limited_by = self.token_limit()
+        return {
+            **stats,
+            "resident": session is not None,
+            "budget": b.memory,
+            "weights": b.shape.weight_bytes,
+            "workspace": workspace,
+            "resident_bytes": held,
+            "budget_left": b.memory - b.shape.weight_bytes - workspace - held,
+            "max_tokens": fit,
+            "limited_by": limited_by,
+            "tokens_left": max(0, fit - stats["tokens"]),
+            "spec": str(self.spec),
+            "scheme": self.spec.describe(),
+            "note": note,
+        }
+
+    def token_limit(self) -> Tuple[int, str]:
+        """(tokens one conversation may reach, what limits it)."""
+        fit, trained = self.budget.max_tokens(), self.budget.shape.trained_context
+        if trained and trained < fit and not self.settings.max_kv_size:
+            return trained, "trained context"
+        return fit, "memory budget"
+
+    # -- worker -----------------------------------------------------------
+
+    def _run(self):
+        try:
+            self._load()
+        except Exception as e:
+            self._error = e
+            return
+        finally:
+            self._ready.set()
+        while not self._stopping.is_set():
+            try:
+                job = self.jobs.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if not job.cancelled.is_set():
+                self._current = job
+                self._serve(job)
+                self._current = None
+        while True:
+            try:
+                self.jobs.get_nowait().emit("error", busy("the server is shutting down"))
+            except queue.Empty:
+                break
+
+    def _serve(self, job: Job):
+        try:
+            (self._chat if job.kind == "chat" else self._document)(job)
+        except RequestError as e:
+            job.emit("error", e)
+        except NotFound:
+            self.forget(job.conversation)
+            job.emit("error", RequestError(404, f"conversation {job.conversation} "
+                                           "was deleted"))
+        except Exception as e:
+            log.exception("conversation %s: %s job failed", job.conversation, job.kind)
+            self.forget(job.conversation)  # its cache may be half updated
+            job.emit("error", RequestError(500, f"internal error: {type(e).__name__}: {e}"))
+
+    def _load(self):
+        s = self.settings
+        self.model, self.tokenizer = load(s.model)
+        self.model_id = s.model or DEFAULT_MODEL
+        make_prompt_cache(self.model, self.spec)  # refuses an unsupported model/spec now
+        self.fingerprint = persist.model_fingerprint(self.model)
+        memory = s.memory or plan.total_memory() // 2
+        self.budget = Budget(plan.load_shape(s.model), self.spec, memory,
+                             s.prefill_step_size)
+        if self.budget.max_tokens() == 0:
+            raise ValueError(
+                f"the memory budget {plan.fmt_bytes(memory)} does not hold the model "
+                f"(weights {plan.fmt_bytes(self.budget.shape.weight_bytes)}) and a "
+                "prefill workspace; raise --memory")
+
+    def encode(self, messages: List[dict], add_generation_prompt: bool) -> List[int]:
+        messages = chat_messages(messages)
+        if self.tokenizer.has_chat_template:
+            return list(self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, tokenize=True))
+        text = "\n\n".join(f"{m['role']}: {m['content']}" for m in messages)
+        return self.tokenizer.encode(text + ("\n\nassistant:" if add_generation_prompt
+                                             else ""))
+
+    def _admit(self, cid: str, context: int, what: str, reply_room: int) -> Optional[str]:
+        """Refuse a turn that cannot fit before anything is allocated; park other
+        caches to make room. Returns a notice for the reply, if any."""
+        s, b = self.settings, self.budget
+        trained = b.shape.trained_context
+        beyond = bool(trained) and context > trained
+        if beyond and not s.max_kv_size:
+            raise RequestError(
+                400, f"{what} needs {context} tokens, beyond the model's trained context "
+                f"of {trained} tokens. Start a new conversation, lower max_tokens, or "
+                "restart the server with --max-kv-size N to keep only the first and "
+                "the most recent N tokens.", code="context_length_exceeded")
+        notice = None
+        kv_context = context
+        if s.max_kv_size and context > s.max_kv_size:
+            kv_context = s.max_kv_size
+            notice = (f"This conversation reaches {context} tokens"
+                      + (f", beyond the model's trained context of {trained}" if beyond
+                         else "")
+                      + f": the KV cache keeps the first {self.spec.sinks} and the most "
+                      f"recent {s.max_kv_size} tokens (--max-kv-size); older tokens are "
+                      "dropped.")
+        need = b.need(kv_context)
+        if need > b.memory:
+            raise RequestError(400, b.refusal(kv_context, what, reply_room),
+                               code="kv_budget_exceeded")
+        with self._lock:
+            resident = [(k, v.nbytes) for k, v in self.sessions.items() if k != cid]
+            for k in to_park(resident, need, b.memory):
+                del self.sessions[k]
+                log.info("conversation %s: cache parked on disk to make room", k)
+        mx.clear_cache()
+        return notice
+
+    def _session(self, cid: str) -> Session:
+        with self._lock:
+            if cid in self.sessions:
+                self.sessions.move_to_end(cid)
+                return self.sessions[cid]
+        try:
+            loaded = self.store.load_cache(cid, self.model, self.fingerprint, self.spec)
+        except CacheRefused as e:
+            self.notes[cid] = (f"The saved KV cache was refused: {e}. The messages are "
+                               "intact; the cache was rebuilt from them.")
+            loaded = None
+        if loaded is not None:
+            session = Session(*loaded)
+            session.stats = self._stats(session.cache)
+        else:
+            session = Session(make_prompt_cache(self.model, self.spec,
+                                                self.settings.max_kv_size))
+        with self._lock:
+            self.sessions[cid] = session
+        return session
+
+    def _reuse(self, session: Session, tokens: List[int], keep_last: bool) -> int:
+        """Trim the cache to its longest common prefix with `tokens`; the number
+        of tokens it still holds."""
+        n = common_prefix(session.tokens, tokens)
+        if keep_last:  # the last prompt token must run to give the first logits
+            n = min(n, len(tokens) - 1)
+        drop = len(session.tokens) - n
+        if drop:
+            if can_trim_prompt_cache(session.cache):
+                trim_prompt_cache(session.cache, drop)
+            else:  # tokens were evicted (--max-kv-size): start over
+                session.cache = make_prompt_cache(self.model, self.spec,
+                                                  self.settings.max_kv_size)
+                n = 0
+            session.tokens = session.tokens[:n]
+        return n
+
+    def _stats(self, cache) -> dict:
+        st = kv_stats(cache)
+        return {"tokens": st.tokens, "cache_bytes": st.nbytes, "fp16_bytes": st.fp16_nbytes}
+
+    def _notice(self, cid: str, admitted: Optional[str]) -> Optional[str]:
+        return " ".join(filter(None, [self.notes.get(cid), admitted])) or None
+
+    def _progress(self, job: Job, cached: int, total: int):
+        return lambda done, _: job.emit("progress", {"done": cached + done, "total": total})
+
+    def _history(self, job: Job) -> List[dict]:
+        return [] if job.title is not None else self.store.get(job.conversation).messages
+
+    def _chat(self, job: Job):
+        cid = job.conversation
+        prompt = self.encode(self._history(job) + job.messages, True)
+        admitted = self._admit(
+            cid, len(prompt) + job.max_tokens,
+            f"this turn ({len(prompt)} prompt tokens + max_tokens {job.max_tokens})",
+            job.max_tokens)
+        session = self._session(cid)
+        cached = self._reuse(session, prompt, keep_last=True)
+        job.emit("start", {"prompt_tokens": len(prompt), "cached_tokens": cached,
+                           "notice": self._notice(cid, admitted)})
+        if job.seed is not None:
+            mx.random.seed(job.seed)
+        stops, reply, generated, finish = StopText(job.stop), [], [], "length"
+        first_token = None
+        for r in stream_generate(
+            self.model, self.tokenizer, prompt[cached:], max_tokens=job.max_tokens,
+            sampler=make_sampler(job.temperature, job.top_p), prompt_cache=session.cache,
+            prefill_step_size=self.settings.prefill_step_size,
+            prompt_progress_callback=self._progress(job, cached, len(prompt)),
+        ):
+            first_token = first_token or time.perf_counter() - job.submitted
+            generated.append(r.token)
+            text, stopped = stops.feed(r.text)
+            if stopped:
+                finish = "stop"
+            elif r.finish_reason or job.cancelled.is_set():
+                finish = r.finish_reason or "cancelled"
+                text += stops.flush()
+            if text:
+                reply.append(text)
+                job.emit("text", text)
+            if stopped or job.cancelled.is_set():
+                break
+        session.tokens = prompt + generated
+        self._commit(job, job.messages + [{"role": "assistant", "content": "".join(reply)}],
+                     session)
+        log.info("conversation %s: %d prompt tokens (%d cached), %d generated, first token "
+                 "after %.2f s", cid, len(prompt), cached, len(generated), first_token)
+        job.emit("done", {
+            "finish_reason": finish,
+            "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(generated),
+                      "cached_tokens": cached},
+            "first_token_s": first_token,
+            "memory": self.memory(cid),
+        })
+
+    def _document(self, job: Job):
+        cid = job.conversation
+        tokens = self.encode(self._history(job) + job.messages, False)
+        room = self.settings.max_tokens
+        admitted = self._admit(
+            cid, len(tokens) + room,
+            f"this conversation with the document ({len(tokens)} tokens, plus {room} "
+            "for a reply)", room)
+        session = self._session(cid)
+        cached = self._reuse(session, tokens, keep_last=False)
+        job.emit("start", {"prompt_tokens": len(tokens), "cached_tokens": cached,
+                           "notice": self._notice(cid, admitted)})
+        prefill(self.model, session.cache, tokens[cached:], self.settings.prefill_step_size,
+                self._progress(job, cached, len(tokens)))
+        session.tokens = tokens
+        self._commit(job, job.messages, session)
+        job.emit("done", {"prompt_tokens": len(tokens), "cached_tokens": cached,
+                          "memory": self.memory(cid)})
+
+    def _commit(self, job: Job, new_messages: List[dict], session: Session):
+        """Save the messages, then the cache (the messages are never lost)."""
+        cid = job.conversation
+        offset = next(c.offset for c in session.cache if isinstance(c, KVQCache))
+        if offset != len(session.tokens):  # a cache we cannot map to tokens is useless
+            log.warning("conversation %s: cache holds %d tokens, expected %d; dropping it",
+                        cid, offset, len(session.tokens))
+            session.cache = make_prompt_cache(self.model, self.spec, self.settings.max_kv_size)
+            session.tokens = []
+        session.stats = self._stats(session.cache)
+        if job.title is not None:
+            self.store.create(job.title, cid=cid, source="api", exist_ok=True)
+        self.store.update(cid, lambda c: _extend(c, new_messages))
+        try:
+            self.store.save_cache(cid, session.cache, session.tokens, self.model,
+                                  self.fingerprint, session.stats)
+            self.notes.pop(cid, None)
+        except NotFound:
+            raise
+        except Exception as e:
+            log.exception("conversation %s: could not save the KV cache", cid)
+            self.notes[cid] = (f"The KV cache could not be saved ({e}); it is rebuilt "
+                               "from the messages after a restart.")
