@@ -3,7 +3,7 @@
 import mlx.core as mx
 import pytest
 from mlx_lm.generate import generate_step
-from mlx_lm.models.cache import KVCache, RotatingKVCache
+from mlx_lm.models.cache import RotatingKVCache
 from mlx_lm.models.cache import load_prompt_cache as mlx_load_prompt_cache
 from mlx_lm.models.cache import save_prompt_cache as mlx_save_prompt_cache
 

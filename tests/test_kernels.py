@@ -6,7 +6,6 @@ attention.quantized_segment_partials and with a float64 numpy computation
 from the raw packed codes. Broken kernel variants must fail the same check.
 """
 
-import os
 
 import mlx_kvq  # noqa: F401  (loads OpenBLAS before mlx)
 import mlx.core as mx
