@@ -159,6 +159,10 @@ def kvq_attention(queries, cache, scale, mask=None, sinks=None):
         outs.append(
             _attend_chunk(q[:, :, l0:l1], cache, segs, l0, L, mask, rep, sinks)
         )
+        if chunk < L:
+            # Lazy evaluation would otherwise schedule every chunk's scores
+            # side by side, and the budget would bound nothing.
+            mx.eval(outs[-1])
     out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
     if spec.rotate_values:
         out = quant.hadamard(out)
