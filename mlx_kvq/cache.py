@@ -109,6 +109,39 @@ class Segment:
                        self.v_layout)
 
 
+@dataclass
+class Calibration:
+    """Static per-channel data of one layer, baked by a calibration run.
+
+    v_smooth: [H, D] factors values are divided by before they are stored
+        (SmoothQuant-style: outlier channels shrink so they stop widening
+        every per-token group); attention multiplies its output back, which
+        is exact in full precision.
+    k_limit / v_limit: [H, D] calibrated |x| range of keys / values as
+        stored (after rotation or smoothing). Flushed tokens beyond it are
+        counted as drift; they are still quantized with their own dynamic
+        per-group scales, never clipped.
+    source: one line saying where the calibration came from, for reports.
+    """
+
+    v_smooth: Optional[mx.array] = None
+    k_limit: Optional[mx.array] = None
+    v_limit: Optional[mx.array] = None
+    source: str = ""
+
+    def check(self, spec, H, D):
+        if self.v_smooth is not None and spec.rotate_values:
+            raise ValueError("a layer cannot both rotate and smooth its values")
+        for name in ("v_smooth", "k_limit", "v_limit"):
+            x = getattr(self, name)
+            if x is not None and tuple(x.shape) != (H, D):
+                raise ValueError(
+                    f"calibration {name} has shape {tuple(x.shape)}, the layer's "
+                    f"keys/values have (kv_heads, head_dim)=({H}, {D}); was it "
+                    "calibrated for another model?"
+                )
+
+
 class KVQView:
     """Stands in for keys/values returned by update_and_fetch.
 
@@ -130,9 +163,13 @@ class KVQView:
 class KVQCache(_BaseCache):
     step = 256  # body capacity grows in steps (a multiple of every group size)
 
-    def __init__(self, spec=None, max_size: Optional[int] = None):
+    def __init__(self, spec=None, max_size: Optional[int] = None,
+                 calibration: Optional[Calibration] = None):
         self.spec = parse_spec(spec)
         self.max_size = max_size
+        self.calibration = calibration
+        self.drift = None  # [2] counts of flushed K, V elements beyond the limits
+        self.drift_checked = 0  # flushed K (= V) elements compared
         if max_size is not None and max_size < self.spec.sinks + self._min_window():
             raise ValueError(
                 f"max_kv_size={max_size} is too small for {self.spec}: it must hold "
@@ -166,6 +203,8 @@ class KVQCache(_BaseCache):
                     f"mlx_kvq needs equal key and value head dims, got {D} and "
                     f"{values.shape[-1]}"
                 )
+            if self.calibration is not None:
+                self.calibration.check(self.spec, H, D)
             self.dims = dims
             self.dtype = keys.dtype
         elif dims != self.dims:
@@ -177,6 +216,8 @@ class KVQCache(_BaseCache):
             keys = quant.hadamard(keys)
         if self.spec.rotate_values:
             values = quant.hadamard(values)
+        if self.v_smooth is not None:
+            values = values / self.v_smooth[:, None, :]
         fp = quant.storage_dtype(keys.dtype)
         keys, values = keys.astype(fp), values.astype(fp)
 
@@ -194,6 +235,10 @@ class KVQCache(_BaseCache):
         if self.max_size is not None:
             self._evict()
         return KVQView(self), KVQView(self)
+
+    @property
+    def v_smooth(self):
+        return None if self.calibration is None else self.calibration.v_smooth
 
     def _sink_len(self):
         return 0 if self.sink_k is None else self.sink_k.shape[2]
@@ -226,10 +271,21 @@ class KVQCache(_BaseCache):
     def _append_body(self, k, v):
         if self.n_body + k.shape[2] > self.capacity:
             self._rebuild(0, self.n_body + k.shape[2])
+        self._count_drift(k, v)
         lk, lv = self._layouts()
         self.body_k = lk.write(self.body_k, lk.encode(k), self.n_body)
         self.body_v = lv.write(self.body_v, lv.encode(v), self.n_body)
         self.n_body += k.shape[2]
+
+    def _count_drift(self, k, v):
+        c = self.calibration
+        if c is None or c.k_limit is None or c.v_limit is None:
+            return
+        out = mx.stack([(mx.abs(k) > c.k_limit[:, None, :]).sum(),
+                        (mx.abs(v) > c.v_limit[:, None, :]).sum()])
+        self.drift = out if self.drift is None else self.drift + out
+        mx.async_eval(self.drift)  # a scalar: keeps no flushed block alive
+        self.drift_checked += k.size
 
     def _rebuild(self, drop, need):
         """Reallocate the body for `need` tokens, keeping tokens [drop, n_body)."""
@@ -336,6 +392,8 @@ class KVQCache(_BaseCache):
             "max_size": self.max_size,
             "dims": self.dims,
             "dtype": None if self.dims is None else str(self.dtype),
+            "calibration": None if self.calibration is None else {
+                "source": self.calibration.source, "drift_checked": self.drift_checked},
         }
         return json.dumps(meta)
 
@@ -350,8 +408,9 @@ class KVQCache(_BaseCache):
         if self.n_body:
             body_k = lk.slice(self.body_k, 0, self.n_body)
             body_v = lv.slice(self.body_v, 0, self.n_body)
+        c = self.calibration or Calibration()
         return [self.meta_state, self.sink_k, self.sink_v, self.res_k, self.res_v,
-                body_k, body_v]
+                body_k, body_v, c.v_smooth, c.k_limit, c.v_limit, self.drift]
 
     @state.setter
     def state(self, v):
@@ -371,6 +430,12 @@ class KVQCache(_BaseCache):
             tuple(p) if isinstance(p, list) else p for p in v[5:7]
         )
         self.capacity = self.n_body
+        calib = meta.get("calibration")
+        extra = (list(v[7:11]) + [None] * 4)[:4]
+        self.calibration = None if calib is None else Calibration(
+            *extra[:3], source=calib.get("source", ""))
+        self.drift = extra[3]
+        self.drift_checked = 0 if calib is None else calib.get("drift_checked", 0)
         if self.dims is not None:
             self.dtype = getattr(mx, meta["dtype"].split(".")[-1])
         expected = self._sink_len() + self.n_body + self._res_len()

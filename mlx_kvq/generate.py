@@ -2,6 +2,7 @@
 
 import argparse
 import sys
+from typing import Optional
 
 import mlx.core as mx
 from mlx_lm.generate import stream_generate
@@ -58,9 +59,12 @@ def setup_arg_parser():
     return p
 
 
-def spec_from_args(args) -> KVQuantSpec:
-    """--kv, then any of the explicit field flags on top."""
+def spec_from_args(args) -> Optional[KVQuantSpec]:
+    """--kv, then any of the explicit field flags on top; None if none is
+    given (the model's baked plan, if any, else the default preset)."""
     overrides = {f: getattr(args, f) for f in SPEC_FLAGS if getattr(args, f) is not None}
+    if args.kv is None and not overrides and args.key_axis is None and not args.rotate:
+        return None
     for flag in ("k_bits", "v_bits"):
         if overrides.get(flag) == 16:
             overrides[flag] = None

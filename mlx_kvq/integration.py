@@ -8,6 +8,7 @@ the original. Other caches go to the original function untouched.
 
 import sys
 
+import mlx.core as mx
 import mlx_lm.models.base as base
 import mlx_lm.models.cache as mlx_cache
 from mlx_lm.models.cache import KVCache
@@ -22,7 +23,12 @@ _original = getattr(base.scaled_dot_product_attention, "_kvq_original",
 
 def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
     if isinstance(cache, KVQCache):
-        return kvq_attention(queries, cache, scale=scale, mask=mask, sinks=sinks)
+        out = kvq_attention(queries, cache, scale=scale, mask=mask, sinks=sinks)
+        if cache.v_smooth is not None:  # values were stored divided by it
+            rep = queries.shape[1] // cache.v_smooth.shape[0]
+            s = mx.repeat(cache.v_smooth, rep, axis=0)[:, None, :]
+            out = (out * s).astype(out.dtype)
+        return out
     return _original(queries, keys, values, cache=cache, scale=scale, mask=mask,
                      sinks=sinks)
 
@@ -71,8 +77,12 @@ def make_prompt_cache(model, spec=None, max_kv_size=None):
 
     Layers whose default cache is a plain KVCache get a KVQCache; sliding-window
     layers (RotatingKVCache, already bounded by their window) and non-attention
-    caches (SSM state) keep mlx-lm's cache in full precision.
+    caches (SSM state) keep mlx-lm's cache in full precision. With spec None, a
+    plan baked by `mlx_kvq.calibrate` (model.kvq_plan, attached by
+    mlx_kvq.load) gives each layer its spec and calibration; an explicit spec
+    wins over it.
     """
+    plan = getattr(model, "kvq_plan", None) if spec is None else None
     spec = parse_spec(spec)
     install()
     if not model_module_supported(model):
@@ -83,9 +93,20 @@ def make_prompt_cache(model, spec=None, max_kv_size=None):
         )
     spec.validate_for(head_dim_of(model))
     caches = mlx_cache.make_prompt_cache(model)
-    out = [KVQCache(spec, max_size=max_kv_size) if type(c) is KVCache else c
-           for c in caches]
-    if not any(isinstance(c, KVQCache) for c in out):
+    full = [i for i, c in enumerate(caches) if type(c) is KVCache]
+    if plan is not None and set(full) != set(plan.layers):
+        raise ValueError(
+            f"the model's KV plan covers layers {sorted(plan.layers)}, its full-attention "
+            f"layers are {full}: the plan was made for another model"
+        )
+    out = list(caches)
+    for i in full:
+        if plan is None:
+            out[i] = KVQCache(spec, max_size=max_kv_size)
+        else:
+            out[i] = KVQCache(plan.spec(i).validate_for(head_dim_of(model)),
+                              max_size=max_kv_size, calibration=plan.calibration(i))
+    if not full:
         raise ValueError(
             f"architecture {type(model).__module__!r} has no full-attention KV cache "
             "layers for mlx_kvq to quantize"

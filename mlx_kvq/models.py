@@ -48,12 +48,17 @@ def _is_model_dir(path: Path) -> bool:
     return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
 
 
+def default_model_dir(dtype: str = "float32") -> Path:
+    """Where the default model is (or will be) converted; shared by all tools."""
+    name = DEFAULT_MODEL if dtype == "float32" else f"{DEFAULT_MODEL}-{dtype}"
+    return cache_home() / "models" / name
+
+
 def default_model_path(dtype: str = "float32") -> Path:
     """The converted default model folder, converting it on first use."""
     from .converters import gguf_to_mlx
 
-    name = DEFAULT_MODEL if dtype == "float32" else f"{DEFAULT_MODEL}-{dtype}"
-    path = cache_home() / "models" / name
+    path = default_model_dir(dtype)
     if _is_model_dir(path):
         return path
     try:
@@ -67,15 +72,24 @@ def default_model_path(dtype: str = "float32") -> Path:
 
 def load(path_or_hf_repo: Optional[str] = None, **kwargs):
     """Load ``(model, tokenizer)`` with ``mlx_lm.load``; the default model if
-    no path or Hugging Face repo is given."""
+    no path or Hugging Face repo is given. A KV plan baked into the folder by
+    ``mlx_kvq.calibrate`` is checked against the model and attached as
+    ``model.kvq_plan`` (a plan for another model, or a damaged one, raises)."""
     import mlx_lm
 
     if path_or_hf_repo is None:
         path_or_hf_repo = default_model_path()
-    return mlx_lm.load(str(path_or_hf_repo), **kwargs)
+    out = mlx_lm.load(str(path_or_hf_repo), **kwargs)
+    folder = _local_path(path_or_hf_repo)
+    if folder is not None:
+        from .converters.calibrate import attach
+
+        attach(out[0], folder)
+    return out
 
 
 def _local_path(path_or_hf_repo) -> Optional[Path]:
+    """A model's local folder (a hub model only if already downloaded), or None."""
     if path_or_hf_repo is None:
         return default_model_path()
     path = Path(path_or_hf_repo).expanduser()

@@ -1,5 +1,6 @@
 """What a cache holds and costs, for the CLI's KV report and other tools."""
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
 
@@ -18,6 +19,7 @@ class KVStats:
     nbytes: int  # all caches, true bytes held
     fp16_nbytes: int  # the same tokens in a 16-bit KVCache
     calibration: str = "dynamic, none"
+    drift: Optional[str] = None  # flushed values beyond the calibrated range
 
     @property
     def bits_per_element(self) -> float:
@@ -35,16 +37,77 @@ def kv_stats(cache) -> KVStats:
             fp16 += B * H * (D + Dv) * c.size() * 2
     others = [c for c in cache if not isinstance(c, KVQCache)]
     other_bytes = sum(_nbytes(c) for c in others)
-    spec = kvq[0].spec
+    specs = [c.spec for c in kvq]
+    smoothed = [c.v_smooth is not None for c in kvq]
+    if len(set(specs)) == 1 and not any(smoothed):
+        label, spec = str(specs[0]), specs[0].describe()
+    else:
+        label, spec = _mixed(specs, smoothed)
+    calibrated = [c.calibration.source for c in kvq if c.calibration is not None]
     return KVStats(
-        spec=spec.describe(),
-        label=str(spec),
+        spec=spec,
+        label=label,
         layers=len(kvq),
         other_layers=len(others),
         tokens=kvq[0].offset,
         nbytes=sum(c.nbytes for c in kvq) + other_bytes,
         fp16_nbytes=fp16 + other_bytes,
+        calibration=calibrated[0] if calibrated else "dynamic, none",
+        drift=drift_summary(cache),
     )
+
+
+def layer_key(spec, smoothed=False) -> str:
+    """A layer's bits and value preparation: k4v2, k2v4-rot, k4v2-sm (smoothed)."""
+    return (f"k{spec.k_bits or 16}v{spec.v_bits or 16}" + ("-rot" if spec.rotate else "")
+            + ("-sm" if smoothed else ""))
+
+
+def count_label(keys) -> str:
+    """"k4v2 x20, k2v4 x10": how many layers have each key, most first."""
+    return ", ".join(f"{k} x{n}" for k, n in Counter(keys).most_common())
+
+
+def _mixed(specs, smoothed):
+    """Label and description of a per-layer plan."""
+    label = count_label(layer_key(s, m) for s, m in zip(specs, smoothed))
+
+    def avg(bits):
+        return sum(16 if b is None else b for b in bits) / len(bits)
+
+    s = specs[0]
+    return label, (
+        f"per-layer plan: K {avg([x.k_bits for x in specs]):.2f} and V "
+        f"{avg([x.v_bits for x in specs]):.2f} code bits on average (K per-{s.key_axis}, "
+        f"V per-token), group {s.group_size}, residual {s.residual} fp16 tokens, sinks "
+        f"{s.sinks}, values rotated in {sum(x.rotate for x in specs)} and smoothed in "
+        f"{sum(smoothed)} of {len(specs)} layers"
+    )
+
+
+def drift_counts(cache) -> dict:
+    """{layer: (K, V, checked)}: flushed elements beyond the calibrated
+    per-channel range, for layers with a calibration."""
+    out = {}
+    for i, c in enumerate(cache):
+        if isinstance(c, KVQCache) and c.calibration is not None and c.drift_checked:
+            k, v = (0, 0) if c.drift is None else c.drift.tolist()
+            out[i] = (k, v, c.drift_checked)
+    return out
+
+
+def drift_summary(cache) -> Optional[str]:
+    counts = drift_counts(cache)
+    if not counts:
+        return None
+    k = sum(x[0] for x in counts.values())
+    v = sum(x[1] for x in counts.values())
+    n = 2 * sum(x[2] for x in counts.values())
+    worst = sorted(counts.items(), key=lambda kv: -(kv[1][0] + kv[1][1]))[:3]
+    top = ", ".join(f"{i} ({a + b})" for i, (a, b, _) in worst if a + b)
+    return (f"{k + v} of {n} flushed K/V elements beyond the calibrated range "
+            f"({100 * (k + v) / n:.3f}%: K {k}, V {v})" + (f", most in layers {top}" if top else "")
+            + "; kept with dynamic per-group scales, not clipped")
 
 
 def _nbytes(c):
@@ -63,6 +126,10 @@ def format_report(stats: KVStats, response=None, peak: Optional[float] = None) -
         "==== KV report",
         f"scheme:       {stats.label}: {stats.spec}",
         f"calibration:  {stats.calibration}",
+    ]
+    if stats.drift:
+        lines.append(f"drift:        {stats.drift}")
+    lines += [
         f"layers:       {stats.layers} quantized"
         + (f", {stats.other_layers} kept in full precision" if stats.other_layers else ""),
         f"tokens:       {stats.tokens} cached",

@@ -1,0 +1,268 @@
+"""Calibration: plans baked into model folders, picked up by load and
+make_prompt_cache, refused for another model or when damaged; smoothing;
+the drift counter; the vLLM export; the command line on the default model."""
+
+import json
+import shutil
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models.cache import KVCache
+from mlx_lm.utils import save_config, save_model
+
+import mlx_kvq
+from mlx_kvq import KVQCache
+from mlx_kvq.cache import Calibration
+from mlx_kvq.converters import calibrate as C
+from mlx_kvq.converters import vllm_export
+from mlx_kvq.persist import load_prompt_cache, save_prompt_cache
+from mlx_kvq.report import format_report, kv_stats
+
+from conftest import TINY, tiny_model
+
+
+def _default_model():
+    try:
+        return mlx_kvq.models.default_model_path()
+    except (FileNotFoundError, OSError) as e:
+        pytest.skip(f"default model unavailable: {e}")
+
+
+@pytest.fixture(scope="module")
+def baked(tmp_path_factory):
+    """A tiny llama saved as a model folder, calibrated on random tokens."""
+    folder = tmp_path_factory.mktemp("tiny")
+    model = tiny_model("llama", num_hidden_layers=3)
+    save_model(folder, model)
+    save_config(dict(TINY["llama"], model_type="llama", num_hidden_layers=3),
+                folder / "config.json")
+    rng = np.random.default_rng(0)
+    windows = [rng.integers(0, 512, 256) for _ in range(3)]
+    plan = C.calibrate(model, windows, target_bits=3.0, bits=(2, 3, 4), chunk=64,
+                       progress=False)
+    plan.disclosure = C.disclosure(C.Workload(["random tokens"], "0" * 64, windows, 256), 64)
+    plan.save(folder)
+    return folder, model, plan
+
+
+def _copy(folder, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(folder, dst)
+    return dst
+
+
+def test_files_written(baked):
+    folder, model, plan = baked
+    config = json.loads((folder / "config.json").read_text())
+    assert config["mlx_kvq"] == {"plan": C.PLAN_FILE, "scales": C.SCALES_FILE}
+    d = json.loads((folder / C.PLAN_FILE).read_text())
+    assert d["format"] == C.FORMAT and d["version"] == C.FORMAT_VERSION
+    assert d["model"]["n_layers"] == 3 and d["model"]["n_kv_heads"] == 2
+    assert d["model"]["head_dim"] == 64
+    assert set(d["calibration"]) >= {"sources", "tokens", "sha256", "date", "tool"}
+    assert [e["layer"] for e in d["layers"]] == [0, 1, 2]
+    m = d["measurements"]
+    assert set(m["uniform"]) == {"k4v2-g32-r64-s4", "k3v3-g32-r64-s4", "k2v4-g32-r64-s4"}
+    assert set(m["sinks"]) == {"0", "4", "16"} and len(m["layers"]) == 3
+    assert plan.average_bits <= 3.0
+    arrays, meta = mx.load(str(folder / C.SCALES_FILE), return_metadata=True)
+    assert meta["format"] == C.FORMAT
+    assert arrays["plan.k_bits"].dtype == mx.int32 and arrays["plan.k_bits"].shape == (3,)
+    for i in range(3):
+        for kind in "kv":
+            for stat in C.STATS:
+                a = arrays[f"layers.{i}.{kind}_{stat}"]
+                assert a.shape == (2, 64)
+                assert a.dtype == (mx.int32 if stat == "outliers" else mx.float32)
+            p99, p999, amax = (arrays[f"layers.{i}.{kind}_{s}"] for s in ("p99", "p999", "absmax"))
+            assert mx.all(p99 <= p999).item() and mx.all(p999 <= amax).item()
+        assert (f"layers.{i}.v_smooth" in arrays) == (plan.layers[i].values == "smooth")
+
+
+def test_plan_beats_or_equals_uniform(baked):
+    m = baked[2].measurements
+    assert m["plan_kld"] <= m["uniform_kld"] or m["kept"].startswith("uniform")
+
+
+def test_load_attaches_plan_and_caches_follow_it(baked, tmp_path):
+    folder = _copy(baked[0], tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(_default_model() / name, folder / name)
+    model, _ = mlx_kvq.load(str(folder))
+    plan = model.kvq_plan
+    cache = mlx_kvq.make_prompt_cache(model)
+    assert [c.spec for c in cache] == [plan.spec(i) for i in range(3)]
+    for i, c in enumerate(cache):
+        assert c.calibration is not None
+        assert (c.v_smooth is not None) == (plan.layers[i].values == "smooth")
+    tokens = mx.random.randint(0, 512, (1, 200), key=mx.random.key(3))
+    mx.eval(model(tokens, cache=cache))
+    stats = kv_stats(cache)
+    assert stats.calibration.startswith("calibrated") and "random tokens" in stats.calibration
+    assert "drift:" in format_report(stats, peak=0)
+    explicit = mlx_kvq.make_prompt_cache(model, "k8v8")
+    assert all(str(c.spec) == "k8v8-g32-r64-s4" and c.calibration is None for c in explicit)
+
+
+def test_smoothing_is_exact_in_full_precision():
+    model = tiny_model("llama")
+    s = mx.random.uniform(0.25, 4.0, (2, 64), key=mx.random.key(1))
+    tokens = mx.random.randint(0, 512, (1, 100), key=mx.random.key(2))
+    ref = model(tokens, cache=[KVCache() for _ in model.layers])
+    smooth = [KVQCache("k16v16", calibration=Calibration(v_smooth=s)) for _ in model.layers]
+    out = model(tokens, cache=smooth)
+    assert mx.allclose(out, ref, atol=2e-3, rtol=1e-3).item()
+
+
+def test_plan_for_another_model_refused(baked):
+    folder = baked[0]
+    with pytest.raises(C.PlanError, match="another model"):
+        C.attach(tiny_model("llama", seed=1, num_hidden_layers=3), folder)
+    with pytest.raises(C.PlanError, match="3 layers, this one has 2"):
+        C.attach(tiny_model("llama", num_hidden_layers=2), folder)
+    with pytest.raises(C.PlanError, match="kv heads"):
+        C.attach(tiny_model("qwen3", num_hidden_layers=3), folder)
+    assert C.attach(baked[1], folder) is not None
+
+
+def test_corrupt_files_refused(baked, tmp_path):
+    folder = _copy(baked[0], tmp_path)
+    plan_file, scales = folder / C.PLAN_FILE, folder / C.SCALES_FILE
+    good_plan, good_scales = plan_file.read_text(), scales.read_bytes()
+
+    plan_file.write_text(good_plan[:-200])
+    with pytest.raises(C.PlanError, match="corrupt"):
+        C.load_plan(folder, baked[1])
+    plan_file.write_text(good_plan)
+
+    damaged = bytearray(good_scales)
+    damaged[-10] ^= 0xFF
+    scales.write_bytes(bytes(damaged))
+    with pytest.raises(C.PlanError, match="sha256"):
+        C.load_plan(folder, baked[1])
+
+    # A truncated file whose hash was updated to match: unreadable, still refused.
+    scales.write_bytes(good_scales[:1000])
+    d = json.loads(good_plan)
+    d["scales"]["sha256"] = C._sha256(scales)
+    plan_file.write_text(json.dumps(d))
+    with pytest.raises(C.PlanError, match="corrupt"):
+        C.load_plan(folder, baked[1])
+
+    scales.unlink()
+    with pytest.raises(C.PlanError, match="missing"):
+        C.load_plan(folder, baked[1])
+
+
+def test_plan_tensors_must_agree_with_json(baked, tmp_path):
+    folder = _copy(baked[0], tmp_path)
+    d = json.loads((folder / C.PLAN_FILE).read_text())
+    d["layers"][0]["k_bits"] = 8 if d["layers"][0]["k_bits"] != 8 else 2
+    (folder / C.PLAN_FILE).write_text(json.dumps(d))
+    with pytest.raises(C.PlanError, match="disagrees"):
+        C.load_plan(folder)
+
+
+def test_drift_counter_counts_injected_outliers(tmp_path):
+    H, D, T = 2, 64, 96
+    calib = Calibration(k_limit=mx.ones((H, D)), v_limit=mx.ones((H, D)), source="test")
+    cache = KVQCache("k4v4-r0-s0", calibration=calib)
+    keys = mx.random.uniform(-0.5, 0.5, (1, H, T, D), key=mx.random.key(0))
+    values = mx.random.uniform(-0.5, 0.5, (1, H, T, D), key=mx.random.key(1))
+    k_out = [(0, 3, 5), (1, 40, 0), (0, 70, 63)]
+    v_out = [(1, 10, 10), (0, 90, 33)]
+    for x, spots in ((keys, k_out), (values, v_out)):
+        for h, t, d in spots:
+            x[0, h, t, d] = 5.0
+    cache.update_and_fetch(keys, values)
+    assert cache.n_body == T
+    assert cache.drift.tolist() == [len(k_out), len(v_out)]
+    assert cache.drift_checked == H * T * D
+    # Out-of-range values keep their own dynamic scales: represented, not clipped.
+    k, v = cache._decode_body(0, T)
+    for x, spots in ((k, k_out), (v, v_out)):
+        for h, t, d in spots:
+            assert abs(x[0, h, t, d].item() - 5.0) < 0.4
+    f = tmp_path / "c.safetensors"
+    save_prompt_cache(f, [cache])
+    loaded = load_prompt_cache(f)[0]
+    assert loaded.drift.tolist() == [3, 2] and loaded.drift_checked == H * T * D
+    assert loaded.calibration.source == "test"
+
+
+def test_allocate_gives_bits_where_they_pay():
+    options = (2, 3, 4)
+    sens = {(0, "k"): {2: 1.0, 3: 0.3, 4: 0.1}, (0, "v"): {2: 0.02, 3: 0.01, 4: 0.005},
+            (1, "k"): {2: 0.05, 3: 0.02, 4: 0.01}, (1, "v"): {2: 0.5, 3: 0.1, 4: 0.02}}
+    bits = C.allocate(sens, options, target=3.0)
+    assert sum(bits.values()) / len(bits) <= 3.0
+    assert bits[(0, "k")] == 4 and bits[(1, "v")] == 4 and bits[(0, "v")] == 2
+    assert C.uniform_splits(3.0, options) == [(4, 2), (3, 3), (2, 4)]
+
+
+def test_vllm_export_format(baked, tmp_path):
+    folder, _, plan = baked
+    out = tmp_path / "vllm"
+    vllm_export.export(folder, out)
+    config = json.loads((out / "config.json").read_text())
+    q = config["quantization_config"]
+    assert q["quant_method"] == "compressed-tensors"
+    assert q["kv_cache_scheme"] == {"num_bits": 8, "type": "float", "strategy": "tensor",
+                                    "dynamic": False, "symmetric": True}
+    assert "mlx_kvq" not in config and not (out / C.PLAN_FILE).exists()
+    scales = mx.load(str(out / vllm_export.VLLM_SCALES_FILE))
+    assert set(scales) == {f"model.layers.{i}.self_attn.{k}_scale"
+                           for i in range(3) for k in "kv"}
+    for i in range(3):
+        for k in "kv":
+            a = scales[f"model.layers.{i}.self_attn.{k}_scale"]
+            assert a.shape == (1,) and a.dtype == mx.float32
+            want = float(plan.stats[i][f"{k}_absmax"].max()) / 448.0
+            assert a.item() == pytest.approx(want, rel=1e-6)
+    index = json.loads((out / vllm_export.INDEX_FILE).read_text())
+    assert index["weight_map"]["model.layers.2.self_attn.v_scale"] == \
+        vllm_export.VLLM_SCALES_FILE
+    with pytest.raises(ValueError, match="folder of its own"):
+        vllm_export.export(folder, folder)
+
+
+def test_default_model_end_to_end(tmp_path):
+    src = _default_model()
+    before = sorted(p.name for p in src.iterdir())
+    with pytest.raises(SystemExit):
+        C.main(["--workload", "sample"])  # the shared default folder needs --out
+    out = tmp_path / "calibrated"
+    C.main(["--out", str(out), "--workload", "sample", "--tokens", "256", "--window", "128",
+            "--chunk", "64", "--bits", "4", "--target-bits", "4", "--transforms", "none"])
+    assert sorted(p.name for p in src.iterdir()) == before
+    assert "mlx_kvq" not in json.loads((src / "config.json").read_text())
+    model, _ = mlx_kvq.load(str(out))
+    assert model.kvq_plan.disclosure["sources"] == ["sample"]
+    assert len(mlx_kvq.make_prompt_cache(model)) == 30
+
+
+def test_kjv_decoder():
+    from mlx_kvq.models import cache_home
+
+    data = [p for p in (C.Path("/") / C.KJV_FILE, cache_home() / "corpora/kjv/bible.data")
+            if p.is_file()]
+    if not data:
+        pytest.skip("bible-kjv-text not fetched (kjv_text() fetches it with apt-get)")
+    text = C.kjv_text()
+    chapters = text.split("\n\n")
+    assert len(chapters) == 1189  # chapters of the King James Bible
+    assert chapters[0].startswith("In the beginning God created the heaven and the earth.")
+    assert chapters[-1].rstrip().endswith("be with you all. Amen.")
+
+
+def test_sliding_window_layers_are_left_alone():
+    model = tiny_model("gemma3_text")
+    windows = [np.random.default_rng(1).integers(0, 512, 128)]
+    plan = C.calibrate(model, windows, target_bits=3.0, bits=(2, 4), transforms=("none",),
+                       chunk=64, progress=False)
+    assert set(plan.layers) == {2}
+    model.kvq_plan = plan
+    cache = mlx_kvq.make_prompt_cache(model)
+    assert [type(c).__name__ for c in cache] == ["RotatingKVCache", "RotatingKVCache", "KVQCache"]
+    assert cache[2].spec == plan.spec(2)
