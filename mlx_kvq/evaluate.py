@@ -4,6 +4,13 @@ Teacher-forced: each window of text is fed in chunks, so attention reads what
 the cache stores. For every position the next-token distribution is compared
 with the one computed over a full-precision KVCache: KL divergence, top-1
 agreement, and perplexity.
+
+--needle: passkey retrieval. A sentence with a random 5-digit pass key is
+hidden at a given depth in Austen filler text of a given length; the model is
+asked, through its chat template, to repeat the key (its answer is started
+with "The pass key is"), and greedy decoding must produce the digits. The
+full-precision cache runs the same grid: a small model fails long contexts on
+its own, and the gap to fp is what the quantization costs.
 """
 
 import argparse
@@ -14,10 +21,14 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import mlx.core as mx
+import mlx_lm
 import numpy as np
-from mlx_lm.models.cache import KVCache, QuantizedKVCache
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import QuantizedKVCache
+from mlx_lm.models.cache import make_prompt_cache as mlx_make_prompt_cache
 from tqdm import tqdm
 
+from . import blas
 from .integration import make_prompt_cache
 from .report import kv_stats
 from .spec import parse_spec
@@ -34,10 +45,15 @@ class Scheme:
     def make(self, model):
         m = MLX_BASELINE.match(self.name)
         if self.name == "fp":
-            return [KVCache() for _ in model.layers]
+            return mlx_make_prompt_cache(model)
         if m:
             bits, group = int(m.group(1)), int(m.group(2) or 64)
             return [QuantizedKVCache(group_size=group, bits=bits) for _ in model.layers]
+        if self.name == "calibrated":  # the plan baked by mlx_kvq.calibrate
+            if getattr(model, "kvq_plan", None) is None:
+                raise ValueError("scheme 'calibrated' needs a model folder calibrated by "
+                                 "mlx_kvq.calibrate")
+            return make_prompt_cache(model)
         return make_prompt_cache(model, parse_spec(self.name))
 
     def describe(self):
@@ -47,6 +63,8 @@ class Scheme:
         if m:
             return (f"mlx-lm QuantizedKVCache {m.group(1)}-bit group {m.group(2) or 64}, "
                     "keys and values per token")
+        if self.name == "calibrated":
+            return "the per-layer plan baked into the model folder (see calibration)"
         return parse_spec(self.name).describe()
 
 
@@ -139,23 +157,129 @@ def format_table(results) -> str:
     return "\n".join(rows)
 
 
-def disclosure(model_name, weights, corpus, n_tokens, window, chunk, n_windows, results):
-    import mlx_lm
+def disclosure_dict(model_name, weights, corpus, n_tokens, window, chunk, n_windows,
+                    schemes, needle=None, calibration=None) -> dict:
+    """What a reader needs to reproduce or weigh the numbers."""
+    d = {
+        "model": model_name,
+        "weights": weights,
+        "calibration": calibration or
+        "dynamic, none: per-group scales and biases computed at run time",
+        "corpus": f"{corpus} ({n_tokens} tokens available)",
+        "windows": (f"{n_windows} x {window} tokens, teacher-forced in {chunk}-token chunks; "
+                    "reference: full-precision KVCache" if n_windows else "none"),
+        "schemes": {s: Scheme(s).describe() for s in schemes},
+        "software": (f"mlx {mx.__version__}, mlx-lm {mlx_lm.__version__}, numpy "
+                     f"{np.__version__}, python {platform.python_version()}"),
+        "device": f"{mx.default_device()}, {platform.machine()}, BLAS {blas.status}",
+    }
+    if needle:
+        d["needle"] = (f"passkey retrieval: contexts {needle['contexts']} tokens x depths "
+                       f"{needle['depths']}, {needle['trials']} trial(s) per cell, filler "
+                       f"{corpus}, greedy answer of up to {NEEDLE_ANSWER_TOKENS} tokens")
+    return d
 
-    lines = [
-        "==== disclosure",
-        f"model:        {model_name}",
-        f"weights:      {weights}",
-        "calibration:  dynamic (no calibration), per-group scales computed at run time",
-        f"eval corpus:  {corpus} ({n_tokens} tokens available)",
-        f"windows:      {n_windows} x {window} tokens, teacher-forced in {chunk}-token chunks; "
-        "reference: full-precision KVCache",
-        f"software:     mlx {mx.__version__}, mlx-lm {mlx_lm.__version__}, "
-        f"python {platform.python_version()}",
-        "schemes:",
-    ]
-    lines += [f"  {r.scheme}: {r.label}" for r in results.values()]
+
+def disclosure(model_name, weights, corpus, n_tokens, window, chunk, n_windows, results,
+               needle=None, calibration=None):
+    d = disclosure_dict(model_name, weights, corpus, n_tokens, window, chunk, n_windows,
+                        list(results), needle, calibration)
+    lines = ["==== disclosure"]
+    lines += [f"{k + ':':<14}{v}" for k, v in d.items() if k != "schemes"]
+    lines.append("schemes:")
+    lines += [f"  {k}: {v}" for k, v in d["schemes"].items()]
     return "\n".join(lines)
+
+
+# -- passkey retrieval ------------------------------------------------------------
+
+NEEDLE_INTRO = ("There is a pass key hidden inside a lot of irrelevant text. Find it and "
+                "memorize it. I will ask you about the pass key.\n\n")
+NEEDLE = "\n\nThe pass key is {key}. Remember it. {key} is the pass key.\n\n"
+NEEDLE_QUESTION = "\n\nWhat is the pass key?"
+NEEDLE_ANSWER = "The pass key is"
+NEEDLE_ANSWER_TOKENS = 8
+
+
+def needle_prompt(tokenizer, filler_ids, context, depth, key, offset=0):
+    """Token ids of a chat prompt of `context` tokens: filler text (from
+    `offset` in filler_ids) with the pass key sentence at `depth` (0..1),
+    then the question, and the assistant's answer started."""
+    if tokenizer.has_chat_template:
+        marker = "<<HAYSTACK>>"
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True)
+        pre, post = rendered.split(marker)
+    else:
+        pre, post = "", "\n"
+
+    def enc(text):
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    head = enc(pre + NEEDLE_INTRO)
+    needle = enc(NEEDLE.format(key=key))
+    tail = enc(NEEDLE_QUESTION + post + NEEDLE_ANSWER)
+    n = context - len(head) - len(needle) - len(tail)
+    if n < 16:
+        raise ValueError(f"context {context} is too short for the passkey prompt")
+    if offset + n > len(filler_ids):
+        raise ValueError(f"filler text has {len(filler_ids)} tokens, fewer than "
+                         f"{offset + n} needed")
+    hay = list(filler_ids[offset:offset + n])
+    cut = int(depth * n)
+    # Hide the key between sentences, not inside a word.
+    for i in range(cut, min(n, cut + 64)):
+        if i == 0 or tokenizer.decode([hay[i - 1]]).rstrip().endswith((".", "!", "?")):
+            cut = i
+            break
+    return head + hay[:cut] + needle + hay[cut:] + tail
+
+
+def _answer(model, tokenizer, prompt, cache):
+    out = []
+    for tok, _ in generate_step(mx.array(prompt), model, max_tokens=NEEDLE_ANSWER_TOKENS,
+                                prompt_cache=cache):
+        if tok in tokenizer.eos_token_ids:
+            break
+        out.append(tok)
+    return tokenizer.decode(out)
+
+
+def needle_grid(model, tokenizer, filler_ids, schemes, contexts=(512, 1024),
+                depths=(0.1, 0.5, 0.9), trials=1, seed=0, progress=True) -> dict:
+    """Passkey accuracy per scheme ("fp" included) per (context, depth) cell."""
+    schemes = ["fp"] + [s for s in schemes if s != "fp"]
+    rng = np.random.default_rng(seed)
+    acc = {s: [[0.0] * len(depths) for _ in contexts] for s in schemes}
+    answers = {s: [] for s in schemes}
+    bar = tqdm(total=len(contexts) * len(depths) * trials * len(schemes),
+               disable=not progress, desc="needle")
+    for i, ctx in enumerate(contexts):
+        for j, depth in enumerate(depths):
+            for _ in range(trials):
+                key = str(rng.integers(10000, 100000))
+                offset = int(rng.integers(0, max(1, len(filler_ids) - ctx)))
+                prompt = needle_prompt(tokenizer, filler_ids, ctx, depth, key, offset)
+                for s in schemes:
+                    text = _answer(model, tokenizer, prompt, Scheme(s).make(model))
+                    acc[s][i][j] += (key in text) / trials
+                    answers[s].append({"context": ctx, "depth": depth, "key": key,
+                                       "answer": text})
+                    bar.update(1)
+    bar.close()
+    return {"contexts": list(contexts), "depths": list(depths), "trials": trials,
+            "accuracy": acc, "answers": answers}
+
+
+def format_needle(grid) -> str:
+    depths = grid["depths"]
+    head = f"{'scheme':<12}{'context':>8} |" + "".join(f"{f'd={d:g}':>8}" for d in depths)
+    rows = ["==== passkey retrieval accuracy (depth = position of the key in the text)",
+            head, "-" * len(head)]
+    for s, table in grid["accuracy"].items():
+        for ctx, accs in zip(grid["contexts"], table):
+            rows.append(f"{s:<12}{ctx:>8} |" + "".join(f"{a:>8.2f}" for a in accs))
+    return "\n".join(rows)
 
 
 def default_text(corpora):
@@ -168,7 +292,16 @@ def default_text(corpora):
         return corpora.sample_text(), "bundled sample (Pride and Prejudice excerpt)"
 
 
-def main(argv=None):
+def _floats(text):
+    return tuple(float(x) for x in text.split(","))
+
+
+def _ints(text):
+    return tuple(int(x) for x in text.split(","))
+
+
+def run(argv=None):
+    """The CLI; returns its results for callers."""
     from . import corpus as corpora
     from .models import describe_weights, load
 
@@ -181,8 +314,15 @@ def main(argv=None):
                    help=".txt / .jsonl files (default: Jane Austen's novels, else the bundled sample)")
     p.add_argument("--window", type=int, default=2048)
     p.add_argument("--chunk", type=int, default=256)
-    p.add_argument("--windows", type=int, default=4)
-    p.add_argument("--json", default=None, help="Write results as JSON here")
+    p.add_argument("--windows", type=int, default=4, help="0 skips the KLD evaluation")
+    p.add_argument("--needle", action="store_true", help="Also run passkey retrieval")
+    p.add_argument("--needle-contexts", type=_ints, default=(512, 1024),
+                   help="Comma-separated prompt lengths in tokens")
+    p.add_argument("--needle-depths", type=_floats, default=(0.1, 0.5, 0.9),
+                   help="Comma-separated positions of the key (0 = start, 1 = end)")
+    p.add_argument("--needle-trials", type=int, default=1, help="Pass keys per cell")
+    p.add_argument("--json", default=None, help="Write results and the disclosure as JSON here")
+    p.add_argument("--plot", default=None, help="Write PNG plots into this folder")
     args = p.parse_args(argv)
 
     model, tokenizer = load(args.model)
@@ -192,16 +332,38 @@ def main(argv=None):
         text, source = default_text(corpora)
     tokens = tokenizer.encode(text)
     t0 = time.perf_counter()
-    results = evaluate(model, tokens, args.kv, args.window, args.chunk, args.windows)
+    results, grid = {}, None
+    if args.windows > 0:
+        results = evaluate(model, tokens, args.kv, args.window, args.chunk, args.windows)
+        print(format_table(results))
+    if args.needle:
+        grid = needle_grid(model, tokenizer, tokens, args.kv, args.needle_contexts,
+                           args.needle_depths, args.needle_trials)
+        print(format_needle(grid))
     n_windows = min(args.windows, len(tokens) // args.window)
-    print(format_table(results))
-    print(disclosure(args.model or "SmolLM2-135M-Instruct (embedded)",
-                     describe_weights(args.model), source, len(tokens), args.window,
-                     args.chunk, n_windows, results))
+    name = args.model or "SmolLM2-135M-Instruct (embedded)"
+    meta = (name, describe_weights(args.model), source, len(tokens), args.window,
+            args.chunk, n_windows)
+    plan = getattr(model, "kvq_plan", None)
+    calibration = plan and (f"{plan.source}: {plan.label()} (scheme 'calibrated'; the "
+                            "other schemes: dynamic per-group scales, none)")
+    print(disclosure(*meta, results or dict.fromkeys(args.kv), grid, calibration))
     print(f"time:         {time.perf_counter() - t0:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({k: asdict(v) for k, v in results.items()}, f, indent=1)
+            json.dump({"disclosure": disclosure_dict(*meta, args.kv, grid, calibration),
+                       "results": {k: asdict(v) for k, v in results.items()},
+                       "needle": grid}, f, indent=1)
+    if args.plot:
+        from . import plots
+
+        for path in plots.eval_plots(results, grid, args.plot):
+            print(f"plot:         {path}")
+    return results, grid
+
+
+def main(argv=None):
+    run(argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,219 @@
+"""The capacity planner against real caches, real peaks and hand arithmetic."""
+
+import gc
+import json
+
+import pytest
+
+import mlx_kvq  # noqa: F401  (loads OpenBLAS before mlx)
+import mlx.core as mx
+from mlx_lm.generate import generate_step
+
+from mlx_kvq import attention, corpus, make_prompt_cache, models, plan
+
+from conftest import TINY, tiny_model
+
+LLAMA3_8B = dict(
+    architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096,
+    intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
+    max_position_embeddings=8192, vocab_size=128256, tie_word_embeddings=False,
+    torch_dtype="bfloat16",
+)
+
+
+@pytest.fixture(scope="module")
+def shape():
+    return plan.load_shape()
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer():
+    return models.load()
+
+
+def feed(cache, n_tokens, H, D, chunk=2048):
+    """Synthetic K/V through update_and_fetch: prefill chunks, then 2 decode steps."""
+    sizes = [min(chunk, n_tokens - 2 - a) for a in range(0, max(n_tokens - 2, 0), chunk)]
+    sizes += [1] * (n_tokens - sum(sizes))
+    for n in sizes:
+        k = mx.random.normal((1, H, n, D))
+        for c in cache:
+            c.update_and_fetch(k, k)
+        mx.eval([c.state for c in cache])
+
+
+def test_default_model_shape(shape):
+    assert (shape.n_layers, shape.full_layers, shape.windows) == (30, 30, ())
+    assert (shape.n_heads, shape.n_kv_heads, shape.head_dim) == (9, 3, 64)
+    assert shape.dtype == "float32" and shape.trained_context == 8192
+    # float32 weights: 4 bytes x ~134.5M parameters, tied embeddings
+    assert 530e6 < shape.weight_bytes < 545e6
+
+
+@pytest.mark.parametrize("spec", ["fp16", "k8v8", "k8v4", "k4v4", "k4v2", "k2v2",
+                                  "k4v4-ktok", "k3v3-g64-r128-s0"])
+def test_kv_bytes_match_cache_nbytes(model_and_tokenizer, shape, spec):
+    for context in (3, 67, 1000, 4099):
+        cache = make_prompt_cache(model_and_tokenizer[0], spec)
+        feed(cache, context, shape.n_kv_heads, shape.head_dim)
+        measured = sum(c.nbytes for c in cache)
+        predicted = plan.kv_bytes(shape, spec, context)
+        assert abs(predicted - measured) <= 0.02 * measured, (spec, context)
+
+
+def test_planned_limit_holds_on_the_model(model_and_tokenizer, shape, monkeypatch):
+    """Plan k4v4 for one chat near the limit of a small budget, run that many
+    tokens as mlx-lm does, and check the peak stays within the plan. A small
+    SCORE_BUDGET_BYTES makes attention chunk its scores at this short
+    context, as it does at long ones with the default budget."""
+    model, tokenizer = model_and_tokenizer
+    monkeypatch.setattr(attention, "SCORE_BUDGET_BYTES", 4 << 20)
+    spec, step, target = "k4v4", 512, 1536
+    memory = plan.memory_needed(shape, spec, [target], step)
+    limit = plan.capacity(shape, spec, memory, concurrency=1, prefill_step=step)
+    assert target <= limit < target + 256
+    assert plan.capacity(shape, spec, memory, context=limit, prefill_step=step) == 1
+
+    ids = tokenizer.encode(corpus.sample_text())[:limit - 2]  # 2 decoded tokens to come
+    cache = make_prompt_cache(model, spec)
+    gc.collect()
+    mx.clear_cache()
+    baseline = mx.get_active_memory()  # the loaded weights and whatever else is alive
+    mx.reset_peak_memory()
+    for _ in generate_step(mx.array(ids), model, max_tokens=2, prompt_cache=cache,
+                           prefill_step_size=step):
+        pass
+    peak = mx.get_peak_memory() - baseline + shape.weight_bytes
+    assert cache[0].offset == limit
+    measured = sum(c.nbytes for c in cache)
+    assert abs(plan.kv_bytes(shape, spec, limit) - measured) <= 0.02 * measured
+    assert peak <= memory, (
+        f"peak {peak / 2**20:.1f} MiB over the planned {memory / 2**20:.1f} MiB "
+        f"(workspace planned {plan.workspace_bytes(shape, spec, limit, step) / 2**20:.1f} MiB)")
+
+
+def test_caches_hold_only_what_is_planned(shape):
+    """Active memory after a 2048-token prefill chunk and a decode step equals
+    kv_bytes: no cache keeps a view into a whole prefill chunk alive."""
+    gc.collect()
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    cache = [mlx_kvq.KVQCache("k4v4") for _ in range(shape.full_layers)]
+    feed(cache, 2048 + 2, shape.n_kv_heads, shape.head_dim)
+    gc.collect()
+    held = mx.get_active_memory() - before
+    planned = plan.kv_bytes(shape, "k4v4", 2048 + 2)
+    assert held <= 1.02 * planned, f"caches hold {held / 2**20:.1f} MiB, planned {planned / 2**20:.1f}"
+
+
+def test_attention_scores_within_planned_workspace(shape):
+    """One layer's prefill attention at 4K context, chunk 2048, default
+    SCORE_BUDGET_BYTES: its peak stays within the planned score workspace."""
+    L, T = 2048, 4096
+    H, D, Hq = shape.n_kv_heads, shape.head_dim, shape.n_heads
+    cache = mlx_kvq.KVQCache("k4v4")
+    feed([cache], T - L, H, D)
+    q, k = mx.random.normal((1, Hq, L, D)), mx.random.normal((1, H, L, D))
+    cache.update_and_fetch(k, k)
+    mx.eval(q, cache.state)
+    gc.collect()
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    mx.reset_peak_memory()
+    mx.eval(attention.kvq_attention(q, cache, scale=D ** -0.5, mask="causal"))
+    peak = mx.get_peak_memory() - before
+    parts = plan.workspace_parts(shape, "k4v4", T, L)
+    planned = parts["scores"] + L * Hq * D * 4 * 2  # plus float32 queries and output
+    assert peak <= planned, f"attention peak {peak / 2**20:.1f} MiB, planned {planned / 2**20:.1f}"
+
+
+def test_llama3_8b_shaped_config(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(LLAMA3_8B))
+    s = plan.load_shape(str(path))
+    assert (s.n_layers, s.full_layers, s.n_kv_heads, s.head_dim) == (32, 32, 8, 128)
+    assert s.weight_bytes == 8_030_261_248 * 2  # parameters x bfloat16
+    fp_token = 32 * 2 * 8 * 128 * 2  # layers x (K, V) x heads x dims x fp16
+    # unquantized: 4 fp16 sinks, the other 8188 tokens in a 8192-token body
+    assert plan.kv_bytes(s, "fp16", 8192) == (4 + 8192) * fp_token
+    # k4v4 at 128K: 4 sinks + 64 residual + 28 waiting for a whole 32-token
+    # group stay fp16; 130976 body tokens in a 131072-token allocation, each
+    # head-token costing 2 x (128 x 4 bits + 4 groups x fp16 scale and bias).
+    body_token = 32 * 8 * 2 * (128 * 4 // 8 + 128 // 32 * 2 * 2)
+    assert plan.kv_bytes(s, "k4v4", 131072) == 96 * fp_token + 131072 * body_token
+    # the fp16 part amortized: 96 fp16 tokens over 128K add 96 x 128 KiB / 128K
+    assert body_token == 40960
+    assert plan.kv_bytes_per_token(s, "k4v4", 131072) == 40960 + 96
+    assert plan.bits_per_element("k4v4", 128) == 5.0
+    assert plan.bits_per_element("k2v2", 128) == 3.0
+
+    memory = 16 << 30
+    for spec in plan.PRECISIONS:
+        n = plan.capacity(s, spec, memory, concurrency=1)
+        assert plan.memory_needed(s, spec, [n]) <= memory < plan.memory_needed(s, spec, [n + 1])
+    # 16 GiB holds the bf16 weights and an 8K chat only with a quantized cache
+    assert plan.capacity(s, "fp16", memory, concurrency=1) < 8192
+    assert plan.capacity(s, "k4v4", memory, concurrency=1) >= 8192
+
+    plan.main(["--model", str(path), "--memory", "16GB", "--json", str(tmp_path / "p.json")])
+    out = capsys.readouterr().out
+    assert "14.96 GiB (parameter count x bfloat16" in out
+    assert [line.split()[0] for line in out.splitlines()[10:16]] == list(plan.PRECISIONS)
+    assert "Recommended: k4v4" in out
+    rows = json.loads((tmp_path / "p.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == list(plan.PRECISIONS)
+
+
+def test_sliding_window_layers_stay_fp_and_bounded():
+    model = tiny_model("gemma3_text")
+    config = dict(TINY["gemma3_text"], model_type="gemma3_text")
+    s = plan.model_shape(config, dtype="float32")
+    assert (s.full_layers, s.windows) == (1, (64, 64))
+    for spec in ("k4v4", "k2v2"):
+        cache = make_prompt_cache(model, spec)
+        tokens = mx.random.randint(0, 512, (1, 301), key=mx.random.key(1))
+        model(tokens[:, :300], cache=cache)
+        model(tokens[:, 300:], cache=cache)  # decoding trims the windows
+        mx.eval([c.state for c in cache])
+        assert plan.kv_bytes(s, spec, 301) == sum(c.nbytes for c in cache)
+    assert plan.kv_bytes(s, "k4v4", 10**6) - plan.kv_bytes(s, "k4v4", 10**5) == (
+        plan.layer_bytes("k4v4", 10**6, 1, 256) - plan.layer_bytes("k4v4", 10**5, 1, 256))
+
+
+def test_parse_memory():
+    assert plan.parse_memory("16GB") == plan.parse_memory("16 GiB") == 16 << 30
+    assert plan.parse_memory("512m") == 512 << 20
+    assert plan.parse_memory("1.5T") == 3 << 39
+    assert plan.parse_memory("17179869184") == 16 << 30
+    for bad in ("lots", "16 XB", "", "-1GB", "0"):
+        with pytest.raises(plan.PlanError):
+            plan.parse_memory(bad)
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"model_type": "no_such_arch", "num_hidden_layers": 2, "num_attention_heads": 2,
+      "hidden_size": 64}, "no_such_arch"),
+    ({"model_type": "llama", "hidden_size": 64}, "num_hidden_layers"),
+    ({"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}, "model_type"),
+])
+def test_bad_configs(tmp_path, config, message):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(plan.PlanError, match=message):
+        plan.load_shape(str(path))
+
+
+def test_bad_inputs_from_the_cli(tmp_path, shape, capsys):
+    with pytest.raises(plan.PlanError, match="does not exceed the weights"):
+        plan.make_plan(shape, plan.PRECISIONS, 100 << 20)
+    (tmp_path / "bad.json").write_text("{not json")
+    for argv, message in ((["--memory", "sixteen"], "cannot parse memory"),
+                          (["--memory", "100MB"], "does not exceed the weights"),
+                          (["--model", str(tmp_path / "bad.json")], "not a JSON config"),
+                          (["--model", str(tmp_path / "missing")], "neither a folder"),
+                          (["--kv", "k9v9"], "k_bits=9")):
+        with pytest.raises(SystemExit) as e:
+            plan.main(argv)
+        assert e.value.code == 2
+        assert message in capsys.readouterr().err
