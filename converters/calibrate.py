@@ -43,6 +43,7 @@ from mlx_lm.models import cache as mlx_cache
 from mlx_lm.models.cache import KVCache
 from tqdm import tqdm
 
+from .. import corpus
 from ..cache import Calibration, KVQCache
 from ..integration import head_dim_of
 from ..persist import model_fingerprint
@@ -158,8 +159,6 @@ def kjv_text() -> str:
 def _austen(selector: str) -> str:
     """"austen", "austen:emma,persuasion" (those novels) or "austen:-persuasion"
     (all but those); novels are named by the start of janeaustenr's keys."""
-    from .. import corpus
-
     _, _, names = selector.partition(":")
     keys = list(corpus.TITLES)
     if names:
@@ -174,23 +173,13 @@ def _austen(selector: str) -> str:
 
 def _jsonl(path: Path, tokenizer) -> str:
     """Chat transcripts rendered with the model's chat template, or "text" records."""
-    texts = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
-        if isinstance(record, dict) and isinstance(record.get("messages"), list):
-            if not getattr(tokenizer, "has_chat_template", False):
-                raise ValueError(f"{path}: chat transcripts need a tokenizer with a chat template")
-            texts.append(tokenizer.apply_chat_template(record["messages"], tokenize=False))
-        elif isinstance(record, dict) and isinstance(record.get("text"), str):
-            texts.append(record["text"])
-        else:
-            raise ValueError(f'{path}:{lineno}: expected a "messages" list or a "text" string')
-    return "\n\n".join(texts)
+
+    def render(messages):
+        if not getattr(tokenizer, "has_chat_template", False):
+            raise ValueError(f"{path}: chat transcripts need a tokenizer with a chat template")
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+
+    return "\n\n".join(corpus.jsonl_texts(path, render))
 
 
 def source_text(source: str, tokenizer=None) -> str:

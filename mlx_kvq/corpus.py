@@ -186,7 +186,9 @@ def _render_messages(messages) -> str:
     return "\n".join(f"{m.get('role', 'user')}: {m.get('content', '')}" for m in messages)
 
 
-def _jsonl_texts(path: Path) -> list:
+def jsonl_texts(path: Path, render_messages=_render_messages) -> list:
+    """Records of a .jsonl file: a "text" string, or a "messages" chat list
+    rendered by `render_messages` (plain "role: content" lines by default)."""
     texts = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -199,7 +201,7 @@ def _jsonl_texts(path: Path) -> list:
             if isinstance(record, dict) and isinstance(record.get("text"), str):
                 texts.append(record["text"])
             elif isinstance(record, dict) and isinstance(record.get("messages"), list):
-                texts.append(_render_messages(record["messages"]))
+                texts.append(render_messages(record["messages"]))
             else:
                 raise ValueError(f'{path}:{lineno}: expected a "text" string or a "messages" list')
     return texts
@@ -216,7 +218,7 @@ def load_texts(paths: Union[str, Path, Iterable[Union[str, Path]]]) -> str:
         if not path.is_file():
             raise FileNotFoundError(f"Text file not found: {path}")
         if path.suffix == ".jsonl":
-            texts.extend(_jsonl_texts(path))
+            texts.extend(jsonl_texts(path))
         else:
             try:
                 texts.append(path.read_text(encoding="utf-8"))
