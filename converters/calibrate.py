@@ -46,7 +46,7 @@ from tqdm import tqdm
 from .. import corpus
 from ..cache import Calibration, KVQCache
 from ..integration import head_dim_of
-from ..persist import model_fingerprint
+from ..persist import model_fingerprint, sha256_file
 from ..report import count_label, layer_key
 from ..spec import VALID_BITS, KVQuantSpec, parse_spec
 
@@ -550,15 +550,11 @@ class KVPlan:
         scales = folder / SCALES_FILE
         mx.save_safetensors(str(scales), self.tensors(),
                             metadata={"format": FORMAT, "fingerprint": self.model["fingerprint"]})
-        write_json(folder / PLAN_FILE, self.to_json(_sha256(scales)))
+        write_json(folder / PLAN_FILE, self.to_json(sha256_file(scales)))
         config = json.loads((folder / "config.json").read_text())
         config["mlx_kvq"] = {"plan": PLAN_FILE, "scales": SCALES_FILE}
         write_json(folder / "config.json", config)
         return folder / PLAN_FILE
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def write_json(path: Path, obj):
@@ -607,7 +603,7 @@ def load_plan(folder, model=None) -> KVPlan:
         d = json.loads(plan_path.read_text())
         if d.get("format") != FORMAT or d.get("version") != FORMAT_VERSION:
             raise PlanError(f"{plan_path}: not a {FORMAT} v{FORMAT_VERSION} file")
-        if _sha256(scales_path) != d["scales"]["sha256"]:
+        if sha256_file(scales_path) != d["scales"]["sha256"]:
             raise PlanError(f"{scales_path} does not match {plan_path.name} (sha256 differs): "
                             "damaged, or from another calibration; calibrate again")
         arrays = mx.load(str(scales_path))

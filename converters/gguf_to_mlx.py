@@ -12,7 +12,6 @@ Usage::
 """
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -22,6 +21,8 @@ from typing import Dict, Tuple
 
 import mlx.core as mx
 import numpy as np
+
+from ..persist import sha256_file
 
 # llama.cpp's general.file_type values (enum llama_ftype) for the types MLX reads.
 FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 32: "BF16"}
@@ -226,14 +227,6 @@ def tokenizer_config(meta: dict) -> dict:
     return {k: v for k, v in config.items() if v is not None}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def convert(
     gguf_path,
     out_dir,
@@ -263,7 +256,7 @@ def convert(
         "dtype": dtype,
         "description": f"GGUF {gguf_type} dequantized to {dtype}",
         "file": gguf_path.name,
-        "sha256": _sha256(gguf_path),
+        "sha256": sha256_file(gguf_path),
         "name": _scalar(meta.get("general.name", "")),
         "qk_unpermuted": _unpermute,
     }

@@ -18,6 +18,15 @@ from .integration import install
 from .spec import KVQuantSpec
 
 
+def sha256_file(path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def model_fingerprint(model) -> str:
     """Cheap identity of a model: its config and a sample of its weights."""
     args = getattr(model, "args", None)

@@ -16,7 +16,7 @@ from mlx_kvq import KVQCache
 from mlx_kvq.cache import Calibration
 from mlx_kvq.converters import calibrate as C
 from mlx_kvq.converters import vllm_export
-from mlx_kvq.persist import load_prompt_cache, save_prompt_cache
+from mlx_kvq.persist import load_prompt_cache, save_prompt_cache, sha256_file
 from mlx_kvq.report import format_report, kv_stats
 
 from conftest import TINY, tiny_model
@@ -145,7 +145,7 @@ def test_corrupt_files_refused(baked, tmp_path):
     # A truncated file whose hash was updated to match: unreadable, still refused.
     scales.write_bytes(good_scales[:1000])
     d = json.loads(good_plan)
-    d["scales"]["sha256"] = C._sha256(scales)
+    d["scales"]["sha256"] = sha256_file(scales)
     plan_file.write_text(json.dumps(d))
     with pytest.raises(C.PlanError, match="corrupt"):
         C.load_plan(folder, baked[1])

@@ -14,7 +14,6 @@ and the cache is refused and rebuilt from the messages.
 """
 
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -94,14 +93,6 @@ def atomic_write(path: Path, write: Callable[[Path], None]):
 
 def write_json(path: Path, obj):
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj), encoding="utf-8"))
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass
@@ -216,7 +207,7 @@ class Store:
 
         def write(tmp):
             persist.save_prompt_cache(tmp, cache, model=model)
-            digest.update(size=tmp.stat().st_size, sha256=sha256_file(tmp))
+            digest.update(size=tmp.stat().st_size, sha256=persist.sha256_file(tmp))
 
         with self._lock:  # serialized with delete()
             if cid not in self._conversations:
@@ -267,7 +258,7 @@ class Store:
         if size != info["size"]:
             return (f"the file is truncated or damaged ({size} bytes on disk, "
                     f"{info['size']} written)")
-        if sha256_file(folder / CACHE) != info["sha256"]:
+        if persist.sha256_file(folder / CACHE) != info["sha256"]:
             return "the file is damaged (sha256 checksum mismatch)"
         if info["model"] != fingerprint:
             return (f"it was made with another model (fingerprint {info['model']}, "
