@@ -168,8 +168,14 @@ def _filled_kvq(spec, keys, values, step=4096):
 
 def bench_attention(contexts=(1024, 4096, 16384, 32768), specs=("k4v4", "k4v2", "k8v8"),
                     mlx_bits=(4, 8), n_heads=32, n_kv_heads=8, head_dim=128,
-                    repeats=20, group_size=64, progress=True):
-    """AttentionCases for one decode step (one query per q head) per context."""
+                    repeats=20, group_size=64, mlx_dtype=None, progress=True):
+    """AttentionCases for one decode step (one query per q head) per context.
+
+    mlx_dtype: of the queries and K/V mlx-lm's quantized attention gets;
+    default float16 on the GPU, float32 on the CPU (which has no float16
+    arithmetic: measured 50x slower there)."""
+    if mlx_dtype is None:
+        mlx_dtype = mx.float32 if mx.default_device() == mx.cpu else mx.float16
     H, D = n_kv_heads, head_dim
     scale = D ** -0.5
     cases = []
@@ -186,26 +192,26 @@ def bench_attention(contexts=(1024, 4096, 16384, 32768), specs=("k4v4", "k4v2", 
             mx.eval(qd, kd, vd)
             sec = _time(lambda: mx.fast.scaled_dot_product_attention(
                 qd, kd, vd, scale=scale, mask=None), repeats)
-            cases.append(AttentionCase(f"sdpa {str(dtype).split('.')[-1]}", T, sec,
+            cases.append(AttentionCase(f"sdpa {_dtype_name(dtype)}", T, sec,
                                        kd.nbytes + vd.nbytes))
             bar.update(1)
         for spec in map(parse_spec, specs):
             cache = _filled_kvq(spec, k, v)
-            sec = _time(lambda: kvq_attention(q, cache, scale=scale), repeats)
+            sec = _time(lambda c=cache: kvq_attention(q, c, scale=scale), repeats)
             nbytes = decode_bytes_read(spec, head_dim=D, n_tokens=T, n_kv_heads=H)
             label = next((s for s in specs if parse_spec(s) == spec), str(spec))
             cases.append(AttentionCase(f"kvq {label}", T, sec, nbytes))
             del cache
             bar.update(1)
-        q16 = q.astype(mx.float16)
+        qd = q.astype(mlx_dtype)
         for bits in mlx_bits:
-            qk = mx.quantize(k.astype(mx.float16), group_size=group_size, bits=bits)
-            qv = mx.quantize(v.astype(mx.float16), group_size=group_size, bits=bits)
-            mx.eval(qk, qv)
+            qk = mx.quantize(k.astype(mlx_dtype), group_size=group_size, bits=bits)
+            qv = mx.quantize(v.astype(mlx_dtype), group_size=group_size, bits=bits)
+            mx.eval(qd, qk, qv)
             sec = _time(lambda: quantized_scaled_dot_product_attention(
-                q16, qk, qv, scale=scale, mask=None, group_size=group_size, bits=bits),
+                qd, qk, qv, scale=scale, mask=None, group_size=group_size, bits=bits),
                 repeats)
-            cases.append(AttentionCase(f"mlx-lm q{bits}", T, sec,
+            cases.append(AttentionCase(f"mlx-lm q{bits} {_dtype_name(mlx_dtype)}", T, sec,
                                        sum(a.nbytes for a in (*qk, *qv))))
             bar.update(1)
         del k, v
@@ -214,13 +220,20 @@ def bench_attention(contexts=(1024, 4096, 16384, 32768), specs=("k4v4", "k4v2", 
     return cases
 
 
+def _dtype_name(dtype) -> str:
+    return str(dtype).split(".")[-1]
+
+
 def format_attention_table(cases) -> str:
-    ref = {c.context: c for c in cases if c.kind == "sdpa float16"}
-    head = f"{'context':>8} {'attention':<16}{'µs/step':>10}{'x fp16 time':>13}{'MiB read':>10}{'GB/s':>8}"
+    """Time per step, and as a ratio to sdpa over float32 and float16 K/V."""
+    ref = {(c.kind, c.context): c.seconds for c in cases if c.kind.startswith("sdpa")}
+    head = (f"{'context':>8} {'attention':<22}{'µs/step':>10}{'x sdpa32':>10}{'x sdpa16':>10}"
+            f"{'MiB read':>10}{'GB/s':>8}")
     rows = [head, "-" * len(head)]
     for c in sorted(cases, key=lambda c: c.context):
-        rows.append(f"{c.context:>8} {c.kind:<16}{c.seconds * 1e6:>10.0f}"
-                    f"{c.seconds / ref[c.context].seconds:>13.2f}"
+        rows.append(f"{c.context:>8} {c.kind:<22}{c.seconds * 1e6:>10.0f}"
+                    f"{c.seconds / ref['sdpa float32', c.context]:>10.2f}"
+                    f"{c.seconds / ref['sdpa float16', c.context]:>10.2f}"
                     f"{c.bytes_read / 2**20:>10.1f}{c.gbps:>8.2f}")
     return "\n".join(rows)
 
@@ -257,6 +270,9 @@ def run(argv=None):
     p.add_argument("--head-dim", type=int, default=128, help="(--attention)")
     p.add_argument("--mlx-bits", type=_ints, default=(4, 8),
                    help="mlx-lm quantized attention bits (--attention)")
+    p.add_argument("--mlx-dtype", choices=("float16", "float32"), default=None,
+                   help="dtype for mlx-lm's quantized attention (--attention; default "
+                   "float32 on the CPU, float16 on the GPU)")
     p.add_argument("--json", default=None, help="Write the measurements as JSON here")
     p.add_argument("--plot", default=None, help="Write PNG plots into this folder")
     args = p.parse_args(argv)
@@ -265,7 +281,8 @@ def run(argv=None):
         specs = [s for s in args.kv if not MLX_BASELINE.match(s)]
         cases = bench_attention(args.contexts or (1024, 4096, 16384, 32768), specs,
                                 args.mlx_bits, args.heads, args.kv_heads, args.head_dim,
-                                repeats=args.repeats or 20)
+                                repeats=args.repeats or 20,
+                                mlx_dtype=args.mlx_dtype and getattr(mx, args.mlx_dtype))
         print(f"==== decode attention: {args.heads} q heads, {args.kv_heads} kv heads, "
               f"head_dim {args.head_dim}, batch 1, one query token")
         print(format_attention_table(cases))
