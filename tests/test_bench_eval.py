@@ -33,10 +33,11 @@ def test_attention_bench_structure(tmp_path, capsys):
                         "--mlx-bits", "4", "--plot", str(tmp_path)])
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("==== decode attention: 4 q heads, 2 kv heads, head_dim 64")
-    kinds = ["sdpa float32", "sdpa float16", "kvq k4v4", "kvq k2v2", "mlx-lm q4"]
+    kinds = ["sdpa float32", "sdpa float16", "kvq k4v4", "kvq k2v2", "mlx-lm q4 float32"]
     assert [c.kind for c in cases] == kinds * 2
-    fp16 = [line for line in out if "sdpa float16" in line]
-    assert len(fp16) == 2 and all(line.split()[4] == "1.00" for line in fp16)
+    for kind, column in (("sdpa float32", 4), ("sdpa float16", 5)):
+        rows = [line.split() for line in out if kind in line]
+        assert len(rows) == 2 and all(r[column] == "1.00" for r in rows)
     k4 = {c.context: c for c in cases if c.kind == "kvq k4v4"}
     # 4 fp16 sinks + 92 fp16 recent tokens + 160 quantized at 256 tokens
     assert k4[256].bytes_read == 2 * (96 * 64 * 2 * 2 + 160 * (32 + 8) * 2)
