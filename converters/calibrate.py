@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from .. import corpus
 from ..cache import Calibration, KVQCache
-from ..integration import head_dim_of
+from ..integration import head_dim_of, model_config
 from ..persist import model_fingerprint, sha256_file
 from ..report import count_label, layer_key
 from ..spec import VALID_BITS, KVQuantSpec, parse_spec
@@ -564,11 +564,7 @@ def write_json(path: Path, obj):
 
 
 def model_identity(model) -> dict:
-    args = getattr(model, "args", None)
-    a = vars(args) if args is not None else {}
-    text = a.get("text_config")
-    if text is not None:
-        a = {**a, **(text if isinstance(text, dict) else vars(text))}
+    a = model_config(model)
     return {
         "model_type": a.get("model_type", type(model).__module__.split(".")[-1]),
         "n_layers": len(model.layers),

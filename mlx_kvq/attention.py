@@ -184,7 +184,7 @@ def _attend_chunk(q, cache, segs, l0, L, mask, rep, sinks):
             return _mask_segment(scores, t, c0 + t.start - seg.start, q0, mask, rep, Lc)
 
         if (Lc == 1 and not _needs_mask(seg, q0, mask) and seg.k_layout.transposed
-                and _use_kernel(seg, D)):
+                and cache.dims[2] == cache.dims[3] and _use_kernel(seg, D)):
             parts.append(_kernel_partials(qg, seg))
         else:
             parts.append(_segment_partials(qg, seg, mask_fn))

@@ -129,17 +129,21 @@ class Calibration:
     v_limit: Optional[mx.array] = None
     source: str = ""
 
-    def check(self, spec, H, D):
+    def check(self, spec, H, D, Dv):
         if self.v_smooth is not None and spec.rotate_values:
             raise ValueError("a layer cannot both rotate and smooth its values")
-        for name in ("v_smooth", "k_limit", "v_limit"):
+        for name, d in (("v_smooth", Dv), ("k_limit", D), ("v_limit", Dv)):
             x = getattr(self, name)
-            if x is not None and tuple(x.shape) != (H, D):
+            if x is not None and tuple(x.shape) != (H, d):
                 raise ValueError(
                     f"calibration {name} has shape {tuple(x.shape)}, the layer's "
-                    f"keys/values have (kv_heads, head_dim)=({H}, {D}); was it "
-                    "calibrated for another model?"
+                    f"{'keys' if name[0] == 'k' else 'values'} have (kv_heads, head_dim)="
+                    f"({H}, {d}); was it calibrated for another model?"
                 )
+
+
+class CachedTensorUse(TypeError):
+    """A model used the keys/values a KVQCache returned as arrays."""
 
 
 class KVQView:
@@ -152,8 +156,13 @@ class KVQView:
     def __init__(self, cache):
         self.cache = cache
 
+    @property
+    def dtype(self):
+        # Models cast the attention output back to the cached dtype (phi).
+        return self.cache.dtype
+
     def __getattr__(self, name):
-        raise TypeError(
+        raise CachedTensorUse(
             f"this model uses cached keys/values directly (.{name}); mlx_kvq "
             "supports models that route attention through "
             "mlx_lm.models.base.scaled_dot_product_attention"
@@ -197,14 +206,9 @@ class KVQCache(_BaseCache):
         B, H, L, D = keys.shape
         dims = (B, H, D, values.shape[-1])
         if self.dims is None:
-            self.spec.validate_for(D)
-            if values.shape[-1] != D:
-                raise ValueError(
-                    f"mlx_kvq needs equal key and value head dims, got {D} and "
-                    f"{values.shape[-1]}"
-                )
+            self.spec.validate_for(D, values.shape[-1])
             if self.calibration is not None:
-                self.calibration.check(self.spec, H, D)
+                self.calibration.check(self.spec, *dims[1:])
             self.dims = dims
             self.dtype = keys.dtype
         elif dims != self.dims:

@@ -14,8 +14,8 @@ import mlx_lm.models.cache as mlx_cache
 from mlx_lm.models.cache import KVCache
 
 from .attention import kvq_attention
-from .cache import KVQCache
-from .spec import parse_spec
+from .cache import CachedTensorUse, KVQCache
+from .spec import HeadDimError, parse_spec
 
 _original = getattr(base.scaled_dot_product_attention, "_kvq_original",
                     base.scaled_dot_product_attention)
@@ -58,18 +58,65 @@ def model_module_supported(model) -> bool:
     )
 
 
+def model_config(model) -> dict:
+    """The model's ModelArgs as a dict (text_config merged in for multimodal
+    models); mlx-lm models keep them as .args, a few as .config."""
+    args = getattr(model, "args", None) or getattr(model, "config", None)
+    a = dict(args if isinstance(args, dict) else vars(args)) if args is not None else {}
+    text = a.get("text_config")
+    if text is not None:
+        a.update(text if isinstance(text, dict) else vars(text))
+    return a
+
+
 def head_dim_of(model) -> int:
-    """head_dim from the model's config, as mlx-lm models compute it."""
-    args = getattr(model, "args", None)
-    for a in (args, getattr(args, "text_config", None)):
-        a = a if isinstance(a, dict) or a is None else vars(a)
-        if not a:
-            continue
-        if a.get("head_dim"):
-            return int(a["head_dim"])
-        if a.get("hidden_size") and a.get("num_attention_heads"):
-            return a["hidden_size"] // a["num_attention_heads"]
+    """head_dim as the model's attention computes it: the config's head_dim,
+    else an attention module's head_dim attribute, else hidden / heads."""
+    a = model_config(model)
+    if a.get("head_dim"):
+        return int(a["head_dim"])
+    if a.get("qk_nope_head_dim") and a.get("qk_rope_head_dim"):  # MLA keys
+        return a["qk_nope_head_dim"] + a["qk_rope_head_dim"]
+    for _, m in model.named_modules():
+        if isinstance(getattr(m, "head_dim", None), int):
+            return m.head_dim
+    for hidden, heads in (("hidden_size", "num_attention_heads"), ("n_embd", "n_head")):
+        if a.get(hidden) and a.get(heads):
+            return a[hidden] // a[heads]
     raise ValueError(f"cannot tell the head_dim of model {type(model).__module__!r}")
+
+
+def check_model(model, spec=None):
+    """Raise ValueError unless mlx_kvq can quantize this model's KV cache
+    with `spec`.
+
+    Besides the static checks, one forward step of one token with throwaway
+    caches (a lazy graph that is never evaluated) finds models that use the
+    cached keys/values outside attention (MLA caches of latents) and value
+    head dims the spec does not fit.
+    """
+    spec = parse_spec(spec)
+    if not model_module_supported(model):
+        raise ValueError(
+            f"architecture {type(model).__module__!r} does not route attention through "
+            "mlx_lm.models.base.scaled_dot_product_attention; mlx_kvq cannot "
+            "quantize its KV cache"
+        )
+    spec.validate_for(head_dim_of(model))
+    caches = [KVQCache(spec) if type(c) is KVCache else c
+              for c in mlx_cache.make_prompt_cache(model)]
+    try:
+        model(mx.zeros((1, 1), mx.int32), cache=caches)
+    except HeadDimError:
+        raise  # value head dims are only known once the model runs (MLA)
+    except Exception as e:
+        if isinstance(e, CachedTensorUse) or "KVQView" in str(e):
+            raise ValueError(
+                f"architecture {type(model).__module__!r} uses its cached keys/values "
+                "outside mlx_lm.models.base.scaled_dot_product_attention; mlx_kvq "
+                "cannot quantize its KV cache"
+            ) from None
+        # Other failures (a model that needs more than tokens) are left to its real call.
 
 
 def make_prompt_cache(model, spec=None, max_kv_size=None):
@@ -85,13 +132,7 @@ def make_prompt_cache(model, spec=None, max_kv_size=None):
     plan = getattr(model, "kvq_plan", None) if spec is None else None
     spec = parse_spec(spec)
     install()
-    if not model_module_supported(model):
-        raise ValueError(
-            f"architecture {type(model).__module__!r} does not route attention through "
-            "mlx_lm.models.base.scaled_dot_product_attention; mlx_kvq cannot "
-            "quantize its KV cache"
-        )
-    spec.validate_for(head_dim_of(model))
+    check_model(model, spec)
     caches = mlx_cache.make_prompt_cache(model)
     full = [i for i, c in enumerate(caches) if type(c) is KVCache]
     if plan is not None and set(full) != set(plan.layers):

@@ -14,7 +14,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models import cache as mlx_cache
 
 from .cache import KVQCache
-from .integration import install
+from .integration import install, model_config
 from .spec import KVQuantSpec
 
 
@@ -29,9 +29,8 @@ def sha256_file(path) -> str:
 
 def model_fingerprint(model) -> str:
     """Cheap identity of a model: its config and a sample of its weights."""
-    args = getattr(model, "args", None)
-    cfg = vars(args) if args is not None else {}
-    cfg = {k: v for k, v in cfg.items() if isinstance(v, (int, float, str, bool))}
+    cfg = {k: v for k, v in model_config(model).items()
+           if isinstance(v, (int, float, str, bool))}
     # A few values of every weight (norm weights alone may all be ones).
     sample = [
         x.reshape(-1)[:64].astype(mx.float32).sum()

@@ -41,7 +41,7 @@ from mlx_lm.utils import _get_classes
 
 from . import attention
 from .cache import KVQCache
-from .integration import install, model_module_supported
+from .integration import check_model, head_dim_of, install
 from .models import DEFAULT_MODEL, _local_path, _safetensors_dtypes
 from .quant import packed_width
 from .spec import PRESETS, KVQuantSpec, parse_spec
@@ -73,7 +73,7 @@ class ModelShape:
     vocab_size: int
     n_heads: int
     n_kv_heads: int
-    head_dim: int
+    head_dim: int  # of keys
     full_layers: int  # plain KVCache layers: KVQCache under mlx_kvq
     windows: tuple = ()  # RotatingKVCache max sizes, one per sliding layer
     stateless_layers: int = 0  # layers without a KV cache (SSM state, ...)
@@ -81,6 +81,11 @@ class ModelShape:
     weight_bytes: int = 0
     weight_source: str = ""
     trained_context: Optional[int] = None
+    v_head_dim: Optional[int] = None  # when values differ from keys (MLA)
+
+    @property
+    def dv(self) -> int:
+        return self.v_head_dim or self.head_dim
 
     @property
     def dtype_bytes(self) -> int:
@@ -150,22 +155,18 @@ def model_shape(config: dict, weights_dir=None, name: Optional[str] = None,
     the config's torch_dtype)."""
     text = _text_config(config)
     n_heads = text.get("num_attention_heads")
-    head_dim = text.get("head_dim") or (
-        text["hidden_size"] // n_heads if text.get("hidden_size") and n_heads else None)
     needed = {"num_hidden_layers": text.get("num_hidden_layers"),
-              "num_attention_heads": n_heads, "hidden_size": text.get("hidden_size"),
-              "head_dim": head_dim}
+              "num_attention_heads": n_heads, "hidden_size": text.get("hidden_size")}
     missing = [k for k, v in needed.items() if not v]
     if missing:
         raise PlanError(f"config lacks {', '.join(missing)}: cannot size the KV cache")
     install()
     model = _instantiate(config)
-    if not model_module_supported(model):
-        raise PlanError(
-            f"architecture {config['model_type']!r} does not route attention through "
-            "mlx_lm.models.base.scaled_dot_product_attention; mlx_kvq cannot "
-            "quantize its KV cache"
-        )
+    try:
+        check_model(model, "fp16")  # specs are checked as they are planned
+        head_dim = head_dim_of(model)
+    except ValueError as e:
+        raise PlanError(str(e)) from None
     caches = mlx_make_prompt_cache(model)
     full = sum(type(c) is KVCache for c in caches)
     windows = tuple(c.max_size for c in caches if type(c) is RotatingKVCache)
@@ -192,6 +193,7 @@ def model_shape(config: dict, weights_dir=None, name: Optional[str] = None,
         n_heads=n_heads,
         n_kv_heads=text.get("num_key_value_heads") or n_heads,
         head_dim=head_dim,
+        v_head_dim=text.get("v_head_dim") if text.get("v_head_dim") != head_dim else None,
         full_layers=full,
         windows=windows,
         stateless_layers=len(caches) - full - len(windows),
@@ -265,19 +267,21 @@ def _body_part_bytes(bits, cap, H, D, G, transposed) -> int:
     return H * cap * (4 * packed_width(D, bits) + 2 * SCALE_BYTES * (D // G))
 
 
-def layer_bytes(spec, context: int, n_kv_heads: int, head_dim: int) -> int:
+def layer_bytes(spec, context: int, n_kv_heads: int, head_dim: int,
+                v_head_dim: Optional[int] = None) -> int:
     """Bytes one KVQCache holds for one sequence after `context` tokens."""
     spec = parse_spec(spec)
     H, D, G = n_kv_heads, head_dim, spec.group_size
+    Dv = v_head_dim or D
     fp_tokens, _, cap = token_split(spec, context)
-    return (2 * fp_tokens * H * D * FP_BYTES
+    return (fp_tokens * H * (D + Dv) * FP_BYTES
             + _body_part_bytes(spec.k_bits, cap, H, D, G, _keys_transposed(spec))
-            + _body_part_bytes(spec.v_bits, cap, H, D, G, False))
+            + _body_part_bytes(spec.v_bits, cap, H, Dv, G, False))
 
 
 def _window_bytes(shape: ModelShape, context: int) -> int:
     held = [min(w, _round_up(context, RotatingKVCache.step)) for w in shape.windows]
-    return sum(held) * 2 * shape.n_kv_heads * shape.head_dim * shape.dtype_bytes
+    return sum(held) * shape.n_kv_heads * (shape.head_dim + shape.dv) * shape.dtype_bytes
 
 
 def kv_bytes(config, spec, context: int) -> int:
@@ -286,8 +290,9 @@ def kv_bytes(config, spec, context: int) -> int:
     config: a ModelShape (load_shape, model_shape; build it once for repeated
     calls) or a config.json dict."""
     shape = _shape(config)
-    spec = parse_spec(spec).validate_for(shape.head_dim)
-    return (shape.full_layers * layer_bytes(spec, context, shape.n_kv_heads, shape.head_dim)
+    spec = parse_spec(spec).validate_for(shape.head_dim, shape.dv)
+    return (shape.full_layers * layer_bytes(spec, context, shape.n_kv_heads, shape.head_dim,
+                                            shape.dv)
             + _window_bytes(shape, context))
 
 
@@ -346,7 +351,7 @@ def workspace_parts(config, spec, context: int, prefill_step: int = PREFILL_STEP
         w = max(s.windows)
         sliding = Hq * L * (min(w, context) + L) * 4 * 2
         sliding += len(s.windows) * L * H * D * a * 2
-    regrowth = layer_bytes(spec, context, H, D)
+    regrowth = layer_bytes(spec, context, H, D, s.dv)
     logits = s.vocab_size * 4 * 2
     return {"activations": acts, "kv chunk": chunk, "scores": scores,
             "sliding": sliding, "regrowth": regrowth, "logits": logits}
@@ -429,7 +434,7 @@ def make_plan(shape: ModelShape, specs, memory: int, prefill_step: int = PREFILL
     plan = Plan(shape, memory, prefill_step, contexts=tuple(contexts),
                 concurrency=tuple(concurrency))
     for spec in specs:
-        spec = parse_spec(spec).validate_for(shape.head_dim)
+        spec = parse_spec(spec).validate_for(shape.head_dim, shape.dv)
         plan.rows.append(Row(
             spec=spec,
             bits=bits_per_element(spec, shape.head_dim),

@@ -9,6 +9,10 @@ VALID_GROUPS = (32, 64, 128)
 KEY_AXES = ("channel", "token")
 
 
+class HeadDimError(ValueError):
+    """A spec that cannot apply to a model's key or value head dims."""
+
+
 @dataclass(frozen=True)
 class KVQuantSpec:
     """How a KV cache is quantized.
@@ -75,16 +79,25 @@ class KVQuantSpec:
     def quantized(self) -> bool:
         return self.k_bits is not None or self.v_bits is not None
 
-    def validate_for(self, head_dim: int) -> "KVQuantSpec":
-        """Check the spec against a model's head_dim; raise ValueError if it cannot apply."""
-        if head_dim % self.group_size:
-            raise ValueError(
-                f"group_size={self.group_size} does not divide head_dim={head_dim}"
-            )
-        if self.rotate and head_dim & (head_dim - 1):
-            raise ValueError(
-                f"rotate=True needs a power-of-two head_dim, got head_dim={head_dim}"
-            )
+    def validate_for(self, head_dim: int, v_head_dim: Optional[int] = None) -> "KVQuantSpec":
+        """Check the spec against a model's key (and value, if they differ)
+        head dims; raise HeadDimError (a ValueError) if it cannot apply."""
+        v_name = "head_dim" if v_head_dim in (None, head_dim) else "v_head_dim"
+        Dv = v_head_dim or head_dim
+        grouped = []  # dims that quantization groups split
+        if self.k_bits is not None and self.key_axis == "token":
+            grouped.append(("head_dim", head_dim))
+        if self.v_bits is not None:
+            grouped.append((v_name, Dv))
+        rotated = [(v_name, Dv)] if self.rotate_values else []
+        if self.rotate_keys:
+            rotated.append(("head_dim", head_dim))
+        for name, d in grouped:
+            if d % self.group_size:
+                raise HeadDimError(f"group_size={self.group_size} does not divide {name}={d}")
+        for name, d in rotated:
+            if d & (d - 1):
+                raise HeadDimError(f"rotate=True needs a power-of-two {name}, got {name}={d}")
         return self
 
     def __str__(self) -> str:

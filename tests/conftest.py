@@ -23,6 +23,23 @@ TINY = {
                         num_attention_heads=2, num_key_value_heads=1, head_dim=256,
                         vocab_size=512, sliding_window=64, sliding_window_pattern=3,
                         query_pre_attn_scalar=256),
+    # Casts attention output to the cached values' dtype.
+    "phi": dict(hidden_size=128, num_hidden_layers=2, intermediate_size=256,
+                num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                layer_norm_eps=1e-5, partial_rotary_factor=0.5),
+    # head_dim only on the attention module (n_embd / n_head).
+    "gpt2": dict(n_embd=128, n_head=4, n_layer=2, n_positions=1024, n_ctx=1024,
+                 layer_norm_epsilon=1e-5, vocab_size=512, num_key_value_heads=4),
+    # MLA with materialized keys (qk_nope + qk_rope = 64) and values of 32.
+    "youtu_llm": dict(hidden_size=128, num_hidden_layers=2, intermediate_size=256,
+                      num_attention_heads=4, num_key_value_heads=4, vocab_size=512,
+                      kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=32,
+                      qk_nope_head_dim=32, v_head_dim=32),
+    # Learned attention-sink logits, alternating sliding-window layers, MoE.
+    "gpt_oss": dict(hidden_size=128, num_hidden_layers=2, intermediate_size=128,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                    vocab_size=512, rms_norm_eps=1e-5, sliding_window=64,
+                    num_local_experts=4, num_experts_per_tok=2),
 }
 
 

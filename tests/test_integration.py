@@ -28,7 +28,8 @@ def kld(ref, out):
     return float((mx.exp(lr) * (lr - lo)).sum(-1).mean())
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen2", "gemma3_text"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen2", "gemma3_text", "phi", "gpt2",
+                                  "youtu_llm", "gpt_oss"])
 def test_architectures_k8v8_close_k2v2_worse(arch):
     model = tiny_model(arch)
     tokens = mx.random.randint(0, 512, (1, 300), key=mx.random.key(1))
@@ -63,10 +64,46 @@ def test_unsupported_architecture_is_refused():
         mlx_kvq.make_prompt_cache(mod.Model(args), "k4v4")
 
 
+def test_latent_cache_architecture_is_refused_up_front():
+    # deepseek_v3 caches MLA latents and reads them outside attention.
+    import importlib
+
+    mod = importlib.import_module("mlx_lm.models.deepseek_v3")
+    args = mod.ModelArgs.from_dict(dict(
+        model_type="deepseek_v3", hidden_size=64, num_hidden_layers=1, intermediate_size=128,
+        num_attention_heads=2, num_key_value_heads=2, vocab_size=64, kv_lora_rank=32,
+        q_lora_rank=None, qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=32,
+        n_routed_experts=2, num_experts_per_tok=1, moe_intermediate_size=32))
+    with pytest.raises(ValueError, match="deepseek_v3.*uses its cached keys/values outside"):
+        mlx_kvq.make_prompt_cache(mod.Model(args), "k4v4")
+
+
+def test_value_head_dim_must_take_the_group_size():
+    model = tiny_model("youtu_llm", v_head_dim=48)
+    with pytest.raises(ValueError, match="group_size=32 does not divide v_head_dim=48"):
+        mlx_kvq.make_prompt_cache(model, "k4v4")
+
+
 def test_group_size_must_divide_head_dim():
     model = tiny_model("llama", head_dim=96, hidden_size=384, num_attention_heads=4)
     with pytest.raises(ValueError, match="group_size=64 does not divide head_dim=96"):
         mlx_kvq.make_prompt_cache(model, "k4v4-g64-r64")
+
+
+def test_head_dim_80_quantizes_channel_keys_only():
+    # No group size divides 80: per-channel keys (grouped along tokens) still
+    # quantize, values stay in full precision.
+    model = tiny_model("llama", head_dim=80, hidden_size=320, num_attention_heads=4)
+    with pytest.raises(ValueError, match="group_size=32 does not divide head_dim=80"):
+        mlx_kvq.make_prompt_cache(model, "k4v4")
+    tokens = mx.random.randint(0, 512, (1, 300), key=mx.random.key(1))
+    chunks = (128, 100, 1, 1, 70)
+    ref = run_chunks(model, mlx_kvq.integration.mlx_cache.make_prompt_cache(model),
+                     tokens, chunks)
+    cache = mlx_kvq.make_prompt_cache(model, "k8v16")
+    assert cache[0].spec.k_bits == 8 and cache[0].spec.v_bits is None
+    assert kld(ref, run_chunks(model, cache, tokens, chunks)) < 1e-3
+    assert cache[0].n_body > 0
 
 
 def test_generate_step_greedy_matches_fp(llama_tiny):

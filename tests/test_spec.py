@@ -39,6 +39,14 @@ def test_validate_for_head_dim():
     with pytest.raises(ValueError, match="rotate"):
         KVQuantSpec(rotate=True).validate_for(96)
     KVQuantSpec(rotate=True).validate_for(128)
+    # Groups split only what they quantize: channel keys group along tokens.
+    KVQuantSpec(k_bits=4, v_bits=None).validate_for(80)
+    with pytest.raises(ValueError, match="group_size=32 does not divide head_dim=80"):
+        KVQuantSpec(k_bits=4, v_bits=None, key_axis="token").validate_for(80)
+    with pytest.raises(ValueError, match="does not divide v_head_dim=80"):
+        KVQuantSpec().validate_for(128, 80)
+    with pytest.raises(ValueError, match="power-of-two v_head_dim"):
+        KVQuantSpec(rotate=True).validate_for(128, 96)
 
 
 @pytest.mark.parametrize("text", ["k9v4", "q4", "k4v4-x3", "k4v4-g", ""])
