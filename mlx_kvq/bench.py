@@ -27,7 +27,7 @@ import mlx_lm
 from mlx_lm.models.base import quantized_scaled_dot_product_attention
 from tqdm import tqdm
 
-from . import blas, corpus
+from . import blas, corpus, plan
 from .attention import kvq_attention
 from .cache import KVQCache
 from .evaluate import MLX_BASELINE, Scheme, default_text
@@ -288,10 +288,15 @@ def run(argv=None):
         print(format_attention_table(cases))
         weights = 0
     else:
+        contexts = args.contexts or (1024, 4096, 8192)
+        try:  # the full-precision reference at the longest context needs the most
+            plan.admit(plan.load_shape(args.model), "fp16", max(contexts),
+                       prefill_step=args.prefill_step, advice=False)
+        except plan.PlanError as e:
+            p.error(f"--contexts {max(contexts)}: {e}")
         model, tokenizer = load(args.model)
         _clear()
         weights = mx.get_active_memory()
-        contexts = args.contexts or (1024, 4096, 8192)
         text, _ = default_text(corpus)
         # Tokenizing the whole corpus is slow; English runs ~4 characters a token.
         tokens = tokenizer.encode(text[:8 * max(contexts)])

@@ -8,9 +8,12 @@ import mlx.core as mx
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
+from . import plan
+from .cache import KVQCache
 from .integration import make_prompt_cache
 from .models import describe_weights, load
 from .persist import load_prompt_cache, save_prompt_cache
+from .plan import PlanError
 from .report import format_report, kv_stats
 from .spec import DEFAULT_PRESET, PRESETS, KVQuantSpec
 
@@ -95,6 +98,23 @@ def build_prompt(tokenizer, args, continuing: bool):
     return tokenizer.encode(text, add_special_tokens=False)
 
 
+def check_memory(args, cache, n_prompt: int):
+    """Refuse, before any allocation, a request whose cache would not fit this
+    machine (the planner's arithmetic); warn beyond the trained context."""
+    context = cache[0].offset + n_prompt + max(args.max_tokens, 0)
+    if args.max_kv_size:
+        context = min(context, args.max_kv_size)
+    specs = [c.spec for c in cache if isinstance(c, KVQCache)]
+    shape = plan.load_shape(args.model)
+    widest = max(specs, key=lambda s: plan.bits_per_element(s, shape.head_dim))
+    plan.admit(shape, widest, context, prefill_step=args.prefill_step_size)
+    trained = shape.trained_context
+    if trained and context > trained and not args.max_kv_size:
+        print(f"warning: {context} tokens exceed the model's trained context of "
+              f"{trained}; quality will suffer (--max-kv-size bounds the cache)",
+              file=sys.stderr)
+
+
 def main(argv=None):
     parser = setup_arg_parser()
     args = parser.parse_args(argv)
@@ -108,12 +128,19 @@ def main(argv=None):
     model, tokenizer = load(args.model)
     if args.prompt_cache_file:
         explicit = args.kv is not None or any(getattr(args, f) is not None for f in SPEC_FLAGS)
-        cache = load_prompt_cache(args.prompt_cache_file, model=model,
-                                  spec=spec if explicit else None)
+        try:
+            cache = load_prompt_cache(args.prompt_cache_file, model=model,
+                                      spec=spec if explicit else None)
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: {e}")
     else:
         cache = make_prompt_cache(model, spec, max_kv_size=args.max_kv_size)
 
     prompt = build_prompt(tokenizer, args, continuing=bool(args.prompt_cache_file))
+    try:
+        check_memory(args, cache, len(prompt))
+    except PlanError as e:
+        sys.exit(f"error: {e}")
     sampler = make_sampler(args.temp, args.top_p)
     mx.reset_peak_memory()
     response = None

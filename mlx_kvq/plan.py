@@ -402,6 +402,33 @@ def capacity(config, spec, memory: int, *, context: Optional[int] = None,
     return lo
 
 
+def admit(config, spec, context: int, memory: Optional[int] = None,
+          prefill_step: int = PREFILL_STEP, advice: bool = True) -> None:
+    """Raise PlanError, saying what fits (and with `advice`, the generate
+    flags that would make it fit), unless one sequence of `context` tokens
+    with `spec` fits `memory` (default: this machine's RAM)."""
+    shape, spec = _shape(config), parse_spec(spec)
+    memory = memory or total_memory()
+    need = memory_needed(shape, spec, [context], prefill_step)
+    if need <= memory:
+        return
+    fit = capacity(shape, spec, memory, concurrency=1, prefill_step=prefill_step)
+    msg = (f"{context} tokens with KV spec {spec} need {fmt_bytes(need)} (weights "
+           f"{fmt_bytes(shape.weight_bytes)}, KV cache {fmt_bytes(kv_bytes(shape, spec, context))}"
+           f", workspace {fmt_bytes(workspace_bytes(shape, spec, context, prefill_step))}) but "
+           f"{fmt_bytes(memory)} of memory is there: at most {fit} tokens fit.")
+    if advice:
+        bits = bits_per_element(spec, shape.head_dim)
+        fits = {name: capacity(shape, name, memory, concurrency=1, prefill_step=prefill_step)
+                for name in ("k4v2", "k2v2") if bits_per_element(name, shape.head_dim) < bits}
+        options = [f"--kv {name} ({fmt_tokens(n)} tokens fit)"
+                   for name, n in fits.items() if n >= context]
+        options += ["--max-kv-size N (keeps the sinks and the N most recent tokens)",
+                    "a shorter prompt or fewer --max-tokens"]
+        msg += f" To make it fit: {'; '.join(options)}."
+    raise PlanError(msg)
+
+
 # -- the plan -------------------------------------------------------------------
 
 

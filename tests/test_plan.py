@@ -217,3 +217,14 @@ def test_bad_inputs_from_the_cli(tmp_path, shape, capsys):
             plan.main(argv)
         assert e.value.code == 2
         assert message in capsys.readouterr().err
+
+
+def test_admit_says_what_fits(shape):
+    memory = plan.memory_needed(shape, "k4v4", [100_000])
+    plan.admit(shape, "k4v4", 100_000, memory)
+    with pytest.raises(plan.PlanError) as e:
+        plan.admit(shape, "k4v4", 120_000, memory)
+    msg = str(e.value)
+    fit = plan.capacity(shape, "k4v4", memory, concurrency=1)
+    assert 100_000 <= fit < 120_000 and f"at most {fit} tokens fit" in msg
+    assert "--kv k2v2" in msg and "--kv k4v2" in msg  # both hold 120K in that memory

@@ -1,5 +1,7 @@
 """mlx_kvq caches on the embedded default model with real text."""
 
+from pathlib import Path
+
 import mlx_kvq  # noqa: F401  (loads OpenBLAS before mlx)
 import mlx.core as mx
 import pytest
@@ -103,8 +105,14 @@ def test_cli_continues_from_saved_cache(tmp_path, capsys):
     capsys.readouterr()
     cli.main(["--prompt", "Which word?", "--max-tokens", "4", "--prompt-cache-file", f])
     assert "tokens:" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="KV spec"):
+    before = Path(f).read_bytes()
+    with pytest.raises(SystemExit, match="KV spec"):
         cli.main(["--prompt", "x", "--prompt-cache-file", f, "--kv", "k2v2"])
+    # Too large for this machine: refused before any allocation, file kept.
+    with pytest.raises(SystemExit, match=r"at most \d+ tokens fit.*--max-kv-size"):
+        cli.main(["--prompt", "x", "--prompt-cache-file", f, "--max-tokens", str(10**9),
+                  "--save-prompt-cache", f])
+    assert Path(f).read_bytes() == before
 
 
 @pytest.mark.parametrize("argv, msg", [
