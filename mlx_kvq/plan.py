@@ -439,6 +439,7 @@ class Row:
     per_token: dict  # context -> bytes per token
     max_context: dict  # concurrency -> tokens
     max_chats: dict  # context -> sequences
+    quality: Optional[dict] = None  # mlx_kvq.eval's result for this spec
 
 
 @dataclass
@@ -449,6 +450,31 @@ class Plan:
     rows: list = field(default_factory=list)
     contexts: tuple = CONTEXTS
     concurrency: tuple = CONCURRENCY
+    quality_source: Optional[str] = None  # where the quality columns come from
+
+
+def load_quality(paths) -> tuple:
+    """({spec label: result}, source line) from `mlx_kvq.eval --json` files;
+    mlx-lm baselines and calibrated plans are not specs and are left out."""
+    results, sources = {}, []
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            d, res = data["disclosure"], data["results"]
+            items = [(r["scheme"], r) for r in res.values()]
+            source = (f"{path}: KLD vs the full-precision cache on {d['model']}, "
+                      f"{d['corpus']}, {d['windows']}; calibration {d['calibration']}")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
+                AttributeError) as e:
+            raise PlanError(f"{path} is not a JSON file written by mlx_kvq.eval --json "
+                            f"({type(e).__name__}: {e})") from None
+        for name, r in items:
+            try:
+                results[str(parse_spec(name))] = r
+            except ValueError:
+                continue  # mlx<bits> baselines, 'calibrated'
+        sources.append(source)
+    return results, "\n".join(sources)
 
 
 def make_plan(shape: ModelShape, specs, memory: int, prefill_step: int = PREFILL_STEP,
@@ -493,9 +519,15 @@ def fmt_tokens(n: int) -> str:
 
 
 def _short_spec(spec: KVQuantSpec) -> str:
-    """The preset label (k4v4, fp16) if the spec is one, else the full label."""
-    return next((k for k, v in PRESETS.items() if v == spec and re.fullmatch(
-        r"k\d+v\d+|fp16", k)), str(spec))
+    """The preset label (k4v4, fp16) if the spec is one, else its label
+    without the parts that are defaults (k3v3-rot)."""
+    preset = next((k for k, v in PRESETS.items() if v == spec and re.fullmatch(
+        r"k\d+v\d+|fp16", k)), None)
+    if preset:
+        return preset
+    defaults = str(KVQuantSpec(k_bits=spec.k_bits, v_bits=spec.v_bits)).split("-")
+    parts = str(spec).split("-")
+    return "-".join(parts[:1] + [p for p in parts[1:] if p not in defaults])
 
 
 def format_plan(plan: Plan) -> str:
@@ -518,19 +550,27 @@ def format_plan(plan: Plan) -> str:
         + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in ws_long.items() if v),
         "KV bytes:   exact KVQCache allocation: fp16 sinks + residual, quantized body "
         "in 256-token steps; per token = that / context",
-        "",
     ]
+    if plan.quality_source:
+        lines += [f"quality:    {line}" for line in plan.quality_source.splitlines()]
+        if any(s.name not in line for line in plan.quality_source.splitlines()):
+            lines.append("            (measured on another model than the one planned)")
+    lines.append("")
+    quality = plan.quality_source is not None
     ctx_head = "".join(f"{'@' + fmt_tokens(c):>9}" for c in plan.contexts)
-    head = (f"{'precision':<10}{'bits/el':>8} | {'KiB per token':^{9 * len(plan.contexts)}}"
+    w = max(10, 1 + max(len(_short_spec(r.spec)) for r in plan.rows))
+    q_head = f"{'KLD':>8}{'top-1':>7}" if quality else ""
+    head = (f"{'precision':<{w}}{'bits/el':>8}{q_head} | "
+            f"{'KiB per token':^{9 * len(plan.contexts)}}"
             f" | {'max context, N chats':^{8 * len(plan.concurrency)}}"
             f" | {'max chats at context':^{8 * len(plan.contexts)}}")
-    sub = (f"{'':<10}{'':>8} | {ctx_head}"
+    sub = (f"{'':<{w}}{'':>8}{' ' * len(q_head)} | {ctx_head}"
            f" | {''.join(f'{n:>6} ch' for n in plan.concurrency)}"
            f" | {''.join(f'{fmt_tokens(c):>8}' for c in plan.contexts)}")
     lines += [head, sub, "-" * len(sub)]
     for r in plan.rows:
         lines.append(
-            f"{_short_spec(r.spec):<10}{r.bits:>8.2f} | "
+            f"{_short_spec(r.spec):<{w}}{r.bits:>8.2f}{_quality_cells(r) if quality else ''} | "
             + "".join(f"{r.per_token[c] / 1024:>9.1f}" for c in plan.contexts) + " | "
             + "".join(f"{fmt_tokens(r.max_context[n]):>8}" for n in plan.concurrency) + " | "
             + "".join(f"{r.max_chats[c]:>8}" for c in plan.contexts)
@@ -540,6 +580,14 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"(contexts beyond the trained {fmt_tokens(s.trained_context)} "
                      "fit in memory but the model was not trained for them)")
     return "\n".join(lines)
+
+
+def _quality_cells(row: Row) -> str:
+    if not row.spec.quantized:
+        return f"{'ref':>8}{'ref':>7}"
+    if row.quality is None:
+        return f"{'-':>8}{'-':>7}"
+    return f"{row.quality['kld_mean']:>8.2g}{row.quality['top1']:>7.3f}"
 
 
 def recommend(plan: Plan, target_context: int, target_chats: int = 1) -> str:
@@ -628,15 +676,22 @@ def run(argv=None):
                    help="Numbers of chats for the table, e.g. 1,2,4,8")
     p.add_argument("--target-context", type=_tokens, default=8192)
     p.add_argument("--target-chats", type=int, default=1)
+    p.add_argument("--quality", nargs="+", default=None, metavar="EVAL_JSON",
+                   help="Add KLD and top-1 columns from `mlx_kvq.eval --json` files "
+                   "(their specs are planned too)")
     p.add_argument("--json", default=None, help="Write the plan as JSON here")
     p.add_argument("--plot", default=None, help="Write PNG plots into this folder")
     args = p.parse_args(argv)
     try:
         memory = parse_memory(args.memory) if args.memory else total_memory()
-        specs = list(dict.fromkeys(parse_spec(s) for s in [*PRECISIONS, *args.kv]))
+        quality, source = load_quality(args.quality) if args.quality else ({}, None)
+        specs = list(dict.fromkeys(parse_spec(s) for s in [*PRECISIONS, *args.kv, *quality]))
         shape = load_shape(args.model, dtype=args.dtype)
         plan = make_plan(shape, specs, memory, args.prefill_step, args.contexts,
                          args.concurrency)
+        plan.quality_source = source
+        for r in plan.rows:
+            r.quality = quality.get(str(r.spec))
     except (PlanError, ValueError, FileNotFoundError) as e:
         p.exit(2, f"error: {e}\n")
     print(format_plan(plan))
@@ -662,8 +717,10 @@ def plan_dict(plan: Plan) -> dict:
                   "bits_per_element": r.bits,
                   "bytes_per_token": {str(c): v for c, v in r.per_token.items()},
                   "max_context": {str(n): v for n, v in r.max_context.items()},
-                  "max_chats": {str(c): v for c, v in r.max_chats.items()}}
+                  "max_chats": {str(c): v for c, v in r.max_chats.items()},
+                  "quality": r.quality and {k: v for k, v in r.quality.items() if k != "klds"}}
                  for r in plan.rows],
+        "quality_source": plan.quality_source,
     }
 
 

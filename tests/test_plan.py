@@ -228,3 +228,27 @@ def test_admit_says_what_fits(shape):
     fit = plan.capacity(shape, "k4v4", memory, concurrency=1)
     assert 100_000 <= fit < 120_000 and f"at most {fit} tokens fit" in msg
     assert "--kv k2v2" in msg and "--kv k4v2" in msg  # both hold 120K in that memory
+
+
+def test_quality_columns_from_eval_json(tmp_path, capsys):
+    from mlx_kvq import evaluate
+
+    path = tmp_path / "e.json"
+    results, _ = evaluate.run(["--text", str(mlx_kvq.corpus.SAMPLE), "--kv", "k4v4", "k3v3-rot",
+                               "mlx4", "--window", "128", "--chunk", "64", "--windows", "1",
+                               "--json", str(path)])
+    capsys.readouterr()
+    p = plan.run(["--memory", "16GB", "--quality", str(path), "--json", str(tmp_path / "p.json")])
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if " | " in line}
+    assert rows["k4v4"][2] == f"{results['k4v4'].kld_mean:.2g}"
+    assert rows["k3v3-rot"][3] == f"{results['k3v3-rot'].top1:.3f}"  # planned because measured
+    assert rows["k8v8"][2:4] == ["-", "-"] and rows["fp16"][2:4] == ["ref", "ref"]
+    assert "mlx4" not in rows and f"quality:    {path}: KLD" in out
+    saved = json.loads((tmp_path / "p.json").read_text())
+    assert {r["name"]: r["quality"] is not None for r in saved["rows"]}["k3v3-rot"]
+    assert [r for r in p.rows if r.spec.rotate][0].quality["scheme"] == "k3v3-rot"
+    (tmp_path / "bad.json").write_text('{"results": []}')
+    with pytest.raises(SystemExit):
+        plan.run(["--quality", str(tmp_path / "bad.json")])
+    assert "not a JSON file written by mlx_kvq.eval --json" in capsys.readouterr().err
