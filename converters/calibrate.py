@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 from .. import corpus
 from ..cache import Calibration, KVQCache
+from ..cli_types import int_list, positive_int, tokens
 from ..integration import head_dim_of, model_config
 from ..persist import model_fingerprint, sha256_file
 from ..report import count_label, layer_key
@@ -898,10 +899,6 @@ def format_plan(plan: KVPlan) -> str:
     return "\n".join(lines)
 
 
-def _ints(text):
-    return tuple(int(x) for x in text.split(","))
-
-
 def main(argv=None):
     import mlx_lm
 
@@ -918,14 +915,14 @@ def main(argv=None):
                    help="austen, austen:<novels> / austen:-<novels>, kjv, sample, or "
                    ".txt / .jsonl files (chat transcripts use the chat template); "
                    "default: austen, else sample")
-    p.add_argument("--tokens", type=int, default=8192, help="Calibration token budget")
-    p.add_argument("--window", type=int, default=1024)
-    p.add_argument("--chunk", type=int, default=256)
-    p.add_argument("--sensitivity-windows", type=int, default=1,
+    p.add_argument("--tokens", type=tokens, default=8192, help="Calibration token budget")
+    p.add_argument("--window", type=positive_int, default=1024)
+    p.add_argument("--chunk", type=positive_int, default=256)
+    p.add_argument("--sensitivity-windows", type=positive_int, default=1,
                    help="Windows on which KLDs are measured (the costly part)")
     p.add_argument("--target-bits", type=float, default=3.0,
                    help="Average K/V code bits per element (3.0: as k4v2)")
-    p.add_argument("--bits", type=_ints, default=(2, 3, 4), help="Widths to choose from")
+    p.add_argument("--bits", type=int_list, default=(2, 3, 4), help="Widths to choose from")
     p.add_argument("--transforms", default=",".join(TRANSFORMS),
                    help="Value preparations to try per layer: none,smooth,rotate")
     p.add_argument("--kv", default=None,

@@ -30,7 +30,8 @@ from tqdm import tqdm
 from . import blas, corpus, plan
 from .attention import kvq_attention
 from .cache import KVQCache
-from .evaluate import MLX_BASELINE, Scheme, default_text
+from .cli_types import int_list, nonneg_int, positive_int, token_list
+from .evaluate import MLX_BASELINE, Scheme, default_text, memory_needed
 from .kernels import decode_bytes_read
 from .models import describe_weights, load
 from .spec import parse_spec
@@ -238,10 +239,6 @@ def format_attention_table(cases) -> str:
     return "\n".join(rows)
 
 
-def _ints(text):
-    return tuple(int(x) for x in text.split(","))
-
-
 def _environment() -> str:
     return (f"mlx {mx.__version__}, mlx-lm {mlx_lm.__version__}, python "
             f"{platform.python_version()}, device {mx.default_device()}, BLAS {blas.status}")
@@ -255,20 +252,20 @@ def run(argv=None):
     p.add_argument("--kv", nargs="+", default=list(DEFAULT_SCHEMES),
                    help="mlx_kvq specs/presets, and mlx-lm baselines as mlx<bits>[-g<group>]; "
                    "the full-precision KVCache is always the reference")
-    p.add_argument("--contexts", type=_ints, default=None,
+    p.add_argument("--contexts", type=token_list, default=None,
                    help="Comma-separated context lengths (default 1024,4096,8192; "
                    "with --attention 1024,4096,16384,32768)")
-    p.add_argument("--decode-tokens", type=int, default=32)
-    p.add_argument("--prefill-step", type=int, default=2048)
-    p.add_argument("--repeats", type=int, default=None,
+    p.add_argument("--decode-tokens", type=nonneg_int, default=32)
+    p.add_argument("--prefill-step", type=positive_int, default=2048)
+    p.add_argument("--repeats", type=positive_int, default=None,
                    help="Interleaved rounds (model bench, default 1) or timed calls "
                    "(--attention, default 20)")
     p.add_argument("--attention", action="store_true",
                    help="Microbenchmark decode attention at synthetic shapes instead")
-    p.add_argument("--heads", type=int, default=32, help="q heads (--attention)")
-    p.add_argument("--kv-heads", type=int, default=8, help="kv heads (--attention)")
-    p.add_argument("--head-dim", type=int, default=128, help="(--attention)")
-    p.add_argument("--mlx-bits", type=_ints, default=(4, 8),
+    p.add_argument("--heads", type=positive_int, default=32, help="q heads (--attention)")
+    p.add_argument("--kv-heads", type=positive_int, default=8, help="kv heads (--attention)")
+    p.add_argument("--head-dim", type=positive_int, default=128, help="(--attention)")
+    p.add_argument("--mlx-bits", type=int_list, default=(4, 8),
                    help="mlx-lm quantized attention bits (--attention)")
     p.add_argument("--mlx-dtype", choices=("float16", "float32"), default=None,
                    help="dtype for mlx-lm's quantized attention (--attention; default "
@@ -289,12 +286,16 @@ def run(argv=None):
         weights = 0
     else:
         contexts = args.contexts or (1024, 4096, 8192)
-        try:  # the full-precision reference at the longest context needs the most
-            plan.admit(plan.load_shape(args.model), "fp16", max(contexts),
-                       prefill_step=args.prefill_step, advice=False)
-        except plan.PlanError as e:
-            p.error(f"--contexts {max(contexts)}: {e}")
-        model, tokenizer = load(args.model)
+        model, tokenizer = load(args.model)  # first: downloads or converts the model
+        try:  # one case at a time; the fp reference at the longest context is largest
+            need = memory_needed(plan.load_shape(args.model), ["fp", *args.kv],
+                                 max(contexts), args.prefill_step, at_once=False)
+        except (plan.PlanError, ValueError) as e:
+            p.error(str(e))
+        if need > plan.total_memory():
+            p.error(f"--contexts {max(contexts)}: the full-precision reference needs "
+                    f"{plan.fmt_bytes(need)}, more than this machine's "
+                    f"{plan.fmt_bytes(plan.total_memory())}")
         _clear()
         weights = mx.get_active_memory()
         text, _ = default_text(corpus)

@@ -17,6 +17,7 @@ import argparse
 import json
 import platform
 import re
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -28,10 +29,11 @@ from mlx_lm.models.cache import QuantizedKVCache
 from mlx_lm.models.cache import make_prompt_cache as mlx_make_prompt_cache
 from tqdm import tqdm
 
-from . import blas
-from .integration import make_prompt_cache
+from . import blas, plan
+from .cli_types import fraction_list, nonneg_int, positive_int, token_list
+from .integration import make_prompt_cache, model_config
 from .report import kv_stats
-from .spec import parse_spec
+from .spec import VALID_BITS, VALID_GROUPS, parse_spec
 
 MLX_BASELINE = re.compile(r"mlx(\d)(?:-g(\d+))?$")
 
@@ -55,6 +57,32 @@ class Scheme:
                                  "mlx_kvq.calibrate")
             return make_prompt_cache(model)
         return make_prompt_cache(model, parse_spec(self.name))
+
+    def validate(self):
+        """Raise ValueError, naming the problem, for a scheme that cannot be made."""
+        m = MLX_BASELINE.match(self.name)
+        if m:
+            bits, group = int(m.group(1)), int(m.group(2) or 64)
+            if bits not in VALID_BITS or group not in VALID_GROUPS:
+                raise ValueError(f"mlx-lm baseline {self.name!r}: bits must be one of "
+                                 f"{VALID_BITS}, group one of {VALID_GROUPS}")
+        elif self.name not in ("fp", "calibrated"):
+            parse_spec(self.name)
+        return self
+
+    def kv_bytes(self, shape, context: int) -> int:
+        """Bytes this scheme's caches hold after `context` tokens (mlx_kvq.plan's
+        arithmetic; mlx-lm's caches keep K/V, or its scales, in the model dtype)."""
+        m = MLX_BASELINE.match(self.name)
+        if self.name == "fp":
+            return plan.kv_bytes(shape, "fp16", context) * shape.dtype_bytes // 2
+        if m:
+            bits, group = int(m.group(1)), int(m.group(2) or 64)
+            per_token = shape.n_kv_heads * (shape.head_dim + shape.dv) * (
+                bits / 8 + 2 * shape.dtype_bytes / group)
+            return int(shape.full_layers * per_token * context)
+        return plan.kv_bytes(shape, "k8v8" if self.name == "calibrated" else self.name,
+                             context)
 
     def describe(self):
         m = MLX_BASELINE.match(self.name)
@@ -292,12 +320,32 @@ def default_text(corpora):
         return corpora.sample_text(), "bundled sample (Pride and Prejudice excerpt)"
 
 
-def _floats(text):
-    return tuple(float(x) for x in text.split(","))
+def memory_needed(shape, schemes, context: int, step: int, at_once: bool = True) -> int:
+    """Weights + workspace + the caches of `schemes` after `context` tokens:
+    all held at once, or only the largest (one scheme at a time)."""
+    kv = [Scheme(s).kv_bytes(shape, context) for s in schemes]
+    return (shape.weight_bytes + plan.workspace_bytes(shape, "fp16", context, step)
+            + (sum(kv) if at_once else max(kv)))
 
 
-def _ints(text):
-    return tuple(int(x) for x in text.split(","))
+def memory_problem(shape, args, memory: int):
+    """Why the requested evaluation would not fit `memory`, or None. KLD
+    windows hold the fp reference's and every scheme's cache at once; the
+    needle grid holds one cache at a time."""
+    schemes = ["fp", *args.kv]
+    if args.windows > 0:
+        need = memory_needed(shape, schemes, args.window, args.chunk)
+        if need > memory:
+            return (f"--window {args.window}: the full-precision reference and "
+                    f"{len(args.kv)} scheme(s) need {plan.fmt_bytes(need)} at once, more "
+                    f"than {plan.fmt_bytes(memory)}; use a shorter window or fewer schemes")
+    if args.needle:
+        ctx = max(args.needle_contexts)
+        need = memory_needed(shape, schemes, ctx, plan.PREFILL_STEP, at_once=False)
+        if need > memory:
+            return (f"--needle-contexts {ctx}: the full-precision reference needs "
+                    f"{plan.fmt_bytes(need)}, more than {plan.fmt_bytes(memory)}")
+    return None
 
 
 def run(argv=None):
@@ -312,25 +360,51 @@ def run(argv=None):
                    help="mlx_kvq specs/presets, and mlx-lm baselines as mlx<bits>[-g<group>]")
     p.add_argument("--text", nargs="*", default=None,
                    help=".txt / .jsonl files (default: Jane Austen's novels, else the bundled sample)")
-    p.add_argument("--window", type=int, default=2048)
-    p.add_argument("--chunk", type=int, default=256)
-    p.add_argument("--windows", type=int, default=4, help="0 skips the KLD evaluation")
+    p.add_argument("--window", type=positive_int, default=2048)
+    p.add_argument("--chunk", type=positive_int, default=256)
+    p.add_argument("--windows", type=nonneg_int, default=4, help="0 skips the KLD evaluation")
     p.add_argument("--needle", action="store_true", help="Also run passkey retrieval")
-    p.add_argument("--needle-contexts", type=_ints, default=(512, 1024),
+    p.add_argument("--needle-contexts", type=token_list, default=(512, 1024),
                    help="Comma-separated prompt lengths in tokens")
-    p.add_argument("--needle-depths", type=_floats, default=(0.1, 0.5, 0.9),
+    p.add_argument("--needle-depths", type=fraction_list, default=(0.1, 0.5, 0.9),
                    help="Comma-separated positions of the key (0 = start, 1 = end)")
-    p.add_argument("--needle-trials", type=int, default=1, help="Pass keys per cell")
+    p.add_argument("--needle-trials", type=positive_int, default=1, help="Pass keys per cell")
     p.add_argument("--json", default=None, help="Write results and the disclosure as JSON here")
     p.add_argument("--plot", default=None, help="Write PNG plots into this folder")
     args = p.parse_args(argv)
+    try:
+        for name in args.kv:
+            Scheme(name).validate()
+    except ValueError as e:
+        p.error(str(e))
 
-    model, tokenizer = load(args.model)
-    if args.text:
-        text, source = corpora.load_texts(args.text), ", ".join(args.text)
-    else:
-        text, source = default_text(corpora)
-    tokens = tokenizer.encode(text)
+    model, tokenizer = load(args.model)  # first: downloads or converts the model
+    try:
+        shape = plan.load_shape(args.model)
+    except plan.PlanError as e:
+        p.error(str(e))
+    problem = memory_problem(shape, args, plan.total_memory())
+    if problem:
+        p.error(problem)
+    try:
+        if args.text:
+            text, source = corpora.load_texts(args.text), ", ".join(args.text)
+        else:
+            text, source = default_text(corpora)
+        tokens = tokenizer.encode(text)
+        if args.windows > 0 and len(tokens) < args.window:
+            raise ValueError(f"the text has {len(tokens)} tokens, fewer than one "
+                             f"--window of {args.window}")
+        if args.needle:  # the longest prompt must fit the filler text
+            needle_prompt(tokenizer, tokens, max(args.needle_contexts), 0.5, "0" * 5)
+    except (OSError, ValueError) as e:
+        p.error(str(e))
+    trained = model_config(model).get("max_position_embeddings")
+    longest = max([args.window] * (args.windows > 0) + list(args.needle_contexts) * args.needle,
+                  default=0)
+    if trained and longest > trained:
+        print(f"warning: {longest} tokens exceed the model's trained context of {trained}",
+              file=sys.stderr)
     t0 = time.perf_counter()
     results, grid = {}, None
     if args.windows > 0:
@@ -344,8 +418,8 @@ def run(argv=None):
     name = args.model or "SmolLM2-135M-Instruct (embedded)"
     meta = (name, describe_weights(args.model), source, len(tokens), args.window,
             args.chunk, n_windows)
-    plan = getattr(model, "kvq_plan", None)
-    calibration = plan and (f"{plan.source}: {plan.label()} (scheme 'calibrated'; the "
+    kv_plan = getattr(model, "kvq_plan", None)
+    calibration = kv_plan and (f"{kv_plan.source}: {kv_plan.label()} (scheme 'calibrated'; the "
                             "other schemes: dynamic per-group scales, none)")
     print(disclosure(*meta, results or dict.fromkeys(args.kv), grid, calibration))
     print(f"time:         {time.perf_counter() - t0:.0f} s")

@@ -10,6 +10,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from . import plan
 from .cache import KVQCache
+from .cli_types import positive_int
 from .integration import make_prompt_cache
 from .models import describe_weights, load
 from .persist import load_prompt_cache, save_prompt_cache
@@ -39,9 +40,9 @@ def setup_arg_parser():
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ignore-chat-template", action="store_true")
-    p.add_argument("--max-kv-size", type=int, default=None,
+    p.add_argument("--max-kv-size", type=positive_int, default=None,
                    help="Keep at most this many tokens (sinks plus the most recent)")
-    p.add_argument("--prefill-step-size", type=int, default=2048)
+    p.add_argument("--prefill-step-size", type=positive_int, default=2048)
     p.add_argument("--prompt-cache-file", default=None,
                    help="Continue from a saved quantized prompt cache")
     p.add_argument("--save-prompt-cache", default=None,

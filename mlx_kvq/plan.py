@@ -41,6 +41,7 @@ from mlx_lm.utils import _get_classes
 
 from . import attention
 from .cache import KVQCache
+from .cli_types import int_list, positive_int, token_list, tokens
 from .integration import check_model, head_dim_of, install
 from .models import DEFAULT_MODEL, _local_path, _safetensors_dtypes
 from .quant import packed_width
@@ -403,10 +404,10 @@ def capacity(config, spec, memory: int, *, context: Optional[int] = None,
 
 
 def admit(config, spec, context: int, memory: Optional[int] = None,
-          prefill_step: int = PREFILL_STEP, advice: bool = True) -> None:
-    """Raise PlanError, saying what fits (and with `advice`, the generate
-    flags that would make it fit), unless one sequence of `context` tokens
-    with `spec` fits `memory` (default: this machine's RAM)."""
+          prefill_step: int = PREFILL_STEP) -> None:
+    """Raise PlanError, saying what fits and which generate flags would make
+    it fit, unless one sequence of `context` tokens with `spec` fits `memory`
+    (default: this machine's RAM)."""
     shape, spec = _shape(config), parse_spec(spec)
     memory = memory or total_memory()
     need = memory_needed(shape, spec, [context], prefill_step)
@@ -417,16 +418,14 @@ def admit(config, spec, context: int, memory: Optional[int] = None,
            f"{fmt_bytes(shape.weight_bytes)}, KV cache {fmt_bytes(kv_bytes(shape, spec, context))}"
            f", workspace {fmt_bytes(workspace_bytes(shape, spec, context, prefill_step))}) but "
            f"{fmt_bytes(memory)} of memory is there: at most {fit} tokens fit.")
-    if advice:
-        bits = bits_per_element(spec, shape.head_dim)
-        fits = {name: capacity(shape, name, memory, concurrency=1, prefill_step=prefill_step)
-                for name in ("k4v2", "k2v2") if bits_per_element(name, shape.head_dim) < bits}
-        options = [f"--kv {name} ({fmt_tokens(n)} tokens fit)"
-                   for name, n in fits.items() if n >= context]
-        options += ["--max-kv-size N (keeps the sinks and the N most recent tokens)",
-                    "a shorter prompt or fewer --max-tokens"]
-        msg += f" To make it fit: {'; '.join(options)}."
-    raise PlanError(msg)
+    bits = bits_per_element(spec, shape.head_dim)
+    fits = {name: capacity(shape, name, memory, concurrency=1, prefill_step=prefill_step)
+            for name in ("k4v2", "k2v2") if bits_per_element(name, shape.head_dim) < bits}
+    options = [f"--kv {name} ({fmt_tokens(n)} tokens fit)"
+               for name, n in fits.items() if n >= context]
+    options += ["--max-kv-size N (keeps the sinks and the N most recent tokens)",
+                "a shorter prompt or fewer --max-tokens"]
+    raise PlanError(f"{msg} To make it fit: {'; '.join(options)}.")
 
 
 # -- the plan -------------------------------------------------------------------
@@ -636,26 +635,6 @@ def total_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _ints(text):
-    try:
-        values = [_tokens(x) for x in text.split(",")]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from e
-    if any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: values must be positive")
-    return tuple(values)
-
-
-def _tokens(text: str) -> int:
-    """Token counts like 4096, 4K, 128k (K = 1024)."""
-    text = text.strip().lower()
-    if text.endswith("k"):
-        return int(float(text[:-1]) * 1024)
-    if text.endswith("m"):
-        return int(float(text[:-1]) * (1 << 20))
-    return int(text)
-
-
 def run(argv=None):
     """The CLI; returns the plan for callers."""
     p = argparse.ArgumentParser(
@@ -669,13 +648,13 @@ def run(argv=None):
                    help=f"Extra precisions to plan besides {', '.join(PRECISIONS)}")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPE_BYTES),
                    help="Weight dtype when sizing weights from the parameter count")
-    p.add_argument("--prefill-step", type=int, default=PREFILL_STEP)
-    p.add_argument("--contexts", type=_ints, default=CONTEXTS,
+    p.add_argument("--prefill-step", type=positive_int, default=PREFILL_STEP)
+    p.add_argument("--contexts", type=token_list, default=CONTEXTS,
                    help="Context lengths for the table, e.g. 4K,8K,32K,128K")
-    p.add_argument("--concurrency", type=_ints, default=CONCURRENCY,
+    p.add_argument("--concurrency", type=int_list, default=CONCURRENCY,
                    help="Numbers of chats for the table, e.g. 1,2,4,8")
-    p.add_argument("--target-context", type=_tokens, default=8192)
-    p.add_argument("--target-chats", type=int, default=1)
+    p.add_argument("--target-context", type=tokens, default=8192)
+    p.add_argument("--target-chats", type=positive_int, default=1)
     p.add_argument("--quality", nargs="+", default=None, metavar="EVAL_JSON",
                    help="Add KLD and top-1 columns from `mlx_kvq.eval --json` files "
                    "(their specs are planned too)")

@@ -2,9 +2,12 @@
 and plots (no timings are checked)."""
 
 import json
+from types import SimpleNamespace
+
+import pytest
 
 import mlx_kvq  # noqa: F401  (loads OpenBLAS before mlx)
-from mlx_kvq import bench, evaluate, models
+from mlx_kvq import bench, evaluate, models, plan
 
 
 def test_model_bench_structure(tmp_path, capsys):
@@ -81,3 +84,35 @@ def test_eval_cli_json_with_needle(tmp_path, capsys):
     assert grid["accuracy"]["fp"] == saved["needle"]["accuracy"]["fp"]
     assert results["k4v4"].kld_mean >= 0
     assert {p.name for p in tmp_path.glob("*.png")} == {"quality_vs_bits.png", "needle.png"}
+
+
+@pytest.mark.parametrize("cli, argv, msg", [
+    (evaluate, ["--window", "0"], "--window: '0' is not a positive integer"),
+    (evaluate, ["--windows", "-1"], "--windows: '-1' is not a non-negative integer"),
+    (evaluate, ["--kv", "k9v9"], "k_bits=9"),
+    (evaluate, ["--kv", "mlx7"], "mlx-lm baseline 'mlx7': bits must be one of"),
+    (evaluate, ["--needle", "--needle-depths", "0.5,2"], "between 0 and 1"),
+    (evaluate, ["--text", "/nonexistent.txt"], "/nonexistent.txt"),
+    (evaluate, ["--window", "50000000"], "--window 50000000:"),
+    (bench, ["--contexts", "0"], "--contexts: '0' is not a positive token count"),
+    (bench, ["--contexts", "1K", "--kv", "k9v9"], "k_bits=9"),
+    (bench, ["--contexts", "64M"], "--contexts 67108864: the full-precision reference needs"),
+])
+def test_bad_arguments_are_clear_errors(cli, argv, msg, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.run(argv)
+    assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_eval_memory_check_counts_every_cache_held_at_once():
+    shape = plan.load_shape()
+    args = SimpleNamespace(kv=["k4v4", "mlx4"], window=4096, chunk=256, windows=1,
+                           needle=False, needle_contexts=(512,))
+    need = evaluate.memory_needed(shape, ["fp", "k4v4", "mlx4"], 4096, 256)
+    fp = evaluate.Scheme("fp").kv_bytes(shape, 4096)
+    # float32 reference: twice the fp16 plan; k4v4 about a sixth of it
+    assert fp == 2 * plan.kv_bytes(shape, "fp16", 4096)
+    assert 0.1 < evaluate.Scheme("k4v4").kv_bytes(shape, 4096) / fp < 0.2
+    assert need > shape.weight_bytes + fp
+    assert evaluate.memory_problem(shape, args, need) is None
+    assert "need" in evaluate.memory_problem(shape, args, need - 1)

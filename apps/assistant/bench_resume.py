@@ -15,6 +15,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx_lm.models import cache as mlx_cache
 
+from mlx_kvq.cli_types import positive_int
 from mlx_kvq.corpus import sample_text
 
 from .engine import Engine, Job, Settings, prefill
@@ -68,9 +69,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="Model (default: the embedded one)")
     p.add_argument("--kv", default="k4v4", help="KV cache spec (default k4v4)")
-    p.add_argument("--doc-tokens", type=int, default=4096)
-    p.add_argument("--repeats", type=int, default=3, help="Resumed turns to time")
-    p.add_argument("--prefill-repeats", type=int, default=1,
+    p.add_argument("--doc-tokens", type=positive_int, default=4096)
+    p.add_argument("--repeats", type=positive_int, default=3, help="Resumed turns to time")
+    p.add_argument("--prefill-repeats", type=positive_int, default=1,
                    help="Turns prefilled from text to time (slow)")
     p.add_argument("--json", default=None, help="Write the results here")
     args = p.parse_args(argv)

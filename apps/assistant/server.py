@@ -29,6 +29,7 @@ from urllib.parse import unquote, urlsplit
 
 from mlx_kvq import plan
 from mlx_kvq.cache import KVQCache
+from mlx_kvq.cli_types import positive_int
 from mlx_kvq.spec import DEFAULT_PRESET, PRESETS, parse_spec
 
 from . import openai_api
@@ -448,13 +449,6 @@ def default_data_dir() -> Path:
     return Path(base).expanduser() / "mlx_kvq" / "assistant"
 
 
-def _positive(text: str) -> int:
-    n = int(text)
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
-    return n
-
-
 def setup_arg_parser():
     p = argparse.ArgumentParser(
         description="Local long-context assistant on quantized KV caches: a chat page "
@@ -464,7 +458,7 @@ def setup_arg_parser():
     p.add_argument("--host", default="127.0.0.1",
                    help="Address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080, help="Port (0: any free port)")
-    p.add_argument("--max-tokens", "-m", type=_positive, default=512,
+    p.add_argument("--max-tokens", "-m", type=positive_int, default=512,
                    help="Default maximum tokens of a reply")
     p.add_argument("--temp", type=float, default=0.0, help="Default sampling temperature")
     p.add_argument("--top-p", type=float, default=1.0, help="Default nucleus sampling top-p")
@@ -480,13 +474,13 @@ def setup_arg_parser():
     p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                    help="Also accept browser requests from this origin, e.g. "
                    "http://localhost:3000 (repeatable; '*' for any)")
-    p.add_argument("--max-kv-size", type=_positive, default=None,
+    p.add_argument("--max-kv-size", type=positive_int, default=None,
                    help="Keep at most this many tokens per conversation (sinks plus the "
                    "most recent); allows conversations beyond the trained context")
-    p.add_argument("--prefill-step-size", type=_positive, default=2048)
-    p.add_argument("--queue-size", type=_positive, default=8,
+    p.add_argument("--prefill-step-size", type=positive_int, default=2048)
+    p.add_argument("--queue-size", type=positive_int, default=8,
                    help="Requests that may wait for the model; more are answered 503")
-    p.add_argument("--max-body-bytes", type=_positive, default=4 << 20,
+    p.add_argument("--max-body-bytes", type=positive_int, default=4 << 20,
                    help="Largest request body, documents included; larger ones get 413")
     p.add_argument("--log-level", default="INFO",
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"])

@@ -1,0 +1,60 @@
+"""argparse types shared by the CLIs: bad numbers fail at parse time with
+the flag named, before a model is loaded."""
+
+import argparse
+
+
+def _fail(text, what):
+    raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+
+
+def _int(text: str, low: int, what: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        _fail(text, "an integer")
+    if n < low:
+        _fail(text, what)
+    return n
+
+
+def positive_int(text: str) -> int:
+    return _int(text, 1, "a positive integer")
+
+
+def nonneg_int(text: str) -> int:
+    return _int(text, 0, "a non-negative integer")
+
+
+def tokens(text: str) -> int:
+    """A positive token count like 4096, 4K, 128k, 1M (K = 1024)."""
+    t = str(text).strip().lower()
+    scale = {"k": 1 << 10, "m": 1 << 20}.get(t[-1:], 1)
+    try:
+        n = int(float(t[:-1] if scale > 1 else t) * scale)
+    except ValueError:
+        _fail(text, "a token count (e.g. 4096, 4K, 1M)")
+    if n <= 0:
+        _fail(text, "a positive token count")
+    return n
+
+
+def token_list(text: str) -> tuple:
+    """Comma-separated positive token counts: 1024,4K,32K."""
+    return tuple(tokens(x) for x in str(text).split(","))
+
+
+def fraction_list(text: str) -> tuple:
+    """Comma-separated numbers in [0, 1]: 0.1,0.5,0.9."""
+    try:
+        values = tuple(float(x) for x in str(text).split(","))
+    except ValueError:
+        _fail(text, "comma-separated numbers")
+    if any(not 0 <= v <= 1 for v in values):
+        _fail(text, "a list of numbers between 0 and 1")
+    return values
+
+
+def int_list(text: str) -> tuple:
+    """Comma-separated positive integers: 2,3,4."""
+    return tuple(positive_int(x) for x in str(text).split(","))
