@@ -735,17 +735,26 @@ class Calibrator:
         return self.kld({i: (spec, s)}, start=i)
 
 
-def calibrate(model, windows, *, target_bits=3.0, bits=(2, 3, 4), base=None,
-              transforms=TRANSFORMS, chunk=256, sensitivity_windows=1,
-              progress=True) -> KVPlan:
-    """Measure and choose a per-layer plan for `model` on token windows."""
+def check_options(target_bits, bits, base, transforms):
+    """Validated (base spec, sorted bit widths, transforms); ValueError names
+    the option that is wrong."""
     base = parse_spec(base) if base is not None else KVQuantSpec()
     bits = sorted(set(bits))
     if any(b not in VALID_BITS for b in bits):
         raise ValueError(f"bits {bits}: each must be one of {VALID_BITS}")
     if not bits[0] <= target_bits <= bits[-1]:
         raise ValueError(f"target {target_bits} bits is outside the options {bits}")
-    transforms = [t for t in TRANSFORMS if t in transforms]
+    unknown = [t for t in transforms if t not in TRANSFORMS]
+    if unknown:
+        raise ValueError(f"transforms {unknown}: use some of {', '.join(TRANSFORMS)}")
+    return base, bits, [t for t in TRANSFORMS if t in transforms]
+
+
+def calibrate(model, windows, *, target_bits=3.0, bits=(2, 3, 4), base=None,
+              transforms=TRANSFORMS, chunk=256, sensitivity_windows=1,
+              progress=True) -> KVPlan:
+    """Measure and choose a per-layer plan for `model` on token windows."""
+    base, bits, transforms = check_options(target_bits, bits, base, transforms)
     if head_dim_of(model) & (head_dim_of(model) - 1):
         transforms = [t for t in transforms if t != "rotate"]  # Hadamard needs 2^n
     splits = uniform_splits(target_bits, bits)
@@ -900,9 +909,8 @@ def format_plan(plan: KVPlan) -> str:
 
 
 def main(argv=None):
-    import mlx_lm
-
-    from ..models import _local_path, default_model_dir, default_model_path
+    from ..models import (ModelNotFoundError, _local_path, default_model_dir,
+                          default_model_path, load)
 
     p = argparse.ArgumentParser(description="Calibrate a model's quantized KV cache on a "
                                 "workload and bake the plan into its folder")
@@ -930,6 +938,10 @@ def main(argv=None):
                    "(default g32-r64-s4, per-channel keys)")
     p.add_argument("--vllm", default=None, help="Also export FP8 KV scales for vLLM here")
     args = p.parse_args(argv)
+    try:
+        check_options(args.target_bits, args.bits, args.kv, args.transforms.split(","))
+    except ValueError as e:
+        p.error(str(e))
 
     src = Path(args.model).expanduser() if args.model else default_model_path()
     local = src.is_dir()
@@ -938,8 +950,10 @@ def main(argv=None):
     shared = not local or src.resolve() in defaults  # hub cache or the default model
     if shared and out.resolve() == src.resolve():
         p.error("the source is a shared model cache: pass --out DIR for a calibrated copy")
-    # mlx_lm.load: a plan already baked here (maybe stale) must not be attached.
-    model, tokenizer = mlx_lm.load(str(src) if local else args.model)
+    try:  # a plan already baked here (maybe stale) must not be attached
+        model, tokenizer = load(str(src) if local else args.model, attach_plan=False)
+    except ModelNotFoundError as e:
+        p.error(str(e))
     src = src if local else _local_path(args.model)
     sources = args.workload
     if sources is None:

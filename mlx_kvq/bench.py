@@ -33,7 +33,7 @@ from .cache import KVQCache
 from .cli_types import int_list, nonneg_int, positive_int, token_list
 from .evaluate import MLX_BASELINE, Scheme, default_text, memory_needed
 from .kernels import decode_bytes_read
-from .models import describe_weights, load
+from .models import ModelNotFoundError, describe_weights, load
 from .spec import parse_spec
 
 DEFAULT_SCHEMES = ("k4v4", "k4v2", "mlx4")
@@ -286,7 +286,10 @@ def run(argv=None):
         weights = 0
     else:
         contexts = args.contexts or (1024, 4096, 8192)
-        model, tokenizer = load(args.model)  # first: downloads or converts the model
+        try:
+            model, tokenizer = load(args.model)  # first: downloads or converts the model
+        except ModelNotFoundError as e:
+            p.error(str(e))
         try:  # one case at a time; the fp reference at the longest context is largest
             need = memory_needed(plan.load_shape(args.model), ["fp", *args.kv],
                                  max(contexts), args.prefill_step, at_once=False)

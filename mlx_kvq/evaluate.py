@@ -351,7 +351,7 @@ def memory_problem(shape, args, memory: int):
 def run(argv=None):
     """The CLI; returns its results for callers."""
     from . import corpus as corpora
-    from .models import describe_weights, load
+    from .models import ModelNotFoundError, describe_weights, load
 
     p = argparse.ArgumentParser(description="KV cache quality vs the full-precision cache")
     p.add_argument("--model", default=None)
@@ -378,7 +378,10 @@ def run(argv=None):
     except ValueError as e:
         p.error(str(e))
 
-    model, tokenizer = load(args.model)  # first: downloads or converts the model
+    try:
+        model, tokenizer = load(args.model)  # first: downloads or converts the model
+    except ModelNotFoundError as e:
+        p.error(str(e))
     try:
         shape = plan.load_shape(args.model)
     except plan.PlanError as e:

@@ -12,7 +12,7 @@ from . import plan
 from .cache import KVQCache
 from .cli_types import positive_int
 from .integration import make_prompt_cache
-from .models import describe_weights, load
+from .models import ModelNotFoundError, describe_weights, load
 from .persist import load_prompt_cache, save_prompt_cache
 from .plan import PlanError
 from .report import format_report, kv_stats
@@ -126,7 +126,10 @@ def main(argv=None):
     if args.seed is not None:
         mx.random.seed(args.seed)
 
-    model, tokenizer = load(args.model)
+    try:
+        model, tokenizer = load(args.model)
+    except ModelNotFoundError as e:
+        parser.error(str(e))
     if args.prompt_cache_file:
         explicit = args.kv is not None or any(getattr(args, f) is not None for f in SPEC_FLAGS)
         try:

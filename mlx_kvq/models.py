@@ -70,18 +70,33 @@ def default_model_path(dtype: str = "float32") -> Path:
     return path
 
 
-def load(path_or_hf_repo: Optional[str] = None, **kwargs):
+class ModelNotFoundError(FileNotFoundError):
+    """A model reference that is neither a folder nor a reachable hub repo."""
+
+
+def load(path_or_hf_repo: Optional[str] = None, *, attach_plan: bool = True, **kwargs):
     """Load ``(model, tokenizer)`` with ``mlx_lm.load``; the default model if
     no path or Hugging Face repo is given. A KV plan baked into the folder by
     ``mlx_kvq.calibrate`` is checked against the model and attached as
-    ``model.kvq_plan`` (a plan for another model, or a damaged one, raises)."""
+    ``model.kvq_plan`` (a plan for another model, or a damaged one, raises),
+    unless attach_plan is False. A reference that is neither a folder nor a
+    reachable hub repo raises ModelNotFoundError."""
     import mlx_lm
 
     if path_or_hf_repo is None:
         path_or_hf_repo = default_model_path()
-    out = mlx_lm.load(str(path_or_hf_repo), **kwargs)
+    try:
+        out = mlx_lm.load(str(path_or_hf_repo), **kwargs)
+    except Exception as e:
+        if type(e).__module__.split(".")[0] != "huggingface_hub":
+            raise
+        raise ModelNotFoundError(
+            f"model {str(path_or_hf_repo)!r} is neither a local model folder nor a "
+            f"Hugging Face repo that can be fetched ({type(e).__name__}: "
+            f"{str(e).splitlines()[0]})"
+        ) from e
     folder = _local_path(path_or_hf_repo)
-    if folder is not None:
+    if folder is not None and attach_plan:
         from .converters.calibrate import attach
 
         attach(out[0], folder)

@@ -94,6 +94,8 @@ def test_eval_cli_json_with_needle(tmp_path, capsys):
     (evaluate, ["--needle", "--needle-depths", "0.5,2"], "between 0 and 1"),
     (evaluate, ["--text", "/nonexistent.txt"], "/nonexistent.txt"),
     (evaluate, ["--window", "50000000"], "--window 50000000:"),
+    (evaluate, ["--model", "/nonexistent/model"], "neither a local model folder"),
+    (bench, ["--model", "/nonexistent/model"], "neither a local model folder"),
     (bench, ["--contexts", "0"], "--contexts: '0' is not a positive token count"),
     (bench, ["--contexts", "1K", "--kv", "k9v9"], "k_bits=9"),
     (bench, ["--contexts", "64M"], "--contexts 67108864: the full-precision reference needs"),

@@ -266,3 +266,17 @@ def test_sliding_window_layers_are_left_alone():
     cache = mlx_kvq.make_prompt_cache(model)
     assert [type(c).__name__ for c in cache] == ["RotatingKVCache", "RotatingKVCache", "KVQCache"]
     assert cache[2].spec == plan.spec(2)
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--target-bits", "9"], "target 9.0 bits is outside the options [2, 3, 4]"),
+    (["--bits", "7"], "bits [7]: each must be one of"),
+    (["--transforms", "none,bogus"], "transforms ['bogus']: use some of"),
+    (["--kv", "k4v4-g48"], "group_size=48"),
+    (["--model", "/nonexistent/model"], "neither a local model folder"),
+])
+def test_bad_options_refused_before_work(tmp_path, argv, msg, capsys):
+    with pytest.raises(SystemExit) as e:
+        C.main(["--out", str(tmp_path / "out")] + argv)
+    assert e.value.code == 2 and msg in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -116,6 +116,8 @@ def test_cli_continues_from_saved_cache(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, msg", [
+    (["--model", "/nonexistent/model"], "neither a local model folder"),
+    (["--max-kv-size", "0"], "--max-kv-size: '0' is not a positive integer"),
     (["--kv", "k9v9"], "k_bits=9"),
     (["--k-bits", "7"], "k_bits=7"),
     (["--group-size", "48"], "group_size=48"),
