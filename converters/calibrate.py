@@ -46,7 +46,7 @@ from tqdm import tqdm
 from .. import corpus
 from ..cache import Calibration, KVQCache
 from ..cli_types import int_list, positive_int, tokens
-from ..integration import head_dim_of, model_config
+from ..integration import check_model, head_dim_of, model_config
 from ..persist import model_fingerprint, sha256_file
 from ..report import count_label, layer_key
 from ..spec import VALID_BITS, KVQuantSpec, parse_spec
@@ -619,7 +619,7 @@ def load_plan(folder, model=None) -> KVPlan:
     except Exception as e:  # JSON, safetensors and key errors of a damaged file
         raise PlanError(f"corrupt KV plan in {folder} ({type(e).__name__}: {e})") from e
     if model is not None:
-        check_model(plan, model)
+        check_plan_model(plan, model)
     return plan
 
 
@@ -639,7 +639,7 @@ def _check_tensors(plan: KVPlan, arrays):
                 raise PlanError(f"{SCALES_FILE}: layers.{i}.{name} has shape {a.shape}")
 
 
-def check_model(plan: KVPlan, model):
+def check_plan_model(plan: KVPlan, model):
     have, want = model_identity(model), plan.model
     for key, what in (("n_layers", "layers"), ("n_kv_heads", "kv heads"), ("head_dim", "head_dim")):
         if have[key] != want.get(key):
@@ -939,12 +939,15 @@ def main(argv=None):
     p.add_argument("--vllm", default=None, help="Also export FP8 KV scales for vLLM here")
     args = p.parse_args(argv)
     try:
-        check_options(args.target_bits, args.bits, args.kv, args.transforms.split(","))
+        base, _, _ = check_options(args.target_bits, args.bits, args.kv,
+                                   args.transforms.split(","))
     except ValueError as e:
         p.error(str(e))
 
     src = Path(args.model).expanduser() if args.model else default_model_path()
     local = src.is_dir()
+    if args.model and not local and args.model.startswith(("/", ".", "~")):
+        p.error(f"no model folder at {src}")
     out = Path(args.out).expanduser() if args.out else src
     defaults = {default_model_dir(d).resolve() for d in ("float32", "float16")}
     shared = not local or src.resolve() in defaults  # hub cache or the default model
@@ -952,7 +955,8 @@ def main(argv=None):
         p.error("the source is a shared model cache: pass --out DIR for a calibrated copy")
     try:  # a plan already baked here (maybe stale) must not be attached
         model, tokenizer = load(str(src) if local else args.model, attach_plan=False)
-    except ModelNotFoundError as e:
+        check_model(model, base)  # the base spec must fit the model's head dims
+    except (ModelNotFoundError, ValueError) as e:
         p.error(str(e))
     src = src if local else _local_path(args.model)
     sources = args.workload

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from . import blas, corpus, plan
 from .attention import kvq_attention
 from .cache import KVQCache
-from .cli_types import int_list, nonneg_int, positive_int, token_list
+from .cli_types import int_list, nonneg_int, output_file, positive_int, token_list
 from .evaluate import MLX_BASELINE, Scheme, default_text, memory_needed
 from .kernels import decode_bytes_read
 from .models import ModelNotFoundError, describe_weights, load
@@ -270,9 +270,21 @@ def run(argv=None):
     p.add_argument("--mlx-dtype", choices=("float16", "float32"), default=None,
                    help="dtype for mlx-lm's quantized attention (--attention; default "
                    "float32 on the CPU, float16 on the GPU)")
-    p.add_argument("--json", default=None, help="Write the measurements as JSON here")
+    p.add_argument("--json", type=output_file, default=None,
+                   help="Write the measurements as JSON here")
     p.add_argument("--plot", default=None, help="Write PNG plots into this folder")
     args = p.parse_args(argv)
+    try:
+        for name in [*args.kv, *(f"mlx{b}" for b in args.mlx_bits * args.attention)]:
+            Scheme(name).validate()
+        if args.attention and args.heads % args.kv_heads:
+            raise ValueError(f"--heads {args.heads} is not a multiple of --kv-heads "
+                             f"{args.kv_heads}")
+        for name in args.kv * args.attention:
+            if not MLX_BASELINE.match(name):
+                parse_spec(name).validate_for(args.head_dim)
+    except ValueError as e:
+        p.error(str(e))
 
     if args.attention:
         specs = [s for s in args.kv if not MLX_BASELINE.match(s)]
@@ -291,9 +303,12 @@ def run(argv=None):
         except ModelNotFoundError as e:
             p.error(str(e))
         try:  # one case at a time; the fp reference at the longest context is largest
-            need = memory_needed(plan.load_shape(args.model), ["fp", *args.kv],
-                                 max(contexts), args.prefill_step, at_once=False)
-        except (plan.PlanError, ValueError) as e:
+            shape = plan.load_shape(args.model)
+            for name in args.kv:
+                Scheme(name).validate(shape, model)
+            need = memory_needed(shape, ["fp", *args.kv], max(contexts), args.prefill_step,
+                                 at_once=False)
+        except ValueError as e:  # PlanError included
             p.error(str(e))
         if need > plan.total_memory():
             p.error(f"--contexts {max(contexts)}: the full-precision reference needs "

@@ -2,6 +2,8 @@
 the flag named, before a model is loaded."""
 
 import argparse
+import os
+from pathlib import Path
 
 
 def _fail(text, what):
@@ -32,7 +34,7 @@ def tokens(text: str) -> int:
     scale = {"k": 1 << 10, "m": 1 << 20}.get(t[-1:], 1)
     try:
         n = int(float(t[:-1] if scale > 1 else t) * scale)
-    except ValueError:
+    except (ValueError, OverflowError):  # "x", "inf"
         _fail(text, "a token count (e.g. 4096, 4K, 1M)")
     if n <= 0:
         _fail(text, "a positive token count")
@@ -58,3 +60,18 @@ def fraction_list(text: str) -> tuple:
 def int_list(text: str) -> tuple:
     """Comma-separated positive integers: 2,3,4."""
     return tuple(positive_int(x) for x in str(text).split(","))
+
+
+def output_file(text: str) -> str:
+    """A file to write at the end of a long run: its folder is made now, so
+    a bad path fails before the work, not after."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        _fail(text, "a file (it is a folder)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot make the folder of {text!r}: {e}") from None
+    if not os.access(path.parent, os.W_OK):
+        _fail(text, "writable")
+    return str(path)

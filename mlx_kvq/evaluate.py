@@ -30,7 +30,7 @@ from mlx_lm.models.cache import make_prompt_cache as mlx_make_prompt_cache
 from tqdm import tqdm
 
 from . import blas, plan
-from .cli_types import fraction_list, nonneg_int, positive_int, token_list
+from .cli_types import fraction_list, nonneg_int, output_file, positive_int, token_list
 from .integration import make_prompt_cache, model_config
 from .report import kv_stats
 from .spec import VALID_BITS, VALID_GROUPS, parse_spec
@@ -52,22 +52,30 @@ class Scheme:
             bits, group = int(m.group(1)), int(m.group(2) or 64)
             return [QuantizedKVCache(group_size=group, bits=bits) for _ in model.layers]
         if self.name == "calibrated":  # the plan baked by mlx_kvq.calibrate
-            if getattr(model, "kvq_plan", None) is None:
-                raise ValueError("scheme 'calibrated' needs a model folder calibrated by "
-                                 "mlx_kvq.calibrate")
+            self.validate(model=model)
             return make_prompt_cache(model)
         return make_prompt_cache(model, parse_spec(self.name))
 
-    def validate(self):
-        """Raise ValueError, naming the problem, for a scheme that cannot be made."""
+    def validate(self, shape=None, model=None):
+        """Raise ValueError, naming the problem, for a scheme that cannot be
+        made (for the model of `shape` / `model`, if given)."""
         m = MLX_BASELINE.match(self.name)
         if m:
             bits, group = int(m.group(1)), int(m.group(2) or 64)
             if bits not in VALID_BITS or group not in VALID_GROUPS:
                 raise ValueError(f"mlx-lm baseline {self.name!r}: bits must be one of "
                                  f"{VALID_BITS}, group one of {VALID_GROUPS}")
-        elif self.name not in ("fp", "calibrated"):
-            parse_spec(self.name)
+            if shape is not None and (shape.head_dim % group or shape.dv % group):
+                raise ValueError(f"mlx-lm baseline {self.name!r}: group {group} does not "
+                                 f"divide the head dims {shape.head_dim} / {shape.dv}")
+        elif self.name == "calibrated":
+            if model is not None and getattr(model, "kvq_plan", None) is None:
+                raise ValueError("scheme 'calibrated' needs a model folder calibrated by "
+                                 "mlx_kvq.calibrate")
+        elif self.name != "fp":
+            spec = parse_spec(self.name)
+            if shape is not None:
+                spec.validate_for(shape.head_dim, shape.dv)
         return self
 
     def kv_bytes(self, shape, context: int) -> int:
@@ -369,7 +377,8 @@ def run(argv=None):
     p.add_argument("--needle-depths", type=fraction_list, default=(0.1, 0.5, 0.9),
                    help="Comma-separated positions of the key (0 = start, 1 = end)")
     p.add_argument("--needle-trials", type=positive_int, default=1, help="Pass keys per cell")
-    p.add_argument("--json", default=None, help="Write results and the disclosure as JSON here")
+    p.add_argument("--json", type=output_file, default=None,
+                   help="Write results and the disclosure as JSON here")
     p.add_argument("--plot", default=None, help="Write PNG plots into this folder")
     args = p.parse_args(argv)
     try:
@@ -384,7 +393,9 @@ def run(argv=None):
         p.error(str(e))
     try:
         shape = plan.load_shape(args.model)
-    except plan.PlanError as e:
+        for name in args.kv:
+            Scheme(name).validate(shape, model)
+    except ValueError as e:  # PlanError included
         p.error(str(e))
     problem = memory_problem(shape, args, plan.total_memory())
     if problem:

@@ -105,7 +105,7 @@ def check_memory(args, cache, n_prompt: int):
     context = cache[0].offset + n_prompt + max(args.max_tokens, 0)
     if args.max_kv_size:
         context = min(context, args.max_kv_size)
-    specs = [c.spec for c in cache if isinstance(c, KVQCache)]
+    specs = [c.spec for c in cache if isinstance(c, KVQCache)] or ["fp16"]
     shape = plan.load_shape(args.model)
     widest = max(specs, key=lambda s: plan.bits_per_element(s, shape.head_dim))
     plan.admit(shape, widest, context, prefill_step=args.prefill_step_size)
@@ -131,14 +131,15 @@ def main(argv=None):
     except ModelNotFoundError as e:
         parser.error(str(e))
     if args.prompt_cache_file:
-        explicit = args.kv is not None or any(getattr(args, f) is not None for f in SPEC_FLAGS)
         try:
-            cache = load_prompt_cache(args.prompt_cache_file, model=model,
-                                      spec=spec if explicit else None)
+            cache = load_prompt_cache(args.prompt_cache_file, model=model, spec=spec)
         except (OSError, ValueError) as e:
             sys.exit(f"error: {e}")
     else:
-        cache = make_prompt_cache(model, spec, max_kv_size=args.max_kv_size)
+        try:
+            cache = make_prompt_cache(model, spec, max_kv_size=args.max_kv_size)
+        except ValueError as e:
+            parser.error(str(e))
 
     prompt = build_prompt(tokenizer, args, continuing=bool(args.prompt_cache_file))
     try:

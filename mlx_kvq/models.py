@@ -85,6 +85,9 @@ def load(path_or_hf_repo: Optional[str] = None, *, attach_plan: bool = True, **k
 
     if path_or_hf_repo is None:
         path_or_hf_repo = default_model_path()
+    folder = Path(path_or_hf_repo).expanduser()
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        raise ModelNotFoundError(f"{folder} has no config.json: not an mlx-lm model folder")
     try:
         out = mlx_lm.load(str(path_or_hf_repo), **kwargs)
     except Exception as e:
@@ -110,10 +113,10 @@ def _local_path(path_or_hf_repo) -> Optional[Path]:
     path = Path(path_or_hf_repo).expanduser()
     if path.is_dir():
         return path
-    try:
-        from huggingface_hub import snapshot_download
+    try:  # the files mlx-lm fetches, as mlx_lm.load found them
+        from mlx_lm.utils import hf_repo_to_path
 
-        return Path(snapshot_download(str(path_or_hf_repo), local_files_only=True))
+        return hf_repo_to_path(str(path_or_hf_repo))
     except Exception:
         return None
 

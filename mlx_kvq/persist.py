@@ -74,9 +74,7 @@ def load_prompt_cache(file_name, return_metadata=False, model=None, spec=None):
     if spec is not None:
         want = str(spec if isinstance(spec, KVQuantSpec) else KVQuantSpec.from_string(spec))
         have = {str(c.spec) for c in cache if isinstance(c, KVQCache)}
-        if have and have != {want}:
-            raise ValueError(
-                f"prompt cache {file_name} was made with KV spec {sorted(have)}, "
-                f"not {want}"
-            )
+        if have != {want}:
+            made = f"KV spec {sorted(have)}" if have else "full-precision mlx-lm caches"
+            raise ValueError(f"prompt cache {file_name} was made with {made}, not {want}")
     return (cache, meta) if return_metadata else cache

@@ -41,11 +41,11 @@ from mlx_lm.utils import _get_classes
 
 from . import attention
 from .cache import KVQCache
-from .cli_types import int_list, positive_int, token_list, tokens
+from .cli_types import int_list, output_file, positive_int, token_list, tokens
 from .integration import check_model, head_dim_of, install
 from .models import DEFAULT_MODEL, _local_path, _safetensors_dtypes
 from .quant import packed_width
-from .spec import PRESETS, KVQuantSpec, parse_spec
+from .spec import PRESETS, HeadDimError, KVQuantSpec, parse_spec
 
 PRECISIONS = ("fp16", "k8v8", "k8v4", "k4v4", "k4v2", "k2v2")
 CONCURRENCY = (1, 2, 4, 8)
@@ -96,9 +96,19 @@ class ModelShape:
 # -- model shapes -----------------------------------------------------------
 
 
+# GPT-2-style config names of the fields the planner reads.
+ALIASES = {"hidden_size": "n_embd", "num_attention_heads": "n_head",
+           "num_hidden_layers": "n_layer", "intermediate_size": "n_inner",
+           "max_position_embeddings": "n_positions"}
+
+
 def _text_config(config: dict) -> dict:
-    return {**config, **config["text_config"]} if isinstance(
-        config.get("text_config"), dict) else config
+    text = {**config, **config["text_config"]} if isinstance(
+        config.get("text_config"), dict) else dict(config)
+    for name, alias in ALIASES.items():
+        if not text.get(name) and text.get(alias):
+            text[name] = text[alias]
+    return text
 
 
 def _instantiate(config: dict):
@@ -403,6 +413,17 @@ def capacity(config, spec, memory: int, *, context: Optional[int] = None,
     return lo
 
 
+def applicable(shape: ModelShape, specs) -> list:
+    """The specs that can apply to the model's head dims."""
+    out = []
+    for spec in specs:
+        try:
+            out.append(parse_spec(spec).validate_for(shape.head_dim, shape.dv))
+        except HeadDimError:
+            pass
+    return out
+
+
 def admit(config, spec, context: int, memory: Optional[int] = None,
           prefill_step: int = PREFILL_STEP) -> None:
     """Raise PlanError, saying what fits and which generate flags would make
@@ -420,7 +441,8 @@ def admit(config, spec, context: int, memory: Optional[int] = None,
            f"{fmt_bytes(memory)} of memory is there: at most {fit} tokens fit.")
     bits = bits_per_element(spec, shape.head_dim)
     fits = {name: capacity(shape, name, memory, concurrency=1, prefill_step=prefill_step)
-            for name in ("k4v2", "k2v2") if bits_per_element(name, shape.head_dim) < bits}
+            for name in applicable(shape, ("k4v2", "k2v2"))
+            if bits_per_element(name, shape.head_dim) < bits}
     options = [f"--kv {name} ({fmt_tokens(n)} tokens fit)"
                for name, n in fits.items() if n >= context]
     options += ["--max-kv-size N (keeps the sinks and the N most recent tokens)",
@@ -658,14 +680,17 @@ def run(argv=None):
     p.add_argument("--quality", nargs="+", default=None, metavar="EVAL_JSON",
                    help="Add KLD and top-1 columns from `mlx_kvq.eval --json` files "
                    "(their specs are planned too)")
-    p.add_argument("--json", default=None, help="Write the plan as JSON here")
+    p.add_argument("--json", type=output_file, default=None, help="Write the plan as JSON here")
     p.add_argument("--plot", default=None, help="Write PNG plots into this folder")
     args = p.parse_args(argv)
     try:
         memory = parse_memory(args.memory) if args.memory else total_memory()
         quality, source = load_quality(args.quality) if args.quality else ({}, None)
-        specs = list(dict.fromkeys(parse_spec(s) for s in [*PRECISIONS, *args.kv, *quality]))
         shape = load_shape(args.model, dtype=args.dtype)
+        # Presets that cannot apply (head_dim 80: no group divides it) are left
+        # out; specs asked for by name must apply.
+        specs = list(dict.fromkeys([*applicable(shape, PRECISIONS),
+                                    *(parse_spec(s) for s in [*args.kv, *quality])]))
         plan = make_plan(shape, specs, memory, args.prefill_step, args.contexts,
                          args.concurrency)
         plan.quality_source = source
@@ -674,6 +699,11 @@ def run(argv=None):
     except (PlanError, ValueError, FileNotFoundError) as e:
         p.exit(2, f"error: {e}\n")
     print(format_plan(plan))
+    left_out = [_short_spec(parse_spec(x)) for x in PRECISIONS if parse_spec(x) not in specs]
+    if left_out:
+        print(f"(not planned: {', '.join(left_out)}: their group size does not divide "
+              f"head_dim {shape.head_dim}{f' / {shape.dv}' if shape.v_head_dim else ''}; "
+              "per-channel keys alone still quantize: --kv k4v16)")
     print(recommend(plan, args.target_context, args.target_chats))
     if args.json:
         with open(args.json, "w") as f:

@@ -241,6 +241,25 @@ def test_default_model_end_to_end(tmp_path):
     assert model.kvq_plan.disclosure["sources"] == ["sample"]
     assert len(mlx_kvq.make_prompt_cache(model)) == 30
 
+    # The assistant uses the baked plan with no flags; an explicit --kv wins.
+    from mlx_kvq.apps.assistant.engine import Engine, Settings
+    from mlx_kvq.apps.assistant.store import Store
+
+    for kv in (None, "k2v2"):
+        engine = Engine(Settings(model=str(out), kv=kv), Store(tmp_path / "data"))
+        engine.start()
+        try:
+            calibrated = [c.calibration is not None for c in engine._new_cache()]
+            if kv is None:
+                assert engine.cache_spec is None and all(calibrated)
+                assert engine.scheme.startswith("calibrated per-layer plan")
+                assert engine.specs == sorted({str(model.kvq_plan.spec(i))
+                                               for i in model.kvq_plan.layers})
+            else:
+                assert engine.specs == ["k2v2-g32-r64-s4"] and not any(calibrated)
+        finally:
+            engine.stop()
+
 
 def test_kjv_decoder():
     from mlx_kvq.models import cache_home

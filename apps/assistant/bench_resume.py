@@ -97,7 +97,7 @@ def main(argv=None):
     ttft_resumed = statistics.median(d["first_token_s"] for d in resumed)
     ttft_again = statistics.median(d["first_token_s"] for d in again)
     result = {
-        "model": engine.model_id, "spec": str(engine.spec), "document_tokens": len(tokens),
+        "model": engine.model_id, "spec": ", ".join(engine.specs), "document_tokens": len(tokens),
         "ttft_resumed_s": ttft_resumed, "ttft_prefilled_s": ttft_again,
         "speedup": ttft_again / ttft_resumed,
         "resumed": [d["usage"] for d in resumed], "prefilled": [d["usage"] for d in again],

@@ -24,7 +24,7 @@ from mlx_kvq import make_prompt_cache, persist, plan
 from mlx_kvq.cache import KVQCache
 from mlx_kvq.models import DEFAULT_MODEL, load
 from mlx_kvq.report import kv_stats
-from mlx_kvq.spec import parse_spec
+from mlx_kvq.spec import DEFAULT_PRESET, parse_spec
 
 from .budget import Budget, to_park
 from .store import DEFAULT_TITLE, CacheRefused, NotFound, Store, title_of
@@ -53,7 +53,7 @@ def busy(message: str) -> RequestError:
 @dataclass
 class Settings:
     model: Optional[str] = None  # folder or hub id; None: the embedded model
-    kv: str = "k4v4"
+    kv: Optional[str] = None  # None: the model's baked plan, else the default preset
     memory: Optional[int] = None  # bytes; None: half of this machine's RAM
     max_tokens: int = 512
     temp: float = 0.0
@@ -167,7 +167,9 @@ def _extend(conv, messages: List[dict]):
 class Engine:
     def __init__(self, settings: Settings, store: Store):
         self.settings, self.store = settings, store
-        self.spec = parse_spec(settings.kv)
+        # The spec asked for; set at load to the default preset or, for a
+        # calibrated model folder, None: the plan baked into it.
+        self.cache_spec = parse_spec(settings.kv) if settings.kv else None
         self.jobs = queue.Queue(maxsize=settings.queue_size)
         self.sessions = OrderedDict()  # id -> Session, least recently used first
         self.notes = {}  # id -> why its saved cache was not used or saved
@@ -222,7 +224,7 @@ class Engine:
             held = sum(s.nbytes for s in self.sessions.values())
         note = self.notes.get(cid)
         if stats is None:
-            problem = self.store.check_cache(cid, self.fingerprint, str(self.spec))
+            problem = self.store.check_cache(cid, self.fingerprint, self.specs)
             if problem:
                 note = (f"The saved KV cache is refused: {problem}. The messages are "
                         "intact; the cache is rebuilt from them on the next turn.")
@@ -243,8 +245,8 @@ class Engine:
             "max_tokens": fit,
             "limited_by": limited_by,
             "tokens_left": max(0, fit - stats["tokens"]),
-            "spec": str(self.spec),
-            "scheme": self.spec.describe(),
+            "spec": ", ".join(self.specs),
+            "scheme": self.scheme,
             "note": note,
         }
 
@@ -298,11 +300,21 @@ class Engine:
         s = self.settings
         self.model, self.tokenizer = load(s.model)
         self.model_id = s.model or DEFAULT_MODEL
-        make_prompt_cache(self.model, self.spec)  # refuses an unsupported model/spec now
+        kv_plan = getattr(self.model, "kvq_plan", None)
+        if self.cache_spec is None and kv_plan is None:
+            self.cache_spec = parse_spec(DEFAULT_PRESET)
+        # Refuses an unsupported model/spec now.
+        layers = [c.spec for c in make_prompt_cache(self.model, self.cache_spec)
+                  if isinstance(c, KVQCache)]
+        self.specs = sorted({str(x) for x in layers})  # what saved caches must hold
+        self.scheme = (f"calibrated per-layer plan {kv_plan.label()}; {kv_plan.source}"
+                       if self.cache_spec is None else self.cache_spec.describe())
         self.fingerprint = persist.model_fingerprint(self.model)
+        shape = plan.load_shape(s.model)
+        # Sizes and limits use the widest layer: a plan's spec varies per layer.
+        self.spec = max(layers, key=lambda x: plan.bits_per_element(x, shape.head_dim))
         memory = s.memory or plan.total_memory() // 2
-        self.budget = Budget(plan.load_shape(s.model), self.spec, memory,
-                             s.prefill_step_size)
+        self.budget = Budget(shape, self.spec, memory, s.prefill_step_size)
         if self.budget.max_tokens() == 0:
             raise ValueError(
                 f"the memory budget {plan.fmt_bytes(memory)} does not hold the model "
@@ -358,7 +370,7 @@ class Engine:
                 self.sessions.move_to_end(cid)
                 return self.sessions[cid]
         try:
-            loaded = self.store.load_cache(cid, self.model, self.fingerprint, self.spec)
+            loaded = self.store.load_cache(cid, self.model, self.fingerprint, self.specs)
         except CacheRefused as e:
             self.notes[cid] = (f"The saved KV cache was refused: {e}. The messages are "
                                "intact; the cache was rebuilt from them.")
@@ -367,8 +379,7 @@ class Engine:
             session = Session(*loaded)
             session.stats = self._stats(session.cache)
         else:
-            session = Session(make_prompt_cache(self.model, self.spec,
-                                                self.settings.max_kv_size))
+            session = Session(self._new_cache())
         with self._lock:
             self.sessions[cid] = session
         return session
@@ -384,11 +395,13 @@ class Engine:
             if can_trim_prompt_cache(session.cache):
                 trim_prompt_cache(session.cache, drop)
             else:  # tokens were evicted (--max-kv-size): start over
-                session.cache = make_prompt_cache(self.model, self.spec,
-                                                  self.settings.max_kv_size)
+                session.cache = self._new_cache()
                 n = 0
             session.tokens = session.tokens[:n]
         return n
+
+    def _new_cache(self):
+        return make_prompt_cache(self.model, self.cache_spec, self.settings.max_kv_size)
 
     def _stats(self, cache) -> dict:
         st = kv_stats(cache)
@@ -476,7 +489,7 @@ class Engine:
         if offset != len(session.tokens):  # a cache we cannot map to tokens is useless
             log.warning("conversation %s: cache holds %d tokens, expected %d; dropping it",
                         cid, offset, len(session.tokens))
-            session.cache = make_prompt_cache(self.model, self.spec, self.settings.max_kv_size)
+            session.cache = self._new_cache()
             session.tokens = []
         session.stats = self._stats(session.cache)
         if job.title is not None:

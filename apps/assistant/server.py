@@ -29,7 +29,7 @@ from urllib.parse import unquote, urlsplit
 
 from mlx_kvq import plan
 from mlx_kvq.cache import KVQCache
-from mlx_kvq.cli_types import positive_int
+from mlx_kvq.cli_types import nonneg_int, positive_int
 from mlx_kvq.spec import DEFAULT_PRESET, PRESETS, parse_spec
 
 from . import openai_api
@@ -306,8 +306,8 @@ class Handler(BaseHTTPRequestHandler):
         engine, b = self.server.engine, self.server.engine.budget
         s = engine.settings
         self._send_json(200, {
-            "model": engine.model_id, "spec": str(engine.spec),
-            "scheme": engine.spec.describe(), "budget": b.memory,
+            "model": engine.model_id, "spec": ", ".join(engine.specs),
+            "scheme": engine.scheme, "budget": b.memory,
             "weights": b.shape.weight_bytes,
             "max_tokens_per_conversation": engine.token_limit()[0],
             "trained_context": b.shape.trained_context, "max_kv_size": s.max_kv_size,
@@ -449,6 +449,13 @@ def default_data_dir() -> Path:
     return Path(base).expanduser() / "mlx_kvq" / "assistant"
 
 
+def port(text: str) -> int:
+    n = nonneg_int(text)
+    if n > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (0-65535)")
+    return n
+
+
 def setup_arg_parser():
     p = argparse.ArgumentParser(
         description="Local long-context assistant on quantized KV caches: a chat page "
@@ -457,14 +464,15 @@ def setup_arg_parser():
                    help="Model folder or hub id (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--host", default="127.0.0.1",
                    help="Address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8080, help="Port (0: any free port)")
+    p.add_argument("--port", type=port, default=8080, help="Port (0: any free port)")
     p.add_argument("--max-tokens", "-m", type=positive_int, default=512,
                    help="Default maximum tokens of a reply")
     p.add_argument("--temp", type=float, default=0.0, help="Default sampling temperature")
     p.add_argument("--top-p", type=float, default=1.0, help="Default nucleus sampling top-p")
-    p.add_argument("--kv", default=DEFAULT_PRESET,
+    p.add_argument("--kv", default=None,
                    help=f"KV cache spec: a preset ({', '.join(PRESETS)}) or a label like "
-                   f"k4v2-g32-r64-s4 (default {DEFAULT_PRESET})")
+                   f"k4v2-g32-r64-s4 (default: the plan baked into a calibrated model "
+                   f"folder, else {DEFAULT_PRESET})")
     p.add_argument("--data-dir", default=None,
                    help=f"Where conversations and their caches live (default "
                    f"{default_data_dir()})")
@@ -493,13 +501,13 @@ def main(argv=None):
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     try:
-        spec = parse_spec(args.kv)
-        if args.max_kv_size:
-            KVQCache(spec, max_size=args.max_kv_size)  # too small for the spec?
+        spec = parse_spec(args.kv) if args.kv else None
+        if args.max_kv_size:  # too small for the spec?
+            KVQCache(spec or DEFAULT_PRESET, max_size=args.max_kv_size)
         memory = plan.parse_memory(args.memory) if args.memory else None
     except ValueError as e:
         parser.error(str(e))
-    settings = Settings(model=args.model, kv=str(spec), memory=memory,
+    settings = Settings(model=args.model, kv=spec and str(spec), memory=memory,
                         max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p,
                         max_kv_size=args.max_kv_size,
                         prefill_step_size=args.prefill_step_size,
@@ -510,10 +518,16 @@ def main(argv=None):
         engine.start()
     except (ValueError, OSError) as e:
         parser.exit(2, f"mlx_kvq.assistant: error: {e}\n")
-    server = Server(args.host, args.port, engine, store, args.allow_origin,
-                    args.max_body_bytes)
+    try:
+        server = Server(args.host, args.port, engine, store, args.allow_origin,
+                        args.max_body_bytes)
+    except OSError as e:  # port in use, host not on this machine
+        engine.stop()
+        parser.exit(2, f"mlx_kvq.assistant: error: cannot listen on {args.host}:{args.port}: "
+                    f"{e}\n")
     limit, limited_by = engine.token_limit()
-    print(f"mlx_kvq.assistant: {engine.model_id}, KV cache {spec} ({spec.describe()})\n"
+    print(f"mlx_kvq.assistant: {engine.model_id}, KV cache {', '.join(engine.specs)} "
+          f"({engine.scheme})\n"
           f"memory budget {plan.fmt_bytes(engine.budget.memory)}: up to {limit} tokens in "
           f"a conversation ({limited_by}); {len(store.list())} conversations in "
           f"{store.root}\n"

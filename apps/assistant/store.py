@@ -230,7 +230,7 @@ class Store:
         except (OSError, ValueError):
             return {}
 
-    def check_cache(self, cid, fingerprint: str, spec: str) -> Optional[str]:
+    def check_cache(self, cid, fingerprint: str, specs: List[str]) -> Optional[str]:
         """Why the saved cache cannot be used, without loading it (None if it
         can, or if there is none): checksum sidecar, size, sha256, model, spec."""
         folder = self.folder(cid)
@@ -240,13 +240,13 @@ class Store:
             memo = self._checked.get(cid)
             if memo and memo[0] == ident:
                 return memo[1]
-            problem = self._check(folder, fingerprint, spec)
+            problem = self._check(folder, fingerprint, specs)
             self._checked[cid] = (ident, problem)
         if problem:
             log.warning("conversation %s: saved KV cache refused: %s", cid, problem)
         return problem
 
-    def _check(self, folder: Path, fingerprint: str, spec: str) -> Optional[str]:
+    def _check(self, folder: Path, fingerprint: str, specs: List[str]) -> Optional[str]:
         info = self.cache_info(folder.name)
         if info is None:
             return None
@@ -263,15 +263,16 @@ class Store:
         if info["model"] != fingerprint:
             return (f"it was made with another model (fingerprint {info['model']}, "
                     f"this model is {fingerprint})")
-        if info["spec"] != [spec]:
+        if info["spec"] != list(specs):
             return (f"it was made with KV spec {', '.join(info['spec'])}, the server "
-                    f"runs {spec}")
+                    f"runs {', '.join(specs)}")
         return None
 
-    def load_cache(self, cid, model, fingerprint: str, spec):
+    def load_cache(self, cid, model, fingerprint: str, specs: List[str]):
         """(cache, token ids) of the saved cache, or None if there is none;
-        CacheRefused if it is damaged or made for another model or spec."""
-        problem = self.check_cache(cid, fingerprint, str(spec))
+        CacheRefused if it is damaged or made for another model or specs
+        (sorted labels of its quantized layers)."""
+        problem = self.check_cache(cid, fingerprint, specs)
         if problem:
             raise CacheRefused(problem)
         info = self.cache_info(cid)
@@ -279,7 +280,7 @@ class Store:
             return None
         try:
             cache = persist.load_prompt_cache(self.folder(cid) / CACHE, model=model,
-                                              spec=spec)
+                                              spec=specs[0] if len(specs) == 1 else None)
         except ValueError as e:
             log.warning("conversation %s: saved KV cache refused: %s", cid, e)
             raise CacheRefused(str(e)) from e
