@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -215,6 +216,17 @@ def model_shape(config: dict, weights_dir=None, name: Optional[str] = None,
     )
 
 
+def baked_plan(model: Optional[str] = None) -> "Optional[LayerSpecs]":
+    """The per-layer plan mlx_kvq.calibrate baked into the model folder, if any."""
+    from .converters.calibrate import load_plan, plan_files
+
+    folder = _local_path(model)
+    if folder is None or plan_files(folder) is None:
+        return None
+    baked = load_plan(folder)
+    return LayerSpecs(tuple(baked.spec(i) for i in sorted(baked.layers)), baked.label())
+
+
 def load_shape(model: Optional[str] = None, dtype: Optional[str] = None) -> ModelShape:
     """A ModelShape from a model folder, a config.json path, a Hugging Face id
     already in the local cache, or the default (embedded) model."""
@@ -243,6 +255,48 @@ def _shape(config) -> ModelShape:
 
 
 # -- KV bytes -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerSpecs:
+    """A per-layer plan baked by mlx_kvq.calibrate, as the planner sizes it:
+    one spec per full-attention layer."""
+
+    specs: tuple
+    label: str
+
+    @property
+    def quantized(self) -> bool:
+        return True
+
+    def describe(self) -> str:
+        return f"calibrated per-layer plan {self.label}"
+
+    def __str__(self) -> str:
+        return "calibrated"
+
+
+def _parse(spec):
+    return spec if isinstance(spec, LayerSpecs) else parse_spec(spec)
+
+
+def _layers(shape: ModelShape, spec) -> Counter:
+    """{spec: number of full-attention layers with it}, checked against the model."""
+    spec = _parse(spec)
+    if not isinstance(spec, LayerSpecs):
+        return Counter({spec.validate_for(shape.head_dim, shape.dv): shape.full_layers})
+    if len(spec.specs) != shape.full_layers:
+        raise PlanError(f"the calibrated plan has {len(spec.specs)} layers, the model "
+                        f"{shape.full_layers} full-attention layers")
+    return Counter(s.validate_for(shape.head_dim, shape.dv) for s in spec.specs)
+
+
+def _widest(spec, head_dim: int) -> KVQuantSpec:
+    """The spec of a plan's largest layer (the spec itself if uniform)."""
+    spec = _parse(spec)
+    if not isinstance(spec, LayerSpecs):
+        return spec
+    return max(spec.specs, key=lambda s: bits_per_element(s, head_dim))
 
 
 def _keys_transposed(spec: KVQuantSpec) -> bool:
@@ -301,9 +355,8 @@ def kv_bytes(config, spec, context: int) -> int:
     config: a ModelShape (load_shape, model_shape; build it once for repeated
     calls) or a config.json dict."""
     shape = _shape(config)
-    spec = parse_spec(spec).validate_for(shape.head_dim, shape.dv)
-    return (shape.full_layers * layer_bytes(spec, context, shape.n_kv_heads, shape.head_dim,
-                                            shape.dv)
+    return (sum(n * layer_bytes(s, context, shape.n_kv_heads, shape.head_dim, shape.dv)
+                for s, n in _layers(shape, spec).items())
             + _window_bytes(shape, context))
 
 
@@ -317,7 +370,9 @@ def kv_bytes_per_token(config, spec, context: int) -> float:
 
 def bits_per_element(spec, head_dim: int) -> float:
     """Bits per cached K/V element of the quantized body (the long-context limit)."""
-    spec = parse_spec(spec)
+    spec = _parse(spec)
+    if isinstance(spec, LayerSpecs):
+        return sum(bits_per_element(s, head_dim) for s in spec.specs) / len(spec.specs)
     cap = 1 << 16
     per_layer = (_body_part_bytes(spec.k_bits, cap, 1, head_dim, spec.group_size,
                                   _keys_transposed(spec))
@@ -347,7 +402,7 @@ def workspace_parts(config, spec, context: int, prefill_step: int = PREFILL_STEP
     logits       the last position's logits (mlx-lm computes no others in prefill)
     """
     s = _shape(config)
-    spec = parse_spec(spec)
+    spec = _widest(spec, s.head_dim)
     L = min(prefill_step, context)
     a = s.dtype_bytes
     H, D, Hq = s.n_kv_heads, s.head_dim, s.n_heads
@@ -429,7 +484,7 @@ def admit(config, spec, context: int, memory: Optional[int] = None,
     """Raise PlanError, saying what fits and which generate flags would make
     it fit, unless one sequence of `context` tokens with `spec` fits `memory`
     (default: this machine's RAM)."""
-    shape, spec = _shape(config), parse_spec(spec)
+    shape, spec = _shape(config), _parse(spec)
     memory = memory or total_memory()
     need = memory_needed(shape, spec, [context], prefill_step)
     if need <= memory:
@@ -490,6 +545,9 @@ def load_quality(paths) -> tuple:
             raise PlanError(f"{path} is not a JSON file written by mlx_kvq.eval --json "
                             f"({type(e).__name__}: {e})") from None
         for name, r in items:
+            if name == "calibrated":  # the baked plan, as the planner's row names it
+                results[name] = r
+                continue
             try:
                 results[str(parse_spec(name))] = r
             except ValueError:
@@ -508,7 +566,8 @@ def make_plan(shape: ModelShape, specs, memory: int, prefill_step: int = PREFILL
     plan = Plan(shape, memory, prefill_step, contexts=tuple(contexts),
                 concurrency=tuple(concurrency))
     for spec in specs:
-        spec = parse_spec(spec).validate_for(shape.head_dim, shape.dv)
+        spec = _parse(spec)
+        _layers(shape, spec)  # refuses a spec the model's head dims cannot take
         plan.rows.append(Row(
             spec=spec,
             bits=bits_per_element(spec, shape.head_dim),
@@ -541,7 +600,9 @@ def fmt_tokens(n: int) -> str:
 
 def _short_spec(spec: KVQuantSpec) -> str:
     """The preset label (k4v4, fp16) if the spec is one, else its label
-    without the parts that are defaults (k3v3-rot)."""
+    without the parts that are defaults (k3v3-rot); "calibrated" for a plan."""
+    if isinstance(spec, LayerSpecs):
+        return str(spec)
     preset = next((k for k, v in PRESETS.items() if v == spec and re.fullmatch(
         r"k\d+v\d+|fp16", k)), None)
     if preset:
@@ -596,6 +657,8 @@ def format_plan(plan: Plan) -> str:
             + "".join(f"{fmt_tokens(r.max_context[n]):>8}" for n in plan.concurrency) + " | "
             + "".join(f"{r.max_chats[c]:>8}" for c in plan.contexts)
         )
+    lines += [f"{_short_spec(r.spec)}: {r.spec.describe()}" for r in plan.rows
+              if isinstance(r.spec, LayerSpecs)]
     if s.trained_context and any(n > s.trained_context for r in plan.rows
                                  for n in r.max_context.values()):
         lines.append(f"(contexts beyond the trained {fmt_tokens(s.trained_context)} "
@@ -690,7 +753,11 @@ def run(argv=None):
         # Presets that cannot apply (head_dim 80: no group divides it) are left
         # out; specs asked for by name must apply.
         specs = list(dict.fromkeys([*applicable(shape, PRECISIONS),
-                                    *(parse_spec(s) for s in [*args.kv, *quality])]))
+                                    *(parse_spec(s) for s in [*args.kv, *quality]
+                                      if s != "calibrated")]))
+        baked = baked_plan(args.model)
+        if baked is not None:
+            specs.append(baked)
         plan = make_plan(shape, specs, memory, args.prefill_step, args.contexts,
                          args.concurrency)
         plan.quality_source = source

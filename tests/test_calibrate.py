@@ -241,6 +241,17 @@ def test_default_model_end_to_end(tmp_path):
     assert model.kvq_plan.disclosure["sources"] == ["sample"]
     assert len(mlx_kvq.make_prompt_cache(model)) == 30
 
+    # The planner sizes the baked plan as the caches hold it.
+    from mlx_kvq import plan
+
+    rows = {str(r.spec): r for r in plan.run(["--model", str(out), "--memory", "4GB"]).rows}
+    baked = rows["calibrated"].spec
+    assert [*baked.specs] == [model.kvq_plan.spec(i) for i in sorted(model.kvq_plan.layers)]
+    cache = mlx_kvq.make_prompt_cache(model)
+    model(mx.array([list(range(1, 301))]), cache=cache)
+    measured = sum(c.nbytes for c in cache)
+    assert abs(plan.kv_bytes(plan.load_shape(str(out)), baked, 300) - measured) <= 0.02 * measured
+
     # The assistant uses the baked plan with no flags; an explicit --kv wins.
     from mlx_kvq.apps.assistant.engine import Engine, Settings
     from mlx_kvq.apps.assistant.store import Store
@@ -292,7 +303,8 @@ def test_sliding_window_layers_are_left_alone():
     (["--bits", "7"], "bits [7]: each must be one of"),
     (["--transforms", "none,bogus"], "transforms ['bogus']: use some of"),
     (["--kv", "k4v4-g48"], "group_size=48"),
-    (["--model", "/nonexistent/model"], "neither a local model folder"),
+    (["--model", "/nonexistent/model"], "no model folder at /nonexistent/model"),
+    (["--model", "not-a-user/not-a-model-xyz"], "neither a local model folder"),
 ])
 def test_bad_options_refused_before_work(tmp_path, argv, msg, capsys):
     with pytest.raises(SystemExit) as e:

@@ -311,10 +311,12 @@ class Engine:
                        if self.cache_spec is None else self.cache_spec.describe())
         self.fingerprint = persist.model_fingerprint(self.model)
         shape = plan.load_shape(s.model)
-        # Sizes and limits use the widest layer: a plan's spec varies per layer.
+        # A plan's spec varies per layer: the budget sizes each layer; the
+        # sinks named in notices are the widest layer's.
         self.spec = max(layers, key=lambda x: plan.bits_per_element(x, shape.head_dim))
+        sized = self.cache_spec or plan.LayerSpecs(tuple(layers), kv_plan.label())
         memory = s.memory or plan.total_memory() // 2
-        self.budget = Budget(shape, self.spec, memory, s.prefill_step_size)
+        self.budget = Budget(shape, sized, memory, s.prefill_step_size)
         if self.budget.max_tokens() == 0:
             raise ValueError(
                 f"the memory budget {plan.fmt_bytes(memory)} does not hold the model "
