@@ -68,6 +68,10 @@ class Scheme:
             if shape is not None and (shape.head_dim % group or shape.dv % group):
                 raise ValueError(f"mlx-lm baseline {self.name!r}: group {group} does not "
                                  f"divide the head dims {shape.head_dim} / {shape.dv}")
+            if model is not None and any(isinstance(getattr(x, "sinks", None), mx.array)
+                                         for _, x in model.named_modules()):
+                raise ValueError(f"mlx-lm baseline {self.name!r}: mlx-lm's quantized "
+                                 "attention does not support this model's attention sinks")
         elif self.name == "calibrated":
             if model is not None and getattr(model, "kvq_plan", None) is None:
                 raise ValueError("scheme 'calibrated' needs a model folder calibrated by "
@@ -82,13 +86,15 @@ class Scheme:
         """Bytes this scheme's caches hold after `context` tokens (mlx_kvq.plan's
         arithmetic; mlx-lm's caches keep K/V, or its scales, in the model dtype)."""
         m = MLX_BASELINE.match(self.name)
-        if self.name == "fp":
-            return plan.kv_bytes(shape, "fp16", context) * shape.dtype_bytes // 2
-        if m:
+        windows = plan.window_bytes(shape, context)
+        if self.name == "fp":  # full layers as an unquantized KVQCache, in the model dtype
+            return (plan.kv_bytes(shape, "fp16", context) - windows) * shape.dtype_bytes // 2 \
+                + windows
+        if m:  # one QuantizedKVCache per layer, sliding ones included
             bits, group = int(m.group(1)), int(m.group(2) or 64)
             per_token = shape.n_kv_heads * (shape.head_dim + shape.dv) * (
                 bits / 8 + 2 * shape.dtype_bytes / group)
-            return int(shape.full_layers * per_token * context)
+            return int(shape.n_layers * per_token * context)
         return plan.kv_bytes(shape, "k8v8" if self.name == "calibrated" else self.name,
                              context)
 
@@ -341,8 +347,9 @@ def memory_problem(shape, args, memory: int):
     windows hold the fp reference's and every scheme's cache at once; the
     needle grid holds one cache at a time."""
     schemes = ["fp", *args.kv]
-    if args.windows > 0:
-        need = memory_needed(shape, schemes, args.window, args.chunk)
+    if args.windows > 0:  # plus a chunk's float32 log-probs: reference, output, exp, KLD
+        need = (memory_needed(shape, schemes, args.window, args.chunk)
+                + 4 * args.chunk * shape.vocab_size * 4)
         if need > memory:
             return (f"--window {args.window}: the full-precision reference and "
                     f"{len(args.kv)} scheme(s) need {plan.fmt_bytes(need)} at once, more "

@@ -102,15 +102,23 @@ def build_prompt(tokenizer, args, continuing: bool):
 def check_memory(args, cache, n_prompt: int):
     """Refuse, before any allocation, a request whose cache would not fit this
     machine (the planner's arithmetic); warn beyond the trained context."""
-    context = cache[0].offset + n_prompt + max(args.max_tokens, 0)
-    if args.max_kv_size:
-        context = min(context, args.max_kv_size)
-    specs = [c.spec for c in cache if isinstance(c, KVQCache)] or ["fp16"]
-    shape = plan.load_shape(args.model)
-    widest = max(specs, key=lambda s: plan.bits_per_element(s, shape.head_dim))
-    plan.admit(shape, widest, context, prefill_step=args.prefill_step_size)
+    kvq = [c for c in cache if isinstance(c, KVQCache)]
+    offset = next((c.offset for c in cache if hasattr(c, "offset")), 0)  # SSM state: none
+    context = offset + n_prompt + max(args.max_tokens, 0)
+    bound = min((c.max_size for c in kvq if c.max_size), default=None)  # as made or loaded
+    if bound:
+        context = min(context, bound)
+    try:
+        shape = plan.load_shape(args.model)
+    except PlanError as e:
+        print(f"warning: no memory check ({e})", file=sys.stderr)
+        return
+    specs = [c.spec for c in kvq]
+    sized = ("fp16" if not specs else specs[0] if len(set(specs)) == 1
+             else plan.LayerSpecs(tuple(specs), "calibrated"))
+    plan.admit(shape, sized, context, prefill_step=args.prefill_step_size)
     trained = shape.trained_context
-    if trained and context > trained and not args.max_kv_size:
+    if trained and context > trained and not bound:
         print(f"warning: {context} tokens exceed the model's trained context of "
               f"{trained}; quality will suffer (--max-kv-size bounds the cache)",
               file=sys.stderr)

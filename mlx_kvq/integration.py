@@ -58,13 +58,14 @@ def model_module_supported(model) -> bool:
     )
 
 
-def model_config(model) -> dict:
+def model_config(model, merge_text: bool = True) -> dict:
     """The model's ModelArgs as a dict (text_config merged in for multimodal
-    models); mlx-lm models keep them as .args, a few as .config."""
+    models unless merge_text is False); mlx-lm models keep them as .args, a
+    few as .config."""
     args = getattr(model, "args", None) or getattr(model, "config", None)
     a = dict(args if isinstance(args, dict) else vars(args)) if args is not None else {}
     text = a.get("text_config")
-    if text is not None:
+    if text is not None and merge_text:
         a.update(text if isinstance(text, dict) else vars(text))
     return a
 

@@ -29,7 +29,8 @@ def sha256_file(path) -> str:
 
 def model_fingerprint(model) -> str:
     """Cheap identity of a model: its config and a sample of its weights."""
-    cfg = {k: v for k, v in model_config(model).items()
+    # The top-level args only: fingerprints stay those of earlier files.
+    cfg = {k: v for k, v in model_config(model, merge_text=False).items()
            if isinstance(v, (int, float, str, bool))}
     # A few values of every weight (norm weights alone may all be ones).
     sample = [

@@ -43,7 +43,7 @@ from mlx_lm.utils import _get_classes
 from . import attention
 from .cache import KVQCache
 from .cli_types import int_list, output_file, positive_int, token_list, tokens
-from .integration import check_model, head_dim_of, install
+from .integration import check_model, head_dim_of, install, model_config
 from .models import DEFAULT_MODEL, _local_path, _safetensors_dtypes
 from .quant import packed_width
 from .spec import PRESETS, HeadDimError, KVQuantSpec, parse_spec
@@ -205,7 +205,7 @@ def model_shape(config: dict, weights_dir=None, name: Optional[str] = None,
         n_heads=n_heads,
         n_kv_heads=text.get("num_key_value_heads") or n_heads,
         head_dim=head_dim,
-        v_head_dim=text.get("v_head_dim") if text.get("v_head_dim") != head_dim else None,
+        v_head_dim=dv if (dv := model_config(model).get("v_head_dim")) != head_dim else None,
         full_layers=full,
         windows=windows,
         stateless_layers=len(caches) - full - len(windows),
@@ -344,7 +344,8 @@ def layer_bytes(spec, context: int, n_kv_heads: int, head_dim: int,
             + _body_part_bytes(spec.v_bits, cap, H, Dv, G, False))
 
 
-def _window_bytes(shape: ModelShape, context: int) -> int:
+def window_bytes(shape: ModelShape, context: int) -> int:
+    """Bytes the sliding-window layers' RotatingKVCaches hold (model dtype)."""
     held = [min(w, _round_up(context, RotatingKVCache.step)) for w in shape.windows]
     return sum(held) * shape.n_kv_heads * (shape.head_dim + shape.dv) * shape.dtype_bytes
 
@@ -357,7 +358,7 @@ def kv_bytes(config, spec, context: int) -> int:
     shape = _shape(config)
     return (sum(n * layer_bytes(s, context, shape.n_kv_heads, shape.head_dim, shape.dv)
                 for s, n in _layers(shape, spec).items())
-            + _window_bytes(shape, context))
+            + window_bytes(shape, context))
 
 
 def kv_bytes_per_token(config, spec, context: int) -> float:
@@ -753,8 +754,9 @@ def run(argv=None):
         # Presets that cannot apply (head_dim 80: no group divides it) are left
         # out; specs asked for by name must apply.
         specs = list(dict.fromkeys([*applicable(shape, PRECISIONS),
-                                    *(parse_spec(s) for s in [*args.kv, *quality]
-                                      if s != "calibrated")]))
+                                    *(parse_spec(s) for s in args.kv),
+                                    *applicable(shape, [s for s in quality
+                                                        if s != "calibrated"])]))
         baked = baked_plan(args.model)
         if baked is not None:
             specs.append(baked)

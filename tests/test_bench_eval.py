@@ -110,11 +110,13 @@ def test_eval_memory_check_counts_every_cache_held_at_once():
     shape = plan.load_shape()
     args = SimpleNamespace(kv=["k4v4", "mlx4"], window=4096, chunk=256, windows=1,
                            needle=False, needle_contexts=(512,))
-    need = evaluate.memory_needed(shape, ["fp", "k4v4", "mlx4"], 4096, 256)
+    logprobs = 4 * 256 * shape.vocab_size * 4  # a chunk's float32 log-probs, 4 tensors
+    need = evaluate.memory_needed(shape, ["fp", "k4v4", "mlx4"], 4096, 256) + logprobs
     fp = evaluate.Scheme("fp").kv_bytes(shape, 4096)
     # float32 reference: twice the fp16 plan; k4v4 about a sixth of it
     assert fp == 2 * plan.kv_bytes(shape, "fp16", 4096)
     assert 0.1 < evaluate.Scheme("k4v4").kv_bytes(shape, 4096) / fp < 0.2
-    assert need > shape.weight_bytes + fp
+    assert need > shape.weight_bytes + fp + logprobs
     assert evaluate.memory_problem(shape, args, need) is None
     assert "need" in evaluate.memory_problem(shape, args, need - 1)
+

@@ -304,7 +304,7 @@ class Engine:
         if self.cache_spec is None and kv_plan is None:
             self.cache_spec = parse_spec(DEFAULT_PRESET)
         # Refuses an unsupported model/spec now.
-        layers = [c.spec for c in make_prompt_cache(self.model, self.cache_spec)
+        layers = [c.spec for c in make_prompt_cache(self.model, self.cache_spec, s.max_kv_size)
                   if isinstance(c, KVQCache)]
         self.specs = sorted({str(x) for x in layers})  # what saved caches must hold
         self.scheme = (f"calibrated per-layer plan {kv_plan.label()}; {kv_plan.source}"
