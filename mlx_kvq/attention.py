@@ -51,20 +51,26 @@ def quantized_segment_partials(
 ):
     """Partials over a quantized body: channel keys [B, H, D, T] (along
     tokens), per-token values [B, H, T, D]; qg [B, H, R, D] already scaled.
+    n_tokens: tokens held, one count for all rows or one per batch row.
 
     The pure-MLX path of decode attention; the Metal decode kernel is held
     equal to it.
     """
     B, H, R, D = qg.shape
-    if n_tokens == 0:
+    valid = None if isinstance(n_tokens, int) else tuple(int(n) for n in n_tokens)
+    length = n_tokens if valid is None else max(valid, default=0)
+    if length == 0:
         return (
             mx.full((B, H, R), -mx.inf, mx.float32),
             mx.zeros((B, H, R), mx.float32),
             mx.zeros((B, H, R, v_codes.shape[-1] * 32 // v_bits), mx.float32),
         )
-    seg = Segment(0, n_tokens, (k_codes, k_scales, k_biases), (v_codes, v_scales, v_biases),
-                  Layout(k_bits, group_size, True), Layout(v_bits, group_size, False))
-    return _segment_partials(qg, seg, lambda scores, t: scores)
+    seg = Segment((0,) * B if valid else 0, length, (k_codes, k_scales, k_biases),
+                  (v_codes, v_scales, v_biases), Layout(k_bits, group_size, True),
+                  Layout(v_bits, group_size, False), valid)
+    q0 = mx.full((B,), length) if valid else length
+    return _segment_partials(
+        qg, seg, lambda scores, t: _mask_segment(scores, t, 0, q0, "causal", R, 1))
 
 
 def _segment_partials(qg, seg, mask_fn):
@@ -103,28 +109,47 @@ def _merge_partials(parts):
 
 
 def _merge(parts):
-    """Merge partials and normalize: the attention output."""
+    """Merge partials and normalize: the attention output. Rows that see no
+    token (left padding of a batch) come out 0."""
     _, l, o = _merge_partials(parts)
-    return o / l[..., None]
+    return o / mx.where(l > 0, l, 1.0)[..., None]
 
 
-def _needs_mask(seg, q0, mask):
-    """False when the causal rule cannot hide any of the segment's tokens."""
+def _needs_mask(seg, q0, mask, L=1):
+    """False when neither the causal rule nor a ragged batch can hide any of
+    the segment's tokens."""
+    if seg.ragged:
+        return L > 1 or any(v < seg.length for v in seg.valid)
     causal_done = isinstance(mask, str) and seg.start + seg.length <= q0 + 1
     return mask is not None and not causal_done
+
+
+def _ragged_keep(seg, q0, L):
+    """[B, L, T] which tokens of a ragged segment each query of each
+    sequence sees: those it holds, at positions up to the query's own."""
+    t = mx.arange(seg.length)
+    keep = (t[None] < mx.array(seg.valid)[:, None])[:, None, :]
+    if L > 1:
+        k_pos = mx.array(seg.start)[:, None] + t
+        q_pos = q0[:, None] + mx.arange(L)
+        keep = keep & (k_pos[:, None, :] <= q_pos[:, :, None])
+    return keep
 
 
 def _mask_segment(scores, seg, col0, q0, mask, rep, L):
     """Apply the causal rule (or a model-given mask) to one segment's scores.
 
     scores: [B, H, rep*L, T]; q0: absolute position of the first of the L
-    queries; col0: index of the segment's first token among the cached tokens.
+    queries (per sequence, an array, for a ragged segment); col0: index of
+    the segment's first token among the cached tokens.
     """
-    if not _needs_mask(seg, q0, mask):
+    if not _needs_mask(seg, q0, mask, L):
         return scores
     B, H, _, T = scores.shape
     s = scores.reshape(B, H, rep, L, T)
-    if isinstance(mask, str):
+    if seg.ragged:  # the batch cache knows each sequence's tokens and positions
+        s = mx.where(_ragged_keep(seg, q0, L)[:, None, None], s, -mx.inf)
+    elif isinstance(mask, str):
         k_pos = mx.arange(seg.start, seg.start + seg.length)
         keep = k_pos[None, :] <= mx.arange(q0, q0 + L)[:, None]
         s = mx.where(keep, s, -mx.inf)
@@ -175,15 +200,19 @@ def _attend_chunk(q, cache, segs, l0, L, mask, rep, sinks):
     qg = q.reshape(B, H, rep * Lc, D)
     if mask is not None and not isinstance(mask, str):
         mask = mask[..., l0 : l0 + Lc, :]
-    q0 = cache.offset - L + l0  # position of the chunk's first query
+    q0 = cache.query_start(L) + l0  # position of the chunk's first query
     parts, col0 = [], 0
     for seg in segs:
         c0 = col0
 
         def mask_fn(scores, t, c0=c0, seg=seg):
-            return _mask_segment(scores, t, c0 + t.start - seg.start, q0, mask, rep, Lc)
+            col = c0 if seg.ragged else c0 + t.start - seg.start
+            return _mask_segment(scores, t, col, q0, mask, rep, Lc)
 
-        if (Lc == 1 and not _needs_mask(seg, q0, mask) and seg.k_layout.transposed
+        # The kernel takes each row's token count, so a ragged decode step
+        # (every cached token precedes the query) needs no mask.
+        if (Lc == 1 and (seg.ragged or not _needs_mask(seg, q0, mask))
+                and seg.k_layout.transposed
                 and cache.dims[2] == cache.dims[3] and _use_kernel(seg, D)):
             parts.append(_kernel_partials(qg, seg))
         else:
@@ -209,5 +238,6 @@ def _kernel_partials(qg, seg):
     # Whole preallocated buffers: slicing transposed codes would copy them.
     return kernels.metal_decode_partials(
         qg, *seg.keys, *seg.values, k_bits=seg.k_layout.bits,
-        v_bits=seg.v_layout.bits, group_size=seg.k_layout.group, n_tokens=seg.length,
+        v_bits=seg.v_layout.bits, group_size=seg.k_layout.group,
+        n_tokens=seg.valid if seg.ragged else seg.length,
     )

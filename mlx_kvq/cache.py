@@ -10,9 +10,10 @@ Attention (attention.py) reads the segments where they are; nothing is
 dequantized into a full-precision copy.
 """
 
+import copy
 import json
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 import mlx.core as mx
 from mlx_lm.models.cache import _BaseCache, create_attention_mask
@@ -60,16 +61,18 @@ class Layout:
             return tuple(x[..., i:j] for x, (i, j) in zip(part, self._ranges(a, b)))
         return tuple(x[..., a:b, :] for x in part)
 
-    def write(self, dst, src, a):
+    def write(self, dst, src, a, row=None):
+        """Write `src` at token a of `dst` (of batch row `row` only, if given)."""
         b = a + (src.shape[2] if self.bits is None else self._count(src))
+        r = slice(None) if row is None else slice(row, row + 1)
         if self.bits is None:
-            dst[..., a:b, :] = src
+            dst[r, :, a:b, :] = src
             return dst
         for x, y, (i, j) in zip(dst, src, self._ranges(a, b)):
             if self.transposed:
-                x[..., i:j] = y
+                x[r, :, :, i:j] = y
             else:
-                x[..., i:j, :] = y
+                x[r, :, i:j, :] = y
         return dst
 
     def encode(self, x):
@@ -93,20 +96,35 @@ class Layout:
 @dataclass
 class Segment:
     """One stretch of cached tokens as attention sees it. `keys`/`values` may
-    be preallocated buffers longer than `length`; view() gives exact slices."""
+    be preallocated buffers longer than `length`; view() gives exact slices.
 
-    start: int  # absolute position of its first token
+    In a batch whose sequences hold different numbers of tokens (ragged),
+    `start` and `valid` are per sequence: sequence b holds tokens
+    [0, valid[b]) of the stretch, the first at absolute position start[b].
+    """
+
+    start: Union[int, Tuple[int, ...]]  # absolute position of its first token
     length: int
     keys: object
     values: object
     k_layout: Layout
     v_layout: Layout
+    valid: Optional[Tuple[int, ...]] = None  # None: all `length` tokens, every row
+
+    @property
+    def ragged(self) -> bool:
+        return self.valid is not None
 
     def view(self, a: int, b: int) -> "Segment":
         """Tokens [a, b) of this segment (a multiple of the group for transposed keys)."""
-        return Segment(self.start + a, b - a, self.k_layout.slice(self.keys, a, b),
+        if self.ragged:
+            start = tuple(s + a for s in self.start)
+            valid = tuple(min(max(v - a, 0), b - a) for v in self.valid)
+        else:
+            start, valid = self.start + a, None
+        return Segment(start, b - a, self.k_layout.slice(self.keys, a, b),
                        self.v_layout.slice(self.values, a, b), self.k_layout,
-                       self.v_layout)
+                       self.v_layout, valid)
 
 
 @dataclass
@@ -203,28 +221,8 @@ class KVQCache(_BaseCache):
     # -- writing ----------------------------------------------------------
 
     def update_and_fetch(self, keys, values):
-        B, H, L, D = keys.shape
-        dims = (B, H, D, values.shape[-1])
-        if self.dims is None:
-            self.spec.validate_for(D, values.shape[-1])
-            if self.calibration is not None:
-                self.calibration.check(self.spec, *dims[1:])
-            self.dims = dims
-            self.dtype = keys.dtype
-        elif dims != self.dims:
-            raise ValueError(
-                f"cache holds K/V of shape (B, H, D, Dv)={self.dims} but got {dims}; "
-                "was it made for another model?"
-            )
-        if self.spec.rotate_keys:
-            keys = quant.hadamard(keys)
-        if self.spec.rotate_values:
-            values = quant.hadamard(values)
-        if self.v_smooth is not None:
-            values = values / self.v_smooth[:, None, :]
-        fp = quant.storage_dtype(keys.dtype)
-        keys, values = keys.astype(fp), values.astype(fp)
-
+        L = keys.shape[2]
+        keys, values = self._ingest(keys, values)
         n_sink = self._sink_len()
         if self.offset == n_sink and n_sink < self.spec.sinks:
             take = min(L, self.spec.sinks - n_sink)
@@ -240,9 +238,56 @@ class KVQCache(_BaseCache):
             self._evict()
         return KVQView(self), KVQView(self)
 
+    def _ingest(self, keys, values):
+        """Check new K/V against the cache's dims (set them on first use) and
+        bring them to their stored form: rotated or smoothed, 16-bit."""
+        B, H, L, D = keys.shape
+        dims = (B, H, D, values.shape[-1])
+        if self.dims is None:
+            self.spec.validate_for(D, values.shape[-1])
+            if self.calibration is not None:
+                self.calibration.check(self.spec, *dims[1:])
+            self.dims = dims
+            self.dtype = keys.dtype
+        elif dims[1:] != self.dims[1:] or (dims[0] != self.dims[0] and not self.batched):
+            raise ValueError(
+                f"cache holds K/V of shape (B, H, D, Dv)={self.dims} but got {dims}; "
+                "was it made for another model?"
+            )
+        if self.spec.rotate_keys:
+            keys = quant.hadamard(keys)
+        if self.spec.rotate_values:
+            values = quant.hadamard(values)
+        if self.v_smooth is not None:
+            values = values / self.v_smooth[:, None, :]
+        fp = quant.storage_dtype(keys.dtype)
+        return keys.astype(fp), values.astype(fp)
+
+    batched = False
+
+    def query_start(self, L):
+        """Absolute position of the first of the L tokens just added."""
+        return self.offset - L
+
     @property
     def v_smooth(self):
         return None if self.calibration is None else self.calibration.v_smooth
+
+    def __deepcopy__(self, memo):
+        # mx.Dtype cannot be copied; it is immutable, so the copy shares it.
+        memo[id(getattr(self, "dtype", None))] = getattr(self, "dtype", None)
+        out = self.__class__.__new__(self.__class__)
+        memo[id(self)] = out
+        out.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return out
+
+    @classmethod
+    def merge(cls, caches):
+        """One KVQBatchCache holding these caches' sequences (mlx-lm's batch
+        protocol: BatchGenerator merges per-sequence caches this way)."""
+        from .batch_cache import KVQBatchCache
+
+        return KVQBatchCache.merge(caches)
 
     def _sink_len(self):
         return 0 if self.sink_k is None else self.sink_k.shape[2]

@@ -1,0 +1,493 @@
+"""KVQBatchCache: quantized KV caches of many sequences decoded together.
+
+It follows mlx-lm's batch-cache protocol (`merge` from single caches,
+`extract(i)` back to one, `filter`, `extend`, `prepare`/`finalize`,
+`make_mask`, an array `offset` for RoPE), so mlx-lm's `BatchGenerator` and
+`batch_generate` run with quantized caches: they merge the per-sequence
+`KVQCache`s they are given through `KVQCache.merge`.
+
+Layout: the three segments of `KVQCache` with a batch axis, each sequence
+left-aligned in its own row and holding its own number of tokens:
+  sinks     [B, H, sinks, D] 16-bit, n_sink[b] filled;
+  body      quantized like KVQCache's body, n_body[b] tokens per row (whole
+            groups for channel keys), row b's first token at position
+            body_start[b];
+  residual  [B, H, cap, D] 16-bit, res_len[b] tokens per row.
+There is no padding in the store: left padding given to `prepare` is skipped
+as it arrives, and the right padding of a batched prompt (`prepare(lengths=)`)
+is never stored. Each row flushes its residual into its body by the same
+rule as a single cache, so an extracted cache holds exactly what the same
+sequence served alone would hold. Attention (attention.py) masks each row to
+its own tokens and positions; per-row counts are kept on the host, so
+bookkeeping needs no device sync.
+"""
+
+import json
+from typing import List, Optional
+
+import mlx.core as mx
+
+from . import quant
+from .cache import FORMAT_VERSION, KVQCache, KVQView, Layout, Segment
+from .spec import KVQuantSpec
+
+
+def _round_up(n, step):
+    return max(step, -(-n // step) * step)
+
+
+class KVQBatchCache(KVQCache):
+    batched = True
+
+    def __init__(self, spec=None, batch_size: int = 0, max_size: Optional[int] = None,
+                 calibration=None):
+        super().__init__(spec, max_size=max_size, calibration=calibration)
+        B = batch_size
+        self.offsets = [0] * B  # absolute position of each row's next token
+        self.n_sink = [0] * B
+        self.n_body = [0] * B
+        self.body_start = [0] * B
+        self.res_len = [0] * B
+        self.skip = [0] * B  # left padding still to arrive
+        self.remaining = None  # real tokens still to arrive in a right-padded prompt
+        self.q_start = [0] * B
+        self.drift = [None] * B
+        self.drift_checked = [0] * B
+        self.res_cap = 0
+
+    # -- mlx-lm's view of the batch ---------------------------------------
+
+    @property
+    def offset(self):
+        return mx.array(self.offsets)
+
+    @offset.setter
+    def offset(self, v):
+        pass  # set per row through `offsets`
+
+    @property
+    def batch_size(self):
+        return len(self.offsets)
+
+    def query_start(self, L):
+        return mx.array(self.q_start)
+
+    def make_mask(self, N, return_array=False, window_size=None, **kwargs):
+        # Attention builds each row's mask from the rows' own counts.
+        return None if N == 1 else "causal"
+
+    def size(self):
+        return max(self._row_size(b) for b in range(self.batch_size)) if self.offsets else 0
+
+    def _row_size(self, b):
+        return self.n_sink[b] + self.n_body[b] + self.res_len[b]
+
+    def empty(self):
+        return self.dims is None
+
+    @property
+    def nbytes(self):
+        arrays = [self.sink_k, self.sink_v, self.res_k, self.res_v]
+        for part in (self.body_k, self.body_v):
+            arrays.extend(part if isinstance(part, (tuple, list)) else [part])
+        return sum(a.nbytes for a in arrays if a is not None)
+
+    # -- writing ----------------------------------------------------------
+
+    def update_and_fetch(self, keys, values):
+        B, _, L, _ = keys.shape
+        if B != self.batch_size:
+            raise ValueError(f"the batch cache holds {self.batch_size} sequences, "
+                             f"got K/V for {B}")
+        keys, values = self._ingest(keys, values)
+        self._alloc_rows()
+        fronts, reals = [], []
+        for b in range(B):
+            front = min(self.skip[b], L)
+            self.skip[b] -= front
+            real = L - front
+            if self.remaining is not None:
+                real = min(real, self.remaining[b])
+                self.remaining[b] -= real
+            fronts.append(front)
+            reals.append(real)
+        self.q_start = list(self.offsets)
+        takes = [min(r, self.spec.sinks - self.n_sink[b])
+                 if self.n_body[b] == 0 and self.res_len[b] == 0 else 0
+                 for b, r in enumerate(reals)]
+        self._grow_residual(max(n + L for n in self.res_len))
+        if any(fronts) or any(takes):
+            for b in range(B):  # the first tokens of a sequence: per row
+                f, t, r = fronts[b], takes[b], reals[b]
+                if t:
+                    n = self.n_sink[b]
+                    self.sink_k[b:b + 1, :, n:n + t] = keys[b:b + 1, :, f:f + t]
+                    self.sink_v[b:b + 1, :, n:n + t] = values[b:b + 1, :, f:f + t]
+                    self.n_sink[b] += t
+                if r > t:
+                    c = self.res_len[b]
+                    self.res_k[b:b + 1, :, c:c + r - t] = keys[b:b + 1, :, f + t:f + r]
+                    self.res_v[b:b + 1, :, c:c + r - t] = values[b:b + 1, :, f + t:f + r]
+        elif len(set(self.res_len)) == 1:
+            c = self.res_len[0]
+            self.res_k[..., c:c + L, :] = keys
+            self.res_v[..., c:c + L, :] = values
+        else:  # rows at different lengths: scatter each row at its own end
+            idx = (mx.array(self.res_len)[:, None] + mx.arange(L))[:, None, :, None]
+            self.res_k = mx.put_along_axis(
+                self.res_k, mx.broadcast_to(idx, keys.shape), keys, axis=2)
+            self.res_v = mx.put_along_axis(
+                self.res_v, mx.broadcast_to(idx, values.shape), values, axis=2)
+        for b in range(B):
+            self.res_len[b] += reals[b] - takes[b]
+            self.offsets[b] += fronts[b] + reals[b]
+        for b in range(B):
+            self._flush_row(b)
+            if self.max_size is not None:
+                self._evict_row(b)
+        self._shrink_residual()
+        return KVQView(self), KVQView(self)
+
+    def _alloc_rows(self):
+        if self.sink_k is not None:
+            return
+        B, H, D, Dv = self.dims
+        fp = self._fp_dtype()
+        S = self.spec.sinks
+        self.sink_k, self.sink_v = mx.zeros((B, H, S, D), fp), mx.zeros((B, H, S, Dv), fp)
+        self.res_k, self.res_v = mx.zeros((B, H, 0, D), fp), mx.zeros((B, H, 0, Dv), fp)
+        self.res_cap = 0
+
+    def _fp_dtype(self):
+        return quant.storage_dtype(self.dtype)
+
+    def _grow_residual(self, need):
+        if need <= self.res_cap:
+            return
+        self._resize_residual(_round_up(need, self.step))
+
+    def _shrink_residual(self):
+        fit = _round_up(max(self.res_len, default=0) + 1, self.step)
+        if self.res_cap > fit:
+            self._resize_residual(fit)
+
+    def _resize_residual(self, cap):
+        n = min(cap, self.res_cap)
+        parts = []
+        for x in (self.res_k, self.res_v):
+            B, H, _, D = x.shape
+            new = mx.zeros((B, H, cap, D), x.dtype)
+            new[..., :n, :] = x[..., :n, :]
+            parts.append(new)
+        self.res_k, self.res_v = parts
+        self.res_cap = cap
+
+    def _flush_row(self, b):
+        keep = self.spec.residual if self.spec.quantized else 0
+        unit = self._flush_unit()
+        n = (self.res_len[b] - keep) // unit * unit
+        if n <= 0:
+            return
+        r = self.res_len[b]
+        k, v = self.res_k[b:b + 1, :, :n], self.res_v[b:b + 1, :, :n]
+        if self.n_body[b] == 0:
+            self.body_start[b] = self.offsets[b] - r
+        self._grow_body(self.n_body[b] + n)
+        self._count_row_drift(b, k, v)
+        lk, lv = self._layouts()
+        self.body_k = lk.write(self.body_k, lk.encode(k), self.n_body[b], row=b)
+        self.body_v = lv.write(self.body_v, lv.encode(v), self.n_body[b], row=b)
+        self.n_body[b] += n
+        self.res_k[b:b + 1, :, :r - n] = self.res_k[b:b + 1, :, n:r]
+        self.res_v[b:b + 1, :, :r - n] = self.res_v[b:b + 1, :, n:r]
+        self.res_len[b] = r - n
+
+    def _count_row_drift(self, b, k, v):
+        c = self.calibration
+        if c is None or c.k_limit is None or c.v_limit is None:
+            return
+        out = mx.stack([(mx.abs(k) > c.k_limit[:, None, :]).sum(),
+                        (mx.abs(v) > c.v_limit[:, None, :]).sum()])
+        self.drift[b] = out if self.drift[b] is None else self.drift[b] + out
+        mx.async_eval(self.drift[b])
+        self.drift_checked[b] += k.size
+
+    def _grow_body(self, need):
+        if need <= self.capacity:
+            return
+        cap = _round_up(need, self.step)
+        B, H, D, Dv = self.dims
+        fp = self._fp_dtype()
+        parts = []
+        for lay, old, dim in zip(self._layouts(), (self.body_k, self.body_v), (D, Dv)):
+            new = lay.alloc(B, H, cap, dim, fp)
+            if old is not None and self.capacity:
+                new = lay.write(new, lay.slice(old, 0, self.capacity), 0)
+            parts.append(new)
+        self.body_k, self.body_v = parts
+        self.capacity = cap
+
+    def _evict_row(self, b):
+        """Drop row b's oldest body tokens (keeping sinks) to stay within max_size."""
+        excess = self._row_size(b) - self.max_size
+        unit = self._flush_unit()
+        drop = min(-(-excess // unit) * unit, self.n_body[b]) if excess > 0 else 0
+        if drop <= 0:
+            return
+        keep = self.n_body[b] - drop
+        lk, lv = self._layouts()
+        for name, lay in (("body_k", lk), ("body_v", lv)):
+            part = getattr(self, name)
+            row = lay.slice(_row(part, b), drop, self.n_body[b])
+            row = tuple(mx.contiguous(x) for x in row) if isinstance(row, tuple) else \
+                mx.contiguous(row)
+            setattr(self, name, lay.write(part, row, 0, row=b))
+        self.n_body[b] = keep
+        self.body_start[b] += drop
+
+    # -- reading ----------------------------------------------------------
+
+    def segments(self):
+        fp, (lk, lv) = self._fp_layout(), self._layouts()
+        B, out = self.batch_size, []
+        if max(self.n_sink, default=0):
+            out.append(Segment((0,) * B, max(self.n_sink), self.sink_k, self.sink_v, fp, fp,
+                               tuple(self.n_sink)))
+        if max(self.n_body, default=0):
+            out.append(Segment(tuple(self.body_start), max(self.n_body), self.body_k,
+                               self.body_v, lk, lv, tuple(self.n_body)))
+        if max(self.res_len, default=0):
+            out.append(Segment(tuple(o - r for o, r in zip(self.offsets, self.res_len)),
+                               max(self.res_len), self.res_k, self.res_v, fp, fp,
+                               tuple(self.res_len)))
+        return out
+
+    # -- the batch protocol -----------------------------------------------
+
+    @classmethod
+    def merge(cls, caches: List[KVQCache]) -> "KVQBatchCache":
+        """One batch cache holding the sequences of these single caches."""
+        if not caches:
+            raise ValueError("merge needs at least one cache")
+        first = caches[0]
+        for c in caches:
+            if not isinstance(c, KVQCache) or c.batched:
+                raise TypeError(f"KVQBatchCache.merge takes KVQCache objects, got "
+                                f"{type(c).__name__}")
+            if c.spec != first.spec or c.max_size != first.max_size:
+                raise ValueError(
+                    f"cannot batch caches of different schemes: {c.spec} "
+                    f"(max_kv_size {c.max_size}) and {first.spec} "
+                    f"(max_kv_size {first.max_size}); make them with the same spec")
+            if (c.calibration is None) != (first.calibration is None):
+                raise ValueError("cannot batch a calibrated cache with an uncalibrated one")
+        out = cls(first.spec, len(caches), first.max_size, first.calibration)
+        full = [c for c in caches if not c.empty()]
+        for c in full:
+            if c.dims[1:] != full[0].dims[1:]:
+                raise ValueError(f"cannot batch caches of different shapes: {c.dims[1:]} "
+                                 f"and {full[0].dims[1:]} (kv_heads, head_dim, v_head_dim)")
+        for b, c in enumerate(caches):
+            out.offsets[b] = c.offset
+            out.n_sink[b], out.n_body[b], out.res_len[b] = c._sink_len(), c.n_body, c._res_len()
+            out.body_start[b] = c.body_start
+            out.drift[b], out.drift_checked[b] = c.drift, c.drift_checked
+        if not full:
+            return out
+        out.dims = (len(caches),) + full[0].dims[1:]
+        out.dtype = full[0].dtype
+        out._alloc_rows()
+        out._grow_residual(max(out.res_len))
+        out._grow_body(max(out.n_body))
+        lk, lv = out._layouts()
+        for b, c in enumerate(caches):
+            if c.empty():
+                continue
+            if out.n_sink[b]:
+                out.sink_k[b:b + 1, :, :out.n_sink[b]] = c.sink_k
+                out.sink_v[b:b + 1, :, :out.n_sink[b]] = c.sink_v
+            if out.res_len[b]:
+                out.res_k[b:b + 1, :, :out.res_len[b]] = c.res_k
+                out.res_v[b:b + 1, :, :out.res_len[b]] = c.res_v
+            if c.n_body:
+                out.body_k = lk.write(out.body_k, lk.slice(c.body_k, 0, c.n_body), 0, row=b)
+                out.body_v = lv.write(out.body_v, lv.slice(c.body_v, 0, c.n_body), 0, row=b)
+        return out
+
+    def extract(self, idx: int) -> KVQCache:
+        """Sequence idx as a single KVQCache that continues exactly as it would
+        have had it never been batched."""
+        c = KVQCache(self.spec, max_size=self.max_size, calibration=self.calibration)
+        c.offset = self.offsets[idx]
+        c.drift, c.drift_checked = self.drift[idx], self.drift_checked[idx]
+        if self.dims is None:
+            return c
+        c.dims, c.dtype = (1,) + self.dims[1:], self.dtype
+        own = mx.contiguous
+        if self.n_sink[idx]:
+            c.sink_k = own(self.sink_k[idx:idx + 1, :, :self.n_sink[idx]])
+            c.sink_v = own(self.sink_v[idx:idx + 1, :, :self.n_sink[idx]])
+        if self.res_len[idx]:
+            c.res_k = own(self.res_k[idx:idx + 1, :, :self.res_len[idx]])
+            c.res_v = own(self.res_v[idx:idx + 1, :, :self.res_len[idx]])
+        n = self.n_body[idx]
+        if n:
+            lk, lv = self._layouts()
+            c.body_k, c.body_v = (
+                tuple(own(x) for x in lay.slice(_row(part, idx), 0, n))
+                if lay.bits is not None else own(lay.slice(_row(part, idx), 0, n))
+                for lay, part in ((lk, self.body_k), (lv, self.body_v)))
+            c.n_body, c.capacity, c.body_start = n, n, self.body_start[idx]
+        return c
+
+    def filter(self, batch_indices):
+        """Keep only these sequences, in this order (in place)."""
+        keep = [int(i) for i in (batch_indices.tolist() if isinstance(batch_indices, mx.array)
+                                 else batch_indices)]
+        for name in ("offsets", "n_sink", "n_body", "body_start", "res_len", "skip",
+                     "q_start", "drift", "drift_checked"):
+            v = getattr(self, name)
+            setattr(self, name, [v[i] for i in keep])
+        if self.remaining is not None:
+            self.remaining = [self.remaining[i] for i in keep]
+        if self.dims is None:
+            return
+        idx = mx.array(keep, mx.int32)
+        take = (lambda p: None if p is None else
+                tuple(x[idx] for x in p) if isinstance(p, tuple) else p[idx])
+        for name in ("sink_k", "sink_v", "res_k", "res_v", "body_k", "body_v"):
+            setattr(self, name, take(getattr(self, name)))
+        self.dims = (len(keep),) + self.dims[1:]
+        if self.capacity > _round_up(max(self.n_body, default=0), self.step):
+            self._compact_body()
+        self._shrink_residual()
+
+    def _compact_body(self):
+        cap = _round_up(max(self.n_body, default=0), self.step)
+        lk, lv = self._layouts()
+        self.body_k = _copy_part(lk.slice(self.body_k, 0, cap))
+        self.body_v = _copy_part(lv.slice(self.body_v, 0, cap))
+        self.capacity = cap
+
+    def extend(self, other: "KVQBatchCache"):
+        """Append the sequences of another batch cache (in place)."""
+        if not isinstance(other, KVQBatchCache):
+            raise TypeError(f"cannot extend a KVQBatchCache with {type(other).__name__}")
+        if other.spec != self.spec:
+            raise ValueError(f"cannot batch caches of different schemes: {other.spec} "
+                             f"and {self.spec}")
+        if other.dims is not None and self.dims is not None and \
+                other.dims[1:] != self.dims[1:]:
+            raise ValueError(f"cannot batch caches of different shapes: {other.dims[1:]} "
+                             f"and {self.dims[1:]}")
+        if self.remaining is not None or other.remaining is not None:
+            raise ValueError("cannot extend a batch cache in the middle of a prompt")
+        src = self if self.dims is not None else other
+        for c in (self, other):
+            if c.dims is None and src.dims is not None:
+                c.dims, c.dtype = (c.batch_size,) + src.dims[1:], src.dtype
+                c._alloc_rows()
+        if self.dims is not None:
+            cap = max(self.capacity, other.capacity)
+            res = max(self.res_cap, other.res_cap)
+            for c in (self, other):
+                c._grow_body(cap)
+                c._grow_residual(res)
+            cat = lambda a, b: (None if a is None else  # noqa: E731
+                                tuple(mx.concatenate([x, y]) for x, y in zip(a, b))
+                                if isinstance(a, tuple) else mx.concatenate([a, b]))
+            for name in ("sink_k", "sink_v", "res_k", "res_v", "body_k", "body_v"):
+                setattr(self, name, cat(getattr(self, name), getattr(other, name)))
+            self.dims = (self.batch_size + other.batch_size,) + self.dims[1:]
+        for name in ("offsets", "n_sink", "n_body", "body_start", "res_len", "skip",
+                     "q_start", "drift", "drift_checked"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def prepare(self, *, left_padding=None, lengths=None, right_padding=None):
+        """Before a batched prompt: `left_padding` tokens of each row come
+        first and are skipped; with `lengths`, only that many tokens of each
+        row are real and the rest (right padding) is never stored."""
+        if left_padding is not None:
+            for b, p in enumerate(_ints(left_padding)):
+                self.skip[b] += p
+                self.offsets[b] -= p
+        if lengths is not None and right_padding is not None and max(_ints(right_padding)) > 0:
+            self.remaining = _ints(lengths)
+
+    def finalize(self):
+        self.remaining = None
+
+    # -- trimming ---------------------------------------------------------
+
+    def is_trimmable(self):
+        return self.max_size is None or not any(self.body_start)
+
+    def trim(self, n):
+        """Drop the last n tokens of every sequence."""
+        n = min(n, min(self._row_size(b) for b in range(self.batch_size)))
+        if n <= min(self.res_len):
+            self.res_len = [r - n for r in self.res_len]
+        else:  # quantized tokens come back through single caches
+            caches = [self.extract(b) for b in range(self.batch_size)]
+            for c in caches:
+                c.trim(n)
+            self.__dict__.update(KVQBatchCache.merge(caches).__dict__)
+            return n
+        self.offsets = [o - n for o in self.offsets]
+        return n
+
+    # -- serialization ----------------------------------------------------
+
+    @property
+    def meta_state(self):
+        return json.dumps({
+            "format": FORMAT_VERSION, "batch": True, "spec": self.spec.to_dict(),
+            "max_size": self.max_size,
+            "dims": self.dims, "dtype": None if self.dims is None else str(self.dtype),
+            **{k: getattr(self, k) for k in ("offsets", "n_sink", "n_body", "body_start",
+                                             "res_len", "skip")},
+        })
+
+    @meta_state.setter
+    def meta_state(self, v):
+        pass  # carried inside `state`
+
+    @property
+    def state(self):
+        return [self.meta_state, self.sink_k, self.sink_v, self.res_k, self.res_v,
+                self.body_k, self.body_v]
+
+    @state.setter
+    def state(self, v):
+        meta = json.loads(v[0])
+        if meta.get("format") != FORMAT_VERSION or not meta.get("batch"):
+            raise ValueError("not a KVQBatchCache state")
+        self.__init__(KVQuantSpec.from_dict(meta["spec"]), len(meta["offsets"]),
+                      meta["max_size"])
+        for k in ("offsets", "n_sink", "n_body", "body_start", "res_len", "skip"):
+            setattr(self, k, list(meta[k]))
+        self.sink_k, self.sink_v, self.res_k, self.res_v = v[1:5]
+        self.body_k, self.body_v = (tuple(p) if isinstance(p, list) else p for p in v[5:7])
+        if meta["dims"] is not None:
+            self.dims = tuple(meta["dims"])
+            self.dtype = getattr(mx, meta["dtype"].split(".")[-1])
+            self.res_cap = self.res_k.shape[2]
+            lk, _ = self._layouts()
+            self.capacity = lk._count(self.body_k) if lk.bits is not None else \
+                self.body_k.shape[2]
+
+
+def _row(part, b):
+    if isinstance(part, tuple):
+        return tuple(x[b:b + 1] for x in part)
+    return part[b:b + 1]
+
+
+def _copy_part(part):
+    if isinstance(part, tuple):
+        return tuple(mx.contiguous(x) for x in part)
+    return mx.contiguous(part)
+
+
+def _ints(x):
+    return [int(v) for v in (x.tolist() if isinstance(x, mx.array) else x)]
