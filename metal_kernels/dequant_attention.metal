@@ -4,8 +4,11 @@
 //
 // Threadgroup (0, bh, split) handles kv head bh = b * Hkv + h, all ROWS query
 // rows of that head, and tokens [split * split_tokens, +split_tokens) clipped
-// to n_tokens. It writes unnormalized partials (m, l, o) for its split; the
-// host merges splits.
+// to lengths[b], the number of tokens batch row b holds (rows of a ragged
+// batch hold different counts; the host sizes the splits from the largest).
+// It writes unnormalized partials (m, l, o) for its split; the host merges
+// splits. A split with no token of its row (past lengths[b], or lengths[b]
+// == 0) runs no block and writes m = -inf, l = 0, o = 0.
 //
 // Template: KBITS, VBITS (2..8), GROUP (quantization group size), HEAD_DIM,
 // ROWS (query rows per kv head), NSG (simdgroups per threadgroup).
@@ -14,7 +17,8 @@
 //   k_scales/k_biases [B*Hkv, HEAD_DIM, k_groups],
 //   v_codes u32 [B*Hkv, v_cap, HEAD_DIM*VBITS/32] (V packed along head_dim),
 //   v_scales/v_biases [B*Hkv, v_cap, HEAD_DIM/GROUP],
-//   params i32 [n_tokens, split_tokens, k_words, k_groups, v_cap].
+//   lengths i32 [B] (tokens held by each batch row; multiples of GROUP),
+//   params i32 [n_kv_heads (Hkv), split_tokens, k_words, k_groups, v_cap].
 // Outputs: m_out, l_out [B*Hkv, n_splits, ROWS]; o_out [..., ROWS, HEAD_DIM].
 
 constexpr int TG = NSG * 32;               // threads == tokens per block
@@ -29,12 +33,15 @@ const uint bh = threadgroup_position_in_grid.y;
 const uint split = threadgroup_position_in_grid.z;
 const uint n_splits = threadgroups_per_grid.z;
 
-const int n_tokens = params[0];
+const int n_kv_heads = params[0];
 const int split_tokens = params[1];
 const int k_words = params[2];
 const int k_groups = params[3];
 const int v_cap = params[4];
 
+// Uniform over the threadgroup (one batch row), so every thread runs the same
+// blocks. t_end < t_begin for splits past the row's tokens: no block runs.
+const int n_tokens = lengths[bh / uint(n_kv_heads)];
 const int t_begin = int(split) * split_tokens;
 const int t_end = metal::min(n_tokens, t_begin + split_tokens);
 
@@ -141,8 +148,9 @@ for (int blk = t_begin; blk < t_end; blk += TG) {
   }
 }
 
-// Every thread has passed the last block's second barrier, so nobody still
-// reads red_tg or the query rows: both can be reused for the reductions.
+// Every thread has passed the last block's second barrier (with no block:
+// the query-load barrier), so nobody still reads red_tg or the query rows:
+// both can be reused for the reductions. With no block, l = 0 and o = 0 here.
 for (int r = 0; r < ROWS; ++r) {
   const float ls = metal::simd_sum(l_run[r]);
   if (lane == 0) {

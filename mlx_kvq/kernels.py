@@ -6,6 +6,9 @@ query row) the softmax partials ``m = max_t s_t``, ``l = sum_t exp(s_t - m)``,
 ``o = sum_t exp(s_t - m) V_t`` over the first ``n_tokens`` cached tokens --
 with one fused kernel (``metal_kernels/dequant_attention.metal``) that
 dequantizes K and V in registers instead of materializing them.
+``n_tokens`` is one count for every batch row or one count per row (a ragged
+batch: row b sees tokens ``[0, n_tokens[b])``; a row with no token gets
+``m = -inf, l = 0, o = 0``).
 
 Design (split-K flash decoding):
 
@@ -13,6 +16,10 @@ Design (split-K flash decoding):
   threadgroup (bh, s) takes a contiguous slice of ``split_tokens`` tokens
   (a multiple of 128, hence of every group size) and all R query rows of kv
   head bh, so each K/V byte is read by exactly one threadgroup, once;
+* the kernel reads each batch row's token count from the ``lengths`` input
+  (int32 [B]) and clips its slices to it; the splits are sized from the
+  largest count, and splits past a shorter row's count write empty partials
+  (m = -inf, l = 0, o = 0) that the merge ignores;
 * per block of 128 tokens: one token per thread for the scores (K^T rows are
   contiguous in tokens), block max via ``simd_max`` + threadgroup memory,
   online-softmax rescale, then each simdgroup accumulates its 32 tokens of V
@@ -31,8 +38,10 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import os
 from pathlib import Path
+from typing import Sequence
 
 import mlx.core as mx
 
@@ -61,7 +70,8 @@ MAX_ROWS = 16           # query rows per launch (registers: ROWS * D/32 floats p
 TG_MEM_BYTES = 32768    # threadgroup memory on Apple GPUs
 TARGET_THREADGROUPS = 256
 
-_INPUTS = ["qg", "k_codes", "k_scales", "k_biases", "v_codes", "v_scales", "v_biases", "params"]
+_INPUTS = ["qg", "k_codes", "k_scales", "k_biases", "v_codes", "v_scales", "v_biases",
+           "lengths", "params"]
 _OUTPUTS = ["m_out", "l_out", "o_out"]
 
 
@@ -176,6 +186,29 @@ def _split_tokens(n_tokens: int, n_heads: int) -> int:
     return math.ceil(blocks / want) * THREADS
 
 
+def _token_counts(n_tokens, batch: int) -> tuple[list[int], bool]:
+    """``n_tokens`` (one int for all rows, or one per batch row) as a list of
+    ``batch`` ints, and whether it was given per row."""
+    if hasattr(n_tokens, "tolist"):  # numpy / MLX arrays and their scalars
+        n_tokens = n_tokens.tolist()
+    try:
+        return [operator.index(n_tokens)] * batch, False
+    except TypeError:
+        pass
+    try:
+        counts = [operator.index(n) for n in n_tokens]
+    except TypeError:
+        raise TypeError(
+            f"n_tokens must be an int or a sequence of {batch} ints (one per batch row), "
+            f"got {n_tokens!r}"
+        ) from None
+    if len(counts) != batch:
+        raise ValueError(
+            f"n_tokens has {len(counts)} per-row counts but the batch has {batch} rows"
+        )
+    return counts, True
+
+
 def _merge_splits(m, l, o):
     """Combine per-split partials [B, H, S, R(, D)] into [B, H, R(, D)]."""
     if m.shape[2] == 1:
@@ -201,12 +234,15 @@ def metal_decode_partials(
     k_bits: int,
     v_bits: int,
     group_size: int,
-    n_tokens: int,
+    n_tokens: int | Sequence[int],
     split_tokens: int | None = None,
     backend: str | None = None,
 ):
     """Fused-kernel version of ``attention.quantized_segment_partials``.
 
+    ``n_tokens``: tokens held, one int for every batch row or a sequence of
+    B ints, one per row (ragged batch; row b sees tokens [0, n_tokens[b]));
+    each a multiple of ``group_size`` within the cache capacity.
     Pass the cache's full preallocated buffers (not slices): inputs must be
     row-contiguous, and a sliced view would be copied every step.
     ``split_tokens`` overrides the split size (multiple of 128);
@@ -215,7 +251,7 @@ def metal_decode_partials(
     """
     B, H, R, D = qg.shape
     G = int(group_size)
-    n_tokens = int(n_tokens)
+    counts, per_row = _token_counts(n_tokens, B)
     if not supports(k_bits, v_bits, head_dim=D, group_size=G):
         raise ValueError(
             f"fused decode kernel does not support head_dim={D}, k_bits={k_bits}, "
@@ -226,20 +262,28 @@ def metal_decode_partials(
     k_words = k_codes.shape[-1]
     k_groups = k_scales.shape[-1]
     v_cap = v_codes.shape[2]
-    if n_tokens < 0 or n_tokens % G or n_tokens > min(v_cap, k_words * 32 // k_bits, k_groups * G):
-        raise ValueError(f"n_tokens={n_tokens} must be a multiple of {G} within the cache capacity")
+    capacity = min(v_cap, k_words * 32 // k_bits, k_groups * G)
+    for b, n in enumerate(counts):
+        if n < 0 or n % G or n > capacity:
+            row = f" (batch row {b})" if per_row else ""
+            raise ValueError(
+                f"n_tokens={n}{row} must be a non-negative multiple of {G} "
+                f"within the cache capacity of {capacity} tokens"
+            )
+    max_tokens = max(counts, default=0)
     if split_tokens is None:
-        split_tokens = _split_tokens(n_tokens, B * H)
+        split_tokens = _split_tokens(max_tokens, B * H)
     if split_tokens <= 0 or split_tokens % THREADS:
         raise ValueError(f"split_tokens must be a positive multiple of {THREADS}")
-    n_splits = max(1, math.ceil(n_tokens / split_tokens))
+    n_splits = max(1, math.ceil(max_tokens / split_tokens))
 
     if k_scales.dtype not in (mx.float16, mx.float32):
         k_scales, k_biases = k_scales.astype(mx.float32), k_biases.astype(mx.float32)
     if v_scales.dtype not in (mx.float16, mx.float32):
         v_scales, v_biases = v_scales.astype(mx.float32), v_biases.astype(mx.float32)
     qg = qg.astype(mx.float32)
-    params = mx.array([n_tokens, split_tokens, k_words, k_groups, v_cap], dtype=mx.int32)
+    lengths = mx.array(counts, dtype=mx.int32)
+    params = mx.array([H, split_tokens, k_words, k_groups, v_cap], dtype=mx.int32)
     kernel = _decode_kernel(backend or _backend())
 
     # Rows are processed together (each K/V byte read once) up to MAX_ROWS;
@@ -252,7 +296,7 @@ def metal_decode_partials(
         assert _tg_bytes(rows, D) <= TG_MEM_BYTES
         q = qg if n_chunks == 1 else qg[:, :, r0 : r0 + rows]
         m, l, o = kernel(
-            inputs=[q, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases, params],
+            inputs=[q, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases, lengths, params],
             template=[
                 ("KBITS", int(k_bits)),
                 ("VBITS", int(v_bits)),
@@ -273,10 +317,16 @@ def metal_decode_partials(
 
 
 def decode_partials(qg, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases, *,
-                    k_bits: int, v_bits: int, group_size: int, n_tokens: int):
+                    k_bits: int, v_bits: int, group_size: int,
+                    n_tokens: int | Sequence[int]):
     """Dispatch: fused kernel when ``use_metal()`` and the config is supported,
-    else the pure-MLX reference ``attention.quantized_segment_partials``."""
+    else the pure-MLX reference ``attention.quantized_segment_partials``.
+    ``n_tokens``: one int for all batch rows or one per row (ragged batch)."""
     D = qg.shape[-1]
+    counts, per_row = _token_counts(n_tokens, qg.shape[0])
+    # Plain ints (or a tuple of them) for either path.
+    n_tokens = tuple(counts) if per_row else operator.index(
+        n_tokens.tolist() if hasattr(n_tokens, "tolist") else n_tokens)
     if use_metal() and supports(k_bits, v_bits, head_dim=D, group_size=group_size):
         return metal_decode_partials(
             qg, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases,

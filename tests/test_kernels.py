@@ -3,7 +3,9 @@
 Every case runs the shipped kernel text (metal_kernels/dequant_attention.*)
 through mlx_kvq.metal_emu and compares it with the pure-MLX reference
 attention.quantized_segment_partials and with a float64 numpy computation
-from the raw packed codes. Broken kernel variants must fail the same check.
+from the raw packed codes, for uniform batches (one token count) and ragged
+ones (one count per batch row). Broken kernel variants must fail the same
+check.
 """
 
 
@@ -39,21 +41,44 @@ CASES = [
 ]
 
 
+# Ragged batches: n is one token count per batch row (same field layout).
+RAGGED_CASES = [  # kernel templates shared with CASES (fewer emulator compiles)
+    (2, 2, 4, 1, 128, 64, 4, 2, (192, 0), None),           # an empty row, partial block
+    (3, 1, 4, 1, 64, 64, 5, 5, (448, 0, 192), 128),        # 4 splits; row 2 stops in split 1
+    (4, 2, 2, 1, 256, 128, 2, 5, (0, 512, 128, 384), 256),  # B = 4, rows end at split edges
+    (2, 1, 4, 5, 64, 32, 4, 4, (64, 320), None),           # R = 20 rows: two row chunks
+    (3, 2, 1, 1, 128, 64, 8, 3, (128, 64, 192), None),     # no GQA, no empty row
+    (2, 1, 1, 1, 256, 32, 2, 8, (0, 0), None),             # every row empty
+    (2, 1, 4, 1, 256, 64, 3, 6, (704, 192), None),         # default splits (6), row 1 in 2
+    (2, 2, 8, 1, 128, 128, 6, 6, (384, 128), 128),         # 3 splits
+]
+
+
 def _case_id(c):
     B, H, rep, L, D, G, kb, vb, n, split = c
+    n = n if isinstance(n, int) else "_".join(map(str, n))
     return f"B{B}H{H}r{rep}L{L}-D{D}-G{G}-k{kb}v{vb}-n{n}-s{split}"
 
 
-def make_inputs(B, H, R, D, G, kb, vb, n, *, seed=0, scale_dtype=np.float16):
-    """A preallocated cache holding n valid tokens; the spare capacity holds
-    NaN so any read past n_tokens poisons the result."""
+def _counts(n, B):
+    return [n] * B if isinstance(n, int) else list(n)
+
+
+def make_inputs(B, H, R, D, G, kb, vb, n, *, seed=0, scale_dtype=np.float16, poison=True):
+    """A preallocated cache in which batch row b holds n (or n[b]) valid
+    tokens; with ``poison`` the rest of its capacity holds NaN, so any read
+    past a row's count poisons the result (without, it holds finite data,
+    which a masking reference needs: it reads up to the largest count)."""
     rng = np.random.default_rng(seed)
-    cap = n + 2 * G
+    counts = _counts(n, B)
+    cap = max(counts) + 2 * G
     kt = rng.standard_normal((B, H, D, cap)).astype(scale_dtype)
     v = rng.standard_normal((B, H, cap, D)).astype(scale_dtype)
-    kt[..., :n] += rng.standard_normal((1, 1, D, 1)).astype(scale_dtype)  # per-channel offsets
-    kt[..., n:] = np.nan
-    v[:, :, n:] = np.nan
+    kt += rng.standard_normal((1, 1, D, 1)).astype(scale_dtype)  # per-channel offsets
+    if poison:
+        for b, nb in enumerate(counts):
+            kt[b, ..., nb:] = np.nan
+            v[b, :, nb:] = np.nan
     k_codes, k_scales, k_biases = mx.quantize(mx.array(kt), group_size=G, bits=kb)
     v_codes, v_scales, v_biases = mx.quantize(mx.array(v), group_size=G, bits=vb)
     qg = (rng.standard_normal((B, H, R, D)) * (2.0 / np.sqrt(D))).astype(np.float32)
@@ -61,7 +86,15 @@ def make_inputs(B, H, R, D, G, kb, vb, n, *, seed=0, scale_dtype=np.float16):
 
 
 def truth_partials(qg, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases, kb, vb, G, n):
-    """float64 partials from the packed codes (mx.quantize's LSB-first bit stream)."""
+    """float64 partials from the packed codes (mx.quantize's LSB-first bit
+    stream); n: one token count, or one per batch row."""
+    if not isinstance(n, int):
+        rows = [
+            truth_partials(*(x[b : b + 1] for x in (qg, k_codes, k_scales, k_biases, v_codes,
+                                                   v_scales, v_biases)), kb, vb, G, nb)
+            for b, nb in enumerate(n)
+        ]
+        return tuple(np.concatenate([r[i] for r in rows], axis=0) for i in range(3))
 
     def deq(codes, scales, biases, bits, count):
         stream = np.unpackbits(np.array(codes).view(np.uint8), axis=-1, bitorder="little")
@@ -100,12 +133,18 @@ def max_errors(got, want):
 
 
 def run_case(case, *, seed=0, scale_dtype=np.float16):
+    """(kernel, reference, float64) partials. The kernel and the float64
+    oracle read the NaN-poisoned cache; for a ragged batch the reference,
+    which masks the tokens between a row's count and the largest, reads the
+    same cache without poison."""
     B, H, rep, L, D, G, kb, vb, n, split = case
     R = rep * L
     args = make_inputs(B, H, R, D, G, kb, vb, n, seed=seed, scale_dtype=scale_dtype)
+    ref_args = args if isinstance(n, int) else make_inputs(
+        B, H, R, D, G, kb, vb, n, seed=seed, scale_dtype=scale_dtype, poison=False)
     got = K.metal_decode_partials(*args, k_bits=kb, v_bits=vb, group_size=G, n_tokens=n,
                                   split_tokens=split, backend="emu")
-    ref = quantized_segment_partials(*args, k_bits=kb, v_bits=vb, group_size=G, n_tokens=n)
+    ref = quantized_segment_partials(*ref_args, k_bits=kb, v_bits=vb, group_size=G, n_tokens=n)
     mx.eval(*got, *ref)
     assert got[0].shape == (B, H, R) and got[1].shape == (B, H, R) and got[2].shape == (B, H, R, D)
     return got, ref, truth_partials(*args, kb, vb, G, n)
@@ -133,6 +172,52 @@ def test_case_matrix_covers_the_contract():
     assert any(c[2] * c[3] > K.MAX_ROWS for c in CASES)
 
 
+@pytest.mark.parametrize("case", RAGGED_CASES, ids=_case_id)
+def test_ragged_kernel_matches_reference(case):
+    got, ref, truth = run_case(case)
+    err_ref = max_errors(got, ref)
+    err_truth = max_errors(got, truth)
+    assert max(err_ref) < RTOL, f"kernel vs quantized_segment_partials: m/l/o errors {err_ref}"
+    assert max(err_truth) < RTOL, f"kernel vs float64: m/l/o errors {err_truth}"
+    # Rows without tokens: exactly the empty partials.
+    for b, nb in enumerate(case[8]):
+        if nb == 0:
+            assert np.all(np.isneginf(np.array(got[0][b])))
+            assert not np.array(got[1][b]).any() and not np.array(got[2][b]).any()
+
+
+def test_ragged_case_matrix_covers_the_contract():
+    assert {c[6] for c in RAGGED_CASES} == {c[7] for c in RAGGED_CASES} == set(K.SUPPORTED_BITS)
+    assert {c[4] for c in RAGGED_CASES} == set(K.SUPPORTED_HEAD_DIMS)
+    assert {c[5] for c in RAGGED_CASES} == set(K.SUPPORTED_GROUP_SIZES)
+    assert {c[0] for c in RAGGED_CASES} == {2, 3, 4} and {c[2] for c in RAGGED_CASES} >= {1, 2, 4, 8}
+    assert all(len(c[8]) == c[0] and len(set(c[8])) > 1 for c in RAGGED_CASES if any(c[8]))
+    assert any(0 in c[8] and max(c[8]) > 0 for c in RAGGED_CASES)
+    assert any(not any(c[8]) for c in RAGGED_CASES)
+    # Several splits, with some row's (non-zero) count ending before the last split begins.
+    assert any(c[9] and 0 < n <= (-(-max(c[8]) // c[9]) - 1) * c[9]
+               for c in RAGGED_CASES for n in c[8])
+    assert any(c[2] * c[3] > K.MAX_ROWS for c in RAGGED_CASES)
+
+
+def test_ragged_counts_are_validated():
+    args = make_inputs(3, 1, 1, 64, 32, 4, 4, (64, 0, 32))  # capacity 128 tokens
+    run = lambda n: K.metal_decode_partials(*args, k_bits=4, v_bits=4, group_size=32,
+                                            n_tokens=n, backend="emu")
+    with pytest.raises(ValueError, match="2 per-row counts but the batch has 3 rows"):
+        run((64, 32))
+    with pytest.raises(ValueError, match=r"n_tokens=48 \(batch row 1\) must be a non-negative multiple of 32"):
+        run((64, 48, 0))
+    with pytest.raises(ValueError, match=r"n_tokens=-32 \(batch row 2\)"):
+        run([64, 0, -32])
+    with pytest.raises(ValueError, match=r"n_tokens=160 \(batch row 0\).*capacity of 128"):
+        run((160, 0, 0))
+    with pytest.raises(ValueError, match=r"n_tokens=160 must be"):
+        run(160)
+    with pytest.raises(TypeError, match="sequence of 3 ints"):
+        run((64.0, 0, 32))
+
+
 def test_float32_scales():
     got, ref, _ = run_case((1, 2, 2, 1, 128, 64, 4, 4, 256, 128), scale_dtype=np.float32)
     assert max(max_errors(got, ref)) < RTOL
@@ -149,6 +234,18 @@ def _without_barrier(body, index):
     return body[:pos] + body[pos + len(_BARRIER):]
 
 
+_ROW_COUNT = "const int n_tokens = lengths[bh / uint(n_kv_heads)];"
+_RAGGED_BROKEN = {
+    # every row uses row 0's count
+    "row0_count": "const int n_tokens = lengths[0];",
+    # every row uses the largest count
+    "max_count": """int n_tokens = 0;
+for (uint b = 0; b < threadgroups_per_grid.y / uint(n_kv_heads); ++b) {
+  n_tokens = metal::max(n_tokens, lengths[b]);
+}""",
+}
+
+
 def _broken(variant):
     header, body = K.kernel_sources()
     if variant == "bit_offset":
@@ -159,22 +256,44 @@ def _broken(variant):
         new = header.replace("shift + BITS > 32u", "shift + BITS > 64u")
         assert new != header
         return new, body
+    if variant in _RAGGED_BROKEN:
+        new = body.replace(_ROW_COUNT, _RAGGED_BROKEN[variant])
+        assert new != body
+        return header, new
     index = {"no_q_barrier": 0, "no_max_barrier": 1, "no_p_barrier": 2, "no_reduce_barrier": 3}[variant]
     assert body.count(_BARRIER) == 4
     return header, _without_barrier(body, index)
 
 
+_BROKEN_UNIFORM = (2, 2, 4, 1, 64, 32, 3, 5, 320, None)
+_BROKEN_RAGGED = (3, 2, 4, 1, 64, 32, 3, 5, (192, 0, 320), 128)  # 3 splits
+
+
 @pytest.mark.parametrize(
     "variant",
-    ["bit_offset", "straddle_ignored", "no_q_barrier", "no_max_barrier", "no_p_barrier", "no_reduce_barrier"],
+    ["bit_offset", "straddle_ignored", "no_q_barrier", "no_max_barrier", "no_p_barrier",
+     "no_reduce_barrier", *_RAGGED_BROKEN],
 )
 def test_broken_kernel_is_caught(variant, monkeypatch):
     header, body = _broken(variant)
     kernel = metal_emu.metal_kernel("kvq_broken", K._INPUTS, K._OUTPUTS, body, header)
     monkeypatch.setattr(K, "_decode_kernel", lambda backend: kernel)
-    case = (2, 2, 4, 1, 64, 32, 3, 5, 320, None)
-    got, ref, _ = run_case(case)
-    assert max(max_errors(got, ref)) > 100 * RTOL
+    # A uniform batch cannot tell the raggedness variants from the kernel.
+    cases = [_BROKEN_RAGGED] if variant in _RAGGED_BROKEN else [_BROKEN_UNIFORM, _BROKEN_RAGGED]
+    for case in cases:
+        got, ref, truth = run_case(case)
+        err = max(max(max_errors(got, ref)), max(max_errors(got, truth)))
+        assert err > 100 * RTOL, f"{variant} not caught on {_case_id(case)}"
+
+
+def test_broken_ragged_variants_pass_uniform_batches(monkeypatch):
+    """The raggedness variants are only wrong when the rows' counts differ."""
+    for variant in _RAGGED_BROKEN:
+        header, body = _broken(variant)
+        kernel = metal_emu.metal_kernel("kvq_broken", K._INPUTS, K._OUTPUTS, body, header)
+        monkeypatch.setattr(K, "_decode_kernel", lambda backend: kernel)
+        got, ref, _ = run_case(_BROKEN_RAGGED[:8] + ((192, 192, 192), 128))
+        assert max(max_errors(got, ref)) < RTOL
 
 
 # ----------------------------------------------------------- the emulation
@@ -237,6 +356,14 @@ def test_decode_partials_routes(mode, monkeypatch):
     ref = quantized_segment_partials(*args, k_bits=4, v_bits=2, group_size=32, n_tokens=96)
     assert len(calls) == (1 if mode == "emu" else 0)
     assert max(max_errors(got, ref)) < RTOL
+    # Ragged: per-row counts (here a numpy array) reach either path as ints.
+    counts = (96, 0, 32)
+    args = make_inputs(3, 1, 2, 64, 32, 4, 2, counts, poison=False)
+    got = K.decode_partials(*args, k_bits=4, v_bits=2, group_size=32, n_tokens=np.array(counts))
+    ref = quantized_segment_partials(*args, k_bits=4, v_bits=2, group_size=32, n_tokens=counts)
+    assert len(calls) == (2 if mode == "emu" else 0)
+    assert max(max_errors(got, ref)) < RTOL
+    assert max(max_errors(got, truth_partials(*args, 4, 2, 32, counts))) < RTOL
 
 
 def test_supports():
