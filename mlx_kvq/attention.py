@@ -73,11 +73,16 @@ def quantized_segment_partials(
         qg, seg, lambda scores, t: _mask_segment(scores, t, 0, q0, "causal", R, 1))
 
 
+def _tiled(seg, R):
+    """Whether a segment is read in dequantized tiles (many quantized rows)."""
+    return (seg.k_layout.bits is not None or seg.v_layout.bits is not None) \
+        and R > QMM_MAX_ROWS
+
+
 def _segment_partials(qg, seg, mask_fn):
     """Partials of one segment, reading its store where it is."""
     lk, lv = seg.k_layout, seg.v_layout
-    R = qg.shape[-2]
-    if (lk.bits is not None or lv.bits is not None) and R > QMM_MAX_ROWS:
+    if _tiled(seg, qg.shape[-2]):
         # Many queries (prefill): dequantize bounded tiles and use BLAS.
         parts = []
         for a in range(0, seg.length, TILE_TOKENS):
@@ -85,12 +90,34 @@ def _segment_partials(qg, seg, mask_fn):
             scores = mask_fn(qg @ lk.decode(t.keys).swapaxes(-1, -2), t)
             parts.append(_partials(scores, lv.decode(t.values), None, lv.group))
         return _merge_partials(parts)
-    t = seg.view(0, seg.length)
+    return _joint_partials(qg, [(seg, mask_fn)])
+
+
+def _scores(qg, t):
+    lk = t.k_layout
     if lk.bits is None:
-        scores = qg @ t.keys.astype(qg.dtype).swapaxes(-1, -2)
-    else:
-        scores = _qmm(qg, t.keys, lk.bits, lk.group, transpose=not lk.transposed)
-    return _partials(mask_fn(scores, t), t.values, lv.bits, lv.group)
+        return qg @ t.keys.astype(qg.dtype).swapaxes(-1, -2)
+    return _qmm(qg, t.keys, lk.bits, lk.group, transpose=not lk.transposed)
+
+
+def _joint_partials(qg, segs):
+    """Partials of several segments under one softmax: their scores side by
+    side (one max, exp and sum), then each segment's values where they are."""
+    views = [(seg.view(0, seg.length), fn) for seg, fn in segs]
+    scores = [fn(_scores(qg, t), t) for t, fn in views]
+    s = scores[0] if len(scores) == 1 else mx.concatenate(scores, axis=-1)
+    m = s.max(axis=-1)
+    e = mx.exp(s - mx.where(mx.isinf(m), 0.0, m)[..., None])  # fully masked rows
+    o, col = 0.0, 0
+    for t, _ in views:
+        et = e if len(views) == 1 else e[..., col:col + t.length]
+        lv = t.v_layout
+        if lv.bits is None:
+            o = o + et @ t.values.astype(et.dtype)
+        else:
+            o = o + _qmm(et, t.values, lv.bits, lv.group, transpose=False)
+        col += t.length
+    return m, e.sum(axis=-1), o
 
 
 def _merge_partials(parts):
@@ -201,7 +228,7 @@ def _attend_chunk(q, cache, segs, l0, L, mask, rep, sinks):
     if mask is not None and not isinstance(mask, str):
         mask = mask[..., l0 : l0 + Lc, :]
     q0 = cache.query_start(L) + l0  # position of the chunk's first query
-    parts, col0 = [], 0
+    parts, joint, col0 = [], [], 0
     for seg in segs:
         c0 = col0
 
@@ -215,9 +242,13 @@ def _attend_chunk(q, cache, segs, l0, L, mask, rep, sinks):
                 and seg.k_layout.transposed
                 and cache.dims[2] == cache.dims[3] and _use_kernel(seg, D)):
             parts.append(_kernel_partials(qg, seg))
-        else:
+        elif _tiled(seg, qg.shape[-2]):
             parts.append(_segment_partials(qg, seg, mask_fn))
+        else:
+            joint.append((seg, mask_fn))
         col0 += seg.length
+    if joint:
+        parts.append(_joint_partials(qg, joint))
     if sinks is not None:
         m = mx.broadcast_to(
             sinks.astype(mx.float32).reshape(1, H, rep, 1), (B, H, rep, Lc)
