@@ -6,11 +6,13 @@ dispatcher is set on base and on every loaded mlx_lm.models module that holds
 the original. Other caches go to the original function untouched.
 """
 
+import copy
 import sys
 
 import mlx.core as mx
 import mlx_lm.models.base as base
 import mlx_lm.models.cache as mlx_cache
+from mlx_lm.generate import batch_generate as mlx_batch_generate
 from mlx_lm.models.cache import KVCache
 
 from .attention import kvq_attention
@@ -154,3 +156,25 @@ def make_prompt_cache(model, spec=None, max_kv_size=None):
             "layers for mlx_kvq to quantize"
         )
     return out
+
+
+def make_batch_prompt_caches(model, n, spec=None, max_kv_size=None):
+    """`n` independent prompt caches (as make_prompt_cache makes one) for
+    mlx-lm's batch machinery: pass them as `caches=` to
+    `BatchGenerator.insert` or `prompt_caches=` to `batch_generate`, which
+    merge them into KVQBatchCache (full-attention layers) and mlx-lm's batch
+    caches (sliding-window layers)."""
+    first = make_prompt_cache(model, spec, max_kv_size)
+    return [first] + [copy.deepcopy(first) for _ in range(n - 1)]
+
+
+def batch_generate(model, tokenizer, prompts, spec=None, max_kv_size=None, **kwargs):
+    """mlx_lm.generate.batch_generate with quantized caches: `prompts` are
+    token lists, `spec` as in make_prompt_cache; other arguments go to
+    mlx-lm's batch_generate (max_tokens, return_prompt_caches, ...).
+    Caches given as `prompt_caches` (one list per prompt, for example saved
+    conversations) are used as they are."""
+    caches = kwargs.pop("prompt_caches", None)
+    if caches is None:
+        caches = make_batch_prompt_caches(model, len(prompts), spec, max_kv_size)
+    return mlx_batch_generate(model, tokenizer, prompts, prompt_caches=caches, **kwargs)
