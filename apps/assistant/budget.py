@@ -1,9 +1,11 @@
-"""Admission control: does a conversation's KV cache fit the memory budget?
+"""Admission control: do the KV caches of the conversations answered
+together fit the memory budget?
 
 Sizes come from mlx_kvq.plan, which models KVQCache's allocation exactly:
-weights + the prefill workspace + the cache of one conversation. Caches of
-other conversations are saved after every turn, so they can be parked on
-disk to make room and never block a turn.
+weights + the prefill workspace + the caches of the running conversations,
+each at the length its turn may reach. Caches of idle conversations are
+saved after every turn, so they can be parked on disk to make room and
+never block a turn.
 """
 
 from dataclasses import dataclass, field
@@ -23,10 +25,11 @@ class Budget:
     memory: int
     prefill_step: int = plan.PREFILL_STEP
 
-    def need(self, context: int, spec=None) -> int:
-        """Bytes for the weights, the prefill workspace and one `context`-token cache."""
-        return plan.memory_needed(self.shape, spec or self.spec, [max(context, 1)],
-                                  self.prefill_step)
+    def need(self, contexts: List[int], spec=None) -> int:
+        """Bytes for the weights, the prefill workspace and the caches of
+        conversations of these lengths (in tokens) answered together."""
+        return plan.memory_needed(self.shape, spec or self.spec,
+                                  [max(c, 1) for c in contexts], self.prefill_step)
 
     def kv_bytes(self, context: int) -> int:
         return plan.kv_bytes(self.shape, self.spec, max(context, 1))
@@ -55,7 +58,7 @@ class Budget:
             options.append(f"lower max_tokens ({reply_room} of those tokens are room "
                            "for the reply)")
         options += ["start a new conversation or add a shorter document",
-                    f"raise --memory to {plan.fmt_bytes(self.need(context))}"]
+                    f"raise --memory to {plan.fmt_bytes(self.need([context]))}"]
         return f"{msg} To make it fit: {'; '.join(options)}."
 
     def lower_bit_capacity(self) -> List[Tuple[str, int]]:

@@ -1,10 +1,19 @@
 """The model and the conversations' caches.
 
 One worker thread runs every MLX operation (loading, prefill, generation,
-cache loads and saves), one job at a time from a bounded queue; HTTP threads
-submit jobs and read their events. Caches of recently used conversations stay
-in memory within the budget; the others are parked (they are saved after
-every turn) and loaded back on use.
+cache loads and saves); HTTP threads submit jobs to a bounded queue and read
+their events. Chats are answered by continuous batching in mlx-lm's
+BatchGenerator over quantized caches (mlx_kvq.KVQBatchCache): a new chat
+joins the running batch between decode steps, its prompt prefilled in
+bounded chunks interleaved with decoding, up to --decode-concurrency chats.
+Before a chat joins, the planner sizes the caches of every running chat
+plus its own against the memory budget: one that cannot fit even alone is
+refused; one that fits alone waits until running chats finish. A chat that
+ends (length, stop token or string, client gone) leaves the batch with its
+cache extracted, saved and kept as the conversation's cache. Documents are
+prefilled between decode steps, whole. Caches of recently used
+conversations stay in memory within the budget; the others are parked
+(they are saved after every turn) and loaded back on use.
 """
 
 import logging
@@ -13,10 +22,10 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
-from mlx_lm.generate import stream_generate
+from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
@@ -61,6 +70,8 @@ class Settings:
     max_kv_size: Optional[int] = None
     prefill_step_size: int = 2048
     queue_size: int = 8
+    decode_concurrency: int = 32  # chats decoded together
+    prompt_concurrency: int = 8  # prompts prefilled together
 
 
 @dataclass
@@ -134,6 +145,22 @@ class StopText:
         return out
 
 
+@dataclass
+class Turn:
+    """A chat being answered in the running batch."""
+
+    job: Job
+    session: Session
+    prompt: List[int]
+    cached: int
+    kv_context: int  # tokens its cache may reach: what the budget holds for it
+    detokenizer: object
+    stops: StopText
+    reply: List[str] = field(default_factory=list)
+    generated: int = 0
+    first_token: Optional[float] = None
+
+
 def common_prefix(a: List[int], b: List[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -170,14 +197,16 @@ class Engine:
         # The spec asked for; set at load to the default preset or, for a
         # calibrated model folder, None: the plan baked into it.
         self.cache_spec = parse_spec(settings.kv) if settings.kv else None
-        self.jobs = queue.Queue(maxsize=settings.queue_size)
+        self.jobs = queue.Queue()
+        self.waiting: List[Job] = []  # taken from `jobs`, not started yet (worker only)
+        self.turns: Dict[int, Turn] = {}  # batch uid -> chat being answered
+        self.batch = None  # BatchGenerator, made at load
         self.sessions = OrderedDict()  # id -> Session, least recently used first
         self.notes = {}  # id -> why its saved cache was not used or saved
         self._lock = threading.Lock()
         self._ready = threading.Event()
         self._stopping = threading.Event()
         self._error = None
-        self._current = None
         self._thread = threading.Thread(target=self._run, name="mlx_kvq-worker",
                                         daemon=True)
 
@@ -191,11 +220,8 @@ class Engine:
             raise self._error
 
     def stop(self, timeout: float = 60.0):
-        """Stop taking jobs, end the running one (its reply so far is saved)."""
+        """Stop taking jobs, end the running chats (their replies so far are saved)."""
         self._stopping.set()
-        job = self._current
-        if job is not None:
-            job.cancelled.set()
         self._thread.join(timeout)
 
     def alive(self) -> bool:
@@ -204,12 +230,15 @@ class Engine:
     def submit(self, job: Job) -> Job:
         if self._stopping.is_set():
             raise busy("the server is shutting down")
-        try:
-            self.jobs.put_nowait(job)
-        except queue.Full:
-            raise busy(f"the generation queue is full ({self.jobs.maxsize} requests "
-                       "waiting); try again shortly") from None
+        if self.queued() >= self.settings.queue_size:
+            raise busy(f"the generation queue is full ({self.settings.queue_size} requests "
+                       "waiting); try again shortly")
+        self.jobs.put(job)
         return job
+
+    def queued(self) -> int:
+        """Requests waiting to start."""
+        return self.jobs.qsize() + len(self.waiting)
 
     def forget(self, cid: str):
         with self._lock:
@@ -268,33 +297,151 @@ class Engine:
         finally:
             self._ready.set()
         while not self._stopping.is_set():
-            try:
-                job = self.jobs.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            if not job.cancelled.is_set():
-                self._current = job
-                self._serve(job)
-                self._current = None
+            self._take(block=not self.turns)
+            self._start_waiting()
+            if self.turns:
+                self._step()
+        for turn in list(self.turns.values()):
+            turn.job.cancelled.set()
+            self._end(turn, "cancelled")
+        self.batch.close()
+        for job in self.waiting + self._drain():
+            job.emit("error", busy("the server is shutting down"))
+
+    def _drain(self) -> List[Job]:
+        out = []
         while True:
             try:
-                self.jobs.get_nowait().emit("error", busy("the server is shutting down"))
+                out.append(self.jobs.get_nowait())
             except queue.Empty:
-                break
+                return out
 
-    def _serve(self, job: Job):
-        try:
-            (self._chat if job.kind == "chat" else self._document)(job)
-        except RequestError as e:
+    def _take(self, block: bool):
+        """Move submitted jobs to `waiting` (waiting a little for one when idle)."""
+        if block and not self.waiting:
+            try:
+                self.waiting.append(self.jobs.get(timeout=0.5))
+            except queue.Empty:
+                return
+        self.waiting.extend(self._drain())
+
+    def _start_waiting(self):
+        """Start the waiting jobs that can start now, oldest first. A job waits
+        while its conversation is busy or the budget cannot hold it yet."""
+        busy_ids = {t.job.conversation for t in self.turns.values()}
+        for job in list(self.waiting):
+            if job.cancelled.is_set():
+                self.waiting.remove(job)
+                continue
+            if job.conversation in busy_ids:
+                continue
+            if job.kind == "chat" and len(self.turns) >= self.settings.decode_concurrency:
+                break
+            try:
+                started = self._begin(job)
+            except Exception as e:
+                self._fail(job, e)
+                started = True
+            if started:
+                self.waiting.remove(job)
+                busy_ids.add(job.conversation)
+
+    def _fail(self, job: Job, e: Exception):
+        if isinstance(e, RequestError):
             job.emit("error", e)
-        except NotFound:
+        elif isinstance(e, NotFound):
             self.forget(job.conversation)
             job.emit("error", RequestError(404, f"conversation {job.conversation} "
                                            "was deleted"))
-        except Exception as e:
-            log.exception("conversation %s: %s job failed", job.conversation, job.kind)
+        else:
+            log.error("conversation %s: %s job failed", job.conversation, job.kind,
+                      exc_info=e)
             self.forget(job.conversation)  # its cache may be half updated
             job.emit("error", RequestError(500, f"internal error: {type(e).__name__}: {e}"))
+
+    def _begin(self, job: Job) -> bool:
+        """Start a job (a chat joins the batch; a document is prefilled now);
+        False when the budget cannot hold it next to the running chats yet."""
+        return (self._begin_chat if job.kind == "chat" else self._document)(job)
+
+    def _step(self):
+        """One step of the batch: a prefill chunk and/or one token for every chat."""
+        try:
+            prompt_responses, gen_responses = self.batch.next()
+        except Exception as e:
+            log.exception("the batch failed; its chats are answered with an error")
+            for turn in self.turns.values():
+                self._fail(turn.job, e)
+            self.turns.clear()
+            self.batch.close()
+            self.batch = self._new_batch()
+            return
+        for r in prompt_responses:
+            turn = self.turns.get(r.uid)
+            if turn is not None and not r.end_of_prompt:
+                done, total = r.progress
+                turn.job.emit("progress", {"done": turn.cached + done,
+                                           "total": turn.cached + total})
+        for r in gen_responses:
+            turn = self.turns.get(r.uid)
+            if turn is not None:
+                self._on_token(turn, r)
+        for turn in [t for t in self.turns.values() if t.job.cancelled.is_set()]:
+            self._end(turn, "cancelled")
+
+    def _on_token(self, turn: Turn, r):
+        turn.first_token = turn.first_token or time.perf_counter() - turn.job.submitted
+        turn.generated += 1
+        detok = turn.detokenizer
+        if r.finish_reason != "stop":  # the end-of-sequence token is not text
+            detok.add_token(r.token)
+        if r.finish_reason is not None:
+            detok.finalize()
+        text, stopped = turn.stops.feed(detok.last_segment)
+        finish = "stop" if stopped else r.finish_reason
+        if finish is not None and not stopped:
+            text += turn.stops.flush()
+        if text:
+            turn.reply.append(text)
+            turn.job.emit("text", text)
+        if finish is not None:
+            self._end(turn, finish, r.prompt_cache, r.all_tokens)
+
+    def _end(self, turn: Turn, finish: str, cache=None, tokens=None):
+        """A chat leaves the batch: its cache becomes the conversation's, the
+        turn is saved, the client gets "done"."""
+        uid = next(u for u, t in self.turns.items() if t is turn)
+        del self.turns[uid]
+        job, session = turn.job, turn.session
+        try:
+            if cache is None:  # ended before the batch finished it
+                cache, tokens = self.batch.remove([uid], return_prompt_caches=True)[uid]
+            session.cache, session.tokens = cache, list(tokens)
+            self._commit(job, job.messages + [{"role": "assistant",
+                                               "content": "".join(turn.reply)}], session)
+        except Exception as e:
+            self._fail(job, e)
+            return
+        log.info("conversation %s: %d prompt tokens (%d cached), %d generated, first "
+                 "token after %.2f s", job.conversation, len(turn.prompt), turn.cached,
+                 turn.generated, turn.first_token or 0.0)
+        job.emit("done", {
+            "finish_reason": finish,
+            "usage": {"prompt_tokens": len(turn.prompt), "completion_tokens": turn.generated,
+                      "cached_tokens": turn.cached},
+            "first_token_s": turn.first_token,
+            "memory": self.memory(job.conversation),
+        })
+
+    def _new_batch(self) -> BatchGenerator:
+        s = self.settings
+        # The planner sizes the prefill workspace for prefill_step_size tokens:
+        # prompts prefilled together share it.
+        return BatchGenerator(
+            self.model, stop_tokens=[[t] for t in self.tokenizer.eos_token_ids],
+            completion_batch_size=s.decode_concurrency,
+            prefill_batch_size=s.prompt_concurrency,
+            prefill_step_size=max(1, s.prefill_step_size // s.prompt_concurrency))
 
     def _load(self):
         s = self.settings
@@ -322,6 +469,7 @@ class Engine:
                 f"the memory budget {plan.fmt_bytes(memory)} does not hold the model "
                 f"(weights {plan.fmt_bytes(self.budget.shape.weight_bytes)}) and a "
                 "prefill workspace; raise --memory")
+        self.batch = self._new_batch()
 
     def encode(self, messages: List[dict], add_generation_prompt: bool) -> List[int]:
         messages = chat_messages(messages)
@@ -332,9 +480,12 @@ class Engine:
         return self.tokenizer.encode(text + ("\n\nassistant:" if add_generation_prompt
                                              else ""))
 
-    def _admit(self, cid: str, context: int, what: str, reply_room: int) -> Optional[str]:
-        """Refuse a turn that cannot fit before anything is allocated; park other
-        caches to make room. Returns a notice for the reply, if any."""
+    def _admit(self, cid: str, context: int, what: str,
+               reply_room: int) -> Optional[Tuple[Optional[str], int]]:
+        """Refuse a turn that cannot fit even alone before anything is
+        allocated; None while it does not fit beside the running chats; else
+        park idle caches to make room and return (notice for the reply, or
+        None; the tokens its cache may reach)."""
         s, b = self.settings, self.budget
         trained = b.shape.trained_context
         beyond = bool(trained) and context > trained
@@ -354,17 +505,21 @@ class Engine:
                       + f": the KV cache keeps the first {self.spec.sinks} and the most "
                       f"recent {s.max_kv_size} tokens (--max-kv-size); older tokens are "
                       "dropped.")
-        need = b.need(kv_context)
-        if need > b.memory:
+        if b.need([kv_context]) > b.memory:
             raise RequestError(400, b.refusal(kv_context, what, reply_room),
                                code="kv_budget_exceeded")
+        running = {t.job.conversation: t.kv_context for t in self.turns.values()}
+        need = b.need(list(running.values()) + [kv_context])
+        if need > b.memory:
+            return None
         with self._lock:
-            resident = [(k, v.nbytes) for k, v in self.sessions.items() if k != cid]
+            resident = [(k, v.nbytes) for k, v in self.sessions.items()
+                        if k != cid and k not in running]
             for k in to_park(resident, need, b.memory):
                 del self.sessions[k]
                 log.info("conversation %s: cache parked on disk to make room", k)
         mx.clear_cache()
-        return notice
+        return notice, kv_context
 
     def _session(self, cid: str) -> Session:
         with self._lock:
@@ -418,54 +573,31 @@ class Engine:
     def _history(self, job: Job) -> List[dict]:
         return [] if job.title is not None else self.store.get(job.conversation).messages
 
-    def _chat(self, job: Job):
+    def _begin_chat(self, job: Job) -> bool:
         cid = job.conversation
         prompt = self.encode(self._history(job) + job.messages, True)
         admitted = self._admit(
             cid, len(prompt) + job.max_tokens,
             f"this turn ({len(prompt)} prompt tokens + max_tokens {job.max_tokens})",
             job.max_tokens)
+        if admitted is None:
+            return False
+        notice, kv_context = admitted
         session = self._session(cid)
         cached = self._reuse(session, prompt, keep_last=True)
         job.emit("start", {"prompt_tokens": len(prompt), "cached_tokens": cached,
-                           "notice": self._notice(cid, admitted)})
+                           "notice": self._notice(cid, notice)})
         if job.seed is not None:
             mx.random.seed(job.seed)
-        stops, reply, generated, finish = StopText(job.stop), [], [], "length"
-        first_token = None
-        for r in stream_generate(
-            self.model, self.tokenizer, prompt[cached:], max_tokens=job.max_tokens,
-            sampler=make_sampler(job.temperature, job.top_p), prompt_cache=session.cache,
-            prefill_step_size=self.settings.prefill_step_size,
-            prompt_progress_callback=self._progress(job, cached, len(prompt)),
-        ):
-            first_token = first_token or time.perf_counter() - job.submitted
-            generated.append(r.token)
-            text, stopped = stops.feed(r.text)
-            if stopped:
-                finish = "stop"
-            elif r.finish_reason or job.cancelled.is_set():
-                finish = r.finish_reason or "cancelled"
-                text += stops.flush()
-            if text:
-                reply.append(text)
-                job.emit("text", text)
-            if stopped or job.cancelled.is_set():
-                break
-        session.tokens = prompt + generated
-        self._commit(job, job.messages + [{"role": "assistant", "content": "".join(reply)}],
-                     session)
-        log.info("conversation %s: %d prompt tokens (%d cached), %d generated, first token "
-                 "after %.2f s", cid, len(prompt), cached, len(generated), first_token)
-        job.emit("done", {
-            "finish_reason": finish,
-            "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(generated),
-                      "cached_tokens": cached},
-            "first_token_s": first_token,
-            "memory": self.memory(cid),
-        })
+        uid, = self.batch.insert(
+            [prompt[cached:]], [job.max_tokens], caches=[session.cache],
+            all_tokens=[prompt[:cached]],
+            samplers=[make_sampler(job.temperature, job.top_p)])
+        self.turns[uid] = Turn(job, session, prompt, cached, kv_context,
+                               self.tokenizer.detokenizer, StopText(job.stop))
+        return True
 
-    def _document(self, job: Job):
+    def _document(self, job: Job) -> bool:
         cid = job.conversation
         tokens = self.encode(self._history(job) + job.messages, False)
         room = self.settings.max_tokens
@@ -473,16 +605,19 @@ class Engine:
             cid, len(tokens) + room,
             f"this conversation with the document ({len(tokens)} tokens, plus {room} "
             "for a reply)", room)
+        if admitted is None:
+            return False
         session = self._session(cid)
         cached = self._reuse(session, tokens, keep_last=False)
         job.emit("start", {"prompt_tokens": len(tokens), "cached_tokens": cached,
-                           "notice": self._notice(cid, admitted)})
+                           "notice": self._notice(cid, admitted[0])})
         prefill(self.model, session.cache, tokens[cached:], self.settings.prefill_step_size,
                 self._progress(job, cached, len(tokens)))
         session.tokens = tokens
         self._commit(job, job.messages, session)
         job.emit("done", {"prompt_tokens": len(tokens), "cached_tokens": cached,
                           "memory": self.memory(cid)})
+        return True
 
     def _commit(self, job: Job, new_messages: List[dict], session: Session):
         """Save the messages, then the cache (the messages are never lost)."""

@@ -312,7 +312,7 @@ class Handler(BaseHTTPRequestHandler):
             "max_tokens_per_conversation": engine.token_limit()[0],
             "trained_context": b.shape.trained_context, "max_kv_size": s.max_kv_size,
             "max_tokens": s.max_tokens, "max_body_bytes": self.server.max_body,
-            "queued": engine.jobs.qsize(), "queue_size": s.queue_size,
+            "queued": engine.queued(), "queue_size": s.queue_size,
             "data_dir": str(self.server.store.root),
         })
 
@@ -487,7 +487,12 @@ def setup_arg_parser():
                    "most recent); allows conversations beyond the trained context")
     p.add_argument("--prefill-step-size", type=positive_int, default=2048)
     p.add_argument("--queue-size", type=positive_int, default=8,
-                   help="Requests that may wait for the model; more are answered 503")
+                   help="Requests that may wait to start; more are answered 503")
+    p.add_argument("--decode-concurrency", type=positive_int, default=32,
+                   help="Chats answered together (continuous batching); more wait")
+    p.add_argument("--prompt-concurrency", type=positive_int, default=8,
+                   help="Prompts prefilled together; they share the "
+                   "--prefill-step-size workspace")
     p.add_argument("--max-body-bytes", type=positive_int, default=4 << 20,
                    help="Largest request body, documents included; larger ones get 413")
     p.add_argument("--log-level", default="INFO",
@@ -511,7 +516,9 @@ def main(argv=None):
                         max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p,
                         max_kv_size=args.max_kv_size,
                         prefill_step_size=args.prefill_step_size,
-                        queue_size=args.queue_size)
+                        queue_size=args.queue_size,
+                        decode_concurrency=args.decode_concurrency,
+                        prompt_concurrency=args.prompt_concurrency)
     store = Store(args.data_dir or default_data_dir())
     engine = Engine(settings, store)
     try:

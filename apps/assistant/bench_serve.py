@@ -1,0 +1,183 @@
+"""Benchmark: concurrent chats through the OpenAI API, the assistant against
+mlx_lm.server, in one run.
+
+Each server runs in its own subprocess on a free loopback port with the same
+model (the embedded one by default) and the same BLAS; the official `openai`
+client sends N short story requests (temperature 0, max_tokens each) twice:
+all together (N threads started at once) and one after another. Servers are
+measured in turn, so drift in machine speed hits all alike only roughly: run
+it on an idle machine, and read the ratios, which come from this one run.
+
+    python -m mlx_kvq.apps.assistant.bench_serve --chats 8 --max-tokens 64 --kv k4v4
+"""
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from mlx_kvq import blas
+from mlx_kvq.cli_types import positive_int
+from mlx_kvq.models import default_model_path
+
+TOPICS = ("a lighthouse keeper", "a lost kitten", "a robot learning to paint",
+          "a dragon afraid of fire", "two rival bakers", "a time-travelling mailman",
+          "a garden on the moon", "a shy volcano", "a library that never closes",
+          "an old violin", "a penguin in the desert", "a clock that runs backwards")
+GOAL_VS_PEER, GOAL_TOGETHER = 1.1, 2.5
+
+
+def prompts(n: int) -> List[str]:
+    return [f"Write a short story about {TOPICS[i % len(TOPICS)]}." for i in range(n)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    """A server subprocess; `url` is its OpenAI base URL once it answers."""
+
+    name: str
+    cmd: List[str]
+    port: int
+    proc: Optional[subprocess.Popen] = None
+    log: str = ""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def __enter__(self):
+        env = dict(os.environ)
+        if blas.status.startswith("OpenBLAS"):  # the peer imports mlx itself
+            env["LD_PRELOAD"] = blas.status.split("(", 1)[1].rstrip(")")
+        self._log = tempfile.NamedTemporaryFile("w+", suffix=".log")
+        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env=env)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            try:
+                with urllib.request.urlopen(f"{self.url}/models", timeout=5):
+                    return self
+            except OSError:
+                time.sleep(0.5)
+        self.__exit__()
+        raise RuntimeError(f"{self.name} did not start:\n{self.log}")
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=60)
+        self._log.seek(0)
+        self.log = self._log.read()[-4000:]
+        self._log.close()
+
+
+@dataclass
+class Run:
+    server: str
+    together_s: float
+    one_by_one_s: float
+    completion_tokens: List[int] = field(default_factory=list)
+    replies: List[str] = field(default_factory=list)
+
+
+def ask(client, model: str, prompt: str, max_tokens: int):
+    r = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": prompt}], temperature=0.0,
+        max_tokens=max_tokens)
+    return r.choices[0].message.content, r.usage.completion_tokens
+
+
+def together(client, model, texts, max_tokens):
+    out = [None] * len(texts)
+    go = threading.Barrier(len(texts))
+
+    def one(i):
+        go.wait()
+        out[i] = ask(client, model, texts[i], max_tokens)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(texts))]
+    t = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return time.perf_counter() - t, out
+
+
+def measure(server: Server, model: str, n: int, max_tokens: int) -> Run:
+    import openai
+
+    client = openai.OpenAI(base_url=server.url, api_key="none", timeout=3600, max_retries=0)
+    texts = prompts(n)
+    ask(client, model, "Hello", 4)  # warm-up
+    seconds, out = together(client, model, texts, max_tokens)
+    t = time.perf_counter()
+    for text in texts:
+        ask(client, model, text, max_tokens)
+    return Run(server.name, seconds, time.perf_counter() - t,
+               [c for _, c in out], [r for r, _ in out])
+
+
+def format_runs(runs: List[Run], n: int) -> str:
+    lines = [f"{'server':<42} {'together s':>10} {'one by one s':>12} {'speedup':>7} "
+             f"{'tokens':>7}"]
+    for r in runs:
+        lines.append(f"{r.server:<42} {r.together_s:>10.1f} {r.one_by_one_s:>12.1f} "
+                     f"{r.one_by_one_s / r.together_s:>6.2f}x "
+                     f"{sum(r.completion_tokens):>7}")
+    ours, peer = runs[0], runs[-1]
+    lines.append(f"{n} chats together: assistant / mlx_lm.server time "
+                 f"{ours.together_s / peer.together_s:.2f}x (goal <= {GOAL_VS_PEER}x); "
+                 f"assistant one-by-one / together {ours.one_by_one_s / ours.together_s:.2f}x "
+                 f"(goal >= {GOAL_TOGETHER}x)")
+    same = sum(a == b for a, b in zip(ours.replies, peer.replies))
+    lines.append(f"replies identical to mlx_lm.server's: {same}/{n}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="Model folder (default: the embedded model)")
+    p.add_argument("--kv", default="k4v4", help="The assistant's KV spec")
+    p.add_argument("--chats", type=positive_int, default=8)
+    p.add_argument("--max-tokens", type=positive_int, default=64)
+    args = p.parse_args(argv)
+    model = str(args.model or default_model_path())
+    with tempfile.TemporaryDirectory() as data:
+        servers = [
+            Server(f"mlx_kvq.assistant --kv {args.kv}",
+                   [sys.executable, "-m", "mlx_kvq.apps.assistant", "--model", model,
+                    "--kv", args.kv, "--data-dir", data, "--port", str(port := free_port()),
+                    "--log-level", "WARNING"], port),
+            Server("mlx_lm.server (full-precision batch cache)",
+                   [sys.executable, "-m", "mlx_lm.server", "--model", model,
+                    "--port", str(port := free_port()), "--log-level", "WARNING"], port),
+        ]
+        runs = []
+        for server in servers:
+            with server:
+                runs.append(measure(server, model, args.chats, args.max_tokens))
+    print(f"model {model}; {args.chats} chats, max_tokens {args.max_tokens}, temperature 0; "
+          f"BLAS {blas.status}; mean reply tokens "
+          f"{statistics.mean(runs[0].completion_tokens):.1f}")
+    print(format_runs(runs, args.chats))
+
+
+if __name__ == "__main__":
+    main()
