@@ -161,13 +161,17 @@ class KVQBatchCache(KVQCache):
     def _fp_dtype(self):
         return quant.storage_dtype(self.dtype)
 
+    # The residual buffer grows and shrinks in whole groups: between flushes
+    # a row holds residual..residual+group-1 tokens, so decoding reallocates
+    # nothing and no row carries more than a group of slack.
+
     def _grow_residual(self, need):
         if need <= self.res_cap:
             return
-        self._resize_residual(_round_up(need, self.step))
+        self._resize_residual(_round_up(need, self.spec.group_size))
 
     def _shrink_residual(self):
-        fit = _round_up(max(self.res_len, default=0) + 1, self.step)
+        fit = _round_up(max(self.res_len, default=0) + 1, self.spec.group_size)
         if self.res_cap > fit:
             self._resize_residual(fit)
 

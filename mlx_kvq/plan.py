@@ -19,8 +19,9 @@ allocates them (KVQCache.nbytes):
     bounded by their window;
   * layers without a KV cache (SSM state) are not counted.
 workspace is the memory in flight while one prefill chunk (`prefill_step`
-tokens) goes through the model, one sequence at a time: see workspace_parts().
-Decode needs far less. Sizes are bytes; memory strings use powers of 1024
+tokens) goes through the model: sequences answered together are prefilled
+together, so a chunk holds up to `prefill_step` rows of all their prompts
+(see workspace_parts()); decode needs far less. Sizes are bytes; memory strings use powers of 1024
 ("16GB" = 16 GiB, as RAM is sold).
 """
 
@@ -384,9 +385,12 @@ def bits_per_element(spec, head_dim: int) -> float:
 # -- workspace ------------------------------------------------------------------
 
 
-def workspace_parts(config, spec, context: int, prefill_step: int = PREFILL_STEP) -> dict:
+def workspace_parts(config, spec, context: int, prefill_step: int = PREFILL_STEP,
+                    rows: Optional[int] = None, sequences: int = 1) -> dict:
     """Memory in flight while a prefill chunk of `prefill_step` tokens (ending
-    at `context`) goes through the model, by cause:
+    at `context`) goes through the model, by cause. With `sequences` prefilled
+    together, the chunk holds up to `prefill_step` of their `rows` tokens
+    (default: one sequence, `context` rows).
 
     activations  the widest live tensors of one layer, in the model dtype:
                  residual stream, norm, q/k/v and rotated q/k, the MLP's
@@ -400,11 +404,12 @@ def workspace_parts(config, spec, context: int, prefill_step: int = PREFILL_STEP
                  and the chunk the RotatingKVCache holds beyond its window
     regrowth     a layer's body reallocated at a 256-token step while the old
                  one is copied over
-    logits       the last position's logits (mlx-lm computes no others in prefill)
+    logits       each sequence's last-position logits and log-probs (mlx-lm
+                 computes no others in prefill)
     """
     s = _shape(config)
     spec = _widest(spec, s.head_dim)
-    L = min(prefill_step, context)
+    L = min(prefill_step, context if rows is None else rows)
     a = s.dtype_bytes
     H, D, Hq = s.n_kv_heads, s.head_dim, s.n_heads
     qkv = (Hq + 2 * H) * D
@@ -419,13 +424,14 @@ def workspace_parts(config, spec, context: int, prefill_step: int = PREFILL_STEP
         sliding = Hq * L * (min(w, context) + L) * 4 * 2
         sliding += len(s.windows) * L * H * D * a * 2
     regrowth = layer_bytes(spec, context, H, D, s.dv)
-    logits = s.vocab_size * 4 * 2
+    logits = s.vocab_size * 4 * 2 * sequences
     return {"activations": acts, "kv chunk": chunk, "scores": scores,
             "sliding": sliding, "regrowth": regrowth, "logits": logits}
 
 
-def workspace_bytes(config, spec, context: int, prefill_step: int = PREFILL_STEP) -> int:
-    return sum(workspace_parts(config, spec, context, prefill_step).values())
+def workspace_bytes(config, spec, context: int, prefill_step: int = PREFILL_STEP,
+                    rows: Optional[int] = None, sequences: int = 1) -> int:
+    return sum(workspace_parts(config, spec, context, prefill_step, rows, sequences).values())
 
 
 # -- capacity -------------------------------------------------------------------
@@ -439,7 +445,8 @@ def memory_needed(config, spec, contexts: Sequence[int],
     if not contexts:
         return shape.weight_bytes
     return (shape.weight_bytes
-            + workspace_bytes(shape, spec, max(contexts), prefill_step)
+            + workspace_bytes(shape, spec, max(contexts), prefill_step, rows=sum(contexts),
+                              sequences=len(contexts))
             + sum(kv_bytes(shape, spec, c) for c in contexts))
 
 
@@ -456,8 +463,14 @@ def capacity(config, spec, memory: int, *, context: Optional[int] = None,
         return memory_needed(shape, spec, [ctx] * n, prefill_step) <= memory
 
     if context is not None:
+        # The workspace grows with the sequences until their prompts fill a
+        # prefill chunk: search up to the count a one-sequence workspace allows.
         free = memory - shape.weight_bytes - workspace_bytes(shape, spec, context, prefill_step)
-        return max(0, free // kv_bytes(shape, spec, context))
+        lo, hi = 0, max(0, free // kv_bytes(shape, spec, context)) + 1
+        while hi - lo > 1:  # memory_needed grows with the count
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(context, mid) else (lo, mid)
+        return lo
     if not fits(1, concurrency):
         return 0
     lo, hi = 1, MAX_SEARCH
