@@ -245,3 +245,23 @@ def test_merge_refuses_mixed_schemes():
         KVQBatchCache.merge([KVQCache("k4v4"), KVQCache("k8v8")])
     with pytest.raises(TypeError, match="KVQCache"):
         KVQBatchCache.merge([KVQCache("k4v4"), object()])
+
+
+def test_batch_decode_through_emulated_metal_kernel(monkeypatch, llama_tiny):
+    """Rows with different quantized body lengths (one empty) in one fused
+    kernel launch per layer and step (CPU emulation), equal to the MLX path."""
+    from mlx_kvq import kernels
+
+    calls, kernel = [], kernels.metal_decode_partials
+    monkeypatch.setattr(kernels, "metal_decode_partials",
+                        lambda *a, **k: calls.append(k["n_tokens"]) or kernel(*a, **k))
+    outs = {}
+    for mode in ("mlx", "emu"):
+        monkeypatch.setenv(kernels.ENV_VAR, mode)
+        batch = [KVQBatchCache.merge(list(layer))
+                 for layer in zip(*filled(llama_tiny, [40, 130, 230]))]
+        outs[mode] = [llama_tiny(mx.array([[5], [6], [7]]), cache=batch) for _ in range(3)]
+    assert len(calls) == 3 * len(llama_tiny.layers)
+    assert set(calls) == {(0, 96, 192)}
+    for a, b in zip(outs["emu"], outs["mlx"]):
+        assert float(mx.abs(a - b).max()) < 1e-3
