@@ -262,6 +262,6 @@ def test_batch_decode_through_emulated_metal_kernel(monkeypatch, llama_tiny):
                  for layer in zip(*filled(llama_tiny, [40, 130, 230]))]
         outs[mode] = [llama_tiny(mx.array([[5], [6], [7]]), cache=batch) for _ in range(3)]
     assert len(calls) == 3 * len(llama_tiny.layers)
-    assert set(calls) == {(0, 96, 192)}
+    assert all(len(c) == 3 and c[0] == 0 and len(set(c)) == 3 for c in calls)
     for a, b in zip(outs["emu"], outs["mlx"]):
         assert float(mx.abs(a - b).max()) < 1e-3
