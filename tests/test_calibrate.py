@@ -311,3 +311,24 @@ def test_bad_options_refused_before_work(tmp_path, argv, msg, capsys):
         C.main(["--out", str(tmp_path / "out")] + argv)
     assert e.value.code == 2 and msg in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_calibrated_plan_in_a_batch(baked, tmp_path):
+    """Per-layer specs, smoothing and drift counting hold in mlx-lm's batch
+    machinery: each sequence gets its solo tokens and its own drift count."""
+    from test_batch import assert_same_or_near_tie, prompts_of, solo
+
+    folder = _copy(baked[0], tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(_default_model() / name, folder / name)
+    model, tokenizer = mlx_kvq.load(str(folder))
+    prompts = prompts_of([90, 170])
+    r = mlx_kvq.batch_generate(model, tokenizer, prompts, max_tokens=[20, 12],
+                               return_token_ids=True, return_prompt_caches=True,
+                               prefill_step_size=64)
+    for i, p in enumerate(prompts):
+        want, gaps, alone = solo(model, p, [20, 12][i], spec=None)
+        assert_same_or_near_tie(r.token_ids[i], want, gaps, f"sequence {i}")
+        for got, ref in zip(r.caches[i], alone):
+            assert got.spec == ref.spec and got.calibration is not None
+            assert got.drift_checked == ref.drift_checked > 0
