@@ -29,9 +29,9 @@ def prompts_of(lengths, seed=1, vocab=512):
     return [mx.random.randint(0, vocab, (n,)).tolist() for n in lengths]
 
 
-def solo(model, prompt, n, spec=SPEC):
+def solo(model, prompt, n, spec=SPEC, max_kv_size=None):
     """Greedy tokens of one request served alone, with each step's top-2 gap."""
-    cache = mlx_kvq.make_prompt_cache(model, spec)
+    cache = mlx_kvq.make_prompt_cache(model, spec, max_kv_size)
     tokens, gaps = [], []
     for tok, logprobs in generate_step(mx.array(prompt), model, prompt_cache=cache,
                                        max_tokens=n, prefill_step_size=STEP):
@@ -51,12 +51,12 @@ def assert_same_or_near_tie(got, want, gaps, what):
             return
 
 
-def run_batch(model, prompts, max_tokens, arrivals, spec=SPEC):
+def run_batch(model, prompts, max_tokens, arrivals, spec=SPEC, max_kv_size=None):
     """BatchGenerator over quantized caches; prompt i joins at step arrivals[i].
     Returns ({i: tokens}, {i: (cache, all_tokens)}) per prompt."""
     gen = BatchGenerator(model, stop_tokens=[], prefill_step_size=STEP,
                          prefill_batch_size=2, completion_batch_size=8)
-    caches = mlx_kvq.make_batch_prompt_caches(model, len(prompts), spec)
+    caches = mlx_kvq.make_batch_prompt_caches(model, len(prompts), spec, max_kv_size)
     uid_of, out, done, step = {}, {}, {}, 0
     while len(done) < len(prompts):
         for i, at in enumerate(arrivals):
@@ -95,6 +95,20 @@ def test_batch_matches_solo_on_random_models(arch):
                 assert extracted[j].n_body == solo_cache[j].n_body
                 bodies.append(extracted[j].n_body)
     assert max(bodies) > 0  # quantized tokens were compared too
+
+
+def test_max_kv_size_evicts_per_sequence(llama_tiny):
+    """With --max-kv-size each row drops its own oldest body tokens."""
+    prompts = prompts_of([30, 200])
+    got, caches = run_batch(llama_tiny, prompts, [80, 40], arrivals=[0, 2],
+                            max_kv_size=128)
+    for i, p in enumerate(prompts):
+        want, gaps, alone = solo(llama_tiny, p, [80, 40][i], max_kv_size=128)
+        assert_same_or_near_tie(got[i], want, gaps, f"sequence {i}")
+        if got[i] == want:
+            for a, b in zip(caches[i][0], alone):
+                assert_same_cache(a, b)
+                assert a.size() <= 128 and a.body_start > 0
 
 
 def test_batch_generate_matches_solo_on_the_embedded_model(default_model):
