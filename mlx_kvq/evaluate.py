@@ -366,7 +366,7 @@ def memory_problem(shape, args, memory: int):
 def run(argv=None):
     """The CLI; returns its results for callers."""
     from . import corpus as corpora
-    from .models import ModelNotFoundError, describe_weights, load
+    from .models import describe_weights
 
     p = argparse.ArgumentParser(description="KV cache quality vs the full-precision cache")
     p.add_argument("--model", default=None)
@@ -394,16 +394,7 @@ def run(argv=None):
     except ValueError as e:
         p.error(str(e))
 
-    try:
-        model, tokenizer = load(args.model)  # first: downloads or converts the model
-    except ModelNotFoundError as e:
-        p.error(str(e))
-    try:
-        shape = plan.load_shape(args.model)
-        for name in args.kv:
-            Scheme(name).validate(shape, model)
-    except ValueError as e:  # PlanError included
-        p.error(str(e))
+    model, tokenizer, shape = load_for_schemes(p, args.model, args.kv)
     problem = memory_problem(shape, args, plan.total_memory())
     if problem:
         p.error(problem)
@@ -455,6 +446,24 @@ def run(argv=None):
         for path in plots.eval_plots(results, grid, args.plot):
             print(f"plot:         {path}")
     return results, grid
+
+
+def load_for_schemes(p, model_ref, schemes):
+    """(model, tokenizer, shape), or a clear argparse error: the model is not
+    found, or a scheme does not apply to it."""
+    from .models import ModelNotFoundError, load
+
+    try:
+        model, tokenizer = load(model_ref)  # first: downloads or converts the model
+    except ModelNotFoundError as e:
+        p.error(str(e))
+    try:
+        shape = plan.load_shape(model_ref)
+        for name in schemes:
+            Scheme(name).validate(shape, model)
+    except ValueError as e:  # PlanError included
+        p.error(str(e))
+    return model, tokenizer, shape
 
 
 def main(argv=None):

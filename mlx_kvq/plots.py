@@ -193,6 +193,36 @@ def bench_plots(cases, out_dir) -> list:
     return [_save(fig, out_dir, "bench_model.png")]
 
 
+def concurrency_plot(cases, out_dir) -> str:
+    """Concurrency bench: aggregate decode tokens/s (left) and KV bytes per
+    chat (right) vs the number of concurrent chats, per scheme."""
+    plt = _plt()
+    cases = [_as_dict(c) for c in cases]
+    ns = sorted({c["chats"] for c in cases})
+    fig, (tps_ax, kv_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for s in dict.fromkeys(c["scheme"] for c in cases):
+        pts = sorted((c["chats"], c["decode_tps"], c["kv_bytes_per_chat"] / 2**20)
+                     for c in cases if c["scheme"] == s)
+        chats, tps, kv = zip(*pts)
+        style = dict(marker="o", label=s)
+        if s.startswith("fp"):  # the full-precision peer
+            style.update(color="k", ls="--")
+        tps_ax.plot(chats, tps, **style)
+        kv_ax.plot(chats, kv, **style)
+    for ax, label in ((tps_ax, "aggregate decode tokens/s"), (kv_ax, "KV cache per chat (MiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.set_xlabel("concurrent chats (one BatchGenerator)")
+        ax.set_ylabel(label)
+        ax.set_ylim(bottom=0)
+        ax.grid(True, which="both", alpha=0.3)
+    tps_ax.legend(fontsize=8)
+    gen = max(max(c["generated"]) for c in cases)
+    fig.suptitle(f"concurrency bench: {cases[0]['context']}-token prompt and {gen} generated "
+                 "tokens per chat")
+    return _save(fig, out_dir, "bench_concurrency.png")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Redraw mlx_kvq plots from JSON output")
     p.add_argument("--eval", default=None, help="JSON from mlx_kvq.eval --json")

@@ -47,6 +47,67 @@ def test_attention_bench_structure(tmp_path, capsys):
     assert (tmp_path / "bench_attention.png").stat().st_size > 0
 
 
+def test_concurrency_bench_cli_structure(tmp_path, capsys, monkeypatch):
+    # The bundled sample instead of parsing Austen's novels (seconds): same path.
+    monkeypatch.setattr(bench, "default_text", lambda corpora: (corpora.sample_text(), "sample"))
+    cases = bench.run(["--concurrency", "1,2", "--context", "48", "--max-tokens", "3",
+                        "--prefill-step-size", "32", "--kv", "k4v4",
+                        "--json", str(tmp_path / "c.json"), "--plot", str(tmp_path)])
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].startswith("==== concurrency bench: SmolLM2-135M-Instruct")
+    assert "48-token document (sample)" in out and "prefill step size 32" in out
+    fp = "fp (mlx-lm BatchKVCache float32)"
+    assert [(c.chats, c.scheme) for c in cases] == [(n, s) for n in (1, 2) for s in (fp, "k4v4")]
+    rows = [line for line in lines if line.lstrip()[:1].isdigit() and "  " in line]
+    assert len(rows) == 4 and all(fp in r for r in rows[::2]) and "k4v4" in rows[1]
+    for c in cases:
+        assert c.context == 48 and c.generated == [3] * c.chats  # EOS does not stop a chat
+        assert c.ttft_median > 0 and c.ttft_p95 >= c.ttft_median
+        assert c.decode_tps > 0 and c.e2e_tps > 0 and c.peak > 0
+    by = {(c.chats, c.scheme): c for c in cases}
+    for n in (1, 2):
+        assert by[n, "k4v4"].kv_bytes_per_chat < by[n, fp].kv_bytes_per_chat
+    assert "over the same scheme at N=1" in out and "over the fp peer at the same N" in out
+    assert any(line.split()[-2:][0] == "1.00" and line.strip().startswith("k4v4")
+               for line in lines)  # k4v4 at N=1 over its own N=1 rate
+    assert lines[-2].startswith("software:") and lines[-1].startswith("plot:")
+    saved = json.loads((tmp_path / "c.json").read_text())
+    assert saved["kind"] == "concurrency" and len(saved["cases"]) == 4
+    d = saved["disclosure"]
+    assert (d["context"], d["max_tokens"], d["prefill_step_size"], d["chats"]) == (48, 3, 32,
+                                                                                   [1, 2])
+    assert d["fp_peer"] == fp and "float32" in d["model"] and "mlx-lm " in saved["environment"]
+    assert saved["ratios"]["k4v4"]["vs_base"]["1"] == 1.0
+    assert saved["ratios"][fp]["vs_fp"]["2"] == 1.0
+    assert (tmp_path / "bench_concurrency.png").stat().st_size > 0
+
+
+def test_concurrency_bench_tiny_model_chats_have_their_own_text():
+    from conftest import tiny_model
+
+    model = tiny_model("llama")
+    tokens = list(range(1, 400))
+    prompts = bench.chat_prompts(tokens, 3, 40)
+    assert [len(x) for x in prompts] == [40] * 3 and len({tuple(x) for x in prompts}) == 3
+    cases = bench.bench_concurrency(model, tokens, ["k4v4-r32"], (1, 2), 80, 4,
+                                    prefill_step=32, progress=False)
+    assert [(c.chats, c.scheme) for c in cases] == [
+        (n, s) for n in (1, 2) for s in ("fp (mlx-lm BatchKVCache float32)", "k4v4-r32")]
+    assert all(c.generated == [4] * c.chats and c.ttft_median > 0 for c in cases)
+    assert cases[1].kv_bytes_per_chat < cases[0].kv_bytes_per_chat / 2
+    ratios = bench.concurrency_ratios(cases)
+    assert ratios["k4v4-r32"]["vs_base"][1] == 1.0 and set(ratios["k4v4-r32"]["vs_fp"]) == {1, 2}
+
+
+def test_prefill_step_keeps_its_older_name():
+    parse = bench._parser().parse_args
+    assert parse([]).prefill_step == 2048
+    assert parse(["--prefill-step-size", "64"]).prefill_step == 64
+    assert parse(["--prefill-step", "32"]).prefill_step == 32
+    assert "--prefill-step " not in bench._parser().format_help()
+
+
 def test_needle_prompt_hides_the_key_at_depth():
     _, tokenizer = models.load()
     filler = tokenizer.encode(mlx_kvq.corpus.sample_text()[:20000])
@@ -99,6 +160,15 @@ def test_eval_cli_json_with_needle(tmp_path, capsys):
     (bench, ["--contexts", "0"], "--contexts: '0' is not a positive token count"),
     (bench, ["--contexts", "1K", "--kv", "k9v9"], "k_bits=9"),
     (bench, ["--contexts", "64M"], "--contexts 67108864: the full-precision reference needs"),
+    (bench, ["--concurrency", "0"], "--concurrency: '0' is not a positive integer"),
+    (bench, ["--concurrency", "1,x"], "--concurrency: 'x' is not an integer"),
+    (bench, ["--concurrency", "2", "--context", "0"], "--context: '0' is not a positive token"),
+    (bench, ["--concurrency", "2", "--max-tokens", "1"], "--max-tokens must be at least 2"),
+    (bench, ["--concurrency", "2", "--kv", "mlx4"], "--kv mlx4: mlx-lm's QuantizedKVCache has"),
+    (bench, ["--concurrency", "2", "--contexts", "1K"], "--concurrency runs one --context"),
+    (bench, ["--concurrency", "1,1024", "--context", "128K"],
+     "--concurrency 1024 --context 131072 (+64 generated): the full-precision peer of 1024 "
+     "chats needs"),
 ])
 def test_bad_arguments_are_clear_errors(cli, argv, msg, capsys):
     with pytest.raises(SystemExit) as e:
