@@ -28,7 +28,7 @@ from typing import List, Optional
 import mlx.core as mx
 
 from . import quant
-from .cache import FORMAT_VERSION, KVQCache, KVQView, Layout, Segment
+from .cache import FORMAT_VERSION, KVQCache, KVQView, Segment
 from .spec import KVQuantSpec
 
 
@@ -81,16 +81,6 @@ class KVQBatchCache(KVQCache):
 
     def _row_size(self, b):
         return self.n_sink[b] + self.n_body[b] + self.res_len[b]
-
-    def empty(self):
-        return self.dims is None
-
-    @property
-    def nbytes(self):
-        arrays = [self.sink_k, self.sink_v, self.res_k, self.res_v]
-        for part in (self.body_k, self.body_v):
-            arrays.extend(part if isinstance(part, (tuple, list)) else [part])
-        return sum(a.nbytes for a in arrays if a is not None)
 
     # -- writing ----------------------------------------------------------
 
