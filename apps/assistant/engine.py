@@ -99,6 +99,7 @@ class Job:
     seed: Optional[int] = None
     title: Optional[str] = None  # set: a new conversation, created when the turn is saved
     submitted: float = field(default_factory=time.perf_counter)
+    tokens: Optional[List[int]] = None  # the conversation encoded, once it may start
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -327,7 +328,8 @@ class Engine:
 
     def _start_waiting(self):
         """Start the waiting jobs that can start now, oldest first. A job waits
-        while its conversation is busy or the budget cannot hold it yet."""
+        while its conversation is busy; one the budget cannot hold yet keeps
+        the jobs behind it waiting too (none overtakes it forever)."""
         busy_ids = {t.job.conversation for t in self.turns.values()}
         for job in list(self.waiting):
             if job.cancelled.is_set():
@@ -342,9 +344,10 @@ class Engine:
             except Exception as e:
                 self._fail(job, e)
                 started = True
-            if started:
-                self.waiting.remove(job)
-                busy_ids.add(job.conversation)
+            if not started:
+                break
+            self.waiting.remove(job)
+            busy_ids.add(job.conversation)
 
     def _fail(self, job: Job, e: Exception):
         if isinstance(e, RequestError):
@@ -575,7 +578,9 @@ class Engine:
 
     def _begin_chat(self, job: Job) -> bool:
         cid = job.conversation
-        prompt = self.encode(self._history(job) + job.messages, True)
+        if job.tokens is None:  # kept while the job waits for memory
+            job.tokens = self.encode(self._history(job) + job.messages, True)
+        prompt = job.tokens
         admitted = self._admit(
             cid, len(prompt) + job.max_tokens,
             f"this turn ({len(prompt)} prompt tokens + max_tokens {job.max_tokens})",
@@ -599,7 +604,9 @@ class Engine:
 
     def _document(self, job: Job) -> bool:
         cid = job.conversation
-        tokens = self.encode(self._history(job) + job.messages, False)
+        if job.tokens is None:  # kept while the job waits for memory
+            job.tokens = self.encode(self._history(job) + job.messages, False)
+        tokens = job.tokens
         room = self.settings.max_tokens
         admitted = self._admit(
             cid, len(tokens) + room,
