@@ -114,3 +114,41 @@ def test_budget_holds_what_the_planner_says_and_queues_the_next(tmp_path):
         next(x for x in order if x[0] == "done"))] if kind == "start"]
     assert len(starts_before_first_done) == n  # the 4th waited for memory
     assert peak <= memory, (peak, memory)
+
+
+def test_document_prefill_interleaves_with_a_running_chat(tmp_path):
+    """A document is prefilled a chunk at a time between decode steps: the
+    running chat streams while it fills; both complete, the document saved."""
+    from mlx_kvq.corpus import sample_text
+
+    store = Store(tmp_path / "data")
+    engine = Engine(Settings(kv="k4v4", max_tokens=8, prefill_step_size=128), store)
+    engine.start()
+    try:
+        chat = Job("chat", store.create("chat").id,
+                   [{"role": "user", "content": "Count from one to fifty."}], max_tokens=48)
+        doc_cid = store.create("doc").id
+        doc = Job("document", doc_cid, [{"role": "user", "content": sample_text()[:4000]}])
+        engine.submit(chat)
+        next(kind for kind, _ in chat.stream(engine.alive) if kind == "text")
+        timeline, lock = [], threading.Lock()
+
+        def follow(name, job):
+            for kind, _ in job.stream(engine.alive):
+                with lock:
+                    timeline.append((name, kind))
+
+        threads = [threading.Thread(target=follow, args=a) for a in (("chat", chat), ("doc", doc))]
+        threads[0].start()
+        engine.submit(doc)
+        threads[1].start()
+        for t in threads:
+            t.join(300)
+    finally:
+        engine.stop()
+    assert ("chat", "done") in timeline and ("doc", "done") in timeline
+    doc_steps = [i for i, x in enumerate(timeline) if x == ("doc", "progress")]
+    assert len(doc_steps) >= 3
+    between = [x for x in timeline[doc_steps[0]:doc_steps[-1]] if x == ("chat", "text")]
+    assert between  # the chat streamed while the document filled
+    assert store.get(doc_cid).messages and engine.memory(doc_cid)["tokens"] > 500

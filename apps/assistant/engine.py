@@ -5,15 +5,15 @@ cache loads and saves); HTTP threads submit jobs to a bounded queue and read
 their events. Chats are answered by continuous batching in mlx-lm's
 BatchGenerator over quantized caches (mlx_kvq.KVQBatchCache): a new chat
 joins the running batch between decode steps, its prompt prefilled in
-bounded chunks interleaved with decoding, up to --decode-concurrency chats.
+bounded chunks interleaved with decoding, up to --decode-concurrency chats;
+a document is prefilled one --prefill-step-size chunk between decode steps.
 Before a chat joins, the planner sizes the caches of every running chat
 plus its own against the memory budget: one that cannot fit even alone is
 refused; one that fits alone waits until running chats finish. A chat that
 ends (length, stop token or string, client gone) leaves the batch with its
-cache extracted, saved and kept as the conversation's cache. Documents are
-prefilled between decode steps, whole. Caches of recently used
-conversations stay in memory within the budget; the others are parked
-(they are saved after every turn) and loaded back on use.
+cache extracted, saved and kept as the conversation's cache. Caches of
+recently used conversations stay in memory within the budget; the others
+are parked (they are saved after every turn) and loaded back on use.
 """
 
 import logging
@@ -162,6 +162,18 @@ class Turn:
     first_token: Optional[float] = None
 
 
+@dataclass
+class Filling:
+    """A document being prefilled, one chunk between decode steps."""
+
+    job: Job
+    session: Session
+    tokens: List[int]
+    cached: int
+    done: int  # tokens of `tokens` in the cache
+    kv_context: int
+
+
 def common_prefix(a: List[int], b: List[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -171,14 +183,18 @@ def common_prefix(a: List[int], b: List[int]) -> int:
     return n
 
 
+def prefill_chunk(model, cache, chunk: List[int]):
+    """Run one chunk of tokens through the model into `cache`."""
+    model(mx.array(chunk)[None], cache=cache)
+    mx.eval([c.state for c in cache])
+    mx.clear_cache()
+
+
 def prefill(model, cache, tokens: List[int], step: int, progress):
     """Run `tokens` through the model into `cache`, `step` tokens at a time."""
     for start in range(0, len(tokens), step):
-        chunk = tokens[start:start + step]
-        model(mx.array(chunk)[None], cache=cache)
-        mx.eval([c.state for c in cache])
-        mx.clear_cache()
-        progress(start + len(chunk), len(tokens))
+        prefill_chunk(model, cache, tokens[start:start + step])
+        progress(min(start + step, len(tokens)), len(tokens))
 
 
 def chat_messages(messages: List[dict]) -> List[dict]:
@@ -201,6 +217,7 @@ class Engine:
         self.jobs = queue.Queue()
         self.waiting: List[Job] = []  # taken from `jobs`, not started yet (worker only)
         self.turns: Dict[int, Turn] = {}  # batch uid -> chat being answered
+        self.filling: Optional[Filling] = None  # the document being prefilled
         self.batch = None  # BatchGenerator, made at load
         self.sessions = OrderedDict()  # id -> Session, least recently used first
         self.notes = {}  # id -> why its saved cache was not used or saved
@@ -298,10 +315,15 @@ class Engine:
         finally:
             self._ready.set()
         while not self._stopping.is_set():
-            self._take(block=not self.turns)
+            self._take(block=not self.turns and self.filling is None)
             self._start_waiting()
+            if self.filling is not None:
+                self._fill()
             if self.turns:
                 self._step()
+        if self.filling is not None:  # its document is not added
+            self.forget(self.filling.job.conversation)
+            self.filling.job.emit("error", busy("the server is shutting down"))
         for turn in list(self.turns.values()):
             turn.job.cancelled.set()
             self._end(turn, "cancelled")
@@ -330,12 +352,12 @@ class Engine:
         """Start the waiting jobs that can start now, oldest first. A job waits
         while its conversation is busy; one the budget cannot hold yet keeps
         the jobs behind it waiting too (none overtakes it forever)."""
-        busy_ids = {t.job.conversation for t in self.turns.values()}
+        busy_ids = {t.job.conversation for t in self._running()}
         for job in list(self.waiting):
             if job.cancelled.is_set():
                 self.waiting.remove(job)
                 continue
-            if job.conversation in busy_ids:
+            if job.conversation in busy_ids or (job.kind == "document" and self.filling):
                 continue
             if job.kind == "chat" and len(self.turns) >= self.settings.decode_concurrency:
                 break
@@ -348,6 +370,10 @@ class Engine:
                 break
             self.waiting.remove(job)
             busy_ids.add(job.conversation)
+
+    def _running(self) -> list:
+        """Turns and the filling document: what holds memory and a conversation."""
+        return list(self.turns.values()) + ([self.filling] if self.filling else [])
 
     def _fail(self, job: Job, e: Exception):
         if isinstance(e, RequestError):
@@ -511,7 +537,7 @@ class Engine:
         if b.need([kv_context]) > b.memory:
             raise RequestError(400, b.refusal(kv_context, what, reply_room),
                                code="kv_budget_exceeded")
-        running = {t.job.conversation: t.kv_context for t in self.turns.values()}
+        running = {t.job.conversation: t.kv_context for t in self._running()}
         need = b.need(list(running.values()) + [kv_context])
         if need > b.memory:
             return None
@@ -570,9 +596,6 @@ class Engine:
     def _notice(self, cid: str, admitted: Optional[str]) -> Optional[str]:
         return " ".join(filter(None, [self.notes.get(cid), admitted])) or None
 
-    def _progress(self, job: Job, cached: int, total: int):
-        return lambda done, _: job.emit("progress", {"done": cached + done, "total": total})
-
     def _history(self, job: Job) -> List[dict]:
         return [] if job.title is not None else self.store.get(job.conversation).messages
 
@@ -618,13 +641,32 @@ class Engine:
         cached = self._reuse(session, tokens, keep_last=False)
         job.emit("start", {"prompt_tokens": len(tokens), "cached_tokens": cached,
                            "notice": self._notice(cid, admitted[0])})
-        prefill(self.model, session.cache, tokens[cached:], self.settings.prefill_step_size,
-                self._progress(job, cached, len(tokens)))
-        session.tokens = tokens
-        self._commit(job, job.messages, session)
-        job.emit("done", {"prompt_tokens": len(tokens), "cached_tokens": cached,
-                          "memory": self.memory(cid)})
+        self.filling = Filling(job, session, tokens, cached, cached, admitted[1])
         return True
+
+    def _fill(self):
+        """Prefill the next chunk of the document; save it when complete."""
+        f, step = self.filling, self.settings.prefill_step_size
+        try:
+            if f.job.cancelled.is_set():
+                raise RequestError(499, "the client left before the document was added")
+            chunk = f.tokens[f.done:f.done + step]
+            if chunk:
+                prefill_chunk(self.model, f.session.cache, chunk)
+                f.done += len(chunk)
+                f.job.emit("progress", {"done": f.done, "total": len(f.tokens)})
+            if f.done < len(f.tokens):
+                return
+            self.filling = None
+            f.session.tokens = f.tokens
+            self._commit(f.job, f.job.messages, f.session)
+        except Exception as e:
+            self.filling = None
+            self.forget(f.job.conversation)  # its cache is half filled
+            self._fail(f.job, e)
+            return
+        f.job.emit("done", {"prompt_tokens": len(f.tokens), "cached_tokens": f.cached,
+                            "memory": self.memory(f.job.conversation)})
 
     def _commit(self, job: Job, new_messages: List[dict], session: Session):
         """Save the messages, then the cache (the messages are never lost)."""
