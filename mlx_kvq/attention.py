@@ -68,9 +68,8 @@ def quantized_segment_partials(
     seg = Segment((0,) * B if valid else 0, length, (k_codes, k_scales, k_biases),
                   (v_codes, v_scales, v_biases), Layout(k_bits, group_size, True),
                   Layout(v_bits, group_size, False), valid)
-    q0 = mx.full((B,), length) if valid else length
-    return _segment_partials(
-        qg, seg, lambda scores, t: _mask_segment(scores, t, 0, q0, "causal", R, 1))
+    return _segment_partials(  # a decode step: each row sees all it holds
+        qg, seg, lambda scores, t: _mask_segment(scores, t, 0, None, None, R, 1, True))
 
 
 def _tiled(seg, R):
@@ -142,40 +141,41 @@ def _merge(parts):
     return o / mx.where(l > 0, l, 1.0)[..., None]
 
 
-def _needs_mask(seg, q0, mask, L=1):
+def _needs_mask(seg, q0, mask, decode):
     """False when neither the causal rule nor a ragged batch can hide any of
-    the segment's tokens."""
+    the segment's tokens. decode: the call's only query follows every cached
+    token (not merely a one-row chunk of a longer prefill)."""
     if seg.ragged:
-        return L > 1 or any(v < seg.length for v in seg.valid)
+        return not decode or any(v < seg.length for v in seg.valid)
     causal_done = isinstance(mask, str) and seg.start + seg.length <= q0 + 1
     return mask is not None and not causal_done
 
 
-def _ragged_keep(seg, q0, L):
+def _ragged_keep(seg, q0, L, decode):
     """[B, L, T] which tokens of a ragged segment each query of each
     sequence sees: those it holds, at positions up to the query's own."""
     t = mx.arange(seg.length)
     keep = (t[None] < mx.array(seg.valid)[:, None])[:, None, :]
-    if L > 1:
+    if not decode:
         k_pos = mx.array(seg.start)[:, None] + t
         q_pos = q0[:, None] + mx.arange(L)
         keep = keep & (k_pos[:, None, :] <= q_pos[:, :, None])
     return keep
 
 
-def _mask_segment(scores, seg, col0, q0, mask, rep, L):
+def _mask_segment(scores, seg, col0, q0, mask, rep, L, decode):
     """Apply the causal rule (or a model-given mask) to one segment's scores.
 
     scores: [B, H, rep*L, T]; q0: absolute position of the first of the L
     queries (per sequence, an array, for a ragged segment); col0: index of
     the segment's first token among the cached tokens.
     """
-    if not _needs_mask(seg, q0, mask, L):
+    if not _needs_mask(seg, q0, mask, decode):
         return scores
     B, H, _, T = scores.shape
     s = scores.reshape(B, H, rep, L, T)
     if seg.ragged:  # the batch cache knows each sequence's tokens and positions
-        s = mx.where(_ragged_keep(seg, q0, L)[:, None, None], s, -mx.inf)
+        s = mx.where(_ragged_keep(seg, q0, L, decode)[:, None, None], s, -mx.inf)
     elif isinstance(mask, str):
         k_pos = mx.arange(seg.start, seg.start + seg.length)
         keep = k_pos[None, :] <= mx.arange(q0, q0 + L)[:, None]
@@ -234,11 +234,11 @@ def _attend_chunk(q, cache, segs, l0, L, mask, rep, sinks):
 
         def mask_fn(scores, t, c0=c0, seg=seg):
             col = c0 if seg.ragged else c0 + t.start - seg.start
-            return _mask_segment(scores, t, col, q0, mask, rep, Lc)
+            return _mask_segment(scores, t, col, q0, mask, rep, Lc, L == 1)
 
         # The kernel takes each row's token count, so a ragged decode step
         # (every cached token precedes the query) needs no mask.
-        if (Lc == 1 and (seg.ragged or not _needs_mask(seg, q0, mask))
+        if (Lc == 1 and (seg.ragged and L == 1 or not _needs_mask(seg, q0, mask, L == 1))
                 and seg.k_layout.transposed
                 and cache.dims[2] == cache.dims[3] and _use_kernel(seg, D)):
             parts.append(_kernel_partials(qg, seg))

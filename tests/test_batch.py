@@ -279,3 +279,19 @@ def test_batch_decode_through_emulated_metal_kernel(monkeypatch, llama_tiny):
     assert all(len(c) == 3 and c[0] == 0 and len(set(c)) == 3 for c in calls)
     for a, b in zip(outs["emu"], outs["mlx"]):
         assert float(mx.abs(a - b).max()) < 1e-3
+
+
+@pytest.mark.parametrize("mode", ["mlx", "emu"])
+def test_batched_prefill_in_one_row_chunks_stays_causal(monkeypatch, llama_tiny, mode):
+    """A score budget small enough to split a batched prefill into one-row
+    chunks (long contexts x many rows) must not turn it into decode steps."""
+    from mlx_kvq import attention, kernels
+
+    monkeypatch.setenv(kernels.ENV_VAR, mode)
+    monkeypatch.setattr(attention, "SCORE_BUDGET_BYTES", 1)
+    p = mx.array(prompts_of([40, 40], seed=4))
+    batch = [KVQBatchCache.merge([KVQCache(SPEC), KVQCache(SPEC)]) for _ in llama_tiny.layers]
+    got = llama_tiny(p, cache=batch)
+    for b in range(2):
+        want = llama_tiny(p[b:b + 1], cache=mlx_kvq.make_prompt_cache(llama_tiny, SPEC))
+        assert float(mx.abs(got[b] - want[0]).max()) < 1e-3
