@@ -164,7 +164,7 @@ def main(argv=None):
             Server(f"mlx_kvq.assistant --kv {args.kv}",
                    [sys.executable, "-m", "mlx_kvq.apps.assistant", "--model", model,
                     "--kv", args.kv, "--data-dir", data, "--port", str(port := free_port()),
-                    "--log-level", "WARNING"], port),
+                    "--queue-size", str(max(8, args.chats)), "--log-level", "WARNING"], port),
             Server("mlx_lm.server (full-precision batch cache)",
                    [sys.executable, "-m", "mlx_lm.server", "--model", model,
                     "--port", str(port := free_port()), "--log-level", "WARNING"], port),

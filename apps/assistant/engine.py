@@ -358,6 +358,7 @@ class Engine:
                 self.waiting.remove(job)
                 continue
             if job.conversation in busy_ids or (job.kind == "document" and self.filling):
+                busy_ids.add(job.conversation)  # its later jobs wait behind it
                 continue
             if job.kind == "chat" and len(self.turns) >= self.settings.decode_concurrency:
                 break
@@ -395,6 +396,12 @@ class Engine:
 
     def _step(self):
         """One step of the batch: a prefill chunk and/or one token for every chat."""
+        # Prompts prefilled together share one --prefill-step-size chunk
+        # (the workspace the planner sizes); a lone prompt takes all of it.
+        s = self.settings
+        filling = sum(t.first_token is None for t in self.turns.values())
+        self.batch.prefill_step_size = max(
+            1, s.prefill_step_size // max(1, min(filling, s.prompt_concurrency)))
         try:
             prompt_responses, gen_responses = self.batch.next()
         except Exception as e:
@@ -413,8 +420,15 @@ class Engine:
                                            "total": turn.cached + total})
         for r in gen_responses:
             turn = self.turns.get(r.uid)
-            if turn is not None:
+            if turn is None:
+                continue
+            try:
                 self._on_token(turn, r)
+            except Exception as e:  # this chat fails; the others go on
+                self.turns.pop(r.uid, None)
+                if r.finish_reason is None:
+                    self.batch.remove([r.uid])
+                self._fail(turn.job, e)
         for turn in [t for t in self.turns.values() if t.job.cancelled.is_set()]:
             self._end(turn, "cancelled")
 
@@ -440,15 +454,16 @@ class Engine:
         """A chat leaves the batch: its cache becomes the conversation's, the
         turn is saved, the client gets "done"."""
         uid = next(u for u, t in self.turns.items() if t is turn)
-        del self.turns[uid]
         job, session = turn.job, turn.session
         try:
             if cache is None:  # ended before the batch finished it
                 cache, tokens = self.batch.remove([uid], return_prompt_caches=True)[uid]
+            del self.turns[uid]
             session.cache, session.tokens = cache, list(tokens)
             self._commit(job, job.messages + [{"role": "assistant",
                                                "content": "".join(turn.reply)}], session)
         except Exception as e:
+            self.turns.pop(uid, None)
             self._fail(job, e)
             return
         log.info("conversation %s: %d prompt tokens (%d cached), %d generated, first "
@@ -464,13 +479,11 @@ class Engine:
 
     def _new_batch(self) -> BatchGenerator:
         s = self.settings
-        # The planner sizes the prefill workspace for prefill_step_size tokens:
-        # prompts prefilled together share it.
         return BatchGenerator(
             self.model, stop_tokens=[[t] for t in self.tokenizer.eos_token_ids],
             completion_batch_size=s.decode_concurrency,
             prefill_batch_size=s.prompt_concurrency,
-            prefill_step_size=max(1, s.prefill_step_size // s.prompt_concurrency))
+            prefill_step_size=s.prefill_step_size)
 
     def _load(self):
         s = self.settings
@@ -538,7 +551,8 @@ class Engine:
             raise RequestError(400, b.refusal(kv_context, what, reply_room),
                                code="kv_budget_exceeded")
         running = {t.job.conversation: t.kv_context for t in self._running()}
-        need = b.need(list(running.values()) + [kv_context])
+        # A batch allocates every row at its longest row's size.
+        need = b.need([max([kv_context, *running.values()])] * (len(running) + 1))
         if need > b.memory:
             return None
         with self._lock:
@@ -621,6 +635,8 @@ class Engine:
             [prompt[cached:]], [job.max_tokens], caches=[session.cache],
             all_tokens=[prompt[:cached]],
             samplers=[make_sampler(job.temperature, job.top_p)])
+        # The batch holds a copy of the cache now; the chat's end gives it back.
+        session.cache = None
         self.turns[uid] = Turn(job, session, prompt, cached, kv_context,
                                self.tokenizer.detokenizer, StopText(job.stop))
         return True
