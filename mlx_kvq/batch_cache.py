@@ -29,7 +29,11 @@ import mlx.core as mx
 
 from . import quant
 from .cache import FORMAT_VERSION, KVQCache, KVQView, Segment
-from .spec import KVQuantSpec
+
+
+# Per-sequence bookkeeping, one list entry per batch row.
+ROW_FIELDS = ("offsets", "n_sink", "n_body", "body_start", "res_len", "skip", "q_start",
+              "drift", "drift_checked")
 
 
 def _round_up(n, step):
@@ -177,9 +181,7 @@ class KVQBatchCache(KVQCache):
         self.res_cap = cap
 
     def _flush_row(self, b):
-        keep = self.spec.residual if self.spec.quantized else 0
-        unit = self._flush_unit()
-        n = (self.res_len[b] - keep) // unit * unit
+        n = self._flush_size(self.res_len[b])
         if n <= 0:
             return
         r = self.res_len[b]
@@ -197,14 +199,10 @@ class KVQBatchCache(KVQCache):
         self.res_len[b] = r - n
 
     def _count_row_drift(self, b, k, v):
-        c = self.calibration
-        if c is None or c.k_limit is None or c.v_limit is None:
-            return
-        out = mx.stack([(mx.abs(k) > c.k_limit[:, None, :]).sum(),
-                        (mx.abs(v) > c.v_limit[:, None, :]).sum()])
-        self.drift[b] = out if self.drift[b] is None else self.drift[b] + out
-        mx.async_eval(self.drift[b])
-        self.drift_checked[b] += k.size
+        out = self._drift_counts(k, v)
+        if out is not None:
+            self.drift[b] = out if self.drift[b] is None else self.drift[b] + out
+            self.drift_checked[b] += k.size
 
     def _grow_body(self, need):
         if need <= self.capacity:
@@ -223,9 +221,7 @@ class KVQBatchCache(KVQCache):
 
     def _evict_row(self, b):
         """Drop row b's oldest body tokens (keeping sinks) to stay within max_size."""
-        excess = self._row_size(b) - self.max_size
-        unit = self._flush_unit()
-        drop = min(-(-excess // unit) * unit, self.n_body[b]) if excess > 0 else 0
+        drop = self._evict_size(self._row_size(b), self.n_body[b])
         if drop <= 0:
             return
         keep = self.n_body[b] - drop
@@ -338,8 +334,7 @@ class KVQBatchCache(KVQCache):
         """Keep only these sequences, in this order (in place)."""
         keep = [int(i) for i in (batch_indices.tolist() if isinstance(batch_indices, mx.array)
                                  else batch_indices)]
-        for name in ("offsets", "n_sink", "n_body", "body_start", "res_len", "skip",
-                     "q_start", "drift", "drift_checked"):
+        for name in ROW_FIELDS:
             v = getattr(self, name)
             setattr(self, name, [v[i] for i in keep])
         if self.remaining is not None:
@@ -393,8 +388,7 @@ class KVQBatchCache(KVQCache):
             for name in ("sink_k", "sink_v", "res_k", "res_v", "body_k", "body_v"):
                 setattr(self, name, cat(getattr(self, name), getattr(other, name)))
             self.dims = (self.batch_size + other.batch_size,) + self.dims[1:]
-        for name in ("offsets", "n_sink", "n_body", "body_start", "res_len", "skip",
-                     "q_start", "drift", "drift_checked"):
+        for name in ROW_FIELDS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def prepare(self, *, left_padding=None, lengths=None, right_padding=None):
@@ -414,7 +408,8 @@ class KVQBatchCache(KVQCache):
     # -- trimming ---------------------------------------------------------
 
     def is_trimmable(self):
-        return self.max_size is None or not any(self.body_start)
+        return self.max_size is None or all(
+            s <= n for s, n in zip(self.body_start, self.n_sink))
 
     def trim(self, n):
         """Drop the last n tokens of every sequence."""
@@ -434,17 +429,12 @@ class KVQBatchCache(KVQCache):
 
     @property
     def meta_state(self):
-        return json.dumps({
-            "format": FORMAT_VERSION, "batch": True, "spec": self.spec.to_dict(),
-            "max_size": self.max_size,
-            "dims": self.dims, "dtype": None if self.dims is None else str(self.dtype),
-            **{k: getattr(self, k) for k in ("offsets", "n_sink", "n_body", "body_start",
-                                             "res_len", "skip")},
-        })
+        return json.dumps({"format": FORMAT_VERSION, "batch": True,
+                           **{k: getattr(self, k) for k in ROW_FIELDS[:6]}})
 
     @meta_state.setter
     def meta_state(self, v):
-        pass  # carried inside `state`
+        pass  # see the state setter
 
     @property
     def state(self):
@@ -453,22 +443,8 @@ class KVQBatchCache(KVQCache):
 
     @state.setter
     def state(self, v):
-        meta = json.loads(v[0])
-        if meta.get("format") != FORMAT_VERSION or not meta.get("batch"):
-            raise ValueError("not a KVQBatchCache state")
-        self.__init__(KVQuantSpec.from_dict(meta["spec"]), len(meta["offsets"]),
-                      meta["max_size"])
-        for k in ("offsets", "n_sink", "n_body", "body_start", "res_len", "skip"):
-            setattr(self, k, list(meta[k]))
-        self.sink_k, self.sink_v, self.res_k, self.res_v = v[1:5]
-        self.body_k, self.body_v = (tuple(p) if isinstance(p, list) else p for p in v[5:7])
-        if meta["dims"] is not None:
-            self.dims = tuple(meta["dims"])
-            self.dtype = getattr(mx, meta["dtype"].split(".")[-1])
-            self.res_cap = self.res_k.shape[2]
-            lk, _ = self._layouts()
-            self.capacity = lk._count(self.body_k) if lk.bits is not None else \
-                self.body_k.shape[2]
+        raise ValueError("a KVQBatchCache is not restored from a state; save each "
+                         "sequence's cache (extract(i)) and merge the loaded caches")
 
 
 def _row(part, b):

@@ -295,12 +295,32 @@ class KVQCache(_BaseCache):
     def _res_len(self):
         return 0 if self.res_k is None else self.res_k.shape[2]
 
-    def _flush(self):
-        s = self.spec
-        keep = s.residual if s.quantized else 0
-        n = self._res_len() - keep
+    def _flush_size(self, n_res):
+        """Residual tokens to flush into the body when n_res wait there."""
+        keep = self.spec.residual if self.spec.quantized else 0
         unit = self._flush_unit()
-        n = (n // unit) * unit
+        return max(0, (n_res - keep) // unit * unit)
+
+    def _evict_size(self, size, n_body):
+        """Oldest body tokens to drop (whole flush units) to keep `size`
+        tokens within max_size."""
+        excess = size - self.max_size
+        unit = self._flush_unit()
+        return min(-(-excess // unit) * unit, n_body) if excess > 0 else 0
+
+    def _drift_counts(self, k, v):
+        """[2] flushed K, V elements beyond the calibrated limits (None
+        without limits); evaluated now, so no flushed block stays alive."""
+        c = self.calibration
+        if c is None or c.k_limit is None or c.v_limit is None:
+            return None
+        out = mx.stack([(mx.abs(k) > c.k_limit[:, None, :]).sum(),
+                        (mx.abs(v) > c.v_limit[:, None, :]).sum()])
+        mx.async_eval(out)
+        return out
+
+    def _flush(self):
+        n = self._flush_size(self._res_len())
         if n <= 0:
             return
         k, v = self.res_k[..., :n, :], self.res_v[..., :n, :]
@@ -327,14 +347,10 @@ class KVQCache(_BaseCache):
         self.n_body += k.shape[2]
 
     def _count_drift(self, k, v):
-        c = self.calibration
-        if c is None or c.k_limit is None or c.v_limit is None:
-            return
-        out = mx.stack([(mx.abs(k) > c.k_limit[:, None, :]).sum(),
-                        (mx.abs(v) > c.v_limit[:, None, :]).sum()])
-        self.drift = out if self.drift is None else self.drift + out
-        mx.async_eval(self.drift)  # a scalar: keeps no flushed block alive
-        self.drift_checked += k.size
+        out = self._drift_counts(k, v)
+        if out is not None:
+            self.drift = out if self.drift is None else self.drift + out
+            self.drift_checked += k.size
 
     def _rebuild(self, drop, need):
         """Reallocate the body for `need` tokens, keeping tokens [drop, n_body)."""
@@ -354,9 +370,7 @@ class KVQCache(_BaseCache):
 
     def _evict(self):
         """Drop the oldest body tokens (keeping sinks) to stay within max_size."""
-        excess = self.size() - self.max_size
-        unit = self._flush_unit()
-        drop = min(-(-excess // unit) * unit, self.n_body) if excess > 0 else 0
+        drop = self._evict_size(self.size(), self.n_body)
         if drop > 0:
             self._rebuild(drop, self.n_body - drop)
 
@@ -399,7 +413,8 @@ class KVQCache(_BaseCache):
     # -- trimming ---------------------------------------------------------
 
     def is_trimmable(self):
-        return self.max_size is None or self.body_start == 0
+        # Until max_size evicts, the body starts right after the sinks.
+        return self.max_size is None or self.body_start <= self._sink_len()
 
     def trim(self, n):
         n = min(n, self.size())

@@ -164,6 +164,8 @@ def make_batch_prompt_caches(model, n, spec=None, max_kv_size=None):
     `BatchGenerator.insert` or `prompt_caches=` to `batch_generate`, which
     merge them into KVQBatchCache (full-attention layers) and mlx-lm's batch
     caches (sliding-window layers)."""
+    if n < 1:
+        raise ValueError(f"n={n}: make at least one prompt cache")
     first = make_prompt_cache(model, spec, max_kv_size)
     return [first] + [copy.deepcopy(first) for _ in range(n - 1)]
 

@@ -295,3 +295,23 @@ def test_batched_prefill_in_one_row_chunks_stays_causal(monkeypatch, llama_tiny,
     for b in range(2):
         want = llama_tiny(p[b:b + 1], cache=mlx_kvq.make_prompt_cache(llama_tiny, SPEC))
         assert float(mx.abs(got[b] - want[0]).max()) < 1e-3
+
+
+def test_batch_state_is_not_restored_silently(llama_tiny):
+    batch = KVQBatchCache.merge([c[0] for c in filled(llama_tiny, [10, 50])])
+    with pytest.raises(ValueError, match="extract"):
+        KVQBatchCache.from_state(batch.state, batch.meta_state)
+    with pytest.raises(ValueError, match="at least one"):
+        mlx_kvq.make_batch_prompt_caches(llama_tiny, 0)
+
+
+def test_trimmable_until_max_kv_size_evicts(llama_tiny):
+    """Sinks put the body after them: not an eviction."""
+    cache = mlx_kvq.make_prompt_cache(llama_tiny, SPEC, max_kv_size=256)
+    llama_tiny(mx.array(prompts_of([200])), cache=cache)
+    assert cache[0].body_start == 4 and cache[0].is_trimmable()
+    batch = KVQBatchCache.merge([cache[0], KVQCache(SPEC, max_size=256)])
+    assert batch.is_trimmable()
+    llama_tiny(mx.array(prompts_of([100])), cache=cache)
+    assert cache[0].body_start > 4 and not cache[0].is_trimmable()
+    assert not KVQBatchCache.merge([cache[0]]).is_trimmable()
