@@ -205,6 +205,9 @@ def kvq_attention(queries, cache, scale, mask=None, sinks=None):
     # Rows per chunk so that one segment's scores (and exps) fit the budget.
     per_row = B * Hq * n_keys * 4 * 2
     chunk = max(1, min(L, SCORE_BUDGET_BYTES // max(per_row, 1)))
+    if chunk == L and _all_16_bit(segs, mask, L):
+        out = _fp_attention(q, segs, cache.query_start(L), mask, sinks, L)
+        return _finish(out, spec, queries.dtype)
     outs = []
     for l0 in range(0, L, chunk):
         l1 = min(L, l0 + chunk)
@@ -216,9 +219,38 @@ def kvq_attention(queries, cache, scale, mask=None, sinks=None):
             # side by side, and the budget would bound nothing.
             mx.eval(outs[-1])
     out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
+    return _finish(out, spec, queries.dtype)
+
+
+def _finish(out, spec, dtype):
     if spec.rotate_values:
         out = quant.hadamard(out)
-    return out.astype(queries.dtype)
+    return out.astype(dtype)
+
+
+def _all_16_bit(segs, mask, L):
+    """Whether one fused SDPA call can read the cache: every segment 16-bit
+    (a short cache holds only sinks and residual), and a mask it can take:
+    the causal rule, or per-row counts of a batch at a decode step."""
+    if not segs or any(s.k_layout.bits is not None or s.v_layout.bits is not None
+                       for s in segs):
+        return False
+    if segs[0].ragged:
+        return L == 1
+    return mask is None or isinstance(mask, str)
+
+
+def _fp_attention(q, segs, q0, mask, sinks, L):
+    """mx.fast.scaled_dot_product_attention over 16-bit segments side by side
+    (in temporal order: the L queries are the last L keys). q is scaled."""
+    views = [s.view(0, s.length) for s in segs]
+    k, v = ([getattr(t, name) for t in views] for name in ("keys", "values"))
+    k, v = (x[0] if len(x) == 1 else mx.concatenate(x, axis=2) for x in (k, v))
+    if segs[0].ragged:  # each row's own tokens
+        mask = mx.concatenate([_ragged_keep(t, q0, L, True) for t in views],
+                              axis=-1)[:, None]
+    return mx.fast.scaled_dot_product_attention(
+        q, k.astype(q.dtype), v.astype(q.dtype), scale=1.0, mask=mask, sinks=sinks)
 
 
 def _attend_chunk(q, cache, segs, l0, L, mask, rep, sinks):

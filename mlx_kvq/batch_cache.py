@@ -63,7 +63,11 @@ class KVQBatchCache(KVQCache):
 
     @property
     def offset(self):
-        return mx.array(self.offsets)
+        # Models read it for every RoPE call: one array per change of offsets.
+        key = tuple(self.offsets)
+        if getattr(self, "_offset_key", None) != key:
+            self._offset_key, self._offset_arr = key, mx.array(self.offsets)
+        return self._offset_arr
 
     @offset.setter
     def offset(self, v):

@@ -105,10 +105,11 @@ def test_max_kv_size_evicts_per_sequence(llama_tiny):
     for i, p in enumerate(prompts):
         want, gaps, alone = solo(llama_tiny, p, [80, 40][i], max_kv_size=128)
         assert_same_or_near_tie(got[i], want, gaps, f"sequence {i}")
-        if got[i] == want:
-            for a, b in zip(caches[i][0], alone):
-                assert_same_cache(a, b)
-                assert a.size() <= 128 and a.body_start > 0
+        if got[i] == want:  # the same tokens held and evicted (values may differ
+            for a, b in zip(caches[i][0], alone):  # in rounding: other kernels)
+                assert (a.offset, a.n_body, a.body_start, a.size()) == \
+                    (b.offset, b.n_body, b.body_start, b.size())
+                assert a.size() <= 128 and (a.body_start > 4) == (a.offset > 128)
 
 
 def test_batch_generate_matches_solo_on_the_embedded_model(default_model):
