@@ -11,6 +11,7 @@ Queries are grouped per kv head (GQA without repeating K/V) and processed in
 chunks so that no score tensor exceeds SCORE_BUDGET_BYTES.
 """
 
+import functools
 import os
 
 import mlx.core as mx
@@ -151,12 +152,25 @@ def _needs_mask(seg, q0, mask, decode):
     return mask is not None and not causal_done
 
 
+@functools.lru_cache(maxsize=64)
+def _held(valid, length):
+    """[B, 1, length]: which of a segment's columns each row holds. Every
+    layer of a batch holds the same counts: one array serves them all."""
+    return (mx.arange(length)[None] < mx.array(valid)[:, None])[:, None, :]
+
+
+@functools.lru_cache(maxsize=64)
+def _held_side_by_side(counts):
+    """[B, 1, 1, T]: _held of segments side by side, for SDPA's mask."""
+    return mx.concatenate([_held(v, n) for v, n in counts], axis=-1)[:, None]
+
+
 def _ragged_keep(seg, q0, L, decode):
     """[B, L, T] which tokens of a ragged segment each query of each
     sequence sees: those it holds, at positions up to the query's own."""
-    t = mx.arange(seg.length)
-    keep = (t[None] < mx.array(seg.valid)[:, None])[:, None, :]
+    keep = _held(seg.valid, seg.length)
     if not decode:
+        t = mx.arange(seg.length)
         k_pos = mx.array(seg.start)[:, None] + t
         q_pos = q0[:, None] + mx.arange(L)
         keep = keep & (k_pos[:, None, :] <= q_pos[:, :, None])
@@ -246,9 +260,8 @@ def _fp_attention(q, segs, q0, mask, sinks, L):
     views = [s.view(0, s.length) for s in segs]
     k, v = ([getattr(t, name) for t in views] for name in ("keys", "values"))
     k, v = (x[0] if len(x) == 1 else mx.concatenate(x, axis=2) for x in (k, v))
-    if segs[0].ragged:  # each row's own tokens
-        mask = mx.concatenate([_ragged_keep(t, q0, L, True) for t in views],
-                              axis=-1)[:, None]
+    if segs[0].ragged:  # each row's own tokens (a decode step)
+        mask = _held_side_by_side(tuple((t.valid, t.length) for t in views))
     return mx.fast.scaled_dot_product_attention(
         q, k.astype(q.dtype), v.astype(q.dtype), scale=1.0, mask=mask, sinks=sinks)
 

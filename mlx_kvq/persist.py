@@ -46,26 +46,33 @@ def _specs(cache):
     return [str(c.spec) if isinstance(c, KVQCache) else type(c).__name__ for c in cache]
 
 
-def save_prompt_cache(file_name, cache, metadata=None, model=None):
+def save_prompt_cache(file_name, cache, metadata=None, model=None, fingerprint=None):
+    """Save with the KV specs and the model's fingerprint (`fingerprint`, if
+    the caller keeps it, saves computing it from `model` again)."""
     meta = dict(metadata or {})
     meta["mlx_kvq_specs"] = json.dumps(_specs(cache))
-    if model is not None:
-        meta["mlx_kvq_model"] = model_fingerprint(model)
+    if fingerprint is None and model is not None:
+        fingerprint = model_fingerprint(model)
+    if fingerprint is not None:
+        meta["mlx_kvq_model"] = fingerprint
     mlx_cache.save_prompt_cache(str(file_name), cache, meta)
 
 
-def load_prompt_cache(file_name, return_metadata=False, model=None, spec=None):
-    """Load a cache file; with `model` / `spec`, refuse one made for others."""
+def load_prompt_cache(file_name, return_metadata=False, model=None, spec=None,
+                      fingerprint=None):
+    """Load a cache file; with `model` / `spec`, refuse one made for others
+    (`fingerprint`: the model's, if the caller keeps it)."""
     install()
     try:
         cache, meta = mlx_cache.load_prompt_cache(str(file_name), return_metadata=True)
     except Exception as e:  # mx.load and the state setter raise many kinds
         raise ValueError(f"cannot load prompt cache {file_name}: {e}") from e
     if model is not None and "mlx_kvq_model" in meta:
-        if meta["mlx_kvq_model"] != model_fingerprint(model):
+        fingerprint = fingerprint or model_fingerprint(model)
+        if meta["mlx_kvq_model"] != fingerprint:
             raise ValueError(
                 f"prompt cache {file_name} was made with another model "
-                f"(fingerprint {meta['mlx_kvq_model']} != {model_fingerprint(model)})"
+                f"(fingerprint {meta['mlx_kvq_model']} != {fingerprint})"
             )
     if model is not None and len(cache) != len(getattr(model, "layers", cache)):
         raise ValueError(

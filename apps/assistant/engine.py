@@ -698,8 +698,8 @@ class Engine:
             self.store.create(job.title, cid=cid, source="api", exist_ok=True)
         self.store.update(cid, lambda c: _extend(c, new_messages))
         try:
-            self.store.save_cache(cid, session.cache, session.tokens, self.model,
-                                  self.fingerprint, session.stats)
+            self.store.save_cache(cid, session.cache, session.tokens, self.fingerprint,
+                                  session.stats)
             self.notes.pop(cid, None)
         except NotFound:
             raise

@@ -201,12 +201,12 @@ class Store:
 
     # -- caches -------------------------------------------------------------
 
-    def save_cache(self, cid, cache, tokens, model, fingerprint: str, stats: dict):
+    def save_cache(self, cid, cache, tokens, fingerprint: str, stats: dict):
         folder = self.folder(cid)
         digest = {}
 
         def write(tmp):
-            persist.save_prompt_cache(tmp, cache, model=model)
+            persist.save_prompt_cache(tmp, cache, fingerprint=fingerprint)
             digest.update(size=tmp.stat().st_size, sha256=persist.sha256_file(tmp))
 
         with self._lock:  # serialized with delete()
@@ -280,7 +280,8 @@ class Store:
             return None
         try:
             cache = persist.load_prompt_cache(self.folder(cid) / CACHE, model=model,
-                                              spec=specs[0] if len(specs) == 1 else None)
+                                              spec=specs[0] if len(specs) == 1 else None,
+                                              fingerprint=fingerprint)
         except ValueError as e:
             log.warning("conversation %s: saved KV cache refused: %s", cid, e)
             raise CacheRefused(str(e)) from e
