@@ -13,9 +13,10 @@ left-aligned in its own row and holding its own number of tokens:
             groups for channel keys), row b's first token at position
             body_start[b];
   residual  [B, H, cap, D] 16-bit, res_len[b] tokens per row.
-There is no padding in the store: left padding given to `prepare` is skipped
-as it arrives, and the right padding of a batched prompt (`prepare(lengths=)`)
-is never stored. Each row flushes its residual into its body by the same
+No padding token is written: left padding given to `prepare` is skipped as
+it arrives, and the right padding of a batched prompt (`prepare(lengths=)`)
+is never stored. Buffers are allocated alike for every row, as long as the
+longest row needs. Each row flushes its residual into its body by the same
 rule as a single cache, so an extracted cache holds exactly what the same
 sequence served alone would hold. Attention (attention.py) masks each row to
 its own tokens and positions; per-row counts are kept on the host, so

@@ -390,7 +390,7 @@ class Engine:
             job.emit("error", RequestError(500, f"internal error: {type(e).__name__}: {e}"))
 
     def _begin(self, job: Job) -> bool:
-        """Start a job (a chat joins the batch; a document is prefilled now);
+        """Start a job (a chat joins the batch; a document starts filling);
         False when the budget cannot hold it next to the running chats yet."""
         return (self._begin_chat if job.kind == "chat" else self._document)(job)
 
