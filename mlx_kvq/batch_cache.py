@@ -23,6 +23,7 @@ its own tokens and positions; per-row counts are kept on the host, so
 bookkeeping needs no device sync.
 """
 
+import functools
 import json
 from typing import List, Optional
 
@@ -132,11 +133,10 @@ class KVQBatchCache(KVQCache):
             self.res_k[..., c:c + L, :] = keys
             self.res_v[..., c:c + L, :] = values
         else:  # rows at different lengths: scatter each row at its own end
-            idx = (mx.array(self.res_len)[:, None] + mx.arange(L))[:, None, :, None]
             self.res_k = mx.put_along_axis(
-                self.res_k, mx.broadcast_to(idx, keys.shape), keys, axis=2)
+                self.res_k, _ends(tuple(self.res_len), keys.shape), keys, axis=2)
             self.res_v = mx.put_along_axis(
-                self.res_v, mx.broadcast_to(idx, values.shape), values, axis=2)
+                self.res_v, _ends(tuple(self.res_len), values.shape), values, axis=2)
         for b in range(B):
             self.res_len[b] += reals[b] - takes[b]
             self.offsets[b] += fronts[b] + reals[b]
@@ -450,6 +450,14 @@ class KVQBatchCache(KVQCache):
     def state(self, v):
         raise ValueError("a KVQBatchCache is not restored from a state; save each "
                          "sequence's cache (extract(i)) and merge the loaded caches")
+
+
+@functools.lru_cache(maxsize=64)
+def _ends(res_len, shape):
+    """Scatter indices of `shape`'s L new tokens at each row's residual end;
+    every layer of a step writes at the same ends: one array serves them."""
+    idx = (mx.array(res_len)[:, None] + mx.arange(shape[2]))[:, None, :, None]
+    return mx.broadcast_to(idx, shape)
 
 
 def _row(part, b):
