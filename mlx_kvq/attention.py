@@ -33,17 +33,11 @@ def _qmm(x, q, bits, group_size, transpose):
     )
 
 
-def _partials(scores, values, v_bits, group_size):
-    """Softmax partials of one segment: scores [..., R, T] -> (m, l, o)."""
+def _exps(scores):
+    """Row max m and exp(scores - m) of scores [..., R, T]."""
     m = scores.max(axis=-1)
-    m_safe = mx.where(mx.isinf(m), 0.0, m)  # fully masked rows
-    e = mx.exp(scores - m_safe[..., None])
-    l = e.sum(axis=-1)
-    if v_bits is None:
-        o = e @ values.astype(e.dtype)
-    else:
-        o = _qmm(e, values, v_bits, group_size, transpose=False)
-    return m, l, o
+    e = mx.exp(scores - mx.where(mx.isinf(m), 0.0, m)[..., None])  # fully masked rows
+    return m, e
 
 
 def quantized_segment_partials(
@@ -87,8 +81,8 @@ def _segment_partials(qg, seg, mask_fn):
         parts = []
         for a in range(0, seg.length, TILE_TOKENS):
             t = seg.view(a, min(seg.length, a + TILE_TOKENS))
-            scores = mask_fn(qg @ lk.decode(t.keys).swapaxes(-1, -2), t)
-            parts.append(_partials(scores, lv.decode(t.values), None, lv.group))
+            m, e = _exps(mask_fn(qg @ lk.decode(t.keys).swapaxes(-1, -2), t))
+            parts.append((m, e.sum(axis=-1), e @ lv.decode(t.values)))
         return _merge_partials(parts)
     return _joint_partials(qg, [(seg, mask_fn)])
 
@@ -105,9 +99,7 @@ def _joint_partials(qg, segs):
     side (one max, exp and sum), then each segment's values where they are."""
     views = [(seg.view(0, seg.length), fn) for seg, fn in segs]
     scores = [fn(_scores(qg, t), t) for t, fn in views]
-    s = scores[0] if len(scores) == 1 else mx.concatenate(scores, axis=-1)
-    m = s.max(axis=-1)
-    e = mx.exp(s - mx.where(mx.isinf(m), 0.0, m)[..., None])  # fully masked rows
+    m, e = _exps(scores[0] if len(scores) == 1 else mx.concatenate(scores, axis=-1))
     o, col = 0.0, 0
     for t, _ in views:
         et = e if len(views) == 1 else e[..., col:col + t.length]

@@ -233,9 +233,7 @@ class KVQBatchCache(KVQCache):
         lk, lv = self._layouts()
         for name, lay in (("body_k", lk), ("body_v", lv)):
             part = getattr(self, name)
-            row = lay.slice(_row(part, b), drop, self.n_body[b])
-            row = tuple(mx.contiguous(x) for x in row) if isinstance(row, tuple) else \
-                mx.contiguous(row)
+            row = _copy_part(lay.slice(_row(part, b), drop, self.n_body[b]))
             setattr(self, name, lay.write(part, row, 0, row=b))
         self.n_body[b] = keep
         self.body_start[b] += drop
@@ -328,10 +326,8 @@ class KVQBatchCache(KVQCache):
         n = self.n_body[idx]
         if n:
             lk, lv = self._layouts()
-            c.body_k, c.body_v = (
-                tuple(own(x) for x in lay.slice(_row(part, idx), 0, n))
-                if lay.bits is not None else own(lay.slice(_row(part, idx), 0, n))
-                for lay, part in ((lk, self.body_k), (lv, self.body_v)))
+            c.body_k, c.body_v = (_copy_part(lay.slice(_row(part, idx), 0, n))
+                                  for lay, part in ((lk, self.body_k), (lv, self.body_v)))
             c.n_body, c.capacity, c.body_start = n, n, self.body_start[idx]
         return c
 

@@ -21,8 +21,8 @@ allocates them (KVQCache.nbytes):
 workspace is the memory in flight while one prefill chunk (`prefill_step`
 tokens) goes through the model: sequences answered together are prefilled
 together, so a chunk holds up to `prefill_step` rows of all their prompts
-(see workspace_parts()); decode needs far less. Sizes are bytes; memory strings use powers of 1024
-("16GB" = 16 GiB, as RAM is sold).
+(see workspace_parts()); decode needs far less. Sizes are bytes; memory
+strings use powers of 1024 ("16GB" = 16 GiB, as RAM is sold).
 """
 
 import argparse
@@ -466,19 +466,21 @@ def capacity(config, spec, memory: int, *, context: Optional[int] = None,
         # The workspace grows with the sequences until their prompts fill a
         # prefill chunk: search up to the count a one-sequence workspace allows.
         free = memory - shape.weight_bytes - workspace_bytes(shape, spec, context, prefill_step)
-        lo, hi = 0, max(0, free // kv_bytes(shape, spec, context)) + 1
-        while hi - lo > 1:  # memory_needed grows with the count
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if fits(context, mid) else (lo, mid)
-        return lo
+        return _largest(lambda n: fits(context, n), 0,
+                        max(0, free // kv_bytes(shape, spec, context)) + 1)
     if not fits(1, concurrency):
         return 0
-    lo, hi = 1, MAX_SEARCH
-    if fits(hi, concurrency):
-        return hi
-    while hi - lo > 1:  # memory_needed grows with the context
+    if fits(MAX_SEARCH, concurrency):
+        return MAX_SEARCH
+    return _largest(lambda ctx: fits(ctx, concurrency), 1, MAX_SEARCH)
+
+
+def _largest(ok, lo, hi):
+    """The largest x in [lo, hi) with ok(x), for ok true at lo, false at hi
+    and monotone (memory_needed grows with the context and the count)."""
+    while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid, concurrency) else (lo, mid)
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
     return lo
 
 

@@ -4,9 +4,9 @@ together fit the memory budget?
 Sizes come from mlx_kvq.plan, which models KVQCache's allocation exactly:
 weights + the prefill workspace + the caches of the running conversations,
 each at the length its turn may reach (the engine passes the longest for
-all of them: a batch allocates its rows alike). Caches of idle conversations are
-saved after every turn, so they can be parked on disk to make room and
-never block a turn.
+all of them: a batch allocates its rows alike). Caches of idle
+conversations are saved after every turn, so they can be parked on disk to
+make room and never block a turn.
 """
 
 from dataclasses import dataclass, field
