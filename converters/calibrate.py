@@ -27,10 +27,13 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import struct
 import subprocess
+import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -50,6 +53,7 @@ from ..integration import check_model, head_dim_of, model_config
 from ..persist import model_fingerprint, sha256_file
 from ..report import count_label, layer_key
 from ..spec import VALID_BITS, KVQuantSpec, parse_spec
+from .sensitivity import Fisher, Measured, squared_gradients
 
 PLAN_FILE = "kv_plan.json"
 SCALES_FILE = "kv_scales.safetensors"
@@ -62,6 +66,7 @@ TIE = 0.02  # KLDs within 2% count as equal: the cheaper option wins
 OUTLIER_SIGMAS = 6.0  # an outlier element: |x| beyond 6 RMS of its head
 OUTLIER_CHANNEL = 4.0  # an outlier channel: absmax beyond 4x its head's median
 LIMIT_MARGIN = 1e-3  # stored values are 16-bit: allow their rounding
+QUICK_TOKENS = 2048  # --quick: statistics from at most this many tokens
 STATS = ("absmax", "p99", "p999", "absmax_rot", "outliers")
 
 
@@ -401,7 +406,7 @@ def channel_stats(x: np.ndarray) -> Dict[str, np.ndarray]:
     a = np.abs(x)
     rms = np.sqrt((x ** 2).mean(axis=(1, 2), keepdims=True))
     rot = np.abs(np.array(hadamard(mx.array(x))))
-    p99, p999 = np.percentile(a, (99, 99.9), axis=1)
+    p99, p999 = np.percentile(a, (99, 99.9), axis=1).astype(np.float32)
     return {
         "absmax": a.max(axis=1),
         "p99": p99,
@@ -545,17 +550,48 @@ class KVPlan:
             "scales": {"file": SCALES_FILE, "sha256": scales_sha256},
         }
 
-    def save(self, folder) -> Path:
-        """Write the plan files and point config.json at them."""
+    def save(self, folder, config: Optional[dict] = None) -> Path:
+        """Write the plan files and point config.json (`config`, else the
+        folder's own, plus the "mlx_kvq" entry) at them. config.json is the
+        commit point: the new files are first written under names of their
+        own, so that a run killed at any instant leaves the folder loadable
+        with the old plan (or none) or with the new one, never a mix."""
         folder = Path(folder)
-        scales = folder / SCALES_FILE
-        mx.save_safetensors(str(scales), self.tensors(),
+        if config is None:
+            config = json.loads((folder / "config.json").read_text())
+        tmp = folder / "kv_scales.tmp.safetensors"
+        mx.save_safetensors(str(tmp), self.tensors(),
                             metadata={"format": FORMAT, "fingerprint": self.model["fingerprint"]})
-        write_json(folder / PLAN_FILE, self.to_json(sha256_file(scales)))
-        config = json.loads((folder / "config.json").read_text())
-        config["mlx_kvq"] = {"plan": PLAN_FILE, "scales": SCALES_FILE}
-        write_json(folder / "config.json", config)
+        sha = sha256_file(tmp)
+        staged = {"plan": f"kv_plan.{sha[:12]}.json", "scales": f"kv_scales.{sha[:12]}.safetensors"}
+        os.replace(tmp, folder / staged["scales"])
+        write_json(folder / staged["plan"], self.to_json(sha))
+        write_json(folder / "config.json", {**config, "mlx_kvq": staged})  # the new plan is in
+        final = {"plan": PLAN_FILE, "scales": SCALES_FILE}
+        for key in ("scales", "plan"):
+            _replace_with(folder / staged[key], folder / final[key])
+        write_json(folder / "config.json", {**config, "mlx_kvq": final})
+        for f in folder.iterdir():
+            if _leftover(f.name):
+                f.unlink()  # staged copies and leftovers of killed runs
         return folder / PLAN_FILE
+
+
+def _leftover(name: str) -> bool:
+    """A staged plan file or a temporary file of a (killed) save."""
+    return bool(re.fullmatch(r"kv_(plan|scales)\.([0-9a-f]{12}|tmp)\.(json|safetensors)"
+                             r"|.*\.tmp", name))
+
+
+def _replace_with(src: Path, dst: Path):
+    """Atomically make dst a copy of src (a hard link when the file system allows)."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
 
 
 def write_json(path: Path, obj):
@@ -705,36 +741,6 @@ def _smallest_tied(results: dict):
     return next(k for k, v in results.items() if v <= best * (1 + TIE))
 
 
-class Calibrator:
-    """Measures KLDs of cache configurations on the reference windows."""
-
-    def __init__(self, model, refs, stats, chunk, progress):
-        self.model, self.refs, self.stats = model, refs, stats
-        self.runner = Runner(model, chunk)
-        self.layers = sorted(stats)
-        self.bar = progress
-
-    def kld(self, layer_cfg: dict, start: int = 0) -> float:
-        """Mean KLD with the layers in layer_cfg ({layer: (spec, v_smooth)})
-        quantized and the others in full precision."""
-        total = 0.0
-        for ref in self.refs:
-            caches = mlx_cache.make_prompt_cache(self.model)
-            for i, (spec, s) in layer_cfg.items():
-                calib = None if s is None else Calibration(v_smooth=mx.array(s))
-                caches[i] = KVQCache(spec, calibration=calib)
-            total += self.runner.kld(ref, caches, start)
-        self.bar.update(1)
-        return total / len(self.refs)
-
-    def everywhere(self, spec, alpha=None) -> float:
-        return self.kld({i: (spec, None if alpha is None else
-                             smoothing(self.stats[i]["v_absmax"], alpha)) for i in self.layers})
-
-    def layer(self, i, spec, s=None) -> float:
-        return self.kld({i: (spec, s)}, start=i)
-
-
 def check_options(target_bits, bits, base, transforms):
     """Validated (base spec, sorted bit widths, transforms); ValueError names
     the option that is wrong."""
@@ -750,51 +756,170 @@ def check_options(target_bits, bits, base, transforms):
     return base, bits, [t for t in TRANSFORMS if t in transforms]
 
 
+class Checkpoint:
+    """What a calibration run has measured so far, in a folder of its own
+    (never the model folder): statistics, then the sensitivity windows'
+    keys/values and squared gradients. A run given the same folder resumes
+    after the last phase saved."""
+
+    def __init__(self, folder):
+        self.folder = None if folder is None else Path(folder)
+
+    def _path(self, name):
+        return self.folder / f"{name}.safetensors"
+
+    def load(self, name) -> Optional[Dict[str, mx.array]]:
+        if self.folder is None or not self._path(name).is_file():
+            return None
+        try:
+            return mx.load(str(self._path(name)))
+        except Exception:  # a damaged checkpoint is measured again
+            return None
+
+    def save(self, name, arrays: Dict[str, mx.array]):
+        if self.folder is None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f"{name}.tmp.safetensors"
+        mx.save_safetensors(str(tmp), arrays)
+        os.replace(tmp, self._path(name))
+
+    def clear(self):
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _pack_layers(prefix, layers: Dict[int, tuple]) -> Dict[str, mx.array]:
+    return {f"{prefix}.{i}.{j}": x for i, xs in layers.items() for j, x in enumerate(xs)}
+
+
+def _unpack_layers(prefix, arrays) -> Dict[int, tuple]:
+    out = {}
+    for name in sorted(arrays):
+        if name.startswith(prefix + "."):
+            i, j = map(int, name[len(prefix) + 1:].split("."))
+            out.setdefault(i, {})[j] = arrays[name]
+    return {i: tuple(xs[j] for j in sorted(xs)) for i, xs in out.items()}
+
+
+def _statistics(runner, windows, picks, skip, bar, checkpoint, keep_kv):
+    """Phase 1: statistics over every window and, for the picked windows,
+    their References and (keep_kv) recorded keys/values per layer."""
+    saved = checkpoint.load("statistics")
+    refs, kvs = [], []
+    if saved is not None:
+        stats = {}
+        for name, a in saved.items():
+            if name.startswith("stats."):
+                _, i, stat = name.split(".", 2)
+                stats.setdefault(int(i), {})[stat] = np.array(a)
+        kvs = [_unpack_layers(f"kv{w}", saved) for w in range(len(picks))] if keep_kv else []
+        for w in picks:
+            refs.append(runner.reference(w))
+            bar.update(1)
+        return stats, refs, kvs, True
+    collector = StatsCollector(skip=skip)
+    for w in windows:
+        collector.new_window()
+        pick = any(w is p for p in picks)
+        recorded = {}
+
+        def record(i, k, v):
+            collector(i, k, v)
+            if pick and keep_kv:
+                recorded.setdefault(i, []).append((k.astype(mx.float32), v.astype(mx.float32)))
+
+        ref = runner.reference(w, record_kv=record, keep=pick)
+        if pick:
+            refs.append(ref)
+            if keep_kv:
+                kvs.append({i: tuple(mx.concatenate(x, axis=2) for x in zip(*parts))
+                            for i, parts in recorded.items()})
+        bar.update(1)
+    stats = collector.stats()
+    arrays = {f"stats.{i}.{n}": mx.array(a) for i, st in stats.items() for n, a in st.items()}
+    for w, kv in enumerate(kvs):
+        arrays.update(_pack_layers(f"kv{w}", kv))
+    checkpoint.save("statistics", arrays)
+    return stats, refs, kvs, False
+
+
+def _fisher(model, picks, kvs, chunk, bar, checkpoint) -> Fisher:
+    """Phase 2 (estimated sensitivity): squared gradients on each picked window."""
+    saved = checkpoint.load("gradients") or {}
+    windows = []
+    for w, (tokens, kv) in enumerate(zip(picks, kvs)):
+        f = _unpack_layers(f"f{w}", saved)
+        if not f:
+            f = squared_gradients(model, mx.array(tokens), kv)
+            saved.update(_pack_layers(f"f{w}", f))
+            checkpoint.save("gradients", saved)
+        windows.append((kv, f))
+        bar.update(1)
+    return Fisher(windows, chunk)
+
+
 def calibrate(model, windows, *, target_bits=3.0, bits=(2, 3, 4), base=None,
               transforms=TRANSFORMS, chunk=256, sensitivity_windows=1,
-              progress=True) -> KVPlan:
-    """Measure and choose a per-layer plan for `model` on token windows."""
+              sensitivity="fisher", verify_uniform="all", progress=True,
+              checkpoint=None) -> KVPlan:
+    """Measure and choose a per-layer plan for `model` on token windows.
+
+    sensitivity: "fisher" (estimated from one gradient pass per window) or
+    "measured" (a forward pass per layer and option). verify_uniform: "all"
+    uniform specs of the target average are measured against the plan, or
+    only the "best" one by the sensitivity. checkpoint: a folder where
+    finished phases are kept, and from which a run resumes."""
+    if sensitivity not in ("fisher", "measured"):
+        raise ValueError(f"sensitivity {sensitivity!r}: use fisher or measured")
     base, bits, transforms = check_options(target_bits, bits, base, transforms)
     if head_dim_of(model) & (head_dim_of(model) - 1):
         transforms = [t for t in transforms if t != "rotate"]  # Hadamard needs 2^n
+    checkpoint = Checkpoint(checkpoint)
     splits = uniform_splits(target_bits, bits)
     n_sens = min(sensitivity_windows, len(windows))
     picks = [windows[(2 * j + 1) * len(windows) // (2 * n_sens)] for j in range(n_sens)]
-    n_cal = len(model.layers)
     choose = len(bits) > 1 or len(transforms) > 1
-    steps = (len(windows) + len(splits) + len(SINK_COUNTS) - 1
-             + ("smooth" in transforms) * len(SMOOTH_ALPHAS)
-             + choose * (n_cal * (len(bits) * 2 - 1 + len(transforms)) + 1))
-    bar = tqdm(total=steps, disable=not progress, desc="calibrate")
+    fisher = sensitivity == "fisher"
 
     runner = Runner(model, chunk)
-    collector = StatsCollector(skip=base.sinks)
-    refs = []
-    for w in windows:
-        collector.new_window()
-        keep = any(w is p for p in picks)
-        ref = runner.reference(w, record_kv=collector, keep=keep)
-        if keep:
-            refs.append(ref)
-        bar.update(1)
-    stats = collector.stats()
+    with tqdm(total=len(windows), disable=not progress, desc="statistics") as bar:
+        stats, refs, kvs, resumed = _statistics(runner, windows, picks, base.sinks, bar,
+                                                checkpoint, keep_kv=fisher)
+        if resumed:
+            bar.set_postfix_str(f"resumed from {checkpoint.folder}")
     layers = sorted(stats)
-    cal = Calibrator(model, refs, stats, chunk, bar)
+    measured = Measured(model, runner, refs)
+    n_est = (len(splits) + len(SINK_COUNTS) - 1 + ("smooth" in transforms) * len(SMOOTH_ALPHAS)
+             + choose * len(layers) * (len(bits) * 2 - 1 + len(transforms)))
+    bar = tqdm(total=n_est + fisher * n_sens, disable=not progress, desc="sensitivity")
+    est = _fisher(model, picks, kvs, chunk, bar, checkpoint) if fisher else measured
     m = {"windows": f"{len(refs)} x {len(windows[0])} tokens of the calibration windows, in "
-                    f"{chunk}-token chunks; KLD to the full-precision model, mean per position"}
+                    f"{chunk}-token chunks; KLD to the full-precision model, mean per position",
+         "sensitivity": est.method}
+
+    def everywhere(spec, alpha=None):
+        bar.update(1)
+        return est.kld({i: (spec, None if alpha is None else
+                            smoothing(stats[i]["v_absmax"], alpha)) for i in layers})
+
+    def layer(i, spec, s=None):
+        bar.update(1)
+        return est.layer(i, spec, s)
 
     # Uniform specs of the target average, then sinks and smoothing with the best.
-    m["uniform"] = {str(replace(base, k_bits=k, v_bits=v)): cal.everywhere(
-        replace(base, k_bits=k, v_bits=v)) for k, v in splits}
-    uniform = parse_spec(min(m["uniform"], key=m["uniform"].get)) if splits else \
+    u_est = {str(replace(base, k_bits=k, v_bits=v)): everywhere(replace(base, k_bits=k, v_bits=v))
+             for k, v in splits}
+    m["uniform_estimate"] = u_est
+    uniform = parse_spec(min(u_est, key=u_est.get)) if splits else \
         replace(base, k_bits=bits[0], v_bits=bits[0])
-    sinks = {uniform.sinks: m["uniform"].get(str(uniform))}
+    sinks = {uniform.sinks: u_est.get(str(uniform))}
     for n in SINK_COUNTS:
         if n not in sinks:
-            sinks[n] = cal.everywhere(replace(uniform, sinks=n))
+            sinks[n] = everywhere(replace(uniform, sinks=n))
     sinks = dict(sorted(sinks.items()))
     if sinks.get(uniform.sinks) is None:
-        sinks[uniform.sinks] = cal.everywhere(uniform)
+        sinks[uniform.sinks] = everywhere(uniform)
     m["sinks"] = {str(k): v for k, v in sinks.items()}
     base = replace(base, sinks=_smallest_tied(sinks))
     uniform = replace(uniform, sinks=base.sinks)
@@ -802,7 +927,7 @@ def calibrate(model, windows, *, target_bits=3.0, bits=(2, 3, 4), base=None,
     alpha = SMOOTH_ALPHAS[-1]
     if "smooth" in transforms:
         m["smoothing"] = {"none": sinks[base.sinks]}
-        m["smoothing"].update({f"alpha={a}": cal.everywhere(uniform, a) for a in SMOOTH_ALPHAS})
+        m["smoothing"].update({f"alpha={a}": everywhere(uniform, a) for a in SMOOTH_ALPHAS})
         alpha = min(SMOOTH_ALPHAS, key=lambda a: m["smoothing"][f"alpha={a}"])
     m["smoothing_alpha"] = alpha
 
@@ -813,16 +938,16 @@ def calibrate(model, windows, *, target_bits=3.0, bits=(2, 3, 4), base=None,
         sens, per_layer = {}, []
         for i in layers:
             s = smoothing(stats[i]["v_absmax"], alpha)
-            k = {b: cal.layer(i, replace(base, k_bits=b, v_bits=None)) for b in bits}
+            k = {b: layer(i, replace(base, k_bits=b, v_bits=None)) for b in bits}
 
             def v_spec(b, t):
                 return replace(base, k_bits=None, v_bits=b, rotate=t == "rotate")
 
-            first = {t: cal.layer(i, v_spec(bits[0], t), s if t == "smooth" else None)
+            first = {t: layer(i, v_spec(bits[0], t), s if t == "smooth" else None)
                      for t in transforms}
             t = _smallest_tied(first)
             v = {bits[0]: first[t]}
-            v.update({b: cal.layer(i, v_spec(b, t), s if t == "smooth" else None)
+            v.update({b: layer(i, v_spec(b, t), s if t == "smooth" else None)
                       for b in bits[1:]})
             sens[(i, "k")], sens[(i, "v")] = k, v
             plan_layers[i] = LayerPlan(None, None, t)
@@ -832,20 +957,34 @@ def calibrate(model, windows, *, target_bits=3.0, bits=(2, 3, 4), base=None,
         for i in layers:
             plan_layers[i].k_bits, plan_layers[i].v_bits = chosen[(i, "k")], chosen[(i, "v")]
         m["layers"] = per_layer
+    bar.close()
 
     plan = KVPlan(base, plan_layers, stats, model_identity(model), alpha, target_bits,
                   measurements=m)
-    # Keep the plan only if it beats the best uniform spec of the same average.
-    m["uniform_chosen"] = str(uniform)
-    m["uniform_kld"] = m["plan_kld"] = sinks[base.sinks]
-    m["kept"] = "uniform: nothing to choose"
-    if choose:
-        m["plan_kld"] = cal.kld({i: (plan.spec(i), plan.v_smooth(i)) for i in layers})
-        m["kept"] = "plan"
-        if splits and m["plan_kld"] >= m["uniform_kld"]:
-            plan.layers = {i: LayerPlan(uniform.k_bits, uniform.v_bits) for i in layers}
-            m["kept"] = "uniform: the per-layer plan did not beat it"
-    bar.close()
+    # Measured: the uniform specs of the same average (with the chosen sinks)
+    # and the plan, which is kept only if it beats the best of them.
+    candidates = [replace(base, k_bits=k, v_bits=v) for k, v in splits]
+    if verify_uniform == "best":
+        candidates = [uniform]
+    with tqdm(total=len(candidates) + choose, disable=not progress, desc="verify") as bar:
+        m["uniform"] = {}
+        for spec in candidates:
+            m["uniform"][str(spec)] = measured.kld({i: (spec, None) for i in layers})
+            bar.update(1)
+        if not candidates:
+            m["uniform"][str(uniform)] = measured.kld({i: (uniform, None) for i in layers})
+        best = min(m["uniform"], key=m["uniform"].get)
+        m["uniform_chosen"], m["uniform_kld"] = best, m["uniform"][best]
+        m["plan_kld"] = m["uniform_kld"]
+        m["kept"] = "uniform: nothing to choose"
+        if choose:
+            m["plan_kld"] = measured.kld({i: (plan.spec(i), plan.v_smooth(i)) for i in layers})
+            bar.update(1)
+            m["kept"] = "plan"
+            if splits and m["plan_kld"] >= m["uniform_kld"]:
+                best = parse_spec(best)
+                plan.layers = {i: LayerPlan(best.k_bits, best.v_bits) for i in layers}
+                m["kept"] = "uniform: the per-layer plan did not beat it"
     return plan
 
 
@@ -855,23 +994,44 @@ def calibrate(model, windows, *, target_bits=3.0, bits=(2, 3, 4), base=None,
 LINK_BYTES = 1 << 20
 
 
-def copy_model(src: Path, dst: Path):
-    """A copy of a model folder. Files over 1 MB (weights) are hard-linked
+def copy_model(src: Path, dst: Path, config: bool = True):
+    """A copy of a model folder (config.json too unless `config` is False),
+    each file replaced atomically. Files over 1 MB (weights) are hard-linked
     when the file system allows: nothing here writes into them."""
     dst.mkdir(parents=True, exist_ok=True)
     for f in src.resolve().iterdir():
         f = f.resolve()  # hub snapshots hold symlinks to blobs
-        if not f.is_file() or f.name in (PLAN_FILE, SCALES_FILE):
+        if not f.is_file() or f.name in (PLAN_FILE, SCALES_FILE) or _leftover(f.name):
+            continue
+        if f.name == "config.json" and not config:
             continue
         target = dst / f.name
-        target.unlink(missing_ok=True)
-        try:
-            if f.stat().st_size > LINK_BYTES:
-                os.link(f, target)
-                continue
-        except OSError:
-            pass
-        shutil.copy2(f, target)
+        if f.stat().st_size > LINK_BYTES:
+            _replace_with(f, target)
+        else:
+            tmp = target.with_name(target.name + ".tmp")
+            shutil.copy2(f, tmp)
+            os.replace(tmp, target)
+
+
+def bake(plan: KVPlan, src: Path, out: Path) -> Path:
+    """Write `plan` into `out` (src itself, or a calibrated copy of src). A
+    new folder is built aside and renamed into place; an existing one gets
+    its files replaced one by one and config.json last. Killed at any
+    instant, `out` is absent, as it was, or calibrated."""
+    config = json.loads((src / "config.json").read_text())
+    config.pop("mlx_kvq", None)
+    if out.resolve() == src.resolve():
+        return plan.save(out, config)
+    if out.exists():
+        copy_model(src, out, config=False)
+        return plan.save(out, config)
+    partial = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    copy_model(src, partial, config=False)
+    plan.save(partial, config)
+    os.rename(partial, out)
+    return out / PLAN_FILE
 
 
 def disclosure(workload: Workload, chunk: int) -> dict:
@@ -908,8 +1068,9 @@ def format_plan(plan: KVPlan) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
-    from ..models import (ModelNotFoundError, _local_path, default_model_dir,
+def run(argv=None) -> KVPlan:
+    """The command line's work; returns the plan written."""
+    from ..models import (ModelNotFoundError, _local_path, cache_home, default_model_dir,
                           default_model_path, load)
 
     p = argparse.ArgumentParser(description="Calibrate a model's quantized KV cache on a "
@@ -927,7 +1088,19 @@ def main(argv=None):
     p.add_argument("--window", type=positive_int, default=1024)
     p.add_argument("--chunk", type=positive_int, default=256)
     p.add_argument("--sensitivity-windows", type=positive_int, default=1,
-                   help="Windows on which KLDs are measured (the costly part)")
+                   help="Windows on which layer sensitivity is found")
+    p.add_argument("--sensitivity", choices=("fisher", "measured"), default="fisher",
+                   help="fisher: estimated from one gradient pass per window (default); "
+                   "measured: a forward pass per layer and option (slow)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"Statistics from at most {QUICK_TOKENS} tokens, and only the best "
+                   "uniform spec measured against the plan")
+    p.add_argument("--restart", action="store_true",
+                   help="Measure again instead of resuming from the statistics a stopped "
+                   "run saved")
+    p.add_argument("--benchmark", action="store_true",
+                   help="Also time one full-precision forward pass over the calibration "
+                   "tokens and print calibration time as a multiple of it")
     p.add_argument("--target-bits", type=float, default=3.0,
                    help="Average K/V code bits per element (3.0: as k4v2)")
     p.add_argument("--bits", type=int_list, default=(2, 3, 4), help="Widths to choose from")
@@ -966,23 +1139,53 @@ def main(argv=None):
             sources = ["austen"]
         except (OSError, RuntimeError, ValueError):
             sources = ["sample"]
+    n_tokens = min(args.tokens, QUICK_TOKENS) if args.quick else args.tokens
     try:
-        workload = load_workload(sources, tokenizer, args.tokens, args.window)
+        workload = load_workload(sources, tokenizer, n_tokens, args.window)
     except (OSError, RuntimeError, ValueError) as e:
         p.error(str(e))
-    plan = calibrate(model, workload.windows, target_bits=args.target_bits, bits=args.bits,
-                     base=args.kv, transforms=args.transforms.split(","), chunk=args.chunk,
-                     sensitivity_windows=args.sensitivity_windows)
+    forward = None
+    if args.benchmark:
+        start = time.perf_counter()
+        runner = Runner(model, args.chunk)
+        for w in tqdm(workload.windows, desc="fp forward"):
+            runner.reference(w, keep=False)
+        forward = time.perf_counter() - start
+    key = json.dumps([model_identity(model), workload.sha256, workload.tokens, args.window,
+                      args.chunk, str(base), args.sensitivity, args.sensitivity_windows])
+    checkpoint = cache_home() / "calibrate" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    if args.restart:
+        Checkpoint(checkpoint).clear()
+    start = time.perf_counter()
+    try:
+        plan = calibrate(model, workload.windows, target_bits=args.target_bits, bits=args.bits,
+                         base=args.kv, transforms=args.transforms.split(","), chunk=args.chunk,
+                         sensitivity_windows=args.sensitivity_windows,
+                         sensitivity=args.sensitivity,
+                         verify_uniform="best" if args.quick else "all", checkpoint=checkpoint)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {out} is as it was; finished phases are kept in {checkpoint} "
+              "and the same command resumes from them", file=sys.stderr)
+        raise SystemExit(130)
     plan.disclosure = disclosure(workload, args.chunk)
-    if out.resolve() != src.resolve():
-        copy_model(src, out)
-    print(f"wrote {plan.save(out)}")
+    print(f"wrote {bake(plan, src, out)}")
+    elapsed = time.perf_counter() - start
+    Checkpoint(checkpoint).clear()
     print(format_plan(plan))
+    line = f"time:         {elapsed:.1f} s for {workload.tokens} tokens"
+    if forward is not None:
+        line += (f" = {elapsed / forward:.2f}x one full-precision forward pass over them "
+                 f"({forward:.1f} s, this run)")
+    print(line)
     if args.vllm:
         from .vllm_export import export
 
         print(f"wrote {export(out, Path(args.vllm))}")
     return plan
+
+
+def main(argv=None):
+    run(argv)
 
 
 if __name__ == "__main__":

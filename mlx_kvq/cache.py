@@ -392,6 +392,26 @@ class KVQCache(_BaseCache):
             out.append(Segment(self.offset - n_res, n_res, self.res_k, self.res_v, fp, fp))
         return out
 
+    def dequantized(self):
+        """Every cached token as float32 [B, H, T, D] keys and values in the
+        model's space (rotation and smoothing undone): what attention reads,
+        token by token. For one sequence per cache (extract a batch row first)."""
+        if self.batched:
+            raise ValueError("dequantized() reads one sequence: extract(i) a batch row first")
+        if self.empty():
+            raise ValueError("the cache holds no tokens")
+        parts = [[s.k_layout.decode(s.k_layout.slice(s.keys, 0, s.length)),
+                  s.v_layout.decode(s.v_layout.slice(s.values, 0, s.length))]
+                 for s in self.segments()]
+        keys, values = (mx.concatenate(x, axis=2) for x in zip(*parts))
+        if self.v_smooth is not None:
+            values = values * self.v_smooth[:, None, :].astype(mx.float32)
+        if self.spec.rotate_values:
+            values = quant.hadamard(values)
+        if self.spec.rotate_keys:
+            keys = quant.hadamard(keys)
+        return keys, values
+
     def size(self):
         return self._sink_len() + self.n_body + self._res_len()
 

@@ -5,6 +5,24 @@ import pytest
 import mlx_kvq  # noqa: F401  (loads OpenBLAS before mlx)
 import mlx.core as mx
 
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true",
+                     help="also run the long forms of harnesses (tests marked slow)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a long harness, run with --slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="long harness: run with --slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 # Small random-weight configs of mlx-lm architectures: GQA ratios 1-4,
 # head_dim 64/128/256, sliding-window layers (gemma3), tied/untied heads.
 TINY = {

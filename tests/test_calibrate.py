@@ -63,7 +63,9 @@ def test_files_written(baked):
     assert set(d["calibration"]) >= {"sources", "tokens", "sha256", "date", "tool"}
     assert [e["layer"] for e in d["layers"]] == [0, 1, 2]
     m = d["measurements"]
-    assert set(m["uniform"]) == {"k4v2-g32-r64-s4", "k3v3-g32-r64-s4", "k2v4-g32-r64-s4"}
+    s = m["sinks_chosen"]  # uniform specs are measured with the sinks chosen
+    assert set(m["uniform"]) == {f"k4v2-g32-r64-s{s}", f"k3v3-g32-r64-s{s}", f"k2v4-g32-r64-s{s}"}
+    assert set(m["uniform_estimate"]) == {"k4v2-g32-r64-s4", "k3v3-g32-r64-s4", "k2v4-g32-r64-s4"}
     assert set(m["sinks"]) == {"0", "4", "16"} and len(m["layers"]) == 3
     assert plan.average_bits <= 3.0
     arrays, meta = mx.load(str(folder / C.SCALES_FILE), return_metadata=True)
@@ -322,7 +324,7 @@ def test_calibrated_plan_in_a_batch(baked, tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(_default_model() / name, folder / name)
     model, tokenizer = mlx_kvq.load(str(folder))
-    prompts = prompts_of([90, 170])
+    prompts = prompts_of([130, 170])
     r = mlx_kvq.batch_generate(model, tokenizer, prompts, max_tokens=[20, 12],
                                return_token_ids=True, return_prompt_caches=True,
                                prefill_step_size=64)
@@ -332,3 +334,96 @@ def test_calibrated_plan_in_a_batch(baked, tmp_path):
         for got, ref in zip(r.caches[i], alone):
             assert got.spec == ref.spec and got.calibration is not None
             assert got.drift_checked == ref.drift_checked > 0
+
+
+def test_interrupted_run_resumes_from_saved_statistics(tmp_path, monkeypatch):
+    """A run stopped in the sensitivity phase keeps its statistics; the next
+    run with the same checkpoint skips them and chooses the same plan."""
+    model = tiny_model("llama", num_hidden_layers=3)
+    rng = np.random.default_rng(2)
+    windows = [rng.integers(0, 512, 128) for _ in range(3)]
+    kw = dict(target_bits=3.0, bits=(2, 4), chunk=64, progress=False)
+    whole = C.calibrate(model, windows, **kw)
+
+    recorded = []
+    reference = C.Runner.reference
+
+    def counting(self, window, record_kv=None, keep=True):
+        recorded.append(record_kv is not None)
+        return reference(self, window, record_kv, keep)
+
+    monkeypatch.setattr(C.Runner, "reference", counting)
+    squared = C.squared_gradients
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(C, "squared_gradients", stop)
+    with pytest.raises(KeyboardInterrupt):
+        C.calibrate(model, windows, checkpoint=tmp_path / "ck", **kw)
+    assert recorded == [True] * 3 and (tmp_path / "ck" / "statistics.safetensors").is_file()
+    recorded.clear()
+    monkeypatch.setattr(C, "squared_gradients", squared)
+    resumed = C.calibrate(model, windows, checkpoint=tmp_path / "ck", **kw)
+    assert recorded == [False]  # only the sensitivity window's reference is run again
+    assert resumed.layers == whole.layers and resumed.base == whole.base
+    for i in whole.stats:
+        for name, a in whole.stats[i].items():
+            assert np.array_equal(resumed.stats[i][name], a)
+
+
+class Killed(BaseException):
+    """Stops a save where it stands (no handler of the code under test catches it)."""
+
+
+@pytest.mark.parametrize("into", ["itself", "existing copy", "new copy"])
+def test_a_save_killed_at_any_step_leaves_the_folder_loadable(baked, tmp_path, monkeypatch, into):
+    """Every file-system step of baking a plan is made to fail in turn (as a
+    kill would stop it there): the folder then loads with the old plan (or
+    is absent, for a new copy) or with the new one, never a mix, and the next
+    save leaves no staged or temporary files."""
+    import os
+
+    folder, model, plan = baked
+    new = C.KVPlan(plan.base, {i: C.LayerPlan(4, 4) for i in plan.layers}, plan.stats,
+                   plan.model, disclosure=plan.disclosure)
+    step, calls = [None], [0]
+    real = {name: getattr(os, name) for name in ("replace", "rename", "link")}
+
+    def failing(name):
+        def op(*a, **k):
+            calls[0] += 1
+            if calls[0] == step[0]:
+                raise Killed(f"killed at step {step[0]} ({name})")
+            return real[name](*a, **k)
+        return op
+
+    for name in real:
+        monkeypatch.setattr(os, name, failing(name))
+    n = 1
+    while True:
+        src = _copy(folder, tmp_path / f"run{n}")
+        out = {"itself": src, "existing copy": _copy(folder, tmp_path / f"out{n}"),
+               "new copy": tmp_path / f"run{n}" / "fresh"}[into]
+        step[0], calls[0] = n, 0
+        try:
+            C.bake(new, src, out)
+            finished = True
+        except Killed:
+            finished = False
+        step[0] = None
+        if into == "new copy" and not out.exists():
+            assert not finished
+        else:
+            loaded = C.load_plan(out, model)  # loadable, and one plan or the other
+            assert {i: (p.k_bits, p.v_bits) for i, p in loaded.layers.items()} in (
+                {i: (p.k_bits, p.v_bits) for i, p in plan.layers.items()},
+                {i: (4, 4) for i in new.layers})
+        if finished:
+            assert C.load_plan(out, model).layers == new.layers
+            C.bake(new, src, out)  # again, over whatever a killed run left
+            left = {p.name for p in out.iterdir()} - {p.name for p in folder.iterdir()}
+            assert not left and not [p for p in out.parent.iterdir() if "partial" in p.name]
+            break
+        n += 1
+    assert n >= 8  # each step of the protocol was failed once

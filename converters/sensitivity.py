@@ -1,0 +1,144 @@
+"""How much quantizing one layer's keys or values costs, for a calibration
+plan: measured, or estimated from one gradient pass.
+
+Measured (`Measured`): the KL divergence to the full-precision model with
+the given layers quantized, from forward passes over reference windows; the
+blocks before the first quantized layer are replayed from the reference. A
+layer option costs a pass over the layers from it on: layers x options
+passes in all.
+
+Estimated (`Fisher`): quantizing a layer perturbs what it stores by
+delta = dequantized - exact. To second order the KL divergence of the
+output is 1/2 delta' F delta, F the Fisher information of the output with
+respect to the stored keys and values; as in KVQuant, F is taken diagonal
+and estimated by squared gradients of the language-model loss with respect
+to every stored key and value element. One forward and backward pass per
+window gives F for every layer at once; delta for any spec, sink count,
+rotation or smoothing comes from pushing the recorded keys and values
+through a KVQCache of that spec and reading back what it stores
+(`KVQCache.dequantized`), which costs no model pass. The estimate of
+several layers together is the sum of theirs. Estimates are in the
+measured unit (mean KLD per position) but only their ranking is used to
+choose; the plan chosen is then measured.
+"""
+
+from typing import Dict, List, Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models import cache as mlx_cache
+from mlx_lm.models.cache import KVCache
+
+from ..cache import Calibration, KVQCache
+
+# {layer: (spec, v_smooth or None)}: which layers a configuration quantizes, and how
+LayerConfig = Dict[int, Tuple[object, Optional[np.ndarray]]]
+
+
+def _calibration(s: Optional[np.ndarray]) -> Optional[Calibration]:
+    return None if s is None else Calibration(v_smooth=mx.array(s))
+
+
+class Measured:
+    """KLDs measured on reference windows by forward passes (`runner.kld`)."""
+
+    method = "measured: KLD of forward passes, one per configuration"
+
+    def __init__(self, model, runner, refs):
+        self.model, self.runner, self.refs = model, runner, refs
+        self.memo = {}
+
+    def kld(self, config: LayerConfig, start: int = 0) -> float:
+        """Mean KLD with the layers in `config` quantized, the others in full
+        precision; layers before `start` are replayed, not run."""
+        key = tuple((i, str(spec), None if s is None else s.tobytes())
+                    for i, (spec, s) in sorted(config.items()))
+        if key not in self.memo:
+            total = 0.0
+            for ref in self.refs:
+                caches = mlx_cache.make_prompt_cache(self.model)
+                for i, (spec, s) in config.items():
+                    caches[i] = KVQCache(spec, calibration=_calibration(s))
+                total += self.runner.kld(ref, caches, start)
+            self.memo[key] = total / len(self.refs)
+        return self.memo[key]
+
+    def layer(self, i: int, spec, s=None) -> float:
+        return self.kld({i: (spec, s)}, start=i)
+
+
+class _Probe(KVCache):
+    """A full-precision cache that adds (zero) perturbations to what its layer
+    stores, so that gradients with respect to them can be taken."""
+
+    def __init__(self, dk, dv):
+        super().__init__()
+        self.dk, self.dv = dk, dv
+
+    def update_and_fetch(self, keys, values):
+        a, b = self.offset, self.offset + keys.shape[2]
+        return super().update_and_fetch(keys + self.dk[..., a:b, :],
+                                        values + self.dv[..., a:b, :])
+
+
+def squared_gradients(model, tokens: mx.array, kv: Dict[int, tuple]) -> Dict[int, tuple]:
+    """Squared gradients of the summed next-token loss over `tokens` [T] with
+    respect to each layer's stored keys and values; kv holds the layers'
+    recorded [1, H, T, D] keys and values (their shapes are used)."""
+    layers = sorted(kv)
+
+    def loss(deltas):
+        caches = mlx_cache.make_prompt_cache(model)
+        for i, d in zip(layers, deltas):
+            caches[i] = _Probe(*d)
+        logits = model(tokens[None, :-1], cache=caches).astype(mx.float32)
+        return nn.losses.cross_entropy(logits, tokens[None, 1:], reduction="sum")
+
+    zeros = [tuple(mx.zeros(x[..., :-1, :].shape, mx.float32) for x in kv[i]) for i in layers]
+    _, grads = mx.value_and_grad(loss)(zeros)
+    out = {i: tuple(mx.square(g) for g in gs) for i, gs in zip(layers, grads)}
+    mx.eval(out)
+    return out
+
+
+class Fisher:
+    """KLDs estimated as 1/2 sum(F delta^2) per position (see the module
+    docstring), from recorded keys/values and their squared gradients."""
+
+    method = ("estimated: 1/2 sum(F x delta^2) per position, F the diagonal Fisher "
+              "information (squared loss gradients w.r.t. stored keys and values, one "
+              "backward pass per window), delta what the quantized cache stores minus the "
+              "exact keys and values")
+
+    def __init__(self, windows: List[Tuple[Dict[int, tuple], Dict[int, tuple]]], chunk: int):
+        """windows: per sensitivity window, ({layer: (keys, values)} recorded
+        [1, H, T, D] float32, {layer: (Fk, Fv)} from squared_gradients)."""
+        self.windows, self.chunk = windows, chunk
+        self.positions = sum(next(iter(f.values()))[0].shape[2] for _, f in windows)
+        self.memo = {}
+
+    def _error(self, i: int, spec, s) -> float:
+        key = (i, str(spec), None if s is None else s.tobytes())
+        if key not in self.memo:
+            total = 0.0
+            for kv, f in self.windows:
+                keys, values = kv[i]
+                cache = KVQCache(spec, calibration=_calibration(s))
+                for a in range(0, keys.shape[2], self.chunk):
+                    cache.update_and_fetch(keys[..., a:a + self.chunk, :],
+                                           values[..., a:a + self.chunk, :])
+                kq, vq = cache.dequantized()
+                T = f[i][0].shape[2]
+                for x, xq, fx, bits in ((keys, kq, f[i][0], spec.k_bits),
+                                        (values, vq, f[i][1], spec.v_bits)):
+                    if bits is not None:
+                        total += (fx * mx.square(xq[..., :T, :] - x[..., :T, :])).sum().item()
+            self.memo[key] = 0.5 * total / self.positions
+        return self.memo[key]
+
+    def kld(self, config: LayerConfig, start: int = 0) -> float:
+        return sum(self._error(i, spec, s) for i, (spec, s) in config.items())
+
+    def layer(self, i: int, spec, s=None) -> float:
+        return self.kld({i: (spec, s)})
