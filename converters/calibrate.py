@@ -890,7 +890,8 @@ def calibrate(model, windows, *, target_bits=3.0, bits=(2, 3, 4), base=None,
             bar.set_postfix_str(f"resumed from {checkpoint.folder}")
     layers = sorted(stats)
     measured = Measured(model, runner, refs)
-    n_est = (len(splits) + len(SINK_COUNTS) - 1 + ("smooth" in transforms) * len(SMOOTH_ALPHAS)
+    n_est = (len(splits) + len({*SINK_COUNTS, base.sinks})
+             + ("smooth" in transforms) * (1 + len(SMOOTH_ALPHAS))
              + choose * len(layers) * (len(bits) * 2 - 1 + len(transforms)))
     bar = tqdm(total=n_est + fisher * n_sens, disable=not progress, desc="sensitivity")
     est = _fisher(model, picks, kvs, chunk, bar, checkpoint) if fisher else measured
@@ -913,20 +914,19 @@ def calibrate(model, windows, *, target_bits=3.0, bits=(2, 3, 4), base=None,
     m["uniform_estimate"] = u_est
     uniform = parse_spec(min(u_est, key=u_est.get)) if splits else \
         replace(base, k_bits=bits[0], v_bits=bits[0])
-    sinks = {uniform.sinks: u_est.get(str(uniform))}
-    for n in SINK_COUNTS:
-        if n not in sinks:
-            sinks[n] = everywhere(replace(uniform, sinks=n))
-    sinks = dict(sorted(sinks.items()))
-    if sinks.get(uniform.sinks) is None:
-        sinks[uniform.sinks] = everywhere(uniform)
+    # Sinks are measured: they shift every quantization group, which the
+    # estimate (one layer at a time, second order) does not see well.
+    sinks = {}
+    for n in sorted({*SINK_COUNTS, uniform.sinks}):
+        sinks[n] = measured.kld({i: (replace(uniform, sinks=n), None) for i in layers})
+        bar.update(1)
     m["sinks"] = {str(k): v for k, v in sinks.items()}
     base = replace(base, sinks=_smallest_tied(sinks))
     uniform = replace(uniform, sinks=base.sinks)
     m["sinks_chosen"] = base.sinks
     alpha = SMOOTH_ALPHAS[-1]
     if "smooth" in transforms:
-        m["smoothing"] = {"none": sinks[base.sinks]}
+        m["smoothing"] = {"none": everywhere(uniform)}
         m["smoothing"].update({f"alpha={a}": everywhere(uniform, a) for a in SMOOTH_ALPHAS})
         alpha = min(SMOOTH_ALPHAS, key=lambda a: m["smoothing"][f"alpha={a}"])
     m["smoothing_alpha"] = alpha

@@ -427,3 +427,45 @@ def test_a_save_killed_at_any_step_leaves_the_folder_loadable(baked, tmp_path, m
             break
         n += 1
     assert n >= 8  # each step of the protocol was failed once
+
+
+def test_calibration_process_killed_at_random_moments(tmp_path):
+    """SIGKILL the calibrate command at random moments (fixed seed): the model
+    folder always loads with its old plan; the run after the kills resumes
+    and bakes the new one, leaving no staged files."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path / "model"  # a tiny llama that reads the real tokenizer's ids
+    model = tiny_model("llama", vocab_size=49152)
+    save_model(folder, model)
+    save_config(dict(TINY["llama"], model_type="llama", vocab_size=49152),
+                folder / "config.json")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(_default_model() / name, folder / name)
+    windows = [np.random.default_rng(0).integers(0, 49152, 128)]
+    C.bake(C.calibrate(model, windows, target_bits=4, bits=(4,), transforms=("none",),
+                       chunk=64, progress=False), folder, folder)
+    files = sorted(p.name for p in folder.iterdir())
+    old = C.load_plan(folder, model)
+    env = dict(os.environ, MLX_KVQ_HOME=str(tmp_path / "home"))
+    cmd = [sys.executable, "-m", "mlx_kvq.converters.calibrate", "--model", str(folder),
+           "--workload", "sample", "--tokens", "2048", "--window", "128", "--chunk", "64",
+           "--bits", "2,4", "--transforms", "none"]
+    rng = np.random.default_rng(7)
+    for delay in rng.uniform(1.5, 5.0, 3):
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        if proc.poll() is not None:
+            break  # it finished first: the new plan is in (checked below)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert C.load_plan(folder, model).layers == old.layers  # never half-written
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert sorted(p.name for p in folder.iterdir()) == files
+    assert C.load_plan(folder, model).disclosure["sources"] == ["sample"]
+    assert not list((tmp_path / "home" / "calibrate").glob("*/*"))  # checkpoint cleared
