@@ -3,22 +3,26 @@ into its folder: `mlx_kvq.calibrate`.
 
 KV values are activations whose outliers depend on the text, so a
 calibration must span the deployment workload, and it is disclosed.
-Everything is measured with the model's own attention path:
+Everything runs the model's own attention path, in three phases:
 
-  * per layer, kv head and channel statistics of keys and values (absmax,
-    99th / 99.9th percentiles, outlier counts), from a recording cache;
-  * on a few of the windows, the KL divergence to the full-precision model
-    of: the uniform specs with the target average, a few sink counts,
-    smoothing strengths, and every layer alone quantized (keys at each width
-    with values in full precision, and the other way round; values as they
-    are, divided by calibrated per-channel factors, or rotated);
+  * statistics: per layer, kv head and channel statistics of keys and
+    values (absmax, 99th / 99.9th percentiles, outlier counts), from one
+    full-precision pass with a recording cache;
+  * sensitivity (sensitivity.py): what quantizing each layer's keys or
+    values costs at each width and with each value preparation (as they
+    are, divided by calibrated per-channel factors, or rotated), estimated
+    from one gradient pass by default or measured per option; the sink
+    count is measured;
   * a greedy allocation of K and V bits per layer under the target average,
-    kept only if it beats the best uniform spec of the same average.
+    then measured: kept only if it beats the best uniform spec of the same
+    average.
 
 Written into the model folder: kv_plan.json (scheme, per-layer plan,
 measurements, disclosure), kv_scales.safetensors (statistics, smoothing
 factors, plan tensors), and an "mlx_kvq" entry in config.json pointing to
-them. `mlx_kvq.load` attaches the plan to the model, and
+them; config.json is written last and commits the plan (KVPlan.save).
+Finished phases are checkpointed outside the folder, and a stopped run
+resumes from them. `mlx_kvq.load` attaches the plan to the model, and
 make_prompt_cache(model) uses it unless given a spec.
 """
 
