@@ -22,7 +22,7 @@ from typing import Dict, Tuple
 import mlx.core as mx
 import numpy as np
 
-from ..persist import sha256_file
+from ..files import sha256_file
 
 # llama.cpp's general.file_type values (enum llama_ftype) for the types MLX reads.
 FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 32: "BF16"}

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .calibrate import PLAN_FILE, SCALES_FILE, write_json, copy_model, load_plan
+from ..files import write_json
+from ..kvplan import PLAN_FILE, SCALES_FILE, copy_model, load_plan
 
 FP8_E4M3_MAX = 448.0
 KV_CACHE_SCHEME = {"num_bits": 8, "type": "float", "strategy": "tensor",

@@ -456,6 +456,10 @@ def _ends(res_len, shape):
     return mx.broadcast_to(idx, shape)
 
 
+
+KVQCache.batch_class = KVQBatchCache  # what KVQCache.merge returns
+
+
 def _row(part, b):
     if isinstance(part, tuple):
         return tuple(x[b:b + 1] for x in part)

@@ -281,13 +281,13 @@ class KVQCache(_BaseCache):
         out.__dict__.update(copy.deepcopy(self.__dict__, memo))
         return out
 
+    batch_class = None  # KVQBatchCache (batch_cache.py sets it)
+
     @classmethod
     def merge(cls, caches):
         """One KVQBatchCache holding these caches' sequences (mlx-lm's batch
         protocol: BatchGenerator merges per-sequence caches this way)."""
-        from .batch_cache import KVQBatchCache
-
-        return KVQBatchCache.merge(caches)
+        return cls.batch_class.merge(caches)
 
     def _sink_len(self):
         return 0 if self.sink_k is None else self.sink_k.shape[2]

@@ -1,4 +1,5 @@
-"""Evaluation text: Jane Austen's six novels, a bundled excerpt, user files.
+"""Evaluation and calibration text: Jane Austen's six novels, the King James
+Bible, a bundled excerpt, user files.
 
 The novels come from Debian's ``r-cran-janeaustenr`` package, whose data are
 an R lazy-load database: ``Rdata.rdx`` is a compressed serialized R list of
@@ -12,7 +13,9 @@ import bz2
 import gzip
 import json
 import lzma
+import os
 import shutil
+import struct
 import subprocess
 import tempfile
 import zlib
@@ -51,6 +54,29 @@ def _has_data(path: Path) -> bool:
     return all((path / f).is_file() for f in DATA_FILES)
 
 
+def extract_deb(package: str, tmp: Path) -> Path:
+    """Download a Debian package (``apt-get download``; no root needed) and
+    extract it under `tmp`; returns the extracted root."""
+    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        raise CorpusError(
+            f"this text comes from the Debian package {package}, but apt-get/dpkg-deb "
+            "are not available here: use the bundled sample or your own files instead"
+        )
+    tmp.chmod(0o777)  # apt drops to the _apt user for downloads when it can write here
+    run = subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True,
+                         text=True)
+    debs = list(tmp.glob(f"{package}_*.deb"))
+    if run.returncode != 0 or not debs:
+        raise CorpusError(f"`apt-get download {package}` failed (run `apt-get update` "
+                          f"first?):\n" + (run.stderr or run.stdout).strip())
+    root = tmp / "root"
+    run = subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(root)], capture_output=True,
+                         text=True)
+    if run.returncode != 0:
+        raise CorpusError(f"could not extract {debs[0].name}: {run.stderr.strip()}")
+    return root
+
+
 def fetch_austen(force: bool = False) -> Path:
     """The folder holding Rdata.rdb/.rdx, extracting the Debian package into
     the cache on first use (``apt-get download``; no root needed)."""
@@ -59,32 +85,11 @@ def fetch_austen(force: bool = False) -> Path:
         for path in (target, SYSTEM_DIR):
             if _has_data(path):
                 return path
-    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
-        raise CorpusError(
-            f"The Austen corpus comes from the Debian package {PACKAGE}, but "
-            "apt-get/dpkg-deb are not available here. Use sample_text() or your "
-            "own files (load_texts) instead."
-        )
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        # apt drops to the _apt user for downloads when it can write the folder.
-        tmp.chmod(0o777)
-        run = subprocess.run(
-            ["apt-get", "download", PACKAGE], cwd=tmp, capture_output=True, text=True
-        )
-        debs = list(tmp.glob(f"{PACKAGE}_*.deb"))
-        if run.returncode != 0 or not debs:
-            raise CorpusError(
-                f"`apt-get download {PACKAGE}` failed (run `apt-get update` first?):\n"
-                + (run.stderr or run.stdout).strip()
-            )
-        extracted = tmp / "root"
-        run = subprocess.run(
-            ["dpkg-deb", "-x", str(debs[0]), str(extracted)], capture_output=True, text=True
-        )
+        extracted = extract_deb(PACKAGE, Path(tmp))
         source = extracted / SYSTEM_DIR.relative_to("/")
-        if run.returncode != 0 or not _has_data(source):
-            raise CorpusError(f"Could not extract the Austen data from {debs[0].name}: {run.stderr}")
+        if not _has_data(source):
+            raise CorpusError(f"{PACKAGE} holds no Austen data at {source}")
         staging = Path(tempfile.mkdtemp(prefix=".janeaustenr.", dir=_mkparent(target)))
         staging.chmod(0o755)
         for name in DATA_FILES:
@@ -227,6 +232,125 @@ def load_texts(paths: Union[str, Path, Iterable[Union[str, Path]]]) -> str:
     if not texts:
         raise ValueError("No text found in " + ", ".join(map(str, paths)))
     return "\n\n".join(texts)
+
+
+# -- calibration workloads --------------------------------------------------------
+
+
+KJV_PACKAGE = "bible-kjv-text"
+KJV_FILE = "usr/lib/bible.data"
+
+
+def _fetch_deb_file(package: str, member: str, target: Path) -> Path:
+    """One file of a Debian package: the installed one, else extracted once into `target`."""
+    system = Path("/") / member
+    if system.is_file():
+        return system
+    if target.is_file():
+        return target
+    with tempfile.TemporaryDirectory() as tmp:
+        root = extract_deb(package, Path(tmp))
+        _mkparent(target)
+        shutil.copy2(root / member, target.with_suffix(".part"))
+        os.replace(target.with_suffix(".part"), target)
+    return target
+
+
+def _lzw_decode(data: bytes, max_bits: int = 16) -> bytes:
+    """Unix `compress` (LZW, block mode) codes, without the 3-byte header."""
+    out, table = bytearray(), [bytes([i]) for i in range(256)] + [b""]
+    n_bits, pos, group, prev, end = 9, 0, 0, None, len(data) * 8
+
+    def realign():  # compress writes codes in groups of n_bits bytes
+        return group + -(-(pos - group) // (n_bits * 8)) * n_bits * 8
+
+    while pos + n_bits <= end:
+        word = int.from_bytes(data[pos >> 3:(pos >> 3) + 3], "little")
+        code = (word >> (pos & 7)) & ((1 << n_bits) - 1)
+        pos += n_bits
+        if code == 256:  # clear
+            del table[257:]
+            pos = group = realign()
+            n_bits, prev = 9, None
+            continue
+        if code < len(table):
+            entry = table[code]
+        elif code == len(table) and prev is not None:
+            entry = prev + prev[:1]
+        else:
+            raise ValueError(f"corrupt LZW stream (code {code})")
+        if prev is not None:
+            table.append(prev + entry[:1])
+        out += entry
+        prev = entry
+        if len(table) > (1 << n_bits) - 1 and n_bits < max_bits:
+            pos = group = realign()
+            n_bits += 1
+    return bytes(out)
+
+
+def kjv_text() -> str:
+    """The King James Bible from Debian's bible-kjv-text: its bible.data holds
+    LZW (`compress`) windows that restart at checkpoints; verse references
+    are dropped, verses joined, one paragraph per chapter."""
+    path = _fetch_deb_file(KJV_PACKAGE, KJV_FILE, cache_home() / "corpora" / "kjv" / "bible.data")
+    data = path.read_bytes()
+    if not data.startswith(b"EC02"):
+        raise ValueError(f"{path} is not a bible-kjv compressed data file")
+    _, n = struct.unpack(">II", data[0x54:0x5C])
+    offsets = struct.unpack(f">{n + 1}I", data[0x5C:0x5C + 4 * (n + 1)])
+    text = b"".join(_lzw_decode(data[a:b]) for a, b in zip(offsets, offsets[1:]))
+    chapters, key = [], None
+    for line in text.decode("ascii").splitlines()[1:]:  # line 0: a title
+        ref, _, verse = line.partition(" ")
+        chapter = ref.split(":")[0]
+        if chapter != key:
+            chapters.append([])
+            key = chapter
+        chapters[-1].append(verse)
+    return "\n\n".join(" ".join(c) for c in chapters) + "\n"
+
+
+def _austen_selection(selector: str) -> str:
+    """"austen", "austen:emma,persuasion" (those novels) or "austen:-persuasion"
+    (all but those); novels are named by the start of janeaustenr's keys."""
+    _, _, names = selector.partition(":")
+    keys = list(TITLES)
+    if names:
+        drop = names.startswith("-")
+        picked = {k for n in names.lstrip("-").split(",") for k in keys if k.startswith(n)}
+        if not picked:
+            raise ValueError(f"no Austen novel matches {names!r}; keys: {', '.join(keys)}")
+        keys = [k for k in keys if (k in picked) != drop]
+    books = austen_books()
+    return "\n\n".join(books[TITLES[k]] for k in keys)
+
+
+def _jsonl(path: Path, tokenizer) -> str:
+    """Chat transcripts rendered with the model's chat template, or "text" records."""
+
+    def render(messages):
+        if not getattr(tokenizer, "has_chat_template", False):
+            raise ValueError(f"{path}: chat transcripts need a tokenizer with a chat template")
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+
+    return "\n\n".join(jsonl_texts(path, render))
+
+
+def source_text(source: str, tokenizer=None) -> str:
+    """The text of one workload source: austen[:...], kjv, sample, or a
+    .txt / .jsonl file."""
+    if source == "austen" or source.startswith("austen:"):
+        return _austen_selection(source)
+    if source == "kjv":
+        return kjv_text()
+    if source == "sample":
+        return sample_text()
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"workload source {source!r}: no such file (or use "
+                                "austen, austen:<novels>, kjv, sample)")
+    return _jsonl(path, tokenizer) if path.suffix == ".jsonl" else path.read_text(encoding="utf-8")
 
 
 def main(argv=None):

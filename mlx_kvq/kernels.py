@@ -51,7 +51,6 @@ __all__ = [
     "use_metal",
     "supports",
     "metal_decode_partials",
-    "decode_partials",
     "decode_bytes_read",
     "spec_bits",
     "kernel_sources",
@@ -314,30 +313,6 @@ def metal_decode_partials(
     if len(parts) == 1:
         return parts[0]
     return tuple(mx.concatenate([p[i] for p in parts], axis=2) for i in range(3))
-
-
-def decode_partials(qg, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases, *,
-                    k_bits: int, v_bits: int, group_size: int,
-                    n_tokens: int | Sequence[int]):
-    """Dispatch: fused kernel when ``use_metal()`` and the config is supported,
-    else the pure-MLX reference ``attention.quantized_segment_partials``.
-    ``n_tokens``: one int for all batch rows or one per row (ragged batch)."""
-    D = qg.shape[-1]
-    counts, per_row = _token_counts(n_tokens, qg.shape[0])
-    # Plain ints (or a tuple of them) for either path.
-    n_tokens = tuple(counts) if per_row else operator.index(
-        n_tokens.tolist() if hasattr(n_tokens, "tolist") else n_tokens)
-    if use_metal() and supports(k_bits, v_bits, head_dim=D, group_size=group_size):
-        return metal_decode_partials(
-            qg, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases,
-            k_bits=k_bits, v_bits=v_bits, group_size=group_size, n_tokens=n_tokens,
-        )
-    from .attention import quantized_segment_partials
-
-    return quantized_segment_partials(
-        qg, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases,
-        k_bits=k_bits, v_bits=v_bits, group_size=group_size, n_tokens=n_tokens,
-    )
 
 
 # ------------------------------------------------------------ byte counting

@@ -100,7 +100,7 @@ def load(path_or_hf_repo: Optional[str] = None, *, attach_plan: bool = True, **k
         ) from e
     folder = _local_path(path_or_hf_repo)
     if folder is not None and attach_plan:
-        from .converters.calibrate import attach
+        from .kvplan import attach
 
         attach(out[0], folder)
     return out

@@ -18,15 +18,6 @@ from .integration import install, model_config
 from .spec import KVQuantSpec
 
 
-def sha256_file(path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def model_fingerprint(model) -> str:
     """Cheap identity of a model: its config and a sample of its weights."""
     # The top-level args only: fingerprints stay those of earlier files.

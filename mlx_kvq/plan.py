@@ -219,7 +219,7 @@ def model_shape(config: dict, weights_dir=None, name: Optional[str] = None,
 
 def baked_plan(model: Optional[str] = None) -> "Optional[LayerSpecs]":
     """The per-layer plan mlx_kvq.calibrate baked into the model folder, if any."""
-    from .converters.calibrate import load_plan, plan_files
+    from .kvplan import load_plan, plan_files
 
     folder = _local_path(model)
     if folder is None or plan_files(folder) is None:

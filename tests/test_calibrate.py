@@ -4,6 +4,7 @@ the drift counter; the vLLM export; the command line on the default model."""
 
 import json
 import shutil
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -12,11 +13,13 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.utils import save_config, save_model
 
 import mlx_kvq
-from mlx_kvq import KVQCache
+from mlx_kvq import KVQCache, corpus
+from mlx_kvq import kvplan as K
 from mlx_kvq.cache import Calibration
 from mlx_kvq.converters import calibrate as C
 from mlx_kvq.converters import vllm_export
-from mlx_kvq.persist import load_prompt_cache, save_prompt_cache, sha256_file
+from mlx_kvq.files import sha256_file
+from mlx_kvq.persist import load_prompt_cache, save_prompt_cache
 from mlx_kvq.report import format_report, kv_stats
 
 from conftest import TINY, tiny_model
@@ -55,9 +58,9 @@ def _copy(folder, tmp_path):
 def test_files_written(baked):
     folder, model, plan = baked
     config = json.loads((folder / "config.json").read_text())
-    assert config["mlx_kvq"] == {"plan": C.PLAN_FILE, "scales": C.SCALES_FILE}
-    d = json.loads((folder / C.PLAN_FILE).read_text())
-    assert d["format"] == C.FORMAT and d["version"] == C.FORMAT_VERSION
+    assert config["mlx_kvq"] == {"plan": K.PLAN_FILE, "scales": K.SCALES_FILE}
+    d = json.loads((folder / K.PLAN_FILE).read_text())
+    assert d["format"] == K.FORMAT and d["version"] == K.FORMAT_VERSION
     assert d["model"]["n_layers"] == 3 and d["model"]["n_kv_heads"] == 2
     assert d["model"]["head_dim"] == 64
     assert set(d["calibration"]) >= {"sources", "tokens", "sha256", "date", "tool"}
@@ -68,12 +71,12 @@ def test_files_written(baked):
     assert set(m["uniform_estimate"]) == {"k4v2-g32-r64-s4", "k3v3-g32-r64-s4", "k2v4-g32-r64-s4"}
     assert set(m["sinks"]) == {"0", "4", "16"} and len(m["layers"]) == 3
     assert plan.average_bits <= 3.0
-    arrays, meta = mx.load(str(folder / C.SCALES_FILE), return_metadata=True)
-    assert meta["format"] == C.FORMAT
+    arrays, meta = mx.load(str(folder / K.SCALES_FILE), return_metadata=True)
+    assert meta["format"] == K.FORMAT
     assert arrays["plan.k_bits"].dtype == mx.int32 and arrays["plan.k_bits"].shape == (3,)
     for i in range(3):
         for kind in "kv":
-            for stat in C.STATS:
+            for stat in K.STATS:
                 a = arrays[f"layers.{i}.{kind}_{stat}"]
                 assert a.shape == (2, 64)
                 assert a.dtype == (mx.int32 if stat == "outliers" else mx.float32)
@@ -119,51 +122,51 @@ def test_smoothing_is_exact_in_full_precision():
 
 def test_plan_for_another_model_refused(baked):
     folder = baked[0]
-    with pytest.raises(C.PlanError, match="another model"):
+    with pytest.raises(K.KVPlanError, match="another model"):
         C.attach(tiny_model("llama", seed=1, num_hidden_layers=3), folder)
-    with pytest.raises(C.PlanError, match="3 layers, this one has 2"):
+    with pytest.raises(K.KVPlanError, match="3 layers, this one has 2"):
         C.attach(tiny_model("llama", num_hidden_layers=2), folder)
-    with pytest.raises(C.PlanError, match="kv heads"):
+    with pytest.raises(K.KVPlanError, match="kv heads"):
         C.attach(tiny_model("qwen3", num_hidden_layers=3), folder)
     assert C.attach(baked[1], folder) is not None
 
 
 def test_corrupt_files_refused(baked, tmp_path):
     folder = _copy(baked[0], tmp_path)
-    plan_file, scales = folder / C.PLAN_FILE, folder / C.SCALES_FILE
+    plan_file, scales = folder / K.PLAN_FILE, folder / K.SCALES_FILE
     good_plan, good_scales = plan_file.read_text(), scales.read_bytes()
 
     plan_file.write_text(good_plan[:-200])
-    with pytest.raises(C.PlanError, match="corrupt"):
-        C.load_plan(folder, baked[1])
+    with pytest.raises(K.KVPlanError, match="corrupt"):
+        K.load_plan(folder, baked[1])
     plan_file.write_text(good_plan)
 
     damaged = bytearray(good_scales)
     damaged[-10] ^= 0xFF
     scales.write_bytes(bytes(damaged))
-    with pytest.raises(C.PlanError, match="sha256"):
-        C.load_plan(folder, baked[1])
+    with pytest.raises(K.KVPlanError, match="sha256"):
+        K.load_plan(folder, baked[1])
 
     # A truncated file whose hash was updated to match: unreadable, still refused.
     scales.write_bytes(good_scales[:1000])
     d = json.loads(good_plan)
     d["scales"]["sha256"] = sha256_file(scales)
     plan_file.write_text(json.dumps(d))
-    with pytest.raises(C.PlanError, match="corrupt"):
-        C.load_plan(folder, baked[1])
+    with pytest.raises(K.KVPlanError, match="corrupt"):
+        K.load_plan(folder, baked[1])
 
     scales.unlink()
-    with pytest.raises(C.PlanError, match="missing"):
-        C.load_plan(folder, baked[1])
+    with pytest.raises(K.KVPlanError, match="missing"):
+        K.load_plan(folder, baked[1])
 
 
 def test_plan_tensors_must_agree_with_json(baked, tmp_path):
     folder = _copy(baked[0], tmp_path)
-    d = json.loads((folder / C.PLAN_FILE).read_text())
+    d = json.loads((folder / K.PLAN_FILE).read_text())
     d["layers"][0]["k_bits"] = 8 if d["layers"][0]["k_bits"] != 8 else 2
-    (folder / C.PLAN_FILE).write_text(json.dumps(d))
-    with pytest.raises(C.PlanError, match="disagrees"):
-        C.load_plan(folder)
+    (folder / K.PLAN_FILE).write_text(json.dumps(d))
+    with pytest.raises(K.KVPlanError, match="disagrees"):
+        K.load_plan(folder)
 
 
 def test_drift_counter_counts_injected_outliers(tmp_path):
@@ -212,7 +215,7 @@ def test_vllm_export_format(baked, tmp_path):
     assert q["quant_method"] == "compressed-tensors"
     assert q["kv_cache_scheme"] == {"num_bits": 8, "type": "float", "strategy": "tensor",
                                     "dynamic": False, "symmetric": True}
-    assert "mlx_kvq" not in config and not (out / C.PLAN_FILE).exists()
+    assert "mlx_kvq" not in config and not (out / K.PLAN_FILE).exists()
     scales = mx.load(str(out / vllm_export.VLLM_SCALES_FILE))
     assert set(scales) == {f"model.layers.{i}.self_attn.{k}_scale"
                            for i in range(3) for k in "kv"}
@@ -277,11 +280,11 @@ def test_default_model_end_to_end(tmp_path):
 def test_kjv_decoder():
     from mlx_kvq.models import cache_home
 
-    data = [p for p in (C.Path("/") / C.KJV_FILE, cache_home() / "corpora/kjv/bible.data")
+    data = [p for p in (Path("/") / corpus.KJV_FILE, cache_home() / "corpora/kjv/bible.data")
             if p.is_file()]
     if not data:
         pytest.skip("bible-kjv-text not fetched (kjv_text() fetches it with apt-get)")
-    text = C.kjv_text()
+    text = corpus.kjv_text()
     chapters = text.split("\n\n")
     assert len(chapters) == 1189  # chapters of the King James Bible
     assert chapters[0].startswith("In the beginning God created the heaven and the earth.")
@@ -385,7 +388,7 @@ def test_a_save_killed_at_any_step_leaves_the_folder_loadable(baked, tmp_path, m
     import os
 
     folder, model, plan = baked
-    new = C.KVPlan(plan.base, {i: C.LayerPlan(4, 4) for i in plan.layers}, plan.stats,
+    new = K.KVPlan(plan.base, {i: K.LayerPlan(4, 4) for i in plan.layers}, plan.stats,
                    plan.model, disclosure=plan.disclosure)
     step, calls = [None], [0]
     real = {name: getattr(os, name) for name in ("replace", "rename", "link")}
@@ -407,7 +410,7 @@ def test_a_save_killed_at_any_step_leaves_the_folder_loadable(baked, tmp_path, m
                "new copy": tmp_path / f"run{n}" / "fresh"}[into]
         step[0], calls[0] = n, 0
         try:
-            C.bake(new, src, out)
+            K.bake(new, src, out)
             finished = True
         except Killed:
             finished = False
@@ -415,13 +418,13 @@ def test_a_save_killed_at_any_step_leaves_the_folder_loadable(baked, tmp_path, m
         if into == "new copy" and not out.exists():
             assert not finished
         else:
-            loaded = C.load_plan(out, model)  # loadable, and one plan or the other
+            loaded = K.load_plan(out, model)  # loadable, and one plan or the other
             assert {i: (p.k_bits, p.v_bits) for i, p in loaded.layers.items()} in (
                 {i: (p.k_bits, p.v_bits) for i, p in plan.layers.items()},
                 {i: (4, 4) for i in new.layers})
         if finished:
-            assert C.load_plan(out, model).layers == new.layers
-            C.bake(new, src, out)  # again, over whatever a killed run left
+            assert K.load_plan(out, model).layers == new.layers
+            K.bake(new, src, out)  # again, over whatever a killed run left
             left = {p.name for p in out.iterdir()} - {p.name for p in folder.iterdir()}
             assert not left and not [p for p in out.parent.iterdir() if "partial" in p.name]
             break
@@ -447,10 +450,10 @@ def test_calibration_process_killed_at_random_moments(tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(_default_model() / name, folder / name)
     windows = [np.random.default_rng(0).integers(0, 49152, 128)]
-    C.bake(C.calibrate(model, windows, target_bits=4, bits=(4,), transforms=("none",),
+    K.bake(C.calibrate(model, windows, target_bits=4, bits=(4,), transforms=("none",),
                        chunk=64, progress=False), folder, folder)
     files = sorted(p.name for p in folder.iterdir())
-    old = C.load_plan(folder, model)
+    old = K.load_plan(folder, model)
     env = dict(os.environ, MLX_KVQ_HOME=str(tmp_path / "home"))
     cmd = [sys.executable, "-m", "mlx_kvq.converters.calibrate", "--model", str(folder),
            "--workload", "sample", "--tokens", "2048", "--window", "128", "--chunk", "64",
@@ -463,9 +466,9 @@ def test_calibration_process_killed_at_random_moments(tmp_path):
             break  # it finished first: the new plan is in (checked below)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        assert C.load_plan(folder, model).layers == old.layers  # never half-written
+        assert K.load_plan(folder, model).layers == old.layers  # never half-written
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert sorted(p.name for p in folder.iterdir()) == files
-    assert C.load_plan(folder, model).disclosure["sources"] == ["sample"]
+    assert K.load_plan(folder, model).disclosure["sources"] == ["sample"]
     assert not list((tmp_path / "home" / "calibrate").glob("*/*"))  # checkpoint cleared

@@ -347,27 +347,6 @@ def test_dispatch_env(monkeypatch):
                                     group_size=32, n_tokens=32)
 
 
-@pytest.mark.parametrize("mode", ["mlx", "emu"])
-def test_decode_partials_routes(mode, monkeypatch):
-    monkeypatch.setenv(K.ENV_VAR, mode)
-    calls = []
-    real = K.metal_decode_partials
-    monkeypatch.setattr(K, "metal_decode_partials", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    args = make_inputs(1, 2, 2, 64, 32, 4, 2, 96)
-    got = K.decode_partials(*args, k_bits=4, v_bits=2, group_size=32, n_tokens=96)
-    ref = quantized_segment_partials(*args, k_bits=4, v_bits=2, group_size=32, n_tokens=96)
-    assert len(calls) == (1 if mode == "emu" else 0)
-    assert max(max_errors(got, ref)) < RTOL
-    # Ragged: per-row counts (here a numpy array) reach either path as ints.
-    counts = (96, 0, 32)
-    args = make_inputs(3, 1, 2, 64, 32, 4, 2, counts, poison=False)
-    got = K.decode_partials(*args, k_bits=4, v_bits=2, group_size=32, n_tokens=np.array(counts))
-    ref = quantized_segment_partials(*args, k_bits=4, v_bits=2, group_size=32, n_tokens=counts)
-    assert len(calls) == (2 if mode == "emu" else 0)
-    assert max(max_errors(got, ref)) < RTOL
-    assert max(max_errors(got, truth_partials(*args, 4, 2, 32, counts))) < RTOL
-
-
 def test_supports():
     assert K.supports(4, 2) and K.supports(3, 6, head_dim=128, group_size=64)
     assert not K.supports(None, 4) and not K.supports(4, 7) and not K.supports(1, 4)

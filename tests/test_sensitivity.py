@@ -11,7 +11,7 @@ from mlx_lm.models.base import scaled_dot_product_attention
 from mlx_lm.models.cache import KVCache
 
 import mlx_kvq  # noqa: F401
-from mlx_kvq import KVQCache
+from mlx_kvq import KVQCache, corpus
 from mlx_kvq.cache import Calibration
 from mlx_kvq.converters import calibrate as C
 from mlx_kvq.converters import sensitivity as S
@@ -101,7 +101,7 @@ def test_fisher_ranks_like_measured_kld_on_the_default_model():
     than the residual as quantized, as chunks of 256 or more see them."""
     try:
         model, tok = mlx_kvq.load(attach_plan=False)
-        text = C.source_text("austen:persuasion")
+        text = corpus.source_text("austen:persuasion")
     except (OSError, RuntimeError, ValueError) as e:
         pytest.skip(f"default model or Austen unavailable: {e}")
     tokens = np.asarray(tok.encode(text))[5000:5512]
