@@ -361,7 +361,7 @@ def disclosure(workload: Workload, chunk: int) -> dict:
     }
 
 
-def format_plan(plan: KVPlan) -> str:
+def format_calibration(plan: KVPlan) -> str:
     m = plan.measurements
     lines = ["==== KV calibration",
              f"plan:         {plan.label()}",
@@ -379,7 +379,7 @@ def format_plan(plan: KVPlan) -> str:
 
 def run(argv=None) -> KVPlan:
     """The command line's work; returns the plan written."""
-    from ..models import (ModelNotFoundError, _local_path, cache_home, default_model_dir,
+    from ..models import (ModelNotFoundError, local_path, cache_home, default_model_dir,
                           default_model_path, load)
 
     p = argparse.ArgumentParser(description="Calibrate a model's quantized KV cache on a "
@@ -440,7 +440,7 @@ def run(argv=None) -> KVPlan:
         check_model(model, base)  # the base spec must fit the model's head dims
     except (ModelNotFoundError, ValueError) as e:
         p.error(str(e))
-    src = src if local else _local_path(args.model)
+    src = src if local else local_path(args.model)
     sources = args.workload
     if sources is None:
         try:
@@ -480,7 +480,7 @@ def run(argv=None) -> KVPlan:
     print(f"wrote {bake(plan, src, out)}")
     elapsed = time.perf_counter() - start
     Checkpoint(checkpoint).clear()
-    print(format_plan(plan))
+    print(format_calibration(plan))
     line = f"time:         {elapsed:.1f} s for {workload.tokens} tokens"
     if forward is not None:
         line += (f" = {elapsed / forward:.2f}x one full-precision forward pass over them "

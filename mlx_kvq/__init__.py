@@ -1,5 +1,7 @@
 """mlx_kvq: quantized KV caches for MLX and mlx-lm."""
 
+from importlib import metadata as _metadata
+
 from .blas import use_openblas
 
 use_openblas()  # must precede the first `import mlx`
@@ -13,6 +15,9 @@ from .spec import PRESETS, KVQuantSpec  # noqa: E402
 
 install()
 
-__version__ = "0.1.0"
+try:  # the version pyproject.toml gives, as installed
+    __version__ = _metadata.version("mlx-kvq")
+except _metadata.PackageNotFoundError:  # a source tree that is not installed
+    __version__ = "unknown"
 __all__ = ["KVQBatchCache", "KVQCache", "KVQuantSpec", "PRESETS", "batch_generate", "install",
            "load", "make_batch_prompt_caches", "make_prompt_cache"]

@@ -11,7 +11,7 @@ measured. Cases are interleaved, so drift in machine speed hits all alike.
 over a filled KVQCache vs mx.fast.scaled_dot_product_attention over float32
 and float16 K/V vs mlx-lm's quantized_scaled_dot_product_attention; the
 achieved bandwidth counts the cache bytes a step must read
-(kernels.decode_bytes_read for mlx_kvq, the arrays' sizes for the others).
+(sizing.decode_bytes_read for mlx_kvq, the arrays' sizes for the others).
 
 --concurrency 1,4,8,16: N concurrent chats through mlx-lm's own batch
 machinery. For each N, each scheme in turn (every --kv mlx_kvq spec, and
@@ -37,7 +37,7 @@ Below the table, from the same run: each scheme's decode t/s at each N over
 its own rate at the smallest N (N=1 normally), and over the fp peer's at the
 same N. Before any work, N chats of the fp peer (prompt + generated tokens,
 plus N times a one-chat prefill workspace) must fit this machine's memory:
-the model bench's check (evaluate.memory_needed), scaled by N.
+the model bench's check (evaluate.schemes_memory), scaled by N.
 mlx-lm's QuantizedKVCache has no batched form in mlx-lm 0.32 and is refused.
 """
 
@@ -58,14 +58,15 @@ from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.base import quantized_scaled_dot_product_attention
 from tqdm import tqdm
 
-from . import blas, corpus, plan
+from . import blas, corpus, sizing, units
 from .attention import kvq_attention
 from .cache import KVQCache
-from .cli_types import int_list, nonneg_int, output_file, positive_int, token_list
+from .cli_types import (add_prefill_step_size, int_list, nonneg_int, output_file,
+                        positive_int, token_list)
 from .cli_types import tokens as token_count
-from .evaluate import MLX_BASELINE, Scheme, default_text, load_for_schemes, memory_needed
+from .evaluate import default_text, load_for_schemes, schemes_memory
+from .schemes import Scheme
 from .integration import make_batch_prompt_caches
-from .kernels import decode_bytes_read
 from .models import describe_weights
 from .spec import parse_spec
 
@@ -396,7 +397,7 @@ def bench_attention(contexts=(1024, 4096, 16384, 32768), specs=("k4v4", "k4v2", 
         for spec in map(parse_spec, specs):
             cache = _filled_kvq(spec, k, v)
             sec = _time(lambda c=cache: kvq_attention(q, c, scale=scale), repeats)
-            nbytes = decode_bytes_read(spec, head_dim=D, n_tokens=T, n_kv_heads=H)
+            nbytes = sizing.decode_bytes_read(spec, head_dim=D, n_tokens=T, n_kv_heads=H)
             label = next((s for s in specs if parse_spec(s) == spec), str(spec))
             cases.append(AttentionCase(f"kvq {label}", T, sec, nbytes))
             del cache
@@ -454,10 +455,7 @@ def _parser():
                    help="Comma-separated context lengths (default 1024,4096,8192; "
                    "with --attention 1024,4096,16384,32768)")
     p.add_argument("--decode-tokens", type=nonneg_int, default=32)
-    p.add_argument("--prefill-step-size", dest="prefill_step", type=positive_int, default=2048,
-                   help="Prompt tokens per prefill chunk (mlx-lm's name)")
-    p.add_argument("--prefill-step", dest="prefill_step", type=positive_int,
-                   default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # older name
+    add_prefill_step_size(p)
     p.add_argument("--repeats", type=positive_int, default=None,
                    help="Interleaved rounds (model bench, default 1) or timed calls "
                    "(--attention, default 20)")
@@ -492,7 +490,7 @@ def _check_concurrency_args(args):
         raise ValueError("--max-tokens must be at least 2 with --concurrency (decode "
                          "is timed from the first generated token to the last)")
     for name in args.kv:
-        if MLX_BASELINE.match(name):
+        if Scheme(name).baseline:
             raise ValueError(f"--kv {name}: mlx-lm's QuantizedKVCache has no batched "
                              "form in mlx-lm's BatchGenerator; --concurrency compares "
                              "mlx_kvq specs with the fp BatchKVCache")
@@ -511,7 +509,7 @@ def _check_args(p, args):
             raise ValueError(f"--heads {args.heads} is not a multiple of --kv-heads "
                              f"{args.kv_heads}")
         for name in args.kv * args.attention:
-            if not MLX_BASELINE.match(name):
+            if not Scheme(name).baseline:
                 parse_spec(name).validate_for(args.head_dim)
     except ValueError as e:
         p.error(str(e))
@@ -521,7 +519,7 @@ def _fp_memory_needed(shape, kv, context, prefill_step, chats=1) -> int:
     """The model bench's check (one scheme at a time; the fp reference is
     the largest), with `chats` sequences: each adds its cache and its share
     of a batched prefill chunk's workspace."""
-    one = memory_needed(shape, ["fp", *kv], context, prefill_step, at_once=False)
+    one = schemes_memory(shape, ["fp", *kv], context, prefill_step, at_once=False)
     return shape.weight_bytes + chats * (one - shape.weight_bytes)
 
 
@@ -529,10 +527,10 @@ def _load_checked(p, args, context, chats, what):
     """The model, once the schemes apply to it and `chats` sequences of
     `context` tokens with the fp reference fit this machine's memory."""
     model, tokenizer, shape = load_for_schemes(p, args.model, args.kv)
-    need = _fp_memory_needed(shape, args.kv, context, args.prefill_step, chats)
-    if need > plan.total_memory():
-        p.error(f"{what} needs {plan.fmt_bytes(need)}, more than this machine's "
-                f"{plan.fmt_bytes(plan.total_memory())}")
+    need = _fp_memory_needed(shape, args.kv, context, args.prefill_step_size, chats)
+    if need > sizing.total_memory():
+        p.error(f"{what} needs {units.fmt_bytes(need)}, more than this machine's "
+                f"{units.fmt_bytes(sizing.total_memory())}")
     return model, tokenizer
 
 
@@ -554,7 +552,7 @@ def _model_name(args):
 
 
 def _run_attention(args):
-    specs = [s for s in args.kv if not MLX_BASELINE.match(s)]
+    specs = [s for s in args.kv if not Scheme(s).baseline]
     cases = bench_attention(args.contexts or (1024, 4096, 16384, 32768), specs,
                             args.mlx_bits, args.heads, args.kv_heads, args.head_dim,
                             repeats=args.repeats or 20,
@@ -573,9 +571,9 @@ def _run_model(p, args):
     weights = _weights_bytes()
     tokens, _ = _corpus_tokens(tokenizer, max(contexts))
     cases = bench_model(model, tokens, args.kv, contexts, args.decode_tokens,
-                        args.prefill_step, args.repeats or 1)
+                        args.prefill_step_size, args.repeats or 1)
     print(f"==== model bench: {_model_name(args)}, weights {weights / 2**20:.0f} MiB "
-          f"(peaks below are above the weights); prefill step {args.prefill_step}, "
+          f"(peaks below are above the weights); prefill step {args.prefill_step_size}, "
           f"{args.decode_tokens} decode tokens; fp = mlx-lm KVCache in the model dtype")
     print(format_model_table(cases, weights))
     return cases, {"kind": "model", "weights_bytes": weights}
@@ -588,16 +586,16 @@ def _run_concurrency(p, args):
         f"generated): the full-precision peer of {max(ns)} chats")
     weights = _weights_bytes()
     tokens, text = _corpus_tokens(tokenizer, max(ns) * ctx)
-    cases = bench_concurrency(model, tokens, args.kv, ns, ctx, gen, args.prefill_step,
+    cases = bench_concurrency(model, tokens, args.kv, ns, ctx, gen, args.prefill_step_size,
                               weights)
     disclosure = {
         "model": _model_name(args), "weights_bytes": weights, "corpus": text,
         "chats": list(ns), "context": ctx, "max_tokens": gen,
-        "prefill_step_size": args.prefill_step, "fp_peer": fp_peer_name(model)}
+        "prefill_step_size": args.prefill_step_size, "fp_peer": fp_peer_name(model)}
     print(f"==== concurrency bench: {disclosure['model']}, weights {weights / 2**20:.0f} "
           f"MiB (peaks below are above the weights)\n"
           f"N chats, each its own {ctx}-token document ({text}), inserted together into "
-          f"one mlx-lm BatchGenerator: prefill step size {args.prefill_step}, all N "
+          f"one mlx-lm BatchGenerator: prefill step size {args.prefill_step_size}, all N "
           f"prefilled as one batch; {gen} greedy tokens each, no stop tokens\n"
           f"decode t/s: all chats' tokens after the first decode step / time to the last; "
           f"e2e t/s: from insert, prefill included; TTFT: insert to a chat's first token; "

@@ -12,6 +12,7 @@ dequantized into a full-precision copy.
 
 import copy
 import json
+import math
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
@@ -33,19 +34,26 @@ class Layout:
     group: int
     transposed: bool
 
-    def alloc(self, B, H, cap, D, fp):
+    def shapes(self, B, H, cap, D):
+        """Shapes and dtypes of the arrays holding `cap` tokens (fp: None dtype,
+        the storage dtype)."""
         if self.bits is None:
-            return mx.zeros((B, H, cap, D), fp)
+            return [((B, H, cap, D), None)]
         G = self.group
         if self.transposed:  # codes [B, H, D, T]
-            shapes = ((B, H, D, quant.packed_width(cap, self.bits)), (B, H, D, cap // G))
+            codes, scales = (B, H, D, quant.packed_width(cap, self.bits)), (B, H, D, cap // G)
         else:
-            shapes = ((B, H, cap, quant.packed_width(D, self.bits)), (B, H, cap, D // G))
-        return (
-            mx.zeros(shapes[0], mx.uint32),
-            mx.zeros(shapes[1], quant.SCALE_DTYPE),
-            mx.zeros(shapes[1], quant.SCALE_DTYPE),
-        )
+            codes, scales = (B, H, cap, quant.packed_width(D, self.bits)), (B, H, cap, D // G)
+        return [(codes, mx.uint32), (scales, quant.SCALE_DTYPE), (scales, quant.SCALE_DTYPE)]
+
+    def alloc(self, B, H, cap, D, fp):
+        parts = [mx.zeros(shape, dtype or fp) for shape, dtype in self.shapes(B, H, cap, D)]
+        return parts[0] if self.bits is None else tuple(parts)
+
+    def nbytes(self, H, cap, D) -> int:
+        """Bytes of one sequence's `cap` tokens in this layout (16-bit fp parts)."""
+        return sum(math.prod(shape) * (dtype or quant.FP_DTYPE).size
+                   for shape, dtype in self.shapes(1, H, cap, D))
 
     def _ranges(self, a, b):
         """Index ranges of tokens [a, b) in (codes, scales, biases)."""
@@ -354,7 +362,7 @@ class KVQCache(_BaseCache):
 
     def _rebuild(self, drop, need):
         """Reallocate the body for `need` tokens, keeping tokens [drop, n_body)."""
-        cap = max(self.step, -(-need // self.step) * self.step)
+        cap = self._capacity(need)
         B, H, D, Dv = self.dims
         fp = quant.storage_dtype(self.dtype)
         parts = []
@@ -367,6 +375,11 @@ class KVQCache(_BaseCache):
         self.n_body -= drop
         self.body_start += drop
         self.capacity = cap
+
+    @classmethod
+    def _capacity(cls, need: int) -> int:
+        """Body capacity allocated for `need` tokens: whole steps."""
+        return max(cls.step, -(-need // cls.step) * cls.step)
 
     def _evict(self):
         """Drop the oldest body tokens (keeping sinks) to stay within max_size."""
@@ -414,6 +427,35 @@ class KVQCache(_BaseCache):
 
     def size(self):
         return self._sink_len() + self.n_body + self._res_len()
+
+    # -- the byte model ----------------------------------------------------
+
+    @classmethod
+    def token_split(cls, spec, tokens: int) -> Tuple[int, int, int]:
+        """(sinks, body, residual) tokens a one-sequence cache holds after
+        `tokens` tokens (no max_size eviction), whatever the chunks they came
+        in: each flush leaves whole units in the body, so the residual ends
+        with `residual` plus fewer than one unit of tokens."""
+        c = cls(spec)
+        n_sink = min(c.spec.sinks, tokens)
+        n_body = c._flush_size(tokens - n_sink)
+        return n_sink, n_body, tokens - n_sink - n_body
+
+    @classmethod
+    def bytes_for(cls, spec, tokens: int, H: int, D: int, Dv: Optional[int] = None,
+                  held: bool = True) -> int:
+        """Bytes of a one-sequence cache after `tokens` tokens, from the same
+        rules as the cache itself: what `nbytes` reports (held: the body as
+        allocated, in whole steps), or what attention reads (its tokens)."""
+        c = cls(spec)
+        n_sink, n_body, n_res = cls.token_split(c.spec, tokens)
+        Dv = Dv or D
+        out = (n_sink + n_res) * H * (D + Dv) * quant.FP_DTYPE.size
+        if n_body:
+            cap = cls._capacity(n_body) if held else n_body
+            lk, lv = c._layouts()
+            out += lk.nbytes(H, cap, D) + lv.nbytes(H, cap, Dv)
+        return out
 
     def empty(self):
         return self.dims is None

@@ -75,3 +75,12 @@ def output_file(text: str) -> str:
     if not os.access(path.parent, os.W_OK):
         _fail(text, "writable")
     return str(path)
+
+
+def add_prefill_step_size(p: argparse.ArgumentParser, default: int = 2048):
+    """--prefill-step-size (mlx-lm's name; args.prefill_step_size), with the
+    older --prefill-step kept as a hidden alias."""
+    p.add_argument("--prefill-step-size", type=positive_int, default=default,
+                   help="Prompt tokens per prefill chunk")
+    p.add_argument("--prefill-step", dest="prefill_step_size", type=positive_int,
+                   default=argparse.SUPPRESS, help=argparse.SUPPRESS)

@@ -16,7 +16,6 @@ its own, and the gap to fp is what the quantization costs.
 import argparse
 import json
 import platform
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,90 +24,13 @@ import mlx.core as mx
 import mlx_lm
 import numpy as np
 from mlx_lm.generate import generate_step
-from mlx_lm.models.cache import QuantizedKVCache
-from mlx_lm.models.cache import make_prompt_cache as mlx_make_prompt_cache
 from tqdm import tqdm
 
-from . import blas, plan
+from . import blas, shapes, sizing, units
 from .cli_types import fraction_list, nonneg_int, output_file, positive_int, token_list
-from .integration import make_prompt_cache, model_config
+from .integration import model_config
 from .report import kv_stats
-from .spec import VALID_BITS, VALID_GROUPS, parse_spec
-
-MLX_BASELINE = re.compile(r"mlx(\d)(?:-g(\d+))?$")
-
-
-@dataclass
-class Scheme:
-    """A cache to evaluate: an mlx_kvq spec, mlx-lm's QuantizedKVCache, or fp."""
-
-    name: str
-
-    def make(self, model):
-        m = MLX_BASELINE.match(self.name)
-        if self.name == "fp":
-            return mlx_make_prompt_cache(model)
-        if m:
-            bits, group = int(m.group(1)), int(m.group(2) or 64)
-            return [QuantizedKVCache(group_size=group, bits=bits) for _ in model.layers]
-        if self.name == "calibrated":  # the plan baked by mlx_kvq.calibrate
-            self.validate(model=model)
-            return make_prompt_cache(model)
-        return make_prompt_cache(model, parse_spec(self.name))
-
-    def validate(self, shape=None, model=None):
-        """Raise ValueError, naming the problem, for a scheme that cannot be
-        made (for the model of `shape` / `model`, if given)."""
-        m = MLX_BASELINE.match(self.name)
-        if m:
-            bits, group = int(m.group(1)), int(m.group(2) or 64)
-            if bits not in VALID_BITS or group not in VALID_GROUPS:
-                raise ValueError(f"mlx-lm baseline {self.name!r}: bits must be one of "
-                                 f"{VALID_BITS}, group one of {VALID_GROUPS}")
-            if shape is not None and (shape.head_dim % group or shape.dv % group):
-                raise ValueError(f"mlx-lm baseline {self.name!r}: group {group} does not "
-                                 f"divide the head dims {shape.head_dim} / {shape.dv}")
-            if model is not None and any(isinstance(getattr(x, "sinks", None), mx.array)
-                                         for _, x in model.named_modules()):
-                raise ValueError(f"mlx-lm baseline {self.name!r}: mlx-lm's quantized "
-                                 "attention does not support this model's attention sinks")
-        elif self.name == "calibrated":
-            if model is not None and getattr(model, "kvq_plan", None) is None:
-                raise ValueError("scheme 'calibrated' needs a model folder calibrated by "
-                                 "mlx_kvq.calibrate")
-        elif self.name != "fp":
-            spec = parse_spec(self.name)
-            if shape is not None:
-                spec.validate_for(shape.head_dim, shape.dv)
-        return self
-
-    def kv_bytes(self, shape, context: int) -> int:
-        """Bytes this scheme's caches hold after `context` tokens (mlx_kvq.plan's
-        arithmetic; mlx-lm's caches keep K/V, or its scales, in the model dtype)."""
-        m = MLX_BASELINE.match(self.name)
-        windows = plan.window_bytes(shape, context)
-        if self.name == "fp":  # full layers as an unquantized KVQCache, in the model dtype
-            return (plan.kv_bytes(shape, "fp16", context) - windows) * shape.dtype_bytes // 2 \
-                + windows
-        if m:  # one QuantizedKVCache per layer, sliding ones included
-            bits, group = int(m.group(1)), int(m.group(2) or 64)
-            per_token = shape.n_kv_heads * (shape.head_dim + shape.dv) * (
-                bits / 8 + 2 * shape.dtype_bytes / group)
-            return int(shape.n_layers * per_token * context)
-        return plan.kv_bytes(shape, "k8v8" if self.name == "calibrated" else self.name,
-                             context)
-
-    def describe(self):
-        m = MLX_BASELINE.match(self.name)
-        if self.name == "fp":
-            return "full precision (model dtype) KVCache"
-        if m:
-            return (f"mlx-lm QuantizedKVCache {m.group(1)}-bit group {m.group(2) or 64}, "
-                    "keys and values per token")
-        if self.name == "calibrated":
-            return "the per-layer plan baked into the model folder (see calibration)"
-        return parse_spec(self.name).describe()
-
+from .schemes import Scheme
 
 @dataclass
 class Result:
@@ -334,11 +256,11 @@ def default_text(corpora):
         return corpora.sample_text(), "bundled sample (Pride and Prejudice excerpt)"
 
 
-def memory_needed(shape, schemes, context: int, step: int, at_once: bool = True) -> int:
+def schemes_memory(shape, schemes, context: int, step: int, at_once: bool = True) -> int:
     """Weights + workspace + the caches of `schemes` after `context` tokens:
     all held at once, or only the largest (one scheme at a time)."""
     kv = [Scheme(s).kv_bytes(shape, context) for s in schemes]
-    return (shape.weight_bytes + plan.workspace_bytes(shape, "fp16", context, step)
+    return (shape.weight_bytes + sizing.workspace_bytes(shape, "fp16", context, step)
             + (sum(kv) if at_once else max(kv)))
 
 
@@ -348,18 +270,18 @@ def memory_problem(shape, args, memory: int):
     needle grid holds one cache at a time."""
     schemes = ["fp", *args.kv]
     if args.windows > 0:  # plus a chunk's float32 log-probs: reference, output, exp, KLD
-        need = (memory_needed(shape, schemes, args.window, args.chunk)
+        need = (schemes_memory(shape, schemes, args.window, args.chunk)
                 + 4 * args.chunk * shape.vocab_size * 4)
         if need > memory:
             return (f"--window {args.window}: the full-precision reference and "
-                    f"{len(args.kv)} scheme(s) need {plan.fmt_bytes(need)} at once, more "
-                    f"than {plan.fmt_bytes(memory)}; use a shorter window or fewer schemes")
+                    f"{len(args.kv)} scheme(s) need {units.fmt_bytes(need)} at once, more "
+                    f"than {units.fmt_bytes(memory)}; use a shorter window or fewer schemes")
     if args.needle:
         ctx = max(args.needle_contexts)
-        need = memory_needed(shape, schemes, ctx, plan.PREFILL_STEP, at_once=False)
+        need = schemes_memory(shape, schemes, ctx, sizing.PREFILL_STEP, at_once=False)
         if need > memory:
             return (f"--needle-contexts {ctx}: the full-precision reference needs "
-                    f"{plan.fmt_bytes(need)}, more than {plan.fmt_bytes(memory)}")
+                    f"{units.fmt_bytes(need)}, more than {units.fmt_bytes(memory)}")
     return None
 
 
@@ -395,7 +317,7 @@ def run(argv=None):
         p.error(str(e))
 
     model, tokenizer, shape = load_for_schemes(p, args.model, args.kv)
-    problem = memory_problem(shape, args, plan.total_memory())
+    problem = memory_problem(shape, args, sizing.total_memory())
     if problem:
         p.error(problem)
     try:
@@ -458,7 +380,7 @@ def load_for_schemes(p, model_ref, schemes):
     except ModelNotFoundError as e:
         p.error(str(e))
     try:
-        shape = plan.load_shape(model_ref)
+        shape = shapes.load_shape(model_ref)
         for name in schemes:
             Scheme(name).validate(shape, model)
     except ValueError as e:  # PlanError included

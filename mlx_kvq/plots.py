@@ -36,12 +36,12 @@ def _save(fig, out_dir, name):
 
 def quality_vs_bits(results, out_dir, title="") -> str:
     """KLD to the full-precision cache vs measured bits per element."""
-    from .evaluate import MLX_BASELINE
+    from .schemes import Scheme
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in map(_as_dict, results.values()):
-        mlx = bool(MLX_BASELINE.match(r["scheme"]))
+        mlx = Scheme(r["scheme"]).baseline
         ax.scatter(r["bits_per_element"], r["kld_mean"], s=50, marker="s" if mlx else "o",
                    color=MLX if mlx else OURS, zorder=3)
         ax.annotate(r["scheme"], (r["bits_per_element"], r["kld_mean"]),
@@ -98,7 +98,9 @@ def memory_vs_context(plan, out_dir) -> str:
     """Per precision vs context: the KV cache of one chat (left), and all the
     memory one chat needs, weights and workspace included, against the
     budget (right; lines cross it at the longest context that fits)."""
-    from .plan import _short_spec, fmt_bytes, kv_bytes, memory_needed
+    from .sizing import kv_bytes, memory_needed
+    from .spec import short_label
+    from .units import fmt_bytes
 
     plt = _plt()
     s = plan.shape
@@ -106,7 +108,7 @@ def memory_vs_context(plan, out_dir) -> str:
     ctxs = [256 << i for i in range(max(1, (top // 256).bit_length()))]
     fig, (kv_ax, total_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in plan.rows:
-        label = f"{_short_spec(r.spec)} ({r.bits:.2f} b/el)"
+        label = f"{short_label(r.spec)} ({r.bits:.2f} b/el)"
         kv_ax.plot(ctxs, [kv_bytes(s, r.spec, c) / 2**30 for c in ctxs], marker="o", ms=3,
                    label=label)
         total_ax.plot(ctxs, [memory_needed(s, r.spec, [c], plan.prefill_step) / 2**30
@@ -133,12 +135,13 @@ def memory_vs_context(plan, out_dir) -> str:
 
 
 def capacity_table(plan, out_dir) -> str:
-    from .plan import _short_spec, fmt_bytes, fmt_tokens
+    from .spec import short_label
+    from .units import fmt_bytes, fmt_tokens
 
     plt = _plt()
     cols = (["precision", "bits/el"] + [f"max ctx, {n} chat{'s' * (n > 1)}" for n in plan.concurrency]
             + [f"chats @ {fmt_tokens(c)}" for c in plan.contexts])
-    cells = [[_short_spec(r.spec), f"{r.bits:.2f}"]
+    cells = [[short_label(r.spec), f"{r.bits:.2f}"]
              + [fmt_tokens(r.max_context[n]) for n in plan.concurrency]
              + [str(r.max_chats[c]) for c in plan.contexts] for r in plan.rows]
     fig, ax = plt.subplots(figsize=(1.15 * len(cols) + 0.5, 0.3 * (len(cells) + 1) + 0.2))

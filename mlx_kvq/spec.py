@@ -201,3 +201,18 @@ def parse_spec(s) -> KVQuantSpec:
     if s is None:
         return PRESETS[DEFAULT_PRESET]
     return KVQuantSpec.from_string(str(s))
+
+
+def short_label(spec) -> str:
+    """The preset label (k4v4, fp16) if the spec is one, else its label
+    without the parts that are defaults (k3v3-rot); a per-layer plan (not a
+    KVQuantSpec) by its own name ("calibrated")."""
+    if not isinstance(spec, KVQuantSpec):
+        return str(spec)
+    preset = next((k for k, v in PRESETS.items() if v == spec and re.fullmatch(
+        r"k\d+v\d+|fp16", k)), None)
+    if preset:
+        return preset
+    defaults = str(KVQuantSpec(k_bits=spec.k_bits, v_bits=spec.v_bits)).split("-")
+    parts = str(spec).split("-")
+    return "-".join(parts[:1] + [p for p in parts[1:] if p not in defaults])

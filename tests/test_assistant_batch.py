@@ -10,7 +10,7 @@ import mlx.core as mx
 import pytest
 from test_assistant import Assistant, ask
 
-from mlx_kvq import plan
+from mlx_kvq import sizing
 from mlx_kvq.apps.assistant.engine import Engine, Job, RequestError, Settings
 from mlx_kvq.apps.assistant.store import Store
 
@@ -93,7 +93,7 @@ def test_budget_holds_what_the_planner_says_and_queues_the_next(tmp_path):
         context = len(engine.encode(msgs, True)) + max_tokens
         b = engine.budget
         memory = b.need([context] * n)
-        assert plan.capacity(b.shape, b.spec, memory, context=context,
+        assert sizing.capacity(b.shape, b.spec, memory, context=context,
                              prefill_step=b.prefill_step) == n
         engine.budget = dataclasses.replace(engine.budget, memory=memory)
         jobs = [Job("chat", store.create(f"c{i}").id, msgs, max_tokens=max_tokens)

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 import mlx_kvq  # noqa: F401  (loads OpenBLAS before mlx)
-from mlx_kvq import bench, evaluate, models, plan
+from mlx_kvq import bench, evaluate, models, schemes, shapes, sizing
 
 
 def test_model_bench_structure(tmp_path, capsys):
@@ -102,9 +102,9 @@ def test_concurrency_bench_tiny_model_chats_have_their_own_text():
 
 def test_prefill_step_keeps_its_older_name():
     parse = bench._parser().parse_args
-    assert parse([]).prefill_step == 2048
-    assert parse(["--prefill-step-size", "64"]).prefill_step == 64
-    assert parse(["--prefill-step", "32"]).prefill_step == 32
+    assert parse([]).prefill_step_size == 2048
+    assert parse(["--prefill-step-size", "64"]).prefill_step_size == 64
+    assert parse(["--prefill-step", "32"]).prefill_step_size == 32
     assert "--prefill-step " not in bench._parser().format_help()
 
 
@@ -177,15 +177,15 @@ def test_bad_arguments_are_clear_errors(cli, argv, msg, capsys):
 
 
 def test_eval_memory_check_counts_every_cache_held_at_once():
-    shape = plan.load_shape()
+    shape = shapes.load_shape()
     args = SimpleNamespace(kv=["k4v4", "mlx4"], window=4096, chunk=256, windows=1,
                            needle=False, needle_contexts=(512,))
     logprobs = 4 * 256 * shape.vocab_size * 4  # a chunk's float32 log-probs, 4 tensors
-    need = evaluate.memory_needed(shape, ["fp", "k4v4", "mlx4"], 4096, 256) + logprobs
-    fp = evaluate.Scheme("fp").kv_bytes(shape, 4096)
+    need = evaluate.schemes_memory(shape, ["fp", "k4v4", "mlx4"], 4096, 256) + logprobs
+    fp = schemes.Scheme("fp").kv_bytes(shape, 4096)
     # float32 reference: twice the fp16 plan; k4v4 about a sixth of it
-    assert fp == 2 * plan.kv_bytes(shape, "fp16", 4096)
-    assert 0.1 < evaluate.Scheme("k4v4").kv_bytes(shape, 4096) / fp < 0.2
+    assert fp == 2 * sizing.kv_bytes(shape, "fp16", 4096)
+    assert 0.1 < schemes.Scheme("k4v4").kv_bytes(shape, 4096) / fp < 0.2
     assert need > shape.weight_bytes + fp + logprobs
     assert evaluate.memory_problem(shape, args, need) is None
     assert "need" in evaluate.memory_problem(shape, args, need - 1)

@@ -123,12 +123,12 @@ def test_smoothing_is_exact_in_full_precision():
 def test_plan_for_another_model_refused(baked):
     folder = baked[0]
     with pytest.raises(K.KVPlanError, match="another model"):
-        C.attach(tiny_model("llama", seed=1, num_hidden_layers=3), folder)
+        K.attach(tiny_model("llama", seed=1, num_hidden_layers=3), folder)
     with pytest.raises(K.KVPlanError, match="3 layers, this one has 2"):
-        C.attach(tiny_model("llama", num_hidden_layers=2), folder)
+        K.attach(tiny_model("llama", num_hidden_layers=2), folder)
     with pytest.raises(K.KVPlanError, match="kv heads"):
-        C.attach(tiny_model("qwen3", num_hidden_layers=3), folder)
-    assert C.attach(baked[1], folder) is not None
+        K.attach(tiny_model("qwen3", num_hidden_layers=3), folder)
+    assert K.attach(baked[1], folder) is not None
 
 
 def test_corrupt_files_refused(baked, tmp_path):
@@ -247,7 +247,7 @@ def test_default_model_end_to_end(tmp_path):
     assert len(mlx_kvq.make_prompt_cache(model)) == 30
 
     # The planner sizes the baked plan as the caches hold it.
-    from mlx_kvq import plan
+    from mlx_kvq import plan, shapes, sizing
 
     rows = {str(r.spec): r for r in plan.run(["--model", str(out), "--memory", "4GB"]).rows}
     baked = rows["calibrated"].spec
@@ -255,7 +255,7 @@ def test_default_model_end_to_end(tmp_path):
     cache = mlx_kvq.make_prompt_cache(model)
     model(mx.array([list(range(1, 301))]), cache=cache)
     measured = sum(c.nbytes for c in cache)
-    assert abs(plan.kv_bytes(plan.load_shape(str(out)), baked, 300) - measured) <= 0.02 * measured
+    assert sizing.kv_bytes(shapes.load_shape(str(out)), baked, 300) == measured
 
     # The assistant uses the baked plan with no flags; an explicit --kv wins.
     from mlx_kvq.apps.assistant.engine import Engine, Settings

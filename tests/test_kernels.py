@@ -351,24 +351,3 @@ def test_supports():
     assert K.supports(4, 2) and K.supports(3, 6, head_dim=128, group_size=64)
     assert not K.supports(None, 4) and not K.supports(4, 7) and not K.supports(1, 4)
     assert not K.supports(4, 4, head_dim=96) and not K.supports(4, 4, head_dim=64, group_size=128)
-
-
-# ------------------------------------------------------------ byte counts
-def test_decode_bytes_read():
-    n, D = 4096, 128
-    fp16 = 2 * n * D * 2
-    assert K.decode_bytes_read("fp16", head_dim=D, n_tokens=n) == fp16
-    # 4-bit codes + fp16 scale and bias per 64 elements, for K and for V.
-    assert K.decode_bytes_read(4, 4, head_dim=D, n_tokens=n, group_size=64) == 2 * (n * D // 2 + n * D // 64 * 4)
-    assert K.decode_bytes_read(4, 2, head_dim=D, n_tokens=n, group_size=64, n_kv_heads=8, batch=2) == \
-        16 * (n * D // 2 + n * D // 4 + 2 * (n * D // 64 * 4))
-    assert K.decode_bytes_read(8, 8, head_dim=D, n_tokens=10, n_fp_tokens=10) == 2 * 10 * D * 2
-    # A spec keeps sinks + residual (+ an incomplete group) in fp16.
-    from mlx_kvq.spec import KVQuantSpec
-
-    spec = KVQuantSpec(k_bits=4, v_bits=2, group_size=32, residual=64, sinks=4)
-    n_q = (n - 68) // 32 * 32
-    want = n_q * D // 2 + n_q * D // 4 + 2 * (n_q * D // 32 * 4) + 2 * (n - n_q) * D * 2
-    assert K.decode_bytes_read(spec, head_dim=D, n_tokens=n) == want
-    assert K.decode_bytes_read("k4v2-g32-r64-s4", head_dim=D, n_tokens=n) == want
-    assert K.decode_bytes_read(spec, head_dim=D, n_tokens=50) == 2 * 50 * D * 2

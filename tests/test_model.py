@@ -12,6 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx_lm
 from mlx_kvq import corpus, models
+from mlx_kvq import gguf
 from mlx_kvq.converters import gguf_to_mlx
 
 
@@ -33,9 +34,9 @@ def sample_ids(model_and_tokenizer):
 @pytest.fixture(scope="session")
 def permuted_weights(model_path):
     """The default model's weights converted without undoing llama.cpp's Q/K row permutation."""
-    weights, meta = gguf_to_mlx.read_gguf(models.default_gguf_path())
-    config = gguf_to_mlx.model_config(meta, has_output="output.weight" in weights)
-    return list(gguf_to_mlx.convert_weights(weights, config, _unpermute=False).items())
+    weights, meta = gguf.read_gguf(models.default_gguf_path())
+    config = gguf.model_config(meta, has_output="output.weight" in weights)
+    return list(gguf.convert_weights(weights, config, _unpermute=False).items())
 
 
 def perplexity(model, ids):
@@ -93,7 +94,7 @@ def test_unpermute_inverts_llama_cpp_permute():
         return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
     w = mx.random.normal((3 * 64, 16))
-    assert mx.array_equal(gguf_to_mlx.unpermute(permute(w, 3), 3), w)
+    assert mx.array_equal(gguf.unpermute(permute(w, 3), 3), w)
     assert not mx.array_equal(permute(w, 3), w)
 
 
@@ -119,16 +120,16 @@ def test_unpermute_matters(model_path, model_and_tokenizer, permuted_weights, sa
 
 
 def test_bad_gguf(tmp_path):
-    with pytest.raises(gguf_to_mlx.GGUFError, match="not found"):
-        gguf_to_mlx.convert(tmp_path / "missing.gguf", tmp_path / "out")
+    with pytest.raises(gguf.GGUFError, match="not found"):
+        gguf.convert(tmp_path / "missing.gguf", tmp_path / "out")
     junk = tmp_path / "junk.gguf"
     junk.write_text("hello")
-    with pytest.raises(gguf_to_mlx.GGUFError, match="not a GGUF file"):
-        gguf_to_mlx.convert(junk, tmp_path / "out")
+    with pytest.raises(gguf.GGUFError, match="not a GGUF file"):
+        gguf.convert(junk, tmp_path / "out")
     with open(models.default_gguf_path(), "rb") as f:
         (tmp_path / "truncated.gguf").write_bytes(f.read(1 << 20))
-    with pytest.raises(gguf_to_mlx.GGUFError, match="Could not read"):
-        gguf_to_mlx.convert(tmp_path / "truncated.gguf", tmp_path / "out")
+    with pytest.raises(gguf.GGUFError, match="Could not read"):
+        gguf.convert(tmp_path / "truncated.gguf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
     with pytest.raises(SystemExit) as e:
         gguf_to_mlx.main(["--gguf", str(junk), "--out", str(tmp_path / "out")])

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import List, Tuple
 
-from mlx_kvq import plan
+from mlx_kvq import shapes, sizing, units
 from mlx_kvq.spec import KVQuantSpec, parse_spec
 
 LOWER_BIT_SPECS = ("k4v2", "k3v3", "k2v2")  # suggested when a turn does not fit
@@ -21,37 +21,37 @@ LOWER_BIT_SPECS = ("k4v2", "k3v3", "k2v2")  # suggested when a turn does not fit
 
 @dataclass(frozen=True)
 class Budget:
-    shape: plan.ModelShape = field(hash=False)
+    shape: shapes.ModelShape = field(hash=False)
     spec: KVQuantSpec
     memory: int
-    prefill_step: int = plan.PREFILL_STEP
+    prefill_step: int = sizing.PREFILL_STEP
 
     def need(self, contexts: List[int], spec=None) -> int:
         """Bytes for the weights, the prefill workspace and the caches of
         conversations of these lengths (in tokens) answered together."""
-        return plan.memory_needed(self.shape, spec or self.spec,
+        return sizing.memory_needed(self.shape, spec or self.spec,
                                   [max(c, 1) for c in contexts], self.prefill_step)
 
     def kv_bytes(self, context: int) -> int:
-        return plan.kv_bytes(self.shape, self.spec, max(context, 1))
+        return sizing.kv_bytes(self.shape, self.spec, max(context, 1))
 
     def workspace(self, context: int) -> int:
-        return plan.workspace_bytes(self.shape, self.spec, max(context, 1),
+        return sizing.workspace_bytes(self.shape, self.spec, max(context, 1),
                                     self.prefill_step)
 
     @lru_cache(maxsize=16)
     def max_tokens(self, spec=None) -> int:
         """The longest conversation that fits (others parked)."""
-        return plan.capacity(self.shape, spec or self.spec, self.memory,
+        return sizing.capacity(self.shape, spec or self.spec, self.memory,
                              concurrency=1, prefill_step=self.prefill_step)
 
     def refusal(self, context: int, what: str, reply_room: int = 0) -> str:
         """Why `context` tokens do not fit, and what would make them fit."""
         msg = (f"Not enough memory: {what} needs {context} tokens of KV cache, but "
                f"with KV spec {self.spec} at most {self.max_tokens()} tokens fit in "
-               f"the {plan.fmt_bytes(self.memory)} budget (weights "
-               f"{plan.fmt_bytes(self.shape.weight_bytes)}, prefill workspace "
-               f"{plan.fmt_bytes(self.workspace(context))}); other conversations are "
+               f"the {units.fmt_bytes(self.memory)} budget (weights "
+               f"{units.fmt_bytes(self.shape.weight_bytes)}, prefill workspace "
+               f"{units.fmt_bytes(self.workspace(context))}); other conversations are "
                "already parked on disk.")
         options = [f"restart with --kv {name} ({n} tokens fit)"
                    for name, n in self.lower_bit_capacity() if n >= context]
@@ -59,15 +59,15 @@ class Budget:
             options.append(f"lower max_tokens ({reply_room} of those tokens are room "
                            "for the reply)")
         options += ["start a new conversation or add a shorter document",
-                    f"raise --memory to {plan.fmt_bytes(self.need([context]))}"]
+                    f"raise --memory to {units.fmt_bytes(self.need([context]))}"]
         return f"{msg} To make it fit: {'; '.join(options)}."
 
     def lower_bit_capacity(self) -> List[Tuple[str, int]]:
         """(preset, tokens that fit) for the presets with fewer bits than ours."""
-        bits = plan.bits_per_element(self.spec, self.shape.head_dim)
+        bits = sizing.bits_per_element(self.spec, self.shape.head_dim)
         specs = [(name, parse_spec(name)) for name in LOWER_BIT_SPECS]
         return [(name, self.max_tokens(spec)) for name, spec in specs
-                if plan.bits_per_element(spec, self.shape.head_dim) < bits]
+                if sizing.bits_per_element(spec, self.shape.head_dim) < bits]
 
 
 def to_park(resident: List[Tuple[str, int]], need: int, memory: int) -> List[str]:

@@ -29,7 +29,7 @@ from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
-from mlx_kvq import make_prompt_cache, persist, plan
+from mlx_kvq import make_prompt_cache, persist, shapes, sizing, units
 from mlx_kvq.cache import KVQCache
 from mlx_kvq.models import DEFAULT_MODEL, load
 from mlx_kvq.report import kv_stats
@@ -499,17 +499,17 @@ class Engine:
         self.scheme = (f"calibrated per-layer plan {kv_plan.label()}; {kv_plan.source}"
                        if self.cache_spec is None else self.cache_spec.describe())
         self.fingerprint = persist.model_fingerprint(self.model)
-        shape = plan.load_shape(s.model)
+        shape = shapes.load_shape(s.model)
         # A plan's spec varies per layer: the budget sizes each layer; the
         # sinks named in notices are the widest layer's.
-        self.spec = max(layers, key=lambda x: plan.bits_per_element(x, shape.head_dim))
-        sized = self.cache_spec or plan.LayerSpecs(tuple(layers), kv_plan.label())
-        memory = s.memory or plan.total_memory() // 2
+        self.spec = max(layers, key=lambda x: sizing.bits_per_element(x, shape.head_dim))
+        sized = self.cache_spec or shapes.LayerSpecs(tuple(layers), kv_plan.label())
+        memory = s.memory or sizing.total_memory() // 2
         self.budget = Budget(shape, sized, memory, s.prefill_step_size)
         if self.budget.max_tokens() == 0:
             raise ValueError(
-                f"the memory budget {plan.fmt_bytes(memory)} does not hold the model "
-                f"(weights {plan.fmt_bytes(self.budget.shape.weight_bytes)}) and a "
+                f"the memory budget {units.fmt_bytes(memory)} does not hold the model "
+                f"(weights {units.fmt_bytes(self.budget.shape.weight_bytes)}) and a "
                 "prefill workspace; raise --memory")
         self.batch = self._new_batch()
 

@@ -17,7 +17,6 @@ import argparse
 import ipaddress
 import json
 import logging
-import os
 import re
 import signal
 import socket
@@ -27,9 +26,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from mlx_kvq import plan
+from mlx_kvq import units
 from mlx_kvq.cache import KVQCache
-from mlx_kvq.cli_types import nonneg_int, positive_int
+from mlx_kvq.cli_types import add_prefill_step_size, nonneg_int, positive_int
+from mlx_kvq.models import data_home
 from mlx_kvq.spec import DEFAULT_PRESET, PRESETS, parse_spec
 
 from . import openai_api
@@ -443,10 +443,7 @@ class Handler(BaseHTTPRequestHandler):
 def default_data_dir() -> Path:
     """$MLX_KVQ_HOME/assistant, else $XDG_DATA_HOME/mlx_kvq/assistant, else
     ~/.local/share/mlx_kvq/assistant."""
-    if os.environ.get("MLX_KVQ_HOME"):
-        return Path(os.environ["MLX_KVQ_HOME"]).expanduser() / "assistant"
-    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
-    return Path(base).expanduser() / "mlx_kvq" / "assistant"
+    return data_home() / "assistant"
 
 
 def port(text: str) -> int:
@@ -485,7 +482,7 @@ def setup_arg_parser():
     p.add_argument("--max-kv-size", type=positive_int, default=None,
                    help="Keep at most this many tokens per conversation (sinks plus the "
                    "most recent); allows conversations beyond the trained context")
-    p.add_argument("--prefill-step-size", type=positive_int, default=2048)
+    add_prefill_step_size(p)
     p.add_argument("--queue-size", type=positive_int, default=8,
                    help="Requests that may wait to start; more are answered 503")
     p.add_argument("--decode-concurrency", type=positive_int, default=32,
@@ -509,7 +506,7 @@ def main(argv=None):
         spec = parse_spec(args.kv) if args.kv else None
         if args.max_kv_size:  # too small for the spec?
             KVQCache(spec or DEFAULT_PRESET, max_size=args.max_kv_size)
-        memory = plan.parse_memory(args.memory) if args.memory else None
+        memory = units.parse_memory(args.memory) if args.memory else None
     except ValueError as e:
         parser.error(str(e))
     settings = Settings(model=args.model, kv=spec and str(spec), memory=memory,
@@ -535,7 +532,7 @@ def main(argv=None):
     limit, limited_by = engine.token_limit()
     print(f"mlx_kvq.assistant: {engine.model_id}, KV cache {', '.join(engine.specs)} "
           f"({engine.scheme})\n"
-          f"memory budget {plan.fmt_bytes(engine.budget.memory)}: up to {limit} tokens in "
+          f"memory budget {units.fmt_bytes(engine.budget.memory)}: up to {limit} tokens in "
           f"a conversation ({limited_by}); {len(store.list())} conversations in "
           f"{store.root}\n"
           f"serving {server.url} (OpenAI API: {server.url}v1)", flush=True)

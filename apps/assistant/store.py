@@ -16,7 +16,6 @@ and the cache is refused and rebuilt from the messages.
 import copy
 import json
 import logging
-import os
 import re
 import shutil
 import threading
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 from mlx_kvq import persist
+from mlx_kvq.files import atomic_write, sha256_file, write_json
 from mlx_kvq.cache import KVQCache
 
 CONVERSATION, CACHE, SIDECAR = "conversation.json", "cache.safetensors", "cache.json"
@@ -67,32 +67,6 @@ def title_of(messages: List[dict]) -> str:
     """A title from the first user message."""
     first = next((m["content"] for m in messages if m["role"] == "user"), "")
     return " ".join(first.split())[:60] or DEFAULT_TITLE
-
-
-def _fsync_dir(path: Path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]):
-    """Write `path` through `write(tmp)`, then fsync and rename into place."""
-    # Keep the suffix: mx.save_safetensors appends ".safetensors" otherwise.
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def write_json(path: Path, obj):
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj), encoding="utf-8"))
 
 
 @dataclass
@@ -207,7 +181,7 @@ class Store:
 
         def write(tmp):
             persist.save_prompt_cache(tmp, cache, fingerprint=fingerprint)
-            digest.update(size=tmp.stat().st_size, sha256=persist.sha256_file(tmp))
+            digest.update(size=tmp.stat().st_size, sha256=sha256_file(tmp))
 
         with self._lock:  # serialized with delete()
             if cid not in self._conversations:
@@ -258,7 +232,7 @@ class Store:
         if size != info["size"]:
             return (f"the file is truncated or damaged ({size} bytes on disk, "
                     f"{info['size']} written)")
-        if persist.sha256_file(folder / CACHE) != info["sha256"]:
+        if sha256_file(folder / CACHE) != info["sha256"]:
             return "the file is damaged (sha256 checksum mismatch)"
         if info["model"] != fingerprint:
             return (f"it was made with another model (fingerprint {info['model']}, "

@@ -1,0 +1,109 @@
+"""Caches compared by `mlx_kvq.eval` and `mlx_kvq.bench`, by name: "fp"
+(mlx-lm's full-precision caches), "mlx<bits>[-g<group>]" (mlx-lm's
+QuantizedKVCache, every layer), "calibrated" (the per-layer plan baked into
+the model folder) or an mlx_kvq spec ("k4v4", "k3v3-rot", ...). A name is
+parsed once into a Scheme, which makes its caches, checks that it applies to
+a model, counts its bytes and describes itself.
+"""
+
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+import mlx.core as mx
+from mlx_lm.models.cache import QuantizedKVCache
+from mlx_lm.models.cache import make_prompt_cache as mlx_make_prompt_cache
+
+from . import sizing
+from .integration import make_prompt_cache
+from .spec import VALID_BITS, VALID_GROUPS, KVQuantSpec, parse_spec
+
+MLX_BASELINE = re.compile(r"mlx(\d)(?:-g(\d+))?$")
+
+
+@dataclass
+class Scheme:
+    """A cache to evaluate: an mlx_kvq spec, mlx-lm's QuantizedKVCache, or fp."""
+
+    name: str
+    kind: str = field(init=False)  # fp, mlx, calibrated, spec
+    bits: Optional[int] = field(init=False, default=None)  # mlx-lm baselines
+    group: Optional[int] = field(init=False, default=None)
+
+    def __post_init__(self):
+        m = MLX_BASELINE.match(self.name)
+        if m:
+            self.kind, self.bits, self.group = "mlx", int(m.group(1)), int(m.group(2) or 64)
+        elif self.name in ("fp", "calibrated"):
+            self.kind = self.name
+        else:
+            self.kind = "spec"
+
+    @property
+    def baseline(self) -> bool:
+        """mlx-lm's QuantizedKVCache."""
+        return self.kind == "mlx"
+
+    @property
+    def spec(self) -> KVQuantSpec:
+        return parse_spec(self.name)
+
+    def make(self, model):
+        if self.kind == "fp":
+            return mlx_make_prompt_cache(model)
+        if self.kind == "mlx":
+            return [QuantizedKVCache(group_size=self.group, bits=self.bits)
+                    for _ in model.layers]
+        if self.kind == "calibrated":  # the plan baked by mlx_kvq.calibrate
+            self.validate(model=model)
+            return make_prompt_cache(model)
+        return make_prompt_cache(model, self.spec)
+
+    def validate(self, shape=None, model=None):
+        """Raise ValueError, naming the problem, for a scheme that cannot be
+        made (for the model of `shape` / `model`, if given)."""
+        if self.kind == "mlx":
+            bits, group = self.bits, self.group
+            if bits not in VALID_BITS or group not in VALID_GROUPS:
+                raise ValueError(f"mlx-lm baseline {self.name!r}: bits must be one of "
+                                 f"{VALID_BITS}, group one of {VALID_GROUPS}")
+            if shape is not None and (shape.head_dim % group or shape.dv % group):
+                raise ValueError(f"mlx-lm baseline {self.name!r}: group {group} does not "
+                                 f"divide the head dims {shape.head_dim} / {shape.dv}")
+            if model is not None and any(isinstance(getattr(x, "sinks", None), mx.array)
+                                         for _, x in model.named_modules()):
+                raise ValueError(f"mlx-lm baseline {self.name!r}: mlx-lm's quantized "
+                                 "attention does not support this model's attention sinks")
+        elif self.kind == "calibrated":
+            if model is not None and getattr(model, "kvq_plan", None) is None:
+                raise ValueError("scheme 'calibrated' needs a model folder calibrated by "
+                                 "mlx_kvq.calibrate")
+        elif self.kind == "spec":
+            spec = self.spec
+            if shape is not None:
+                spec.validate_for(shape.head_dim, shape.dv)
+        return self
+
+    def kv_bytes(self, shape, context: int) -> int:
+        """Bytes this scheme's caches hold after `context` tokens (sizing's
+        arithmetic; mlx-lm's caches keep K/V, or its scales, in the model dtype)."""
+        windows = sizing.window_bytes(shape, context)
+        if self.kind == "fp":  # full layers as an unquantized KVQCache, in the model dtype
+            return (sizing.kv_bytes(shape, "fp16", context) - windows) * shape.dtype_bytes // 2 \
+                + windows
+        if self.kind == "mlx":  # one QuantizedKVCache per layer, sliding ones included
+            per_token = shape.n_kv_heads * (shape.head_dim + shape.dv) * (
+                self.bits / 8 + 2 * shape.dtype_bytes / self.group)
+            return int(shape.n_layers * per_token * context)
+        return sizing.kv_bytes(shape, "k8v8" if self.kind == "calibrated" else self.name,
+                               context)
+
+    def describe(self):
+        if self.kind == "fp":
+            return "full precision (model dtype) KVCache"
+        if self.kind == "mlx":
+            return (f"mlx-lm QuantizedKVCache {self.bits}-bit group {self.group}, "
+                    "keys and values per token")
+        if self.kind == "calibrated":
+            return "the per-layer plan baked into the model folder (see calibration)"
+        return self.spec.describe()
