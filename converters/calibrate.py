@@ -494,6 +494,7 @@ def run(argv=None) -> KVPlan:
 
 
 def main(argv=None):
+    """`mlx_kvq.calibrate` (a console script: returns nothing)."""
     run(argv)
 
 

@@ -66,7 +66,7 @@ from .cli_types import (add_prefill_step_size, int_list, nonneg_int, output_file
 from .cli_types import tokens as token_count
 from .evaluate import default_text, load_for_schemes, schemes_memory
 from .schemes import Scheme
-from .integration import make_batch_prompt_caches
+from .integration import make_batch_prompt_caches, prefill
 from .models import describe_weights
 from .spec import parse_spec
 
@@ -127,10 +127,7 @@ def run_case(model, tokens, scheme, context, decode_tokens, prefill_step) -> Mod
     _clear()
     mx.reset_peak_memory()
     t0 = time.perf_counter()
-    for c0 in range(0, context - 1, prefill_step):  # as mlx_lm.generate_step
-        model(x[:, c0:min(c0 + prefill_step, context - 1)], cache=cache)
-        mx.eval([c.state for c in cache])
-        mx.clear_cache()
+    prefill(model, cache, x[0, :-1], prefill_step)
     y = model(x[:, -1:], cache=cache)[:, -1].argmax(-1)
     mx.eval(y)
     t1 = time.perf_counter()

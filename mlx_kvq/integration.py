@@ -180,3 +180,20 @@ def batch_generate(model, tokenizer, prompts, spec=None, max_kv_size=None, **kwa
     if caches is None:
         caches = make_batch_prompt_caches(model, len(prompts), spec, max_kv_size)
     return mlx_batch_generate(model, tokenizer, prompts, prompt_caches=caches, **kwargs)
+
+
+def prefill_chunk(model, cache, chunk):
+    """Run one chunk of tokens (a list or 1-D array) through the model into
+    `cache`, and free its workspace."""
+    model(mx.array(chunk)[None], cache=cache)
+    mx.eval([c.state for c in cache])
+    mx.clear_cache()
+
+
+def prefill(model, cache, tokens, step: int, progress=None):
+    """Run `tokens` through the model into `cache`, `step` tokens at a time (as
+    mlx_lm.generate_step prefills); progress(done, total) after each chunk."""
+    for start in range(0, len(tokens), step):
+        prefill_chunk(model, cache, tokens[start:start + step])
+        if progress is not None:
+            progress(min(start + step, len(tokens)), len(tokens))

@@ -11,7 +11,8 @@ import pytest
 from test_assistant import Assistant, ask
 
 from mlx_kvq import sizing
-from mlx_kvq.apps.assistant.engine import Engine, Job, RequestError, Settings
+from mlx_kvq.apps.assistant.engine import Engine, Job, Settings
+from mlx_kvq.apps.assistant.errors import RequestError
 from mlx_kvq.apps.assistant.store import Store
 
 QUESTIONS = ["Name a color.", "What is two plus two?", "Say hello in French.",

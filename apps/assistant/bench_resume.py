@@ -17,8 +17,9 @@ from mlx_lm.models import cache as mlx_cache
 
 from mlx_kvq.cli_types import positive_int
 from mlx_kvq.corpus import sample_text
+from mlx_kvq.integration import prefill
 
-from .engine import Engine, Job, Settings, prefill
+from .engine import Engine, Job, Settings
 from .store import CACHE, SIDECAR, Store
 
 QUESTION = "Who is this text about? Answer in a few words."

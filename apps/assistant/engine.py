@@ -30,33 +30,17 @@ from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from mlx_kvq import make_prompt_cache, persist, shapes, sizing, units
+from mlx_kvq.integration import prefill_chunk
 from mlx_kvq.cache import KVQCache
 from mlx_kvq.models import DEFAULT_MODEL, load
 from mlx_kvq.report import kv_stats
 from mlx_kvq.spec import DEFAULT_PRESET, parse_spec
 
 from .budget import Budget, to_park
+from .errors import RequestError, busy
 from .store import DEFAULT_TITLE, CacheRefused, NotFound, Store, title_of
 
 log = logging.getLogger("mlx_kvq.assistant")
-
-
-class RequestError(Exception):
-    """A request the server refuses; `status` is the HTTP status."""
-
-    def __init__(self, status: int, message: str, code: Optional[str] = None,
-                 param: Optional[str] = None):
-        super().__init__(message)
-        self.status, self.message, self.code, self.param = status, message, code, param
-
-    def body(self) -> dict:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        return {"error": {"message": self.message, "type": kind, "param": self.param,
-                          "code": self.code}}
-
-
-def busy(message: str) -> RequestError:
-    return RequestError(503, message, code="server_busy")
 
 
 @dataclass
@@ -181,20 +165,6 @@ def common_prefix(a: List[int], b: List[int]) -> int:
             break
         n += 1
     return n
-
-
-def prefill_chunk(model, cache, chunk: List[int]):
-    """Run one chunk of tokens through the model into `cache`."""
-    model(mx.array(chunk)[None], cache=cache)
-    mx.eval([c.state for c in cache])
-    mx.clear_cache()
-
-
-def prefill(model, cache, tokens: List[int], step: int, progress):
-    """Run `tokens` through the model into `cache`, `step` tokens at a time."""
-    for start in range(0, len(tokens), step):
-        prefill_chunk(model, cache, tokens[start:start + step])
-        progress(min(start + step, len(tokens)), len(tokens))
 
 
 def chat_messages(messages: List[dict]) -> List[dict]:

@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
-from .engine import RequestError
+from .errors import RequestError
 from .store import Store, new_id, validate_id
 
 ROLES = {"system": "system", "developer": "system", "user": "user",

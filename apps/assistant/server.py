@@ -33,7 +33,8 @@ from mlx_kvq.models import data_home
 from mlx_kvq.spec import DEFAULT_PRESET, PRESETS, parse_spec
 
 from . import openai_api
-from .engine import Engine, Job, RequestError, Settings
+from .engine import Engine, Job, Settings
+from .errors import RequestError
 from .store import NotFound, Store, clean_title, title_of, validate_id
 
 log = logging.getLogger("mlx_kvq.assistant")
