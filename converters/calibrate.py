@@ -43,7 +43,7 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from ..cli_types import int_list, positive_int, tokens
+from ..cli_types import add_model, int_list, positive_int, tokens
 from ..corpus import source_text
 from ..integration import check_model, head_dim_of
 from ..kvplan import TRANSFORMS, KVPlan, LayerPlan, bake, model_identity, smoothing
@@ -384,8 +384,7 @@ def run(argv=None) -> KVPlan:
 
     p = argparse.ArgumentParser(description="Calibrate a model's quantized KV cache on a "
                                 "workload and bake the plan into its folder")
-    p.add_argument("--model", default=None,
-                   help="Model folder or hub id (default: the embedded SmolLM2-135M-Instruct)")
+    add_model(p)
     p.add_argument("--out", default=None,
                    help="Write a calibrated copy here (needed for the shared default "
                    "model and for hub models); default: into --model's folder")

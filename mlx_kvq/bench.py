@@ -61,13 +61,13 @@ from tqdm import tqdm
 from . import blas, corpus, sizing, units
 from .attention import kvq_attention
 from .cache import KVQCache
-from .cli_types import (add_prefill_step_size, int_list, nonneg_int, output_file,
+from .cli_types import (add_model, add_prefill_step_size, int_list, nonneg_int, output_file,
                         positive_int, token_list)
 from .cli_types import tokens as token_count
 from .evaluate import default_text, load_for_schemes, schemes_memory
 from .schemes import Scheme
 from .integration import make_batch_prompt_caches, prefill
-from .models import describe_weights
+from .models import DEFAULT_MODEL, describe_weights
 from .spec import parse_spec
 
 DEFAULT_SCHEMES = ("k4v4", "k4v2", "mlx4")
@@ -441,8 +441,7 @@ def _environment() -> str:
 
 def _parser():
     p = argparse.ArgumentParser(description="Speed and memory of quantized KV caches")
-    p.add_argument("--model", default=None,
-                   help="Model folder or hub id (default: the embedded SmolLM2-135M-Instruct)")
+    add_model(p)
     p.add_argument("--kv", nargs="+", default=None,
                    help="mlx_kvq specs/presets, and mlx-lm baselines as mlx<bits>[-g<group>]; "
                    "the full-precision KVCache is always the reference (default "
@@ -544,7 +543,7 @@ def _weights_bytes():
 
 
 def _model_name(args):
-    return (f"{args.model or 'SmolLM2-135M-Instruct (embedded)'}, "
+    return (f"{args.model or DEFAULT_MODEL + ' (embedded)'}, "
             f"{describe_weights(args.model)}")
 
 

@@ -84,3 +84,13 @@ def add_prefill_step_size(p: argparse.ArgumentParser, default: int = 2048):
                    help="Prompt tokens per prefill chunk")
     p.add_argument("--prefill-step", dest="prefill_step_size", type=positive_int,
                    default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def add_model(p: argparse.ArgumentParser, also: str = ""):
+    """--model, as mlx-lm names it; the embedded default model if not given.
+    `also`: other forms the tool takes ("a config.json, ")."""
+    from .models import DEFAULT_MODEL
+
+    p.add_argument("--model", default=None,
+                   help=f"Model folder, {also}or Hugging Face id (default: the embedded "
+                   f"{DEFAULT_MODEL})")

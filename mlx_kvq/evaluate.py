@@ -21,13 +21,15 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import mlx.core as mx
+import mlx.nn as nn
 import mlx_lm
 import numpy as np
 from mlx_lm.generate import generate_step
 from tqdm import tqdm
 
 from . import blas, shapes, sizing, units
-from .cli_types import fraction_list, nonneg_int, output_file, positive_int, token_list
+from .cli_types import (add_model, fraction_list, nonneg_int, output_file, positive_int,
+                        token_list)
 from .integration import model_config
 from .report import kv_stats
 from .schemes import Scheme
@@ -62,10 +64,6 @@ def cache_bits_per_element(cache) -> float:
     return 8.0 * total / elems
 
 
-def _log_softmax(x):
-    return x - mx.logsumexp(x, axis=-1, keepdims=True)
-
-
 def evaluate(model, tokens, schemes, window=2048, chunk=256, n_windows=4,
              progress=True):
     """Run every scheme over the same windows; returns {scheme: Result}."""
@@ -85,11 +83,11 @@ def evaluate(model, tokens, schemes, window=2048, chunk=256, n_windows=4,
         for c0 in range(0, window, chunk):
             x = win[:, c0:c0 + chunk]
             tgt = win[0, c0 + 1:c0 + chunk + 1]
-            ref = _log_softmax(model(x, cache=caches["fp"])[0].astype(mx.float32))
+            ref = nn.log_softmax(model(x, cache=caches["fp"])[0].astype(mx.float32))
             n = tgt.shape[0]
             nll_ref.append(-mx.take_along_axis(ref[:n], tgt[:, None], -1)[:, 0])
             for s in schemes:
-                out = _log_softmax(model(x, cache=caches[s])[0].astype(mx.float32))
+                out = nn.log_softmax(model(x, cache=caches[s])[0].astype(mx.float32))
                 kld = (mx.exp(ref) * (ref - out)).sum(-1)
                 agree[s].append(out.argmax(-1) == ref.argmax(-1))
                 nll[s].append(-mx.take_along_axis(out[:n], tgt[:, None], -1)[:, 0])
@@ -288,10 +286,10 @@ def memory_problem(shape, args, memory: int):
 def run(argv=None):
     """The CLI; returns its results for callers."""
     from . import corpus as corpora
-    from .models import describe_weights
+    from .models import DEFAULT_MODEL, describe_weights
 
     p = argparse.ArgumentParser(description="KV cache quality vs the full-precision cache")
-    p.add_argument("--model", default=None)
+    add_model(p)
     p.add_argument("--kv", nargs="+", default=["k8v8", "k4v4", "k4v2", "k2v2",
                                                "mlx8", "mlx4", "mlx4-g32", "mlx2", "mlx2-g32"],
                    help="mlx_kvq specs/presets, and mlx-lm baselines as mlx<bits>[-g<group>]")
@@ -349,7 +347,7 @@ def run(argv=None):
                            args.needle_depths, args.needle_trials)
         print(format_needle(grid))
     n_windows = min(args.windows, len(tokens) // args.window)
-    name = args.model or "SmolLM2-135M-Instruct (embedded)"
+    name = args.model or f"{DEFAULT_MODEL} (embedded)"
     meta = (name, describe_weights(args.model), source, len(tokens), args.window,
             args.chunk, n_windows)
     kv_plan = getattr(model, "kvq_plan", None)

@@ -10,7 +10,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from . import shapes, sizing
 from .cache import KVQCache
-from .cli_types import add_prefill_step_size, positive_int
+from .cli_types import add_model, add_prefill_step_size, positive_int
 from .integration import make_prompt_cache
 from .models import ModelNotFoundError, describe_weights, load
 from .persist import load_prompt_cache, save_prompt_cache
@@ -30,8 +30,7 @@ def setup_arg_parser():
     p = argparse.ArgumentParser(
         description="Generate text with an mlx-lm model and a quantized KV cache."
     )
-    p.add_argument("--model", default=None,
-                   help="Model folder or hub id (default: the embedded SmolLM2-135M-Instruct)")
+    add_model(p)
     p.add_argument("--prompt", "-p", default="Hello! Who are you?",
                    help="Prompt text, or '-' to read it from stdin")
     p.add_argument("--system-prompt", default=None)

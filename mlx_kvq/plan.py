@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .cli_types import (add_prefill_step_size, int_list, output_file, positive_int,
+from .cli_types import (add_model, add_prefill_step_size, int_list, output_file, positive_int,
                         token_list, tokens)
 from .shapes import DTYPE_BYTES, LayerSpecs, ModelShape, PlanError, baked_plan, load_shape
 from .sizing import (PREFILL_STEP, _layers, _parse, applicable, bits_per_element, capacity,
@@ -196,9 +196,7 @@ def run(argv=None):
     """The CLI; returns the plan for callers."""
     p = argparse.ArgumentParser(
         description="How much context and how many chats fit in memory, per KV precision")
-    p.add_argument("--model", default=None,
-                   help="Model folder, config.json, or Hugging Face id in the local cache "
-                   "(default: the embedded SmolLM2-135M-Instruct)")
+    add_model(p, "a config.json, ")
     p.add_argument("--memory", default=None,
                    help="Memory budget, e.g. 16GB (powers of 1024; default: this machine's RAM)")
     p.add_argument("--kv", nargs="+", default=[],

@@ -125,3 +125,14 @@ def test_loading_a_model_imports_no_tool():
                          timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_kernel_supports_what_specs_allow():
+    """kernels.py depends on MLX alone, so it states what the Metal kernel
+    implements itself; that must stay within what a spec can ask for."""
+    from mlx_kvq import kernels, spec
+
+    assert set(kernels.SUPPORTED_BITS) <= set(spec.VALID_BITS) - {16}
+    assert set(kernels.SUPPORTED_GROUP_SIZES) <= set(spec.VALID_GROUPS)
+    graph = import_graph()
+    assert not [m for m in graph["mlx_kvq.kernels"] if m != "mlx_kvq.metal_emu"]

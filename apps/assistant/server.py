@@ -28,7 +28,7 @@ from urllib.parse import unquote, urlsplit
 
 from mlx_kvq import units
 from mlx_kvq.cache import KVQCache
-from mlx_kvq.cli_types import add_prefill_step_size, nonneg_int, positive_int
+from mlx_kvq.cli_types import add_model, add_prefill_step_size, nonneg_int, positive_int
 from mlx_kvq.models import data_home
 from mlx_kvq.spec import DEFAULT_PRESET, PRESETS, parse_spec
 
@@ -458,8 +458,7 @@ def setup_arg_parser():
     p = argparse.ArgumentParser(
         description="Local long-context assistant on quantized KV caches: a chat page "
         "and an OpenAI-compatible API (/v1/chat/completions).")
-    p.add_argument("--model", default=None,
-                   help="Model folder or hub id (default: the embedded SmolLM2-135M-Instruct)")
+    add_model(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="Address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=port, default=8080, help="Port (0: any free port)")
