@@ -134,10 +134,13 @@ def _merge(parts):
     return o / mx.where(l > 0, l, 1.0)[..., None]
 
 
-def _needs_mask(seg, q0, mask, decode):
-    """False when neither the causal rule nor a ragged batch can hide any of
-    the segment's tokens. decode: the call's only query follows every cached
-    token (not merely a one-row chunk of a longer prefill)."""
+def _needs_mask(seg, q0, mask, decode, L=1, window=None):
+    """False when neither the causal rule, a sliding window nor a ragged
+    batch can hide any of the segment's tokens. decode: the call's only
+    query follows every cached token (not merely a one-row chunk of a
+    longer prefill)."""
+    if window is not None and (seg.ragged or seg.start <= q0 + L - 1 - window):
+        return True
     if seg.ragged:
         return not decode or any(v < seg.length for v in seg.valid)
     causal_done = isinstance(mask, str) and seg.start + seg.length <= q0 + 1
@@ -157,35 +160,46 @@ def _held_side_by_side(counts):
     return mx.concatenate([_held(v, n) for v, n in counts], axis=-1)[:, None]
 
 
-def _ragged_keep(seg, q0, L, decode):
+def _ragged_keep(seg, q0, L, decode, window=None):
     """[B, L, T] which tokens of a ragged segment each query of each
-    sequence sees: those it holds, at positions up to the query's own."""
+    sequence sees: those it holds, at positions up to the query's own (and
+    within its window)."""
     keep = _held(seg.valid, seg.length)
-    if not decode:
+    if not decode or window is not None:
         t = mx.arange(seg.length)
-        k_pos = mx.array(seg.start)[:, None] + t
-        q_pos = q0[:, None] + mx.arange(L)
-        keep = keep & (k_pos[:, None, :] <= q_pos[:, :, None])
+        k_pos = (mx.array(seg.start)[:, None] + t)[:, None, :]
+        q_pos = (q0[:, None] + mx.arange(L))[:, :, None]
+        if not decode:
+            keep = keep & (k_pos <= q_pos)
+        if window is not None:
+            keep = keep & (k_pos > q_pos - window)
     return keep
 
 
-def _mask_segment(scores, seg, col0, q0, mask, rep, L, decode):
-    """Apply the causal rule (or a model-given mask) to one segment's scores.
+def _position_keep(seg, q0, L, window):
+    """[L, T]: the causal rule, and the window if any, by positions."""
+    k_pos = mx.arange(seg.start, seg.start + seg.length)[None, :]
+    q_pos = mx.arange(q0, q0 + L)[:, None]
+    keep = k_pos <= q_pos
+    return keep if window is None else keep & (k_pos > q_pos - window)
+
+
+def _mask_segment(scores, seg, col0, q0, mask, rep, L, decode, window=None):
+    """Apply the causal rule and the cache's window (or a model-given mask)
+    to one segment's scores.
 
     scores: [B, H, rep*L, T]; q0: absolute position of the first of the L
     queries (per sequence, an array, for a ragged segment); col0: index of
     the segment's first token among the cached tokens.
     """
-    if not _needs_mask(seg, q0, mask, decode):
+    if not _needs_mask(seg, q0, mask, decode, L, window):
         return scores
     B, H, _, T = scores.shape
     s = scores.reshape(B, H, rep, L, T)
     if seg.ragged:  # the batch cache knows each sequence's tokens and positions
-        s = mx.where(_ragged_keep(seg, q0, L, decode)[:, None, None], s, -mx.inf)
-    elif isinstance(mask, str):
-        k_pos = mx.arange(seg.start, seg.start + seg.length)
-        keep = k_pos[None, :] <= mx.arange(q0, q0 + L)[:, None]
-        s = mx.where(keep, s, -mx.inf)
+        s = mx.where(_ragged_keep(seg, q0, L, decode, window)[:, None, None], s, -mx.inf)
+    elif isinstance(mask, str) or mask is None:
+        s = mx.where(_position_keep(seg, q0, L, window), s, -mx.inf)
     else:
         mseg = mask[..., col0 : col0 + T]
         if mseg.ndim == 4:
@@ -211,14 +225,17 @@ def kvq_attention(queries, cache, scale, mask=None, sinks=None):
     # Rows per chunk so that one segment's scores (and exps) fit the budget.
     per_row = B * Hq * n_keys * 4 * 2
     chunk = max(1, min(L, SCORE_BUDGET_BYTES // max(per_row, 1)))
-    if chunk == L and _all_16_bit(segs, mask, L):
+    window = cache.window
+    if chunk == L and _all_16_bit(segs, mask, L) and not (
+            window is not None and any(_needs_mask(s, cache.query_start(L), mask, L == 1, L,
+                                                   window) for s in segs)):
         out = _fp_attention(q, segs, cache.query_start(L), mask, sinks, L)
         return _finish(out, spec, queries.dtype)
     outs = []
     for l0 in range(0, L, chunk):
         l1 = min(L, l0 + chunk)
         outs.append(
-            _attend_chunk(q[:, :, l0:l1], cache, segs, l0, L, mask, rep, sinks)
+            _attend_chunk(q[:, :, l0:l1], cache, segs, l0, L, mask, rep, sinks, window)
         )
         if chunk < L:
             # Lazy evaluation would otherwise schedule every chunk's scores
@@ -258,7 +275,7 @@ def _fp_attention(q, segs, q0, mask, sinks, L):
         q, k.astype(q.dtype), v.astype(q.dtype), scale=1.0, mask=mask, sinks=sinks)
 
 
-def _attend_chunk(q, cache, segs, l0, L, mask, rep, sinks):
+def _attend_chunk(q, cache, segs, l0, L, mask, rep, sinks, window=None):
     B, Hq, Lc, D = q.shape
     H = Hq // rep
     qg = q.reshape(B, H, rep * Lc, D)
@@ -271,11 +288,12 @@ def _attend_chunk(q, cache, segs, l0, L, mask, rep, sinks):
 
         def mask_fn(scores, t, c0=c0, seg=seg):
             col = c0 if seg.ragged else c0 + t.start - seg.start
-            return _mask_segment(scores, t, col, q0, mask, rep, Lc, L == 1)
+            return _mask_segment(scores, t, col, q0, mask, rep, Lc, L == 1, window)
 
         # The kernel takes each row's token count, so a ragged decode step
         # (every cached token precedes the query) needs no mask.
-        if (Lc == 1 and (seg.ragged and L == 1 or not _needs_mask(seg, q0, mask, L == 1))
+        if (Lc == 1 and (seg.ragged and L == 1 and window is None
+                         or not _needs_mask(seg, q0, mask, L == 1, Lc, window))
                 and seg.k_layout.transposed
                 and cache.dims[2] == cache.dims[3] and _use_kernel(seg, D)):
             parts.append(_kernel_partials(qg, seg))

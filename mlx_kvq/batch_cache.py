@@ -46,8 +46,8 @@ class KVQBatchCache(KVQCache):
     batched = True
 
     def __init__(self, spec=None, batch_size: int = 0, max_size: Optional[int] = None,
-                 calibration=None):
-        super().__init__(spec, max_size=max_size, calibration=calibration)
+                 calibration=None, window: Optional[int] = None):
+        super().__init__(spec, max_size=max_size, calibration=calibration, window=window)
         B = batch_size
         self.offsets = [0] * B  # absolute position of each row's next token
         self.n_sink = [0] * B
@@ -99,6 +99,10 @@ class KVQBatchCache(KVQCache):
         if B != self.batch_size:
             raise ValueError(f"the batch cache holds {self.batch_size} sequences, "
                              f"got K/V for {B}")
+        if self.window is not None and self.dims is not None:
+            for b in range(B):  # what the new queries cannot see
+                self._drop_row(b, self._window_drop(self.offsets[b], self.body_start[b],
+                                                    self.n_body[b]))
         keys, values = self._ingest(keys, values)
         self._alloc_rows()
         fronts, reals = [], []
@@ -226,7 +230,10 @@ class KVQBatchCache(KVQCache):
 
     def _evict_row(self, b):
         """Drop row b's oldest body tokens (keeping sinks) to stay within max_size."""
-        drop = self._evict_size(self._row_size(b), self.n_body[b])
+        self._drop_row(b, self._evict_size(self._row_size(b), self.n_body[b]))
+
+    def _drop_row(self, b, drop):
+        """Drop row b's `drop` oldest body tokens (the row shifts in place)."""
         if drop <= 0:
             return
         keep = self.n_body[b] - drop
@@ -267,14 +274,15 @@ class KVQBatchCache(KVQCache):
             if not isinstance(c, KVQCache) or c.batched:
                 raise TypeError(f"KVQBatchCache.merge takes KVQCache objects, got "
                                 f"{type(c).__name__}")
-            if c.spec != first.spec or c.max_size != first.max_size:
+            if (c.spec, c.max_size, c.window) != (first.spec, first.max_size, first.window):
                 raise ValueError(
                     f"cannot batch caches of different schemes: {c.spec} "
-                    f"(max_kv_size {c.max_size}) and {first.spec} "
-                    f"(max_kv_size {first.max_size}); make them with the same spec")
+                    f"(max_kv_size {c.max_size}, window {c.window}) and {first.spec} "
+                    f"(max_kv_size {first.max_size}, window {first.window}); make them "
+                    "with the same spec")
             if (c.calibration is None) != (first.calibration is None):
                 raise ValueError("cannot batch a calibrated cache with an uncalibrated one")
-        out = cls(first.spec, len(caches), first.max_size, first.calibration)
+        out = cls(first.spec, len(caches), first.max_size, first.calibration, first.window)
         full = [c for c in caches if not c.empty()]
         for c in full:
             if c.dims[1:] != full[0].dims[1:]:
@@ -310,7 +318,8 @@ class KVQBatchCache(KVQCache):
     def extract(self, idx: int) -> KVQCache:
         """Sequence idx as a single KVQCache that continues exactly as it would
         have had it never been batched."""
-        c = KVQCache(self.spec, max_size=self.max_size, calibration=self.calibration)
+        c = KVQCache(self.spec, max_size=self.max_size, calibration=self.calibration,
+                     window=self.window)
         c.offset = self.offsets[idx]
         c.drift, c.drift_checked = self.drift[idx], self.drift_checked[idx]
         if self.dims is None:
@@ -363,9 +372,9 @@ class KVQBatchCache(KVQCache):
         """Append the sequences of another batch cache (in place)."""
         if not isinstance(other, KVQBatchCache):
             raise TypeError(f"cannot extend a KVQBatchCache with {type(other).__name__}")
-        if other.spec != self.spec:
+        if (other.spec, other.window) != (self.spec, self.window):
             raise ValueError(f"cannot batch caches of different schemes: {other.spec} "
-                             f"and {self.spec}")
+                             f"(window {other.window}) and {self.spec} (window {self.window})")
         if other.dims is not None and self.dims is not None and \
                 other.dims[1:] != self.dims[1:]:
             raise ValueError(f"cannot batch caches of different shapes: {other.dims[1:]} "

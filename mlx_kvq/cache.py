@@ -199,9 +199,10 @@ class KVQCache(_BaseCache):
     step = 256  # body capacity grows in steps (a multiple of every group size)
 
     def __init__(self, spec=None, max_size: Optional[int] = None,
-                 calibration: Optional[Calibration] = None):
+                 calibration: Optional[Calibration] = None, window: Optional[int] = None):
         self.spec = parse_spec(spec)
         self.max_size = max_size
+        self.window = window  # a sliding-window layer's window (tokens a query sees)
         self.calibration = calibration
         self.drift = None  # [2] counts of flushed K, V elements beyond the limits
         self.drift_checked = 0  # flushed K (= V) elements compared
@@ -210,6 +211,11 @@ class KVQCache(_BaseCache):
                 f"max_kv_size={max_size} is too small for {self.spec}: it must hold "
                 f"{self.spec.sinks} sinks and {self._min_window()} recent tokens"
             )
+        if window is not None and (self.spec.sinks or window < self._min_window()):
+            raise ValueError(
+                f"a sliding-window cache of {window} tokens with {self.spec} must keep no "
+                f"sinks and a window of at least residual + {self._flush_unit()} tokens: "
+                "use sinks=0 and a smaller residual (window_spec() picks them)")
         self.offset = 0
         self.body_start = 0
         self.n_body = 0
@@ -230,6 +236,8 @@ class KVQCache(_BaseCache):
 
     def update_and_fetch(self, keys, values):
         L = keys.shape[2]
+        if self.window is not None:
+            self._slide()
         keys, values = self._ingest(keys, values)
         n_sink = self._sink_len()
         if self.offset == n_sink and n_sink < self.spec.sinks:
@@ -381,6 +389,31 @@ class KVQCache(_BaseCache):
         """Body capacity allocated for `need` tokens: whole steps."""
         return max(cls.step, -(-need // cls.step) * cls.step)
 
+    def _window_drop(self, offset: int, body_start: int, n_body: int) -> int:
+        """Oldest body tokens (whole flush units) that no query from position
+        `offset` on can see: those before offset - window + 1."""
+        unit = self._flush_unit()
+        return min(n_body, max(0, (offset - self.window + 1 - body_start) // unit * unit))
+
+    def _slide(self):
+        """Before new tokens arrive: drop what their queries cannot see. The
+        body shifts within its buffer, or moves to a smaller one after a
+        prefill chunk grew it."""
+        drop = self._window_drop(self.offset, self.body_start, self.n_body)
+        if not drop:
+            return
+        keep = self.n_body - drop
+        if self.capacity != self._capacity(keep):
+            self._rebuild(drop, keep)
+            return
+        for name, lay in zip(("body_k", "body_v"), self._layouts()):
+            part = getattr(self, name)
+            live = lay.slice(part, drop, self.n_body)
+            live = mx.contiguous(live) if lay.bits is None else tuple(map(mx.contiguous, live))
+            setattr(self, name, lay.write(part, live, 0))
+        self.n_body = keep
+        self.body_start += drop
+
     def _evict(self):
         """Drop the oldest body tokens (keeping sinks) to stay within max_size."""
         drop = self._evict_size(self.size(), self.n_body)
@@ -468,6 +501,11 @@ class KVQCache(_BaseCache):
         return sum(a.nbytes for a in arrays if a is not None)
 
     def make_mask(self, N, return_array=False, window_size=None):
+        if self.window is not None:  # attention applies the window by positions
+            if window_size is not None and window_size != self.window:
+                raise ValueError(f"the model asks for a {window_size}-token window, this "
+                                 f"cache was made for {self.window}")
+            return None if N == 1 else "causal"
         return create_attention_mask(
             N, offset=self.offset, return_array=return_array, window_size=window_size
         )
@@ -476,7 +514,8 @@ class KVQCache(_BaseCache):
 
     def is_trimmable(self):
         # Until max_size evicts, the body starts right after the sinks.
-        return self.max_size is None or self.body_start <= self._sink_len()
+        return (self.max_size is None and self.window is None) or \
+            self.body_start <= self._sink_len()
 
     def trim(self, n):
         n = min(n, self.size())
@@ -516,6 +555,7 @@ class KVQCache(_BaseCache):
             "body_start": self.body_start,
             "n_body": self.n_body,
             "max_size": self.max_size,
+            "window": self.window,
             "dims": self.dims,
             "dtype": None if self.dims is None else str(self.dtype),
             "calibration": None if self.calibration is None else {
@@ -548,6 +588,7 @@ class KVQCache(_BaseCache):
         except (TypeError, KeyError, json.JSONDecodeError, IndexError) as e:
             raise ValueError(f"corrupt KVQCache state: {e}") from e
         self.max_size = meta["max_size"]
+        self.window = meta.get("window")
         self.offset, self.body_start = meta["offset"], meta["body_start"]
         self.n_body = meta["n_body"]
         self.dims = None if meta["dims"] is None else tuple(meta["dims"])

@@ -52,6 +52,10 @@ def setup_arg_parser():
     g.add_argument("--kv", default=None,
                    help=f"Preset ({', '.join(PRESETS)}) or label like k4v2-g32-r64-s4; "
                    f"default {DEFAULT_PRESET}")
+    g.add_argument("--sliding-kv", default=None, metavar="SPEC",
+                   help="Also quantize sliding-window layers with this spec (no sinks, a "
+                   "residual that fits the window); default: mlx-lm's full-precision "
+                   "rotating cache")
     g.add_argument("--k-bits", type=_bits, default=None, help="2-8, or 16 for none")
     g.add_argument("--v-bits", type=_bits, default=None, help="2-8, or 16 for none")
     g.add_argument("--key-axis", choices=("channel", "token"), default=None)
@@ -101,7 +105,9 @@ def build_prompt(tokenizer, args, continuing: bool):
 def check_memory(args, cache, n_prompt: int):
     """Refuse, before any allocation, a request whose cache would not fit this
     machine (the planner's arithmetic); warn beyond the trained context."""
-    kvq = [c for c in cache if isinstance(c, KVQCache)]
+    # Sliding-window layers are sized as mlx-lm's full-precision rotating
+    # caches: an upper bound for quantized ones.
+    kvq = [c for c in cache if isinstance(c, KVQCache) and c.window is None]
     offset = next((c.offset for c in cache if hasattr(c, "offset")), 0)  # SSM state: none
     context = offset + n_prompt + max(args.max_tokens, 0)
     bound = min((c.max_size for c in kvq if c.max_size), default=None)  # as made or loaded
@@ -144,7 +150,8 @@ def main(argv=None):
             sys.exit(f"error: {e}")
     else:
         try:
-            cache = make_prompt_cache(model, spec, max_kv_size=args.max_kv_size)
+            cache = make_prompt_cache(model, spec, max_kv_size=args.max_kv_size,
+                                      sliding_spec=args.sliding_kv)
         except ValueError as e:
             parser.error(str(e))
 

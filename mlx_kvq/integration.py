@@ -8,6 +8,7 @@ the original. Other caches go to the original function untouched.
 
 import copy
 import sys
+from dataclasses import replace
 
 import mlx.core as mx
 import mlx_lm.models.base as base
@@ -122,15 +123,31 @@ def check_model(model, spec=None):
         # Other failures (a model that needs more than tokens) are left to its real call.
 
 
-def make_prompt_cache(model, spec=None, max_kv_size=None):
+def window_spec(spec, window: int):
+    """The spec a sliding-window layer of `window` tokens uses for `spec`: no
+    sinks (the model's window hides the first tokens), and a residual small
+    enough for the window (whole groups for per-channel keys); None when even
+    no residual fits."""
+    spec = parse_spec(spec)
+    unit = spec.group_size if spec.k_bits is not None and spec.key_axis == "channel" else 1
+    room = (window - unit) // unit * unit
+    if room < 0:
+        return None
+    return replace(spec, sinks=0, residual=min(spec.residual, room))
+
+
+def make_prompt_cache(model, spec=None, max_kv_size=None, sliding_spec=None):
     """mlx-lm's make_prompt_cache with full-attention KV caches quantized.
 
-    Layers whose default cache is a plain KVCache get a KVQCache; sliding-window
-    layers (RotatingKVCache, already bounded by their window) and non-attention
-    caches (SSM state) keep mlx-lm's cache in full precision. With spec None, a
-    plan baked by `mlx_kvq.calibrate` (model.kvq_plan, attached by
-    mlx_kvq.load) gives each layer its spec and calibration; an explicit spec
-    wins over it.
+    Layers whose default cache is a plain KVCache get a KVQCache. Sliding-window
+    layers (mlx-lm's RotatingKVCache) keep it in full precision, unless
+    `sliding_spec` is given: then they get a KVQCache with that spec and their
+    window (window_spec: no sinks, a residual that fits), which keeps the
+    most recent window plus less than one group and hides, for every query,
+    the keys the model's own window would hide. Non-attention caches (SSM
+    state) are untouched. With spec None, a plan baked by `mlx_kvq.calibrate`
+    (model.kvq_plan, attached by mlx_kvq.load) gives each full-attention layer
+    its spec and calibration; an explicit spec wins over it.
     """
     plan = getattr(model, "kvq_plan", None) if spec is None else None
     spec = parse_spec(spec)
@@ -144,6 +161,13 @@ def make_prompt_cache(model, spec=None, max_kv_size=None):
             f"layers are {full}: the plan was made for another model"
         )
     out = list(caches)
+    if sliding_spec is not None:
+        sliding_spec = parse_spec(sliding_spec)
+        for i, c in enumerate(caches):
+            if type(c) is mlx_cache.RotatingKVCache and c.keep == 0:
+                ws = window_spec(sliding_spec, c.max_size)
+                if ws is not None:
+                    out[i] = KVQCache(ws, window=c.max_size)
     for i in full:
         if plan is None:
             out[i] = KVQCache(spec, max_size=max_kv_size)
@@ -158,19 +182,20 @@ def make_prompt_cache(model, spec=None, max_kv_size=None):
     return out
 
 
-def make_batch_prompt_caches(model, n, spec=None, max_kv_size=None):
+def make_batch_prompt_caches(model, n, spec=None, max_kv_size=None, sliding_spec=None):
     """`n` independent prompt caches (as make_prompt_cache makes one) for
     mlx-lm's batch machinery: pass them as `caches=` to
     `BatchGenerator.insert` or `prompt_caches=` to `batch_generate`, which
-    merge them into KVQBatchCache (full-attention layers) and mlx-lm's batch
-    caches (sliding-window layers)."""
+    merge them into KVQBatchCache (quantized layers) and mlx-lm's batch
+    caches (full-precision sliding-window layers)."""
     if n < 1:
         raise ValueError(f"n={n}: make at least one prompt cache")
-    first = make_prompt_cache(model, spec, max_kv_size)
+    first = make_prompt_cache(model, spec, max_kv_size, sliding_spec)
     return [first] + [copy.deepcopy(first) for _ in range(n - 1)]
 
 
-def batch_generate(model, tokenizer, prompts, spec=None, max_kv_size=None, **kwargs):
+def batch_generate(model, tokenizer, prompts, spec=None, max_kv_size=None, sliding_spec=None,
+                   **kwargs):
     """mlx_lm.generate.batch_generate with quantized caches: `prompts` are
     token lists, `spec` as in make_prompt_cache; other arguments go to
     mlx-lm's batch_generate (max_tokens, return_prompt_caches, ...).
@@ -178,7 +203,7 @@ def batch_generate(model, tokenizer, prompts, spec=None, max_kv_size=None, **kwa
     conversations) are used as they are."""
     caches = kwargs.pop("prompt_caches", None)
     if caches is None:
-        caches = make_batch_prompt_caches(model, len(prompts), spec, max_kv_size)
+        caches = make_batch_prompt_caches(model, len(prompts), spec, max_kv_size, sliding_spec)
     return mlx_batch_generate(model, tokenizer, prompts, prompt_caches=caches, **kwargs)
 
 

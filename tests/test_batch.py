@@ -51,12 +51,14 @@ def assert_same_or_near_tie(got, want, gaps, what):
             return
 
 
-def run_batch(model, prompts, max_tokens, arrivals, spec=SPEC, max_kv_size=None):
+def run_batch(model, prompts, max_tokens, arrivals, spec=SPEC, max_kv_size=None,
+              sliding_spec=None):
     """BatchGenerator over quantized caches; prompt i joins at step arrivals[i].
     Returns ({i: tokens}, {i: (cache, all_tokens)}) per prompt."""
     gen = BatchGenerator(model, stop_tokens=[], prefill_step_size=STEP,
                          prefill_batch_size=2, completion_batch_size=8)
-    caches = mlx_kvq.make_batch_prompt_caches(model, len(prompts), spec, max_kv_size)
+    caches = mlx_kvq.make_batch_prompt_caches(model, len(prompts), spec, max_kv_size,
+                                              sliding_spec)
     uid_of, out, done, step = {}, {}, {}, 0
     while len(done) < len(prompts):
         for i, at in enumerate(arrivals):
