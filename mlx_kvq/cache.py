@@ -13,7 +13,7 @@ dequantized into a full-precision copy.
 import copy
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Tuple, Union
 
 import mlx.core as mx
@@ -464,24 +464,32 @@ class KVQCache(_BaseCache):
     # -- the byte model ----------------------------------------------------
 
     @classmethod
-    def token_split(cls, spec, tokens: int) -> Tuple[int, int, int]:
+    def token_split(cls, spec, tokens: int, window: Optional[int] = None) -> Tuple[int, int, int]:
         """(sinks, body, residual) tokens a one-sequence cache holds after
         `tokens` tokens (no max_size eviction), whatever the chunks they came
         in: each flush leaves whole units in the body, so the residual ends
-        with `residual` plus fewer than one unit of tokens."""
+        with `residual` plus fewer than one unit of tokens. With a window, as
+        a decode step leaves it: the body starts at the last whole unit at or
+        before tokens - window."""
         c = cls(spec)
         n_sink = min(c.spec.sinks, tokens)
-        n_body = c._flush_size(tokens - n_sink)
-        return n_sink, n_body, tokens - n_sink - n_body
+        flushed = c._flush_size(tokens - n_sink)
+        start = 0
+        if window is not None:
+            unit = c._flush_unit()
+            start = min(flushed, max(0, (tokens - window) // unit * unit))
+        return n_sink, flushed - start, tokens - n_sink - flushed
 
     @classmethod
     def bytes_for(cls, spec, tokens: int, H: int, D: int, Dv: Optional[int] = None,
-                  held: bool = True) -> int:
+                  held: bool = True, window: Optional[int] = None) -> int:
         """Bytes of a one-sequence cache after `tokens` tokens, from the same
         rules as the cache itself: what `nbytes` reports (held: the body as
-        allocated, in whole steps), or what attention reads (its tokens)."""
+        allocated, in whole steps), or what attention reads (its tokens). A
+        window cache as decode steps leave it (a prefill chunk's tokens beyond
+        the window are held only until the next step)."""
         c = cls(spec)
-        n_sink, n_body, n_res = cls.token_split(c.spec, tokens)
+        n_sink, n_body, n_res = cls.token_split(c.spec, tokens, window)
         Dv = Dv or D
         out = (n_sink + n_res) * H * (D + Dv) * quant.FP_DTYPE.size
         if n_body:
@@ -630,3 +638,16 @@ def _cat(a, b):
     if b is None:
         return a
     return mx.concatenate([a, b], axis=2)
+
+
+def window_spec(spec, window: int):
+    """The spec a sliding-window layer of `window` tokens uses for `spec`: no
+    sinks (the model's window hides the first tokens), and a residual small
+    enough for the window (whole groups for per-channel keys); None when even
+    no residual fits."""
+    spec = parse_spec(spec)
+    unit = spec.group_size if spec.k_bits is not None and spec.key_axis == "channel" else 1
+    room = (window - unit) // unit * unit
+    if room < 0:
+        return None
+    return replace(spec, sinks=0, residual=min(spec.residual, room))

@@ -6,6 +6,7 @@ from typing import Optional
 
 import mlx.core as mx
 from mlx_lm.generate import stream_generate
+from mlx_lm.models.cache import RotatingKVCache
 from mlx_lm.sample_utils import make_sampler
 
 from . import shapes, sizing
@@ -52,10 +53,10 @@ def setup_arg_parser():
     g.add_argument("--kv", default=None,
                    help=f"Preset ({', '.join(PRESETS)}) or label like k4v2-g32-r64-s4; "
                    f"default {DEFAULT_PRESET}")
-    g.add_argument("--sliding-kv", default=None, metavar="SPEC",
-                   help="Also quantize sliding-window layers with this spec (no sinks, a "
-                   "residual that fits the window); default: mlx-lm's full-precision "
-                   "rotating cache")
+    g.add_argument("--sliding-kv", default="same", metavar="SPEC",
+                   help="Sliding-window layers: 'same' as --kv (default; no sinks, a "
+                   "residual that fits the window), another spec, or 'keep' for "
+                   "mlx-lm's full-precision rotating cache")
     g.add_argument("--k-bits", type=_bits, default=None, help="2-8, or 16 for none")
     g.add_argument("--v-bits", type=_bits, default=None, help="2-8, or 16 for none")
     g.add_argument("--key-axis", choices=("channel", "token"), default=None)
@@ -105,9 +106,9 @@ def build_prompt(tokenizer, args, continuing: bool):
 def check_memory(args, cache, n_prompt: int):
     """Refuse, before any allocation, a request whose cache would not fit this
     machine (the planner's arithmetic); warn beyond the trained context."""
-    # Sliding-window layers are sized as mlx-lm's full-precision rotating
-    # caches: an upper bound for quantized ones.
     kvq = [c for c in cache if isinstance(c, KVQCache) and c.window is None]
+    sliding = tuple(c.spec if isinstance(c, KVQCache) else None for c in cache
+                    if getattr(c, "window", None) or type(c) is RotatingKVCache)
     offset = next((c.offset for c in cache if hasattr(c, "offset")), 0)  # SSM state: none
     context = offset + n_prompt + max(args.max_tokens, 0)
     bound = min((c.max_size for c in kvq if c.max_size), default=None)  # as made or loaded
@@ -119,8 +120,9 @@ def check_memory(args, cache, n_prompt: int):
         print(f"warning: no memory check ({e})", file=sys.stderr)
         return
     specs = [c.spec for c in kvq]
-    sized = ("fp16" if not specs else specs[0] if len(set(specs)) == 1
-             else shapes.LayerSpecs(tuple(specs), "calibrated"))
+    sized = shapes.LayerSpecs(tuple(specs), "as made", sliding, name="per-layer")
+    if len(set(specs)) == 1 and sliding == sizing.sliding_specs(shape, specs[0]):
+        sized = specs[0]
     sizing.admit(shape, sized, context, prefill_step=args.prefill_step_size)
     trained = shape.trained_context
     if trained and context > trained and not bound:

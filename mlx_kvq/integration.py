@@ -8,7 +8,6 @@ the original. Other caches go to the original function untouched.
 
 import copy
 import sys
-from dataclasses import replace
 
 import mlx.core as mx
 import mlx_lm.models.base as base
@@ -17,7 +16,7 @@ from mlx_lm.generate import batch_generate as mlx_batch_generate
 from mlx_lm.models.cache import KVCache
 
 from .attention import kvq_attention
-from .cache import CachedTensorUse, KVQCache
+from .cache import CachedTensorUse, KVQCache, window_spec
 from .spec import HeadDimError, parse_spec
 
 _original = getattr(base.scaled_dot_product_attention, "_kvq_original",
@@ -123,31 +122,26 @@ def check_model(model, spec=None):
         # Other failures (a model that needs more than tokens) are left to its real call.
 
 
-def window_spec(spec, window: int):
-    """The spec a sliding-window layer of `window` tokens uses for `spec`: no
-    sinks (the model's window hides the first tokens), and a residual small
-    enough for the window (whole groups for per-channel keys); None when even
-    no residual fits."""
-    spec = parse_spec(spec)
-    unit = spec.group_size if spec.k_bits is not None and spec.key_axis == "channel" else 1
-    room = (window - unit) // unit * unit
-    if room < 0:
-        return None
-    return replace(spec, sinks=0, residual=min(spec.residual, room))
+def sliding_layers(caches) -> list:
+    """Indices of the sliding-window layers among mlx-lm's default caches."""
+    return [i for i, c in enumerate(caches)
+            if type(c) is mlx_cache.RotatingKVCache and c.keep == 0]
 
 
-def make_prompt_cache(model, spec=None, max_kv_size=None, sliding_spec=None):
-    """mlx-lm's make_prompt_cache with full-attention KV caches quantized.
+def make_prompt_cache(model, spec=None, max_kv_size=None, sliding_spec="same"):
+    """mlx-lm's make_prompt_cache with the KV caches quantized.
 
     Layers whose default cache is a plain KVCache get a KVQCache. Sliding-window
-    layers (mlx-lm's RotatingKVCache) keep it in full precision, unless
-    `sliding_spec` is given: then they get a KVQCache with that spec and their
-    window (window_spec: no sinks, a residual that fits), which keeps the
-    most recent window plus less than one group and hides, for every query,
-    the keys the model's own window would hide. Non-attention caches (SSM
-    state) are untouched. With spec None, a plan baked by `mlx_kvq.calibrate`
-    (model.kvq_plan, attached by mlx_kvq.load) gives each full-attention layer
-    its spec and calibration; an explicit spec wins over it.
+    layers (mlx-lm's RotatingKVCache) get a KVQCache of their window with the
+    same spec (`sliding_spec` "same"), another spec, or keep mlx-lm's cache in
+    full precision ("keep", or when even no residual fits the window). Such
+    a window cache uses window_spec (no sinks, a residual that fits), keeps
+    the most recent window plus less than one group, and hides, for every
+    query, exactly the keys the model's own window hides. Non-attention caches
+    (SSM state) are untouched. With spec None, a plan baked by
+    `mlx_kvq.calibrate` (model.kvq_plan, attached by mlx_kvq.load) gives each
+    layer it covers its spec and calibration (sliding layers a plan does not
+    cover keep mlx-lm's cache); an explicit spec wins over it.
     """
     plan = getattr(model, "kvq_plan", None) if spec is None else None
     spec = parse_spec(spec)
@@ -155,25 +149,31 @@ def make_prompt_cache(model, spec=None, max_kv_size=None, sliding_spec=None):
     check_model(model, spec)
     caches = mlx_cache.make_prompt_cache(model)
     full = [i for i, c in enumerate(caches) if type(c) is KVCache]
-    if plan is not None and set(full) != set(plan.layers):
+    sliding = sliding_layers(caches)
+    if plan is not None and set(plan.layers) not in (set(full), set(full + sliding)):
         raise ValueError(
-            f"the model's KV plan covers layers {sorted(plan.layers)}, its full-attention "
-            f"layers are {full}: the plan was made for another model"
+            f"the model's KV plan covers layers {sorted(plan.layers)}, its attention "
+            f"layers are {sorted(full + sliding)}: the plan was made for another model"
         )
     out = list(caches)
-    if sliding_spec is not None:
-        sliding_spec = parse_spec(sliding_spec)
-        for i, c in enumerate(caches):
-            if type(c) is mlx_cache.RotatingKVCache and c.keep == 0:
-                ws = window_spec(sliding_spec, c.max_size)
-                if ws is not None:
-                    out[i] = KVQCache(ws, window=c.max_size)
+    head_dim = head_dim_of(model)
     for i in full:
         if plan is None:
             out[i] = KVQCache(spec, max_size=max_kv_size)
         else:
-            out[i] = KVQCache(plan.spec(i).validate_for(head_dim_of(model)),
+            out[i] = KVQCache(plan.spec(i).validate_for(head_dim),
                               max_size=max_kv_size, calibration=plan.calibration(i))
+    for i in sliding:
+        w = caches[i].max_size
+        if plan is not None:
+            ws, calib = (window_spec(plan.spec(i), w), plan.calibration(i)) \
+                if i in plan.layers else (None, None)
+        else:
+            ws = None if sliding_spec == "keep" else window_spec(
+                spec if sliding_spec == "same" else parse_spec(sliding_spec), w)
+            calib = None
+        if ws is not None:
+            out[i] = KVQCache(ws.validate_for(head_dim), window=w, calibration=calib)
     if not full:
         raise ValueError(
             f"architecture {type(model).__module__!r} has no full-attention KV cache "
@@ -182,19 +182,19 @@ def make_prompt_cache(model, spec=None, max_kv_size=None, sliding_spec=None):
     return out
 
 
-def make_batch_prompt_caches(model, n, spec=None, max_kv_size=None, sliding_spec=None):
+def make_batch_prompt_caches(model, n, spec=None, max_kv_size=None, sliding_spec="same"):
     """`n` independent prompt caches (as make_prompt_cache makes one) for
     mlx-lm's batch machinery: pass them as `caches=` to
     `BatchGenerator.insert` or `prompt_caches=` to `batch_generate`, which
     merge them into KVQBatchCache (quantized layers) and mlx-lm's batch
-    caches (full-precision sliding-window layers)."""
+    caches (layers left in full precision)."""
     if n < 1:
         raise ValueError(f"n={n}: make at least one prompt cache")
     first = make_prompt_cache(model, spec, max_kv_size, sliding_spec)
     return [first] + [copy.deepcopy(first) for _ in range(n - 1)]
 
 
-def batch_generate(model, tokenizer, prompts, spec=None, max_kv_size=None, sliding_spec=None,
+def batch_generate(model, tokenizer, prompts, spec=None, max_kv_size=None, sliding_spec="same",
                    **kwargs):
     """mlx_lm.generate.batch_generate with quantized caches: `prompts` are
     token lists, `spec` as in make_prompt_cache; other arguments go to

@@ -303,9 +303,11 @@ def check_plan_model(plan: KVPlan, model):
                         f"{want.get('fingerprint')} != {have['fingerprint']}): calibrate this one")
     caches = mlx_cache.make_prompt_cache(model)
     full = {i for i, c in enumerate(caches) if type(c) is KVCache}
-    if full != set(plan.layers):
+    sliding = {i for i, c in enumerate(caches)
+               if type(c) is mlx_cache.RotatingKVCache and c.keep == 0}
+    if set(plan.layers) not in (full, full | sliding):
         raise KVPlanError(f"the KV plan covers layers {sorted(plan.layers)}, the model's "
-                        f"full-attention layers are {sorted(full)}")
+                          f"attention layers are {sorted(full | sliding)}")
     for i in plan.layers:
         shape = plan.stats[i]["k_absmax"].shape
         if shape != (have["n_kv_heads"], have["head_dim"]):

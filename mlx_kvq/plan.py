@@ -226,7 +226,7 @@ def run(argv=None):
                                     *(parse_spec(s) for s in args.kv),
                                     *applicable(shape, [s for s in quality
                                                         if s != "calibrated"])]))
-        baked = baked_plan(args.model)
+        baked = baked_plan(args.model, shape)
         if baked is not None:
             specs.append(baked)
         plan = make_plan(shape, specs, memory, args.prefill_step_size, args.contexts,

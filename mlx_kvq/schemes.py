@@ -89,7 +89,8 @@ class Scheme:
         arithmetic; mlx-lm's caches keep K/V, or its scales, in the model dtype)."""
         windows = sizing.window_bytes(shape, context)
         if self.kind == "fp":  # full layers as an unquantized KVQCache, in the model dtype
-            return (sizing.kv_bytes(shape, "fp16", context) - windows) * shape.dtype_bytes // 2 \
+            return (sizing.kv_bytes(shape, "fp16", context, "keep") - windows) \
+                * shape.dtype_bytes // 2 \
                 + windows
         if self.kind == "mlx":  # one QuantizedKVCache per layer, sliding ones included
             per_token = shape.n_kv_heads * (shape.head_dim + shape.dv) * (

@@ -42,6 +42,8 @@ class ModelShape:
     head_dim: int  # of keys
     full_layers: int  # plain KVCache layers: KVQCache under mlx_kvq
     windows: tuple = ()  # RotatingKVCache max sizes, one per sliding layer
+    full_index: tuple = ()  # layer indices of the full-attention layers
+    window_index: tuple = ()  # layer indices of the sliding layers
     stateless_layers: int = 0  # layers without a KV cache (SSM state, ...)
     dtype: str = "float16"  # activations and sliding-window caches
     weight_bytes: int = 0
@@ -143,6 +145,8 @@ def model_shape(config: dict, weights_dir=None, name: Optional[str] = None,
     caches = mlx_make_prompt_cache(model)
     full = sum(type(c) is KVCache for c in caches)
     windows = tuple(c.max_size for c in caches if type(c) is RotatingKVCache)
+    full_index = tuple(i for i, c in enumerate(caches) if type(c) is KVCache)
+    window_index = tuple(i for i, c in enumerate(caches) if type(c) is RotatingKVCache)
     if not full:
         raise PlanError(f"architecture {config['model_type']!r} has no full-attention "
                         "KV cache layers for mlx_kvq to quantize")
@@ -169,6 +173,8 @@ def model_shape(config: dict, weights_dir=None, name: Optional[str] = None,
         v_head_dim=dv if (dv := model_config(model).get("v_head_dim")) != head_dim else None,
         full_layers=full,
         windows=windows,
+        full_index=full_index,
+        window_index=window_index,
         stateless_layers=len(caches) - full - len(windows),
         dtype=wdtype,
         weight_bytes=weight_bytes,
@@ -177,15 +183,21 @@ def model_shape(config: dict, weights_dir=None, name: Optional[str] = None,
     )
 
 
-def baked_plan(model: Optional[str] = None) -> "Optional[LayerSpecs]":
-    """The per-layer plan mlx_kvq.calibrate baked into the model folder, if any."""
+def baked_plan(model: Optional[str] = None,
+               shape: Optional[ModelShape] = None) -> "Optional[LayerSpecs]":
+    """The per-layer plan mlx_kvq.calibrate baked into the model folder, if
+    any; its sliding-window layers as the plan gives them (a plan of the
+    full-attention layers only leaves them in full precision)."""
     from .kvplan import load_plan, plan_files
 
     folder = local_path(model)
     if folder is None or plan_files(folder) is None:
         return None
     baked = load_plan(folder)
-    return LayerSpecs(tuple(baked.spec(i) for i in sorted(baked.layers)), baked.label())
+    full = [i for i in sorted(baked.layers) if shape is None or i in shape.full_index]
+    sliding = None if shape is None else tuple(
+        baked.spec(i) if i in baked.layers else None for i in shape.window_index)
+    return LayerSpecs(tuple(baked.spec(i) for i in full), baked.label(), sliding)
 
 
 def load_shape(model: Optional[str] = None, dtype: Optional[str] = None) -> ModelShape:
@@ -213,18 +225,22 @@ def load_shape(model: Optional[str] = None, dtype: Optional[str] = None) -> Mode
 
 @dataclass(frozen=True)
 class LayerSpecs:
-    """A per-layer plan baked by mlx_kvq.calibrate, as the planner sizes it:
-    one spec per full-attention layer."""
+    """Per-layer specs as the sizing takes them (a plan baked by
+    mlx_kvq.calibrate, or the caches a model was given): one spec per
+    full-attention layer, and one per sliding-window layer (None: mlx-lm's
+    full-precision rotating cache)."""
 
     specs: tuple
     label: str
+    sliding: Optional[tuple] = None  # None: as the full layers' spec would give
+    name: str = "calibrated"
 
     @property
     def quantized(self) -> bool:
         return True
 
     def describe(self) -> str:
-        return f"calibrated per-layer plan {self.label}"
+        return f"{self.name} per-layer plan {self.label}"
 
     def __str__(self) -> str:
-        return "calibrated"
+        return self.name

@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 from mlx_lm.models.cache import RotatingKVCache
 
 from . import attention
-from .cache import KVQCache
+from .cache import KVQCache, window_spec
 from .shapes import LayerSpecs, ModelShape, PlanError, model_shape
 from .spec import HeadDimError, KVQuantSpec, parse_spec
 from .units import MAX_SEARCH, fmt_bytes, fmt_tokens
@@ -91,20 +91,49 @@ def _round_up(n: int, step: int) -> int:
 
 
 def window_bytes(shape: ModelShape, context: int) -> int:
-    """Bytes the sliding-window layers' RotatingKVCaches hold (model dtype)."""
-    held = [min(w, _round_up(context, RotatingKVCache.step)) for w in shape.windows]
-    return sum(held) * shape.n_kv_heads * (shape.head_dim + shape.dv) * shape.dtype_bytes
+    """Bytes the sliding-window layers hold as mlx-lm's RotatingKVCaches (model dtype)."""
+    return sliding_bytes(shape, None, context, "keep")
 
 
-def kv_bytes(config, spec, context: int) -> int:
-    """Bytes all KV caches of one sequence hold after `context` tokens.
+def sliding_specs(shape: ModelShape, spec, sliding="same") -> tuple:
+    """The spec of each sliding-window layer as make_prompt_cache gives it:
+    window_spec of `spec` ("same"), of another spec, or None (mlx-lm's
+    full-precision rotating cache: "keep", or no spec fits the window)."""
+    spec = _parse(spec)
+    if isinstance(spec, LayerSpecs) and spec.sliding is not None:
+        return spec.sliding
+    if sliding == "keep" or (isinstance(spec, LayerSpecs) and sliding == "same"):
+        return (None,) * len(shape.windows)
+    base = spec if sliding == "same" else parse_spec(sliding)
+    return tuple(window_spec(base, w) for w in shape.windows)
+
+
+def sliding_bytes(shape: ModelShape, spec, context: int, sliding="same") -> int:
+    """Bytes the sliding-window layers hold after `context` tokens, as decode
+    steps leave them (sliding_specs: quantized window caches, or mlx-lm's
+    rotating caches in the model's dtype)."""
+    H, D, Dv = shape.n_kv_heads, shape.head_dim, shape.dv
+    total = 0
+    for w, s in zip(shape.windows, sliding_specs(shape, spec, sliding)):
+        if s is None:
+            total += min(w, _round_up(context, RotatingKVCache.step)) * H * (D + Dv) \
+                * shape.dtype_bytes
+        else:
+            total += KVQCache.bytes_for(s, context, H, D, Dv, window=w)
+    return total
+
+
+def kv_bytes(config, spec, context: int, sliding="same") -> int:
+    """Bytes all KV caches of one sequence hold after `context` tokens (after
+    a decode step): full-attention layers with `spec`, sliding-window layers
+    as sliding_specs says.
 
     config: a ModelShape (load_shape, model_shape; build it once for repeated
     calls) or a config.json dict."""
     shape = _shape(config)
     return (sum(n * layer_bytes(s, context, shape.n_kv_heads, shape.head_dim, shape.dv)
                 for s, n in _layers(shape, spec).items())
-            + window_bytes(shape, context))
+            + sliding_bytes(shape, spec, context, sliding))
 
 
 def kv_bytes_per_token(config, spec, context: int) -> float:

@@ -46,11 +46,16 @@ def test_architectures_k8v8_close_k2v2_worse(arch):
     assert res["k2v2-r0-s0"] > 3 * res["k8v8"]
 
 
-def test_sliding_window_layers_stay_full_precision():
-    model = tiny_model("gemma3_text")
+def test_sliding_window_layers_quantized_or_kept():
+    model = tiny_model("gemma3_text")  # windows of 64 tokens: the residual shrinks to fit
     cache = mlx_kvq.make_prompt_cache(model, "k4v4")
-    kinds = [type(c) for c in cache]
-    assert kinds == [RotatingKVCache, RotatingKVCache, KVQCache]
+    assert [type(c) for c in cache] == [KVQCache] * 3
+    assert [c.window for c in cache] == [64, 64, None]
+    assert str(cache[0].spec) == "k4v4-g32-r32-s0" and str(cache[2].spec) == "k4v4-g32-r64-s4"
+    kept = mlx_kvq.make_prompt_cache(model, "k4v4", sliding_spec="keep")
+    assert [type(c) for c in kept] == [RotatingKVCache, RotatingKVCache, KVQCache]
+    other = mlx_kvq.make_prompt_cache(model, "k4v4", sliding_spec="k2v2")
+    assert str(other[0].spec) == "k2v2-g32-r32-s0"
 
 
 def test_unsupported_architecture_is_refused():

@@ -63,14 +63,17 @@ def test_kv_bytes_match_cache_nbytes(model_and_tokenizer, shape, spec):
 
 @pytest.mark.parametrize("arch", sorted(TINY))
 @pytest.mark.parametrize("spec", ["fp16", "k8v8", "k4v2", "k2v2-ktok", "k4v16"])
-def test_kv_bytes_equal_nbytes_on_every_architecture(arch, spec):
+@pytest.mark.parametrize("sliding", ["same", "keep"])
+def test_kv_bytes_equal_nbytes_on_every_architecture(arch, spec, sliding):
     """The sizing's bytes are the caches' own, for every architecture of the
     test matrix (GQA ratios, head dims 32-256, values narrower than keys,
-    sliding windows), in prefill chunks and decode steps."""
+    sliding windows quantized or kept in full precision), in prefill chunks
+    and decode steps (a sliding window holds a prefill chunk beyond it until
+    the next step: compared at decode steps)."""
     model = tiny_model(arch)
     s = shapes.model_shape(dict(TINY[arch], model_type=arch), dtype="float32")
     try:
-        cache = make_prompt_cache(model, spec)
+        cache = make_prompt_cache(model, spec, sliding_spec=sliding)
     except ValueError:  # a group that does not divide this model's head dims
         with pytest.raises(ValueError):
             sizing.kv_bytes(s, spec, 10)
@@ -81,11 +84,13 @@ def test_kv_bytes_equal_nbytes_on_every_architecture(arch, spec):
         model(tokens[:, done:done + n], cache=cache)
         done += n
         mx.eval([c.state for c in cache])
-        quantized = sum(c.nbytes for c in cache if isinstance(c, mlx_kvq.KVQCache))
-        windows = sizing.window_bytes(s, done)
-        assert sizing.kv_bytes(s, spec, done) - windows == quantized, (arch, done)
-        if n == 1:  # a sliding window holds a prefill chunk beyond it until decode
-            assert windows == sum(c.nbytes for c in cache) - quantized, (arch, done)
+        windows = sizing.sliding_bytes(s, spec, done, sliding)
+        full = sum(c.nbytes for c in cache
+                   if isinstance(c, mlx_kvq.KVQCache) and c.window is None)
+        assert sizing.kv_bytes(s, spec, done, sliding) - windows == full, (arch, done)
+        if n == 1:
+            assert sizing.kv_bytes(s, spec, done, sliding) == sum(c.nbytes for c in cache), \
+                (arch, done)
 
 
 def test_planned_limit_holds_on_the_model(model_and_tokenizer, shape, monkeypatch):

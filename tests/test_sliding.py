@@ -12,7 +12,7 @@ from mlx_lm.models.cache import make_prompt_cache as mlx_make_prompt_cache
 import mlx_kvq
 from mlx_kvq import KVQBatchCache, KVQCache
 from mlx_kvq.attention import kvq_attention
-from mlx_kvq.integration import window_spec
+from mlx_kvq.cache import window_spec
 from mlx_kvq.persist import load_prompt_cache, save_prompt_cache
 
 from conftest import tiny_model
