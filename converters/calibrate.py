@@ -49,7 +49,7 @@ from ..integration import check_model, head_dim_of
 from ..kvplan import TRANSFORMS, KVPlan, LayerPlan, bake, model_identity, smoothing
 from ..spec import VALID_BITS, KVQuantSpec, parse_spec
 from .passes import Runner, StatsCollector, Workload, load_workload
-from .sensitivity import Fisher, Measured, squared_gradients
+from .sensitivity import Fisher, Measured, squared_gradients, windows_of
 
 SINK_COUNTS = (0, 4, 16)
 SMOOTH_ALPHAS = (0.5, 1.0)
@@ -208,7 +208,7 @@ def _fisher(model, picks, kvs, chunk, bar, checkpoint) -> Fisher:
             checkpoint.save("gradients", saved)
         windows.append((kv, f))
         bar.update(1)
-    return Fisher(windows, chunk)
+    return Fisher(windows, chunk, windows_of(model))
 
 
 def calibrate(model, windows, *, target_bits=3.0, bits=(2, 3, 4), base=None,

@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.models import cache as mlx_cache
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from ..corpus import source_text
 from ..quant import hadamard
@@ -59,16 +59,42 @@ def load_workload(sources, tokenizer, tokens: int, window: int) -> Workload:
 # -- running the model ----------------------------------------------------------
 
 
-class RecordingCache(KVCache):
-    """A full-precision KVCache that hands what the layer stores to `record`."""
+class _Recording:
+    """Hands what the layer stores to `record`, then caches it as its base does."""
+
+    def update_and_fetch(self, keys, values):
+        self.record(keys, values)
+        return super().update_and_fetch(keys, values)
+
+
+class RecordingCache(_Recording, KVCache):
+    """A full-attention layer's full-precision cache, recording."""
 
     def __init__(self, record):
         super().__init__()
         self.record = record
 
-    def update_and_fetch(self, keys, values):
-        self.record(keys, values)
-        return super().update_and_fetch(keys, values)
+
+class RecordingWindowCache(_Recording, RotatingKVCache):
+    """A sliding-window layer's full-precision cache, recording."""
+
+    def __init__(self, record, window: int):
+        super().__init__(max_size=window)
+        self.record = record
+
+
+def recording(caches, record_kv) -> list:
+    """mlx-lm's caches with every attention layer's recording (record_kv(i, k, v))."""
+    out = []
+    for i, c in enumerate(caches):
+        def record(k, v, i=i):
+            record_kv(i, k, v)
+        if type(c) is KVCache:
+            c = RecordingCache(record)
+        elif type(c) is RotatingKVCache and c.keep == 0:
+            c = RecordingWindowCache(record, c.max_size)
+        out.append(c)
+    return out
 
 
 class _Stand:
@@ -143,8 +169,7 @@ class Runner:
         tokens = mx.array(window)[None]
         caches = mlx_cache.make_prompt_cache(self.model)
         if record_kv is not None:
-            caches = [RecordingCache(lambda k, v, i=i: record_kv(i, k, v))
-                      if type(c) is KVCache else c for i, c in enumerate(caches)]
+            caches = recording(caches, record_kv)
         inputs = [[] for _ in range(self.n_layers)]
         stands = None
         if keep and self.owner is not None:

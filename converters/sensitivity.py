@@ -28,9 +28,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.models import cache as mlx_cache
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import KVCache, RotatingKVCache
 
-from ..cache import Calibration, KVQCache
+from ..cache import Calibration, KVQCache, window_spec
 
 # {layer: (spec, v_smooth or None)}: which layers a configuration quantizes, and how
 LayerConfig = Dict[int, Tuple[object, Optional[np.ndarray]]]
@@ -40,6 +40,22 @@ def _calibration(s: Optional[np.ndarray]) -> Optional[Calibration]:
     return None if s is None else Calibration(v_smooth=mx.array(s))
 
 
+def windows_of(model) -> Dict[int, int]:
+    """{layer: window} of the model's sliding-window layers."""
+    return {i: c.max_size for i, c in enumerate(mlx_cache.make_prompt_cache(model))
+            if type(c) is RotatingKVCache and c.keep == 0}
+
+
+def quantized_cache(spec, s, window: Optional[int]):
+    """The cache a layer gets in a calibration pass: as make_prompt_cache makes
+    it for a full-attention or a sliding-window layer (None: no spec fits the
+    window, the layer stays in full precision)."""
+    if window is None:
+        return KVQCache(spec, calibration=_calibration(s))
+    ws = window_spec(spec, window)
+    return None if ws is None else KVQCache(ws, calibration=_calibration(s), window=window)
+
+
 class Measured:
     """KLDs measured on reference windows by forward passes (`runner.kld`)."""
 
@@ -47,6 +63,7 @@ class Measured:
 
     def __init__(self, model, runner, refs):
         self.model, self.runner, self.refs = model, runner, refs
+        self.windows = windows_of(model)
         self.memo = {}
 
     def kld(self, config: LayerConfig, start: int = 0) -> float:
@@ -59,7 +76,7 @@ class Measured:
             for ref in self.refs:
                 caches = mlx_cache.make_prompt_cache(self.model)
                 for i, (spec, s) in config.items():
-                    caches[i] = KVQCache(spec, calibration=_calibration(s))
+                    caches[i] = quantized_cache(spec, s, self.windows.get(i)) or caches[i]
                 total += self.runner.kld(ref, caches, start)
             self.memo[key] = total / len(self.refs)
         return self.memo[key]
@@ -111,10 +128,13 @@ class Fisher:
               "backward pass per window), delta what the quantized cache stores minus the "
               "exact keys and values")
 
-    def __init__(self, windows: List[Tuple[Dict[int, tuple], Dict[int, tuple]]], chunk: int):
+    def __init__(self, windows: List[Tuple[Dict[int, tuple], Dict[int, tuple]]], chunk: int,
+                 sliding: Optional[Dict[int, int]] = None):
         """windows: per sensitivity window, ({layer: (keys, values)} recorded
-        [1, H, T, D] float32, {layer: (Fk, Fv)} from squared_gradients)."""
-        self.windows, self.chunk = windows, chunk
+        [1, H, T, D] float32, {layer: (Fk, Fv)} from squared_gradients);
+        sliding: {layer: window} of sliding-window layers (their spec is
+        window_spec's; every token's error counts, evicted or not)."""
+        self.windows, self.chunk, self.sliding = windows, chunk, sliding or {}
         self.positions = sum(next(iter(f.values()))[0].shape[2] for _, f in windows)
         self.memo = {}
 
@@ -122,6 +142,11 @@ class Fisher:
         key = (i, str(spec), None if s is None else s.tobytes())
         if key not in self.memo:
             total = 0.0
+            if i in self.sliding:
+                spec = window_spec(spec, self.sliding[i])
+                if spec is None:  # the layer stays in full precision
+                    self.memo[key] = 0.0
+                    return 0.0
             for kv, f in self.windows:
                 keys, values = kv[i]
                 cache = KVQCache(spec, calibration=_calibration(s))

@@ -441,7 +441,7 @@ def _environment() -> str:
 
 def _parser():
     p = argparse.ArgumentParser(description="Speed and memory of quantized KV caches")
-    add_model(p)
+    add_model(p, windowed=True)
     p.add_argument("--kv", nargs="+", default=None,
                    help="mlx_kvq specs/presets, and mlx-lm baselines as mlx<bits>[-g<group>]; "
                    "the full-precision KVCache is always the reference (default "
@@ -522,7 +522,8 @@ def _fp_memory_needed(shape, kv, context, prefill_step, chats=1) -> int:
 def _load_checked(p, args, context, chats, what):
     """The model, once the schemes apply to it and `chats` sequences of
     `context` tokens with the fp reference fit this machine's memory."""
-    model, tokenizer, shape = load_for_schemes(p, args.model, args.kv)
+    model, tokenizer, shape = load_for_schemes(p, args.model, args.kv, args.sliding_window,
+                                               args.full_every)
     need = _fp_memory_needed(shape, args.kv, context, args.prefill_step_size, chats)
     if need > sizing.total_memory():
         p.error(f"{what} needs {units.fmt_bytes(need)}, more than this machine's "

@@ -86,11 +86,18 @@ def add_prefill_step_size(p: argparse.ArgumentParser, default: int = 2048):
                    default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
-def add_model(p: argparse.ArgumentParser, also: str = ""):
+def add_model(p: argparse.ArgumentParser, also: str = "", windowed: bool = False):
     """--model, as mlx-lm names it; the embedded default model if not given.
-    `also`: other forms the tool takes ("a config.json, ")."""
+    `also`: other forms the tool takes ("a config.json, "). windowed: also
+    --sliding-window / --full-every (models.windowed_copy)."""
     from .models import DEFAULT_MODEL
 
     p.add_argument("--model", default=None,
                    help=f"Model folder, {also}or Hugging Face id (default: the embedded "
                    f"{DEFAULT_MODEL})")
+    if windowed:
+        p.add_argument("--sliding-window", type=positive_int, default=None, metavar="N",
+                       help="Run a copy of a llama-architecture model whose layers attend "
+                       "to windows of N tokens (real weights, Gemma-3-style pattern)")
+        p.add_argument("--full-every", type=positive_int, default=6, metavar="K",
+                       help="With --sliding-window: every K-th layer keeps full attention")

@@ -289,7 +289,7 @@ def run(argv=None):
     from .models import DEFAULT_MODEL, describe_weights
 
     p = argparse.ArgumentParser(description="KV cache quality vs the full-precision cache")
-    add_model(p)
+    add_model(p, windowed=True)
     p.add_argument("--kv", nargs="+", default=["k8v8", "k4v4", "k4v2", "k2v2",
                                                "mlx8", "mlx4", "mlx4-g32", "mlx2", "mlx2-g32"],
                    help="mlx_kvq specs/presets, and mlx-lm baselines as mlx<bits>[-g<group>]")
@@ -314,7 +314,8 @@ def run(argv=None):
     except ValueError as e:
         p.error(str(e))
 
-    model, tokenizer, shape = load_for_schemes(p, args.model, args.kv)
+    model, tokenizer, shape = load_for_schemes(p, args.model, args.kv, args.sliding_window,
+                                               args.full_every)
     problem = memory_problem(shape, args, sizing.total_memory())
     if problem:
         p.error(problem)
@@ -368,14 +369,17 @@ def run(argv=None):
     return results, grid
 
 
-def load_for_schemes(p, model_ref, schemes):
+def load_for_schemes(p, model_ref, schemes, sliding_window=None, full_every=6):
     """(model, tokenizer, shape), or a clear argparse error: the model is not
-    found, or a scheme does not apply to it."""
-    from .models import ModelNotFoundError, load
+    found, or a scheme does not apply to it. With sliding_window, the model's
+    windowed copy (models.windowed_copy)."""
+    from .models import ModelNotFoundError, load, windowed_copy
 
     try:
+        if sliding_window:
+            model_ref = str(windowed_copy(model_ref, sliding_window, full_every))
         model, tokenizer = load(model_ref)  # first: downloads or converts the model
-    except ModelNotFoundError as e:
+    except (ModelNotFoundError, ValueError) as e:
         p.error(str(e))
     try:
         shape = shapes.load_shape(model_ref)

@@ -166,3 +166,35 @@ def _safetensors_dtypes(path: Path) -> set:
             if key != "__metadata__":
                 dtypes.add(names.get(info["dtype"], info["dtype"].lower()))
     return dtypes
+
+
+def windowed_copy(path_or_hf_repo, window: int, full_every: int = 6) -> Path:
+    """A copy of a llama-architecture model (the default one if None) whose
+    layers use sliding-window attention of `window` tokens, every
+    `full_every`-th layer keeping full attention (Gemma 3's pattern), through
+    mlx-lm's llama `layer_types`. The weights are hard-linked (or copied);
+    the copy lives under cache_home()/models. The model was not trained with
+    windows: it is a real-weights sliding-window model for measuring caches
+    against its own full-precision cache, not for quality claims of its own."""
+    from .files import replace_with, write_json
+
+    src = local_path(path_or_hf_repo)
+    if src is None or not (src / "config.json").is_file():
+        raise ModelNotFoundError(f"no local model folder for {path_or_hf_repo!r}")
+    config = json.loads((src / "config.json").read_text())
+    if config.get("model_type") not in ("llama", "smollm3"):
+        raise ValueError(f"windowed copies need a llama-architecture model (mlx-lm's "
+                         f"layer_types); {src} is {config.get('model_type')!r}")
+    n = config["num_hidden_layers"]
+    config["layer_types"] = ["full_attention" if (i + 1) % full_every == 0
+                             else "sliding_attention" for i in range(n)]
+    config["sliding_window"] = window
+    config.pop("mlx_kvq", None)  # a plan for the full-attention model does not apply
+    dst = cache_home() / "models" / f"{src.name}-window{window}-full{full_every}"
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and f.suffix in (".safetensors", ".json", ".model", ".txt") \
+                and f.name not in ("config.json", "kv_plan.json"):
+            replace_with(f.resolve(), dst / f.name)
+    write_json(dst / "config.json", config)
+    return dst

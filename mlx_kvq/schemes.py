@@ -1,9 +1,10 @@
 """Caches compared by `mlx_kvq.eval` and `mlx_kvq.bench`, by name: "fp"
 (mlx-lm's full-precision caches), "mlx<bits>[-g<group>]" (mlx-lm's
 QuantizedKVCache, every layer), "calibrated" (the per-layer plan baked into
-the model folder) or an mlx_kvq spec ("k4v4", "k3v3-rot", ...). A name is
-parsed once into a Scheme, which makes its caches, checks that it applies to
-a model, counts its bytes and describes itself.
+the model folder) or an mlx_kvq spec ("k4v4", "k3v3-rot", ...; with "/keep",
+sliding-window layers keep mlx-lm's full-precision cache). A name is parsed
+once into a Scheme, which makes its caches, checks that it applies to a
+model, counts its bytes and describes itself.
 """
 
 import re
@@ -31,6 +32,13 @@ class Scheme:
     group: Optional[int] = field(init=False, default=None)
 
     def __post_init__(self):
+        base, _, sliding = self.name.partition("/")
+        self.sliding = "same"
+        if sliding:
+            if sliding != "keep":
+                raise ValueError(f"scheme {self.name!r}: after '/' only 'keep' (sliding-window "
+                                 "layers in full precision) is known")
+            self.sliding = "keep"
         m = MLX_BASELINE.match(self.name)
         if m:
             self.kind, self.bits, self.group = "mlx", int(m.group(1)), int(m.group(2) or 64)
@@ -46,7 +54,7 @@ class Scheme:
 
     @property
     def spec(self) -> KVQuantSpec:
-        return parse_spec(self.name)
+        return parse_spec(self.name.partition("/")[0])
 
     def make(self, model):
         if self.kind == "fp":
@@ -57,7 +65,7 @@ class Scheme:
         if self.kind == "calibrated":  # the plan baked by mlx_kvq.calibrate
             self.validate(model=model)
             return make_prompt_cache(model)
-        return make_prompt_cache(model, self.spec)
+        return make_prompt_cache(model, self.spec, sliding_spec=self.sliding)
 
     def validate(self, shape=None, model=None):
         """Raise ValueError, naming the problem, for a scheme that cannot be
@@ -96,8 +104,9 @@ class Scheme:
             per_token = shape.n_kv_heads * (shape.head_dim + shape.dv) * (
                 self.bits / 8 + 2 * shape.dtype_bytes / self.group)
             return int(shape.n_layers * per_token * context)
-        return sizing.kv_bytes(shape, "k8v8" if self.kind == "calibrated" else self.name,
-                               context)
+        if self.kind == "calibrated":
+            return sizing.kv_bytes(shape, "k8v8", context)
+        return sizing.kv_bytes(shape, self.spec, context, self.sliding)
 
     def describe(self):
         if self.kind == "fp":
@@ -107,4 +116,5 @@ class Scheme:
                     "keys and values per token")
         if self.kind == "calibrated":
             return "the per-layer plan baked into the model folder (see calibration)"
-        return self.spec.describe()
+        kept = "; sliding-window layers in full precision" if self.sliding == "keep" else ""
+        return self.spec.describe() + kept

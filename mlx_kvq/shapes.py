@@ -188,6 +188,7 @@ def baked_plan(model: Optional[str] = None,
     """The per-layer plan mlx_kvq.calibrate baked into the model folder, if
     any; its sliding-window layers as the plan gives them (a plan of the
     full-attention layers only leaves them in full precision)."""
+    from .cache import window_spec
     from .kvplan import load_plan, plan_files
 
     folder = local_path(model)
@@ -196,7 +197,8 @@ def baked_plan(model: Optional[str] = None,
     baked = load_plan(folder)
     full = [i for i in sorted(baked.layers) if shape is None or i in shape.full_index]
     sliding = None if shape is None else tuple(
-        baked.spec(i) if i in baked.layers else None for i in shape.window_index)
+        window_spec(baked.spec(i), w) if i in baked.layers else None
+        for i, w in zip(shape.window_index, shape.windows))
     return LayerSpecs(tuple(baked.spec(i) for i in full), baked.label(), sliding)
 
 

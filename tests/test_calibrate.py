@@ -291,16 +291,30 @@ def test_kjv_decoder():
     assert chapters[-1].rstrip().endswith("be with you all. Amen.")
 
 
-def test_sliding_window_layers_are_left_alone():
+def test_sliding_window_layers_are_calibrated_too():
+    """gemma3_text: two sliding-window layers (window 64) and one full layer;
+    the plan covers all three and the caches follow it, sliding layers as
+    window caches; a plan of the full layers only (made before sliding layers
+    were quantized) leaves them in full precision."""
     model = tiny_model("gemma3_text")
     windows = [np.random.default_rng(1).integers(0, 512, 128)]
     plan = C.calibrate(model, windows, target_bits=3.0, bits=(2, 4), transforms=("none",),
                        chunk=64, progress=False)
-    assert set(plan.layers) == {2}
+    assert set(plan.layers) == {0, 1, 2}
+    assert {len(plan.measurements["layers"])} == {3}
     model.kvq_plan = plan
     cache = mlx_kvq.make_prompt_cache(model)
-    assert [type(c).__name__ for c in cache] == ["RotatingKVCache", "RotatingKVCache", "KVQCache"]
+    assert [type(c).__name__ for c in cache] == ["KVQCache"] * 3
+    assert [c.window for c in cache] == [64, 64, None]
     assert cache[2].spec == plan.spec(2)
+    assert (cache[0].spec.k_bits, cache[0].spec.v_bits, cache[0].spec.sinks) == (
+        plan.spec(0).k_bits, plan.spec(0).v_bits, 0)
+    assert all(c.calibration is not None for c in cache)
+    model(mx.array(windows[0])[None], cache=cache)
+    old = C.KVPlan(plan.base, {2: plan.layers[2]}, {2: plan.stats[2]}, plan.model)
+    model.kvq_plan = old
+    kinds = [type(c).__name__ for c in mlx_kvq.make_prompt_cache(model)]
+    assert kinds == ["RotatingKVCache", "RotatingKVCache", "KVQCache"]
 
 
 @pytest.mark.parametrize("argv, msg", [
