@@ -16,8 +16,11 @@ allocates them (KVQCache.nbytes):
         (fp16 bytes * (sinks + residual) + quantized bytes * body capacity) / context:
     the fp16 part is fixed, so it dominates short contexts and fades at long
     ones, and the body step adds up to 255 tokens of slack;
-  * sliding-window layers (mlx-lm RotatingKVCache) stay in the model's dtype,
-    bounded by their window;
+  * sliding-window layers: KVQCaches of their window (window_spec of the
+    spec: no sinks, a residual that fits), holding the last window plus less
+    than one group, sized as decode steps leave them (a prefill chunk's
+    tokens beyond the window wait until the next step); or, kept in full
+    precision, mlx-lm's RotatingKVCache in the model's dtype;
   * layers without a KV cache (SSM state) are not counted.
 workspace is the memory in flight while one prefill chunk (`prefill_step`
 tokens) goes through the model: sequences answered together are prefilled
@@ -25,7 +28,6 @@ together, so a chunk holds up to `prefill_step` rows of all their prompts
 (see workspace_parts()); decode needs far less. Sizes are bytes; memory
 strings use powers of 1024 ("16GB" = 16 GiB, as RAM is sold).
 """
-
 
 import os
 from collections import Counter
