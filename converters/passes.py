@@ -17,6 +17,7 @@ from mlx_lm.models import cache as mlx_cache
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from ..corpus import source_text
+from ..integration import sliding_layers
 from ..quant import hadamard
 
 OUTLIER_SIGMAS = 6.0  # an outlier element: |x| beyond 6 RMS of its head
@@ -85,13 +86,13 @@ class RecordingWindowCache(_Recording, RotatingKVCache):
 
 def recording(caches, record_kv) -> list:
     """mlx-lm's caches with every attention layer's recording (record_kv(i, k, v))."""
-    out = []
+    out, sliding = [], set(sliding_layers(caches))
     for i, c in enumerate(caches):
         def record(k, v, i=i):
             record_kv(i, k, v)
         if type(c) is KVCache:
             c = RecordingCache(record)
-        elif type(c) is RotatingKVCache and c.keep == 0:
+        elif i in sliding:
             c = RecordingWindowCache(record, c.max_size)
         out.append(c)
     return out

@@ -28,9 +28,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.models import cache as mlx_cache
-from mlx_lm.models.cache import KVCache, RotatingKVCache
+from mlx_lm.models.cache import KVCache
 
 from ..cache import Calibration, KVQCache, window_spec
+from ..integration import sliding_layers
 
 # {layer: (spec, v_smooth or None)}: which layers a configuration quantizes, and how
 LayerConfig = Dict[int, Tuple[object, Optional[np.ndarray]]]
@@ -42,8 +43,8 @@ def _calibration(s: Optional[np.ndarray]) -> Optional[Calibration]:
 
 def windows_of(model) -> Dict[int, int]:
     """{layer: window} of the model's sliding-window layers."""
-    return {i: c.max_size for i, c in enumerate(mlx_cache.make_prompt_cache(model))
-            if type(c) is RotatingKVCache and c.keep == 0}
+    caches = mlx_cache.make_prompt_cache(model)
+    return {i: caches[i].max_size for i in sliding_layers(caches)}
 
 
 def quantized_cache(spec, s, window: Optional[int]):

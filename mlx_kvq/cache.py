@@ -646,7 +646,7 @@ def window_spec(spec, window: int):
     enough for the window (whole groups for per-channel keys); None when even
     no residual fits."""
     spec = parse_spec(spec)
-    unit = spec.group_size if spec.k_bits is not None and spec.key_axis == "channel" else 1
+    unit = KVQCache(spec)._flush_unit()
     room = (window - unit) // unit * unit
     if room < 0:
         return None

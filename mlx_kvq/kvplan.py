@@ -32,7 +32,7 @@ from mlx_lm.models.cache import KVCache
 
 from .cache import Calibration
 from .files import atomic_write, replace_with, sha256_file, write_json
-from .integration import head_dim_of, model_config
+from .integration import head_dim_of, model_config, sliding_layers
 from .persist import model_fingerprint
 from .report import count_label, layer_key
 from .spec import KVQuantSpec
@@ -303,8 +303,7 @@ def check_plan_model(plan: KVPlan, model):
                         f"{want.get('fingerprint')} != {have['fingerprint']}): calibrate this one")
     caches = mlx_cache.make_prompt_cache(model)
     full = {i for i, c in enumerate(caches) if type(c) is KVCache}
-    sliding = {i for i, c in enumerate(caches)
-               if type(c) is mlx_cache.RotatingKVCache and c.keep == 0}
+    sliding = set(sliding_layers(caches))
     if set(plan.layers) not in (full, full | sliding):
         raise KVPlanError(f"the KV plan covers layers {sorted(plan.layers)}, the model's "
                           f"attention layers are {sorted(full | sliding)}")

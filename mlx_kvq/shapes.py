@@ -13,11 +13,11 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.models.cache import KVCache, RotatingKVCache
+from mlx_lm.models.cache import KVCache
 from mlx_lm.models.cache import make_prompt_cache as mlx_make_prompt_cache
 from mlx_lm.utils import _get_classes
 
-from .integration import check_model, head_dim_of, install, model_config
+from .integration import check_model, head_dim_of, install, model_config, sliding_layers
 from .models import DEFAULT_MODEL, local_path, _safetensors_dtypes
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -144,9 +144,9 @@ def model_shape(config: dict, weights_dir=None, name: Optional[str] = None,
         raise PlanError(str(e)) from None
     caches = mlx_make_prompt_cache(model)
     full = sum(type(c) is KVCache for c in caches)
-    windows = tuple(c.max_size for c in caches if type(c) is RotatingKVCache)
     full_index = tuple(i for i, c in enumerate(caches) if type(c) is KVCache)
-    window_index = tuple(i for i, c in enumerate(caches) if type(c) is RotatingKVCache)
+    window_index = tuple(sliding_layers(caches))
+    windows = tuple(caches[i].max_size for i in window_index)
     if not full:
         raise PlanError(f"architecture {config['model_type']!r} has no full-attention "
                         "KV cache layers for mlx_kvq to quantize")
