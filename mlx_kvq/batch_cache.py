@@ -30,7 +30,7 @@ from typing import List, Optional
 import mlx.core as mx
 
 from . import quant
-from .cache import FORMAT_VERSION, KVQCache, KVQView, Segment
+from .cache import FORMAT_VERSION, KVQCache, KVQView, Segment, own_copy
 
 
 # Per-sequence bookkeeping, one list entry per batch row.
@@ -240,7 +240,7 @@ class KVQBatchCache(KVQCache):
         lk, lv = self._layouts()
         for name, lay in (("body_k", lk), ("body_v", lv)):
             part = getattr(self, name)
-            row = _copy_part(lay.slice(_row(part, b), drop, self.n_body[b]))
+            row = own_copy(lay.slice(_row(part, b), drop, self.n_body[b]))
             setattr(self, name, lay.write(part, row, 0, row=b))
         self.n_body[b] = keep
         self.body_start[b] += drop
@@ -325,17 +325,16 @@ class KVQBatchCache(KVQCache):
         if self.dims is None:
             return c
         c.dims, c.dtype = (1,) + self.dims[1:], self.dtype
-        own = mx.contiguous
         if self.n_sink[idx]:
-            c.sink_k = own(self.sink_k[idx:idx + 1, :, :self.n_sink[idx]])
-            c.sink_v = own(self.sink_v[idx:idx + 1, :, :self.n_sink[idx]])
+            c.sink_k = own_copy(self.sink_k[idx:idx + 1, :, :self.n_sink[idx]])
+            c.sink_v = own_copy(self.sink_v[idx:idx + 1, :, :self.n_sink[idx]])
         if self.res_len[idx]:
-            c.res_k = own(self.res_k[idx:idx + 1, :, :self.res_len[idx]])
-            c.res_v = own(self.res_v[idx:idx + 1, :, :self.res_len[idx]])
+            c.res_k = own_copy(self.res_k[idx:idx + 1, :, :self.res_len[idx]])
+            c.res_v = own_copy(self.res_v[idx:idx + 1, :, :self.res_len[idx]])
         n = self.n_body[idx]
         if n:
             lk, lv = self._layouts()
-            c.body_k, c.body_v = (_copy_part(lay.slice(_row(part, idx), 0, n))
+            c.body_k, c.body_v = (own_copy(lay.slice(_row(part, idx), 0, n))
                                   for lay, part in ((lk, self.body_k), (lv, self.body_v)))
             c.n_body, c.capacity, c.body_start = n, n, self.body_start[idx]
         return c
@@ -364,8 +363,8 @@ class KVQBatchCache(KVQCache):
     def _compact_body(self):
         cap = _round_up(max(self.n_body, default=0), self.step)
         lk, lv = self._layouts()
-        self.body_k = _copy_part(lk.slice(self.body_k, 0, cap))
-        self.body_v = _copy_part(lv.slice(self.body_v, 0, cap))
+        self.body_k = own_copy(lk.slice(self.body_k, 0, cap))
+        self.body_v = own_copy(lv.slice(self.body_v, 0, cap))
         self.capacity = cap
 
     def extend(self, other: "KVQBatchCache"):
@@ -473,12 +472,6 @@ def _row(part, b):
     if isinstance(part, tuple):
         return tuple(x[b:b + 1] for x in part)
     return part[b:b + 1]
-
-
-def _copy_part(part):
-    if isinstance(part, tuple):
-        return tuple(mx.contiguous(x) for x in part)
-    return mx.contiguous(part)
 
 
 def _ints(x):

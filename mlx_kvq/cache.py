@@ -242,8 +242,8 @@ class KVQCache(_BaseCache):
         n_sink = self._sink_len()
         if self.offset == n_sink and n_sink < self.spec.sinks:
             take = min(L, self.spec.sinks - n_sink)
-            self.sink_k = _cat(self.sink_k, _own(keys[..., :take, :]))
-            self.sink_v = _cat(self.sink_v, _own(values[..., :take, :]))
+            self.sink_k = _cat(self.sink_k, own_copy(keys[..., :take, :]))
+            self.sink_v = _cat(self.sink_v, own_copy(values[..., :take, :]))
             keys, values = keys[..., take:, :], values[..., take:, :]
         if keys.shape[2]:
             self.res_k = _cat(self.res_k, keys)
@@ -340,7 +340,7 @@ class KVQCache(_BaseCache):
         if n <= 0:
             return
         k, v = self.res_k[..., :n, :], self.res_v[..., :n, :]
-        self.res_k, self.res_v = _own(self.res_k[..., n:, :]), _own(self.res_v[..., n:, :])
+        self.res_k, self.res_v = own_copy(self.res_k[..., n:, :]), own_copy(self.res_v[..., n:, :])
         if self.n_body == 0:
             self.body_start = self.offset - self._res_len() - n
         self._append_body(k, v)
@@ -408,8 +408,7 @@ class KVQCache(_BaseCache):
             return
         for name, lay in zip(("body_k", "body_v"), self._layouts()):
             part = getattr(self, name)
-            live = lay.slice(part, drop, self.n_body)
-            live = mx.contiguous(live) if lay.bits is None else tuple(map(mx.contiguous, live))
+            live = own_copy(lay.slice(part, drop, self.n_body))
             setattr(self, name, lay.write(part, live, 0))
         self.n_body = keep
         self.body_start += drop
@@ -538,11 +537,11 @@ class KVQCache(_BaseCache):
         from_res = min(n, self._res_len())
         if from_res:
             keep = self._res_len() - from_res
-            self.res_k, self.res_v = _own(self.res_k[..., :keep, :]), _own(self.res_v[..., :keep, :])
+            self.res_k, self.res_v = own_copy(self.res_k[..., :keep, :]), own_copy(self.res_v[..., :keep, :])
         from_sink = n - from_res
         if from_sink:
             keep = self._sink_len() - from_sink
-            self.sink_k, self.sink_v = _own(self.sink_k[..., :keep, :]), _own(self.sink_v[..., :keep, :])
+            self.sink_k, self.sink_v = own_copy(self.sink_k[..., :keep, :]), own_copy(self.sink_v[..., :keep, :])
         self.offset -= n
         return n
 
@@ -627,9 +626,10 @@ class KVQCache(_BaseCache):
         return obj
 
 
-def _own(x):
-    """A copy of a slice: a view would keep its whole source buffer alive."""
-    return mx.contiguous(x)
+def own_copy(x):
+    """A copy of a slice (an array or a quantized part's triple): a view would
+    keep its whole source buffer alive, or alias the buffer written next."""
+    return tuple(map(mx.contiguous, x)) if isinstance(x, tuple) else mx.contiguous(x)
 
 
 def _cat(a, b):
