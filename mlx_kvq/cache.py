@@ -640,6 +640,30 @@ def _cat(a, b):
     return mx.concatenate([a, b], axis=2)
 
 
+SLIDING_DEFAULT = "auto"
+WINDOW_KEY_BITS = 8  # "auto": keys of sliding-window layers at least this wide
+
+
+def sliding_base(spec, sliding=SLIDING_DEFAULT):
+    """The spec sliding-window layers start from (window_spec then fits it to
+    each window), or None for mlx-lm's full-precision rotating cache.
+
+    sliding: "auto" (default: `spec` with keys at least WINDOW_KEY_BITS wide:
+    a window layer's bytes are bounded by its window, not the context, and
+    its keys cost most of the quality it loses), "same" (`spec` as it is),
+    "keep", or another spec; None as "auto"."""
+    sliding = SLIDING_DEFAULT if sliding is None else sliding
+    if sliding == "keep":
+        return None
+    spec = parse_spec(spec)
+    if sliding == "same":
+        return spec
+    if sliding == "auto":
+        k_bits = spec.k_bits if spec.k_bits is None else max(spec.k_bits, WINDOW_KEY_BITS)
+        return replace(spec, k_bits=k_bits)
+    return parse_spec(sliding)
+
+
 def window_spec(spec, window: int):
     """The spec a sliding-window layer of `window` tokens uses for `spec`: no
     sinks (the model's window hides the first tokens), and a residual small

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from . import blas, shapes, sizing, units
 from .cli_types import (add_model, fraction_list, nonneg_int, output_file, positive_int,
                         token_list)
-from .integration import model_config
+from .integration import model_config, sliding_layers
 from .report import kv_stats
 from .schemes import Scheme
 
@@ -72,7 +72,8 @@ def evaluate(model, tokens, schemes, window=2048, chunk=256, n_windows=4,
     if n_avail == 0:
         raise ValueError(f"text has {len(tokens)} tokens, fewer than one window of {window}")
     n_windows = min(n_windows, n_avail)
-    results = {s: Result(s, Scheme(s).describe()) for s in schemes}
+    windowed = bool(sliding_layers(Scheme("fp").make(model)))
+    results = {s: Result(s, Scheme(s).describe(windowed)) for s in schemes}
     nll = {s: [] for s in schemes}
     nll_ref, agree = [], {s: [] for s in schemes}
     bar = tqdm(total=n_windows * (window // chunk), disable=not progress, desc="eval")
@@ -120,7 +121,7 @@ def format_table(results) -> str:
 
 
 def disclosure_dict(model_name, weights, corpus, n_tokens, window, chunk, n_windows,
-                    schemes, needle=None, calibration=None) -> dict:
+                    schemes, needle=None, calibration=None, windowed=True) -> dict:
     """What a reader needs to reproduce or weigh the numbers."""
     d = {
         "model": model_name,
@@ -130,7 +131,7 @@ def disclosure_dict(model_name, weights, corpus, n_tokens, window, chunk, n_wind
         "corpus": f"{corpus} ({n_tokens} tokens available)",
         "windows": (f"{n_windows} x {window} tokens, teacher-forced in {chunk}-token chunks; "
                     "reference: full-precision KVCache" if n_windows else "none"),
-        "schemes": {s: Scheme(s).describe() for s in schemes},
+        "schemes": {s: Scheme(s).describe(windowed) for s in schemes},
         "software": (f"mlx {mx.__version__}, mlx-lm {mlx_lm.__version__}, numpy "
                      f"{np.__version__}, python {platform.python_version()}"),
         "device": f"{mx.default_device()}, {platform.machine()}, BLAS {blas.status}",
@@ -143,9 +144,9 @@ def disclosure_dict(model_name, weights, corpus, n_tokens, window, chunk, n_wind
 
 
 def disclosure(model_name, weights, corpus, n_tokens, window, chunk, n_windows, results,
-               needle=None, calibration=None):
+               needle=None, calibration=None, windowed=True):
     d = disclosure_dict(model_name, weights, corpus, n_tokens, window, chunk, n_windows,
-                        list(results), needle, calibration)
+                        list(results), needle, calibration, windowed)
     lines = ["==== disclosure"]
     lines += [f"{k + ':':<14}{v}" for k, v in d.items() if k != "schemes"]
     lines.append("schemes:")
@@ -354,11 +355,13 @@ def run(argv=None):
     kv_plan = getattr(model, "kvq_plan", None)
     calibration = kv_plan and (f"{kv_plan.source}: {kv_plan.label()} (scheme 'calibrated'; the "
                             "other schemes: dynamic per-group scales, none)")
-    print(disclosure(*meta, results or dict.fromkeys(args.kv), grid, calibration))
+    print(disclosure(*meta, results or dict.fromkeys(args.kv), grid, calibration,
+                     bool(shape.windows)))
     print(f"time:         {time.perf_counter() - t0:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"disclosure": disclosure_dict(*meta, args.kv, grid, calibration),
+            json.dump({"disclosure": disclosure_dict(*meta, args.kv, grid, calibration,
+                                                     bool(shape.windows)),
                        "results": {k: asdict(v) for k, v in results.items()},
                        "needle": grid}, f, indent=1)
     if args.plot:

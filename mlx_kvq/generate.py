@@ -10,7 +10,7 @@ from mlx_lm.models.cache import RotatingKVCache
 from mlx_lm.sample_utils import make_sampler
 
 from . import shapes, sizing
-from .cache import KVQCache
+from .cache import SLIDING_DEFAULT, KVQCache
 from .cli_types import add_model, add_prefill_step_size, positive_int
 from .integration import make_prompt_cache
 from .models import ModelNotFoundError, describe_weights, load
@@ -53,10 +53,11 @@ def setup_arg_parser():
     g.add_argument("--kv", default=None,
                    help=f"Preset ({', '.join(PRESETS)}) or label like k4v2-g32-r64-s4; "
                    f"default {DEFAULT_PRESET}")
-    g.add_argument("--sliding-kv", default="same", metavar="SPEC",
-                   help="Sliding-window layers: 'same' as --kv (default; no sinks, a "
-                   "residual that fits the window), another spec, or 'keep' for "
-                   "mlx-lm's full-precision rotating cache")
+    g.add_argument("--sliding-kv", default=SLIDING_DEFAULT, metavar="SPEC",
+                   help="Sliding-window layers (always without sinks, with a residual that "
+                   "fits the window): 'auto' (default: --kv with keys at 8 bits or more), "
+                   "'same' as --kv, another spec, or 'keep' for mlx-lm's full-precision "
+                   "rotating cache")
     g.add_argument("--k-bits", type=_bits, default=None, help="2-8, or 16 for none")
     g.add_argument("--v-bits", type=_bits, default=None, help="2-8, or 16 for none")
     g.add_argument("--key-axis", choices=("channel", "token"), default=None)

@@ -16,7 +16,7 @@ from mlx_lm.generate import batch_generate as mlx_batch_generate
 from mlx_lm.models.cache import KVCache
 
 from .attention import kvq_attention
-from .cache import CachedTensorUse, KVQCache, window_spec
+from .cache import SLIDING_DEFAULT, CachedTensorUse, KVQCache, sliding_base, window_spec
 from .spec import HeadDimError, parse_spec
 
 _original = getattr(base.scaled_dot_product_attention, "_kvq_original",
@@ -128,13 +128,14 @@ def sliding_layers(caches) -> list:
             if type(c) is mlx_cache.RotatingKVCache and c.keep == 0]
 
 
-def make_prompt_cache(model, spec=None, max_kv_size=None, sliding_spec="same"):
+def make_prompt_cache(model, spec=None, max_kv_size=None, sliding_spec=SLIDING_DEFAULT):
     """mlx-lm's make_prompt_cache with the KV caches quantized.
 
     Layers whose default cache is a plain KVCache get a KVQCache. Sliding-window
     layers (mlx-lm's RotatingKVCache) get a KVQCache of their window with the
-    same spec (`sliding_spec` "same"), another spec, or keep mlx-lm's cache in
-    full precision ("keep", or when even no residual fits the window). Such
+    spec's keys at 8 bits or more (`sliding_spec` "auto"), the spec as it is
+    ("same"), another spec, or keep mlx-lm's cache in full precision ("keep",
+    or when even no residual fits the window); see cache.sliding_base. Such
     a window cache uses window_spec (no sinks, a residual that fits), keeps
     the most recent window plus less than one group, and hides, for every
     query, exactly the keys the model's own window hides. Non-attention caches
@@ -169,9 +170,8 @@ def make_prompt_cache(model, spec=None, max_kv_size=None, sliding_spec="same"):
             ws, calib = (window_spec(plan.spec(i), w), plan.calibration(i)) \
                 if i in plan.layers else (None, None)
         else:
-            ws = None if sliding_spec == "keep" else window_spec(
-                spec if sliding_spec == "same" else parse_spec(sliding_spec), w)
-            calib = None
+            base = sliding_base(spec, sliding_spec)
+            ws, calib = None if base is None else window_spec(base, w), None
         if ws is not None:
             out[i] = KVQCache(ws.validate_for(head_dim), window=w, calibration=calib)
     if not full:
@@ -182,7 +182,8 @@ def make_prompt_cache(model, spec=None, max_kv_size=None, sliding_spec="same"):
     return out
 
 
-def make_batch_prompt_caches(model, n, spec=None, max_kv_size=None, sliding_spec="same"):
+def make_batch_prompt_caches(model, n, spec=None, max_kv_size=None,
+                             sliding_spec=SLIDING_DEFAULT):
     """`n` independent prompt caches (as make_prompt_cache makes one) for
     mlx-lm's batch machinery: pass them as `caches=` to
     `BatchGenerator.insert` or `prompt_caches=` to `batch_generate`, which
@@ -194,7 +195,8 @@ def make_batch_prompt_caches(model, n, spec=None, max_kv_size=None, sliding_spec
     return [first] + [copy.deepcopy(first) for _ in range(n - 1)]
 
 
-def batch_generate(model, tokenizer, prompts, spec=None, max_kv_size=None, sliding_spec="same",
+def batch_generate(model, tokenizer, prompts, spec=None, max_kv_size=None,
+                   sliding_spec=SLIDING_DEFAULT,
                    **kwargs):
     """mlx_lm.generate.batch_generate with quantized caches: `prompts` are
     token lists, `spec` as in make_prompt_cache; other arguments go to

@@ -15,7 +15,7 @@ from .cli_types import (add_model, add_prefill_step_size, int_list, output_file,
 from .shapes import DTYPE_BYTES, LayerSpecs, ModelShape, PlanError, baked_plan, load_shape
 from .sizing import (PREFILL_STEP, _layers, _parse, applicable, bits_per_element, capacity,
                      kv_bytes_per_token, memory_needed, total_memory,
-                     workspace_parts)
+                     with_sliding, workspace_parts)
 from .spec import KVQuantSpec, parse_spec, short_label
 from .units import fmt_bytes, fmt_tokens, parse_memory
 
@@ -121,6 +121,9 @@ def format_plan(plan: Plan) -> str:
         "KV bytes:   exact KVQCache allocation: fp16 sinks + residual, quantized body "
         "in 256-token steps; per token = that / context",
     ]
+    if s.windows:
+        lines.append("sliding:    window layers take each row's spec with keys at 8 bits or "
+                     "more, without sinks (--kv SPEC/same, SPEC/keep, SPEC/SPEC to choose)")
     if plan.quality_source:
         lines += [f"quality:    {line}" for line in plan.quality_source.splitlines()]
         if any(s.name not in line for line in plan.quality_source.splitlines()):
@@ -192,6 +195,18 @@ def recommend(plan: Plan, target_context: int, target_chats: int = 1) -> str:
 # -- CLI ------------------------------------------------------------------------
 
 
+def kv_row(shape: ModelShape, name: str):
+    """A `--kv` name as a planned row: a spec, or "SPEC/keep", "SPEC/SPEC" with
+    sliding-window layers in full precision or at another spec."""
+    base, _, sliding = name.partition("/")
+    if not sliding:
+        return parse_spec(base)
+    if not shape.windows:
+        raise PlanError(f"--kv {name}: {shape.name} has no sliding-window layers; "
+                        f"plan {base} alone")
+    return with_sliding(shape, base, sliding)
+
+
 def run(argv=None):
     """The CLI; returns the plan for callers."""
     p = argparse.ArgumentParser(
@@ -200,7 +215,9 @@ def run(argv=None):
     p.add_argument("--memory", default=None,
                    help="Memory budget, e.g. 16GB (powers of 1024; default: this machine's RAM)")
     p.add_argument("--kv", nargs="+", default=[],
-                   help=f"Extra precisions to plan besides {', '.join(PRECISIONS)}")
+                   help=f"Extra precisions to plan besides {', '.join(PRECISIONS)}; "
+                   "SPEC/keep or SPEC/SPEC: sliding-window layers in full precision or at "
+                   "another spec")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPE_BYTES),
                    help="Weight dtype when sizing weights from the parameter count")
     add_prefill_step_size(p, PREFILL_STEP)
@@ -223,7 +240,7 @@ def run(argv=None):
         # Presets that cannot apply (head_dim 80: no group divides it) are left
         # out; specs asked for by name must apply.
         specs = list(dict.fromkeys([*applicable(shape, PRECISIONS),
-                                    *(parse_spec(s) for s in args.kv),
+                                    *(kv_row(shape, s) for s in args.kv),
                                     *applicable(shape, [s for s in quality
                                                         if s != "calibrated"])]))
         baked = baked_plan(args.model, shape)

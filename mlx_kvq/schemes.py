@@ -1,8 +1,10 @@
 """Caches compared by `mlx_kvq.eval` and `mlx_kvq.bench`, by name: "fp"
 (mlx-lm's full-precision caches), "mlx<bits>[-g<group>]" (mlx-lm's
 QuantizedKVCache, every layer), "calibrated" (the per-layer plan baked into
-the model folder) or an mlx_kvq spec ("k4v4", "k3v3-rot", ...; with "/keep",
-sliding-window layers keep mlx-lm's full-precision cache). A name is parsed
+the model folder) or an mlx_kvq spec ("k4v4", "k3v3-rot", ...; after a "/",
+what sliding-window layers use (cache.sliding_base: "auto" by default,
+"/same", "/keep" for mlx-lm's full-precision cache, or another spec,
+"k4v4/k8v4"). A name is parsed
 once into a Scheme, which makes its caches, checks that it applies to a
 model, counts its bytes and describes itself.
 """
@@ -16,8 +18,9 @@ from mlx_lm.models.cache import QuantizedKVCache
 from mlx_lm.models.cache import make_prompt_cache as mlx_make_prompt_cache
 
 from . import sizing
+from .cache import SLIDING_DEFAULT, sliding_base
 from .integration import make_prompt_cache
-from .spec import VALID_BITS, VALID_GROUPS, KVQuantSpec, parse_spec
+from .spec import VALID_BITS, VALID_GROUPS, KVQuantSpec, parse_spec, short_label
 
 MLX_BASELINE = re.compile(r"mlx(\d)(?:-g(\d+))?$")
 
@@ -33,12 +36,16 @@ class Scheme:
 
     def __post_init__(self):
         base, _, sliding = self.name.partition("/")
-        self.sliding = "same"
+        self.sliding = SLIDING_DEFAULT
         if sliding:
-            if sliding != "keep":
-                raise ValueError(f"scheme {self.name!r}: after '/' only 'keep' (sliding-window "
-                                 "layers in full precision) is known")
-            self.sliding = "keep"
+            if sliding not in ("keep", "same", "auto"):
+                try:
+                    parse_spec(sliding)
+                except ValueError as e:
+                    raise ValueError(f"scheme {self.name!r}: after '/' comes what sliding-window "
+                                     f"layers use, 'keep' (full precision) or a spec: {e}") \
+                        from None
+            self.sliding = sliding
         m = MLX_BASELINE.match(self.name)
         if m:
             self.kind, self.bits, self.group = "mlx", int(m.group(1)), int(m.group(2) or 64)
@@ -108,7 +115,8 @@ class Scheme:
             return sizing.kv_bytes(shape, "k8v8", context)
         return sizing.kv_bytes(shape, self.spec, context, self.sliding)
 
-    def describe(self):
+    def describe(self, windowed: bool = True):
+        """The scheme in full; windowed: say what sliding-window layers get."""
         if self.kind == "fp":
             return "full precision (model dtype) KVCache"
         if self.kind == "mlx":
@@ -116,5 +124,8 @@ class Scheme:
                     "keys and values per token")
         if self.kind == "calibrated":
             return "the per-layer plan baked into the model folder (see calibration)"
-        kept = "; sliding-window layers in full precision" if self.sliding == "keep" else ""
-        return self.spec.describe() + kept
+        if not windowed:
+            return self.spec.describe()
+        base = sliding_base(self.spec, self.sliding)
+        how = "in full precision" if base is None else f"at {short_label(base)}, without sinks"
+        return f"{self.spec.describe()}; sliding-window layers {how}"

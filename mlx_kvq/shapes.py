@@ -236,13 +236,14 @@ class LayerSpecs:
     label: str
     sliding: Optional[tuple] = None  # None: as the full layers' spec would give
     name: str = "calibrated"
+    description: Optional[str] = None  # None: "<name> per-layer plan <label>"
 
     @property
     def quantized(self) -> bool:
         return True
 
     def describe(self) -> str:
-        return f"{self.name} per-layer plan {self.label}"
+        return self.description or f"{self.name} per-layer plan {self.label}"
 
     def __str__(self) -> str:
         return self.name

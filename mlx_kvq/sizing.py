@@ -16,8 +16,9 @@ allocates them (KVQCache.nbytes):
         (fp16 bytes * (sinks + residual) + quantized bytes * body capacity) / context:
     the fp16 part is fixed, so it dominates short contexts and fades at long
     ones, and the body step adds up to 255 tokens of slack;
-  * sliding-window layers: KVQCaches of their window (window_spec of the
-    spec: no sinks, a residual that fits), holding the last window plus less
+  * sliding-window layers: KVQCaches of their window (window_spec of
+    cache.sliding_base: by default the spec with keys at 8 bits or more; no
+    sinks, a residual that fits), holding the last window plus less
     than one group, sized as decode steps leave them (a prefill chunk's
     tokens beyond the window wait until the next step); or, kept in full
     precision, mlx-lm's RotatingKVCache in the model's dtype;
@@ -36,9 +37,9 @@ from typing import Optional, Sequence
 from mlx_lm.models.cache import RotatingKVCache
 
 from . import attention
-from .cache import KVQCache, window_spec
+from .cache import SLIDING_DEFAULT, KVQCache, sliding_base, window_spec
 from .shapes import LayerSpecs, ModelShape, PlanError, model_shape
-from .spec import HeadDimError, KVQuantSpec, parse_spec
+from .spec import HeadDimError, KVQuantSpec, parse_spec, short_label
 from .units import MAX_SEARCH, fmt_bytes, fmt_tokens
 
 PREFILL_STEP = 2048
@@ -97,20 +98,30 @@ def window_bytes(shape: ModelShape, context: int) -> int:
     return sliding_bytes(shape, None, context, "keep")
 
 
-def sliding_specs(shape: ModelShape, spec, sliding="same") -> tuple:
+def sliding_specs(shape: ModelShape, spec, sliding=SLIDING_DEFAULT) -> tuple:
     """The spec of each sliding-window layer as make_prompt_cache gives it:
-    window_spec of `spec` ("same"), of another spec, or None (mlx-lm's
+    window_spec of cache.sliding_base(spec, sliding), or None (mlx-lm's
     full-precision rotating cache: "keep", or no spec fits the window)."""
     spec = _parse(spec)
-    if isinstance(spec, LayerSpecs) and spec.sliding is not None:
-        return spec.sliding
-    if sliding == "keep" or (isinstance(spec, LayerSpecs) and sliding == "same"):
-        return (None,) * len(shape.windows)
-    base = spec if sliding == "same" else parse_spec(sliding)
-    return tuple(window_spec(base, w) for w in shape.windows)
+    if isinstance(spec, LayerSpecs):  # as made, or a plan made for full layers only
+        return spec.sliding or (None,) * len(shape.windows)
+    base = sliding_base(spec, sliding)
+    return tuple(None if base is None else window_spec(base, w) for w in shape.windows)
 
 
-def sliding_bytes(shape: ModelShape, spec, context: int, sliding="same") -> int:
+def with_sliding(shape: ModelShape, spec, sliding: str) -> LayerSpecs:
+    """`spec` on every full-attention layer, with sliding-window layers as
+    `sliding` says (cache.sliding_base), as one sized row: "k4v4/keep"."""
+    spec, base = parse_spec(spec), sliding_base(spec, sliding)
+    named = sliding in ("keep", "same", "auto")
+    how = "in full precision" if base is None else f"at {short_label(base)}, without sinks"
+    return LayerSpecs((spec,) * shape.full_layers, str(spec),
+                      sliding_specs(shape, spec, sliding),
+                      name=f"{short_label(spec)}/{sliding if named else short_label(base)}",
+                      description=f"{spec.describe()}; sliding-window layers {how}")
+
+
+def sliding_bytes(shape: ModelShape, spec, context: int, sliding=SLIDING_DEFAULT) -> int:
     """Bytes the sliding-window layers hold after `context` tokens, as decode
     steps leave them (sliding_specs: quantized window caches, or mlx-lm's
     rotating caches in the model's dtype)."""
@@ -125,7 +136,7 @@ def sliding_bytes(shape: ModelShape, spec, context: int, sliding="same") -> int:
     return total
 
 
-def kv_bytes(config, spec, context: int, sliding="same") -> int:
+def kv_bytes(config, spec, context: int, sliding=SLIDING_DEFAULT) -> int:
     """Bytes all KV caches of one sequence hold after `context` tokens (after
     a decode step): full-attention layers with `spec`, sliding-window layers
     as sliding_specs says.

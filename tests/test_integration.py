@@ -51,7 +51,12 @@ def test_sliding_window_layers_quantized_or_kept():
     cache = mlx_kvq.make_prompt_cache(model, "k4v4")
     assert [type(c) for c in cache] == [KVQCache] * 3
     assert [c.window for c in cache] == [64, 64, None]
-    assert str(cache[0].spec) == "k4v4-g32-r32-s0" and str(cache[2].spec) == "k4v4-g32-r64-s4"
+    # "auto": window layers keep the spec's values and take 8-bit keys
+    assert str(cache[0].spec) == "k8v4-g32-r32-s0" and str(cache[2].spec) == "k4v4-g32-r64-s4"
+    same = mlx_kvq.make_prompt_cache(model, "k4v4", sliding_spec="same")
+    assert str(same[0].spec) == "k4v4-g32-r32-s0" and same[2].spec == cache[2].spec
+    wide = mlx_kvq.make_prompt_cache(model, "k16v2", sliding_spec="auto")
+    assert (wide[0].spec.k_bits, wide[0].spec.v_bits) == (None, 2)  # 16-bit keys stay
     kept = mlx_kvq.make_prompt_cache(model, "k4v4", sliding_spec="keep")
     assert [type(c) for c in kept] == [RotatingKVCache, RotatingKVCache, KVQCache]
     other = mlx_kvq.make_prompt_cache(model, "k4v4", sliding_spec="k2v2")
