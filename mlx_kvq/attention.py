@@ -176,9 +176,12 @@ def _ragged_keep(seg, q0, L, decode, window=None):
     return keep
 
 
-def _position_keep(seg, q0, L, window):
-    """[L, T]: the causal rule, and the window if any, by positions."""
-    k_pos = mx.arange(seg.start, seg.start + seg.length)[None, :]
+@functools.lru_cache(maxsize=64)
+def _position_keep(start, length, q0, L, window):
+    """[L, length]: the causal rule, and the window if any, by positions, for
+    keys from position `start` and queries from q0. Every layer of a step
+    asks the same: one array serves them all."""
+    k_pos = mx.arange(start, start + length)[None, :]
     q_pos = mx.arange(q0, q0 + L)[:, None]
     keep = k_pos <= q_pos
     return keep if window is None else keep & (k_pos > q_pos - window)
@@ -199,7 +202,7 @@ def _mask_segment(scores, seg, col0, q0, mask, rep, L, decode, window=None):
     if seg.ragged:  # the batch cache knows each sequence's tokens and positions
         s = mx.where(_ragged_keep(seg, q0, L, decode, window)[:, None, None], s, -mx.inf)
     elif isinstance(mask, str) or mask is None:
-        s = mx.where(_position_keep(seg, q0, L, window), s, -mx.inf)
+        s = mx.where(_position_keep(seg.start, seg.length, int(q0), L, window), s, -mx.inf)
     else:
         mseg = mask[..., col0 : col0 + T]
         if mseg.ndim == 4:
