@@ -4,8 +4,10 @@
 //
 // Threadgroup (0, bh, split) handles kv head bh = b * Hkv + h, all ROWS query
 // rows of that head, and tokens [split * split_tokens, +split_tokens) clipped
-// to lengths[b], the number of tokens batch row b holds (rows of a ragged
-// batch hold different counts; the host sizes the splits from the largest).
+// to [starts[b], lengths[b]): batch row b holds lengths[b] tokens and its
+// query sees those from starts[b] on (a sliding window hides the oldest;
+// rows of a ragged batch hold different counts; the host sizes the splits
+// from the largest).
 // It writes unnormalized partials (m, l, o) for its split; the host merges
 // splits. A split with no token of its row (past lengths[b], or lengths[b]
 // == 0) runs no block and writes m = -inf, l = 0, o = 0.
@@ -18,6 +20,7 @@
 //   v_codes u32 [B*Hkv, v_cap, HEAD_DIM*VBITS/32] (V packed along head_dim),
 //   v_scales/v_biases [B*Hkv, v_cap, HEAD_DIM/GROUP],
 //   lengths i32 [B] (tokens held by each batch row; multiples of GROUP),
+//   starts i32 [B] (first token each row's query sees; 0 <= starts <= lengths),
 //   params i32 [n_kv_heads (Hkv), split_tokens, k_words, k_groups, v_cap].
 // Outputs: m_out, l_out [B*Hkv, n_splits, ROWS]; o_out [..., ROWS, HEAD_DIM].
 
@@ -40,10 +43,11 @@ const int k_groups = params[3];
 const int v_cap = params[4];
 
 // Uniform over the threadgroup (one batch row), so every thread runs the same
-// blocks. t_end < t_begin for splits past the row's tokens: no block runs.
+// blocks. t_end <= t_begin for splits outside the row's tokens: no block runs.
 const int n_tokens = lengths[bh / uint(n_kv_heads)];
-const int t_begin = int(split) * split_tokens;
-const int t_end = metal::min(n_tokens, t_begin + split_tokens);
+const int t_first = starts[bh / uint(n_kv_heads)];
+const int t_begin = metal::max(int(split) * split_tokens, t_first);
+const int t_end = metal::min(n_tokens, int(split) * split_tokens + split_tokens);
 
 // rows_tg holds the query rows while scoring, then the cross-simdgroup sum of o.
 threadgroup float rows_tg[ROWS * HEAD_DIM];

@@ -42,11 +42,12 @@ def _exps(scores):
 
 def quantized_segment_partials(
     qg, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases,
-    *, k_bits, v_bits, group_size, n_tokens,
+    *, k_bits, v_bits, group_size, n_tokens, first_token=0,
 ):
     """Partials over a quantized body: channel keys [B, H, D, T] (along
     tokens), per-token values [B, H, T, D]; qg [B, H, R, D] already scaled.
-    n_tokens: tokens held, one count for all rows or one per batch row.
+    n_tokens: tokens held, one count for all rows or one per batch row;
+    first_token: the first token the query sees (likewise; a window's).
 
     The pure-MLX path of decode attention; the Metal decode kernel is held
     equal to it.
@@ -63,8 +64,13 @@ def quantized_segment_partials(
     seg = Segment((0,) * B if valid else 0, length, (k_codes, k_scales, k_biases),
                   (v_codes, v_scales, v_biases), Layout(k_bits, group_size, True),
                   Layout(v_bits, group_size, False), valid)
-    return _segment_partials(  # a decode step: each row sees all it holds
-        qg, seg, lambda scores, t: _mask_segment(scores, t, 0, None, None, R, 1, True))
+    firsts = mx.array(first_token).reshape(-1, 1, 1, 1)
+
+    def mask_fn(scores, t):  # a decode step: each row sees what it holds from its first
+        held = _mask_segment(scores, t, 0, None, None, R, 1, True)
+        return mx.where(mx.arange(t.length) >= firsts, held, -mx.inf)
+
+    return _segment_partials(qg, seg, mask_fn)
 
 
 def _tiled(seg, R):
@@ -293,13 +299,17 @@ def _attend_chunk(q, cache, segs, l0, L, mask, rep, sinks, window=None):
             col = c0 if seg.ragged else c0 + t.start - seg.start
             return _mask_segment(scores, t, col, q0, mask, rep, Lc, L == 1, window)
 
-        # The kernel takes each row's token count, so a ragged decode step
-        # (every cached token precedes the query) needs no mask.
-        if (Lc == 1 and (seg.ragged and L == 1 and window is None
+        # The kernel takes each row's token count and first visible token, so
+        # a decode step (every cached token precedes the query; a window
+        # hides only the oldest) needs no mask, ragged or not.
+        window_step = window is not None and L == 1 and (
+            seg.ragged or mask is None or isinstance(mask, str))
+        if (Lc == 1 and (seg.ragged and L == 1 and window is None or window_step
                          or not _needs_mask(seg, q0, mask, L == 1, Lc, window))
                 and seg.k_layout.transposed
                 and cache.dims[2] == cache.dims[3] and _use_kernel(seg, D)):
-            parts.append(_kernel_partials(qg, seg))
+            first = _window_first(seg, q0, window) if window_step else 0
+            parts.append(_kernel_partials(qg, seg, first))
         elif _tiled(seg, qg.shape[-2]):
             parts.append(_segment_partials(qg, seg, mask_fn))
         else:
@@ -323,10 +333,20 @@ def _use_kernel(seg, head_dim):
     )
 
 
-def _kernel_partials(qg, seg):
+def _window_first(seg, q0, window):
+    """How many of a segment's first tokens a decode query at q0 no longer
+    sees through its window (per row of a ragged segment)."""
+    if not seg.ragged:
+        return min(seg.length, max(0, q0 - window + 1 - seg.start))
+    q = q0.tolist() if hasattr(q0, "tolist") else q0
+    return tuple(min(v, max(0, qb - window + 1 - sb))
+                 for qb, sb, v in zip(q, seg.start, seg.valid))
+
+
+def _kernel_partials(qg, seg, first=0):
     # Whole preallocated buffers: slicing transposed codes would copy them.
     return kernels.metal_decode_partials(
         qg, *seg.keys, *seg.values, k_bits=seg.k_layout.bits,
         v_bits=seg.v_layout.bits, group_size=seg.k_layout.group,
-        n_tokens=seg.valid if seg.ragged else seg.length,
+        n_tokens=seg.valid if seg.ragged else seg.length, first_token=first,
     )

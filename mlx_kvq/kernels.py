@@ -8,7 +8,8 @@ with one fused kernel (``metal_kernels/dequant_attention.metal``) that
 dequantizes K and V in registers instead of materializing them.
 ``n_tokens`` is one count for every batch row or one count per row (a ragged
 batch: row b sees tokens ``[0, n_tokens[b])``; a row with no token gets
-``m = -inf, l = 0, o = 0``).
+``m = -inf, l = 0, o = 0``); ``first_token`` (likewise) hides the oldest
+tokens, as a sliding window does: row b sees ``[first_token[b], n_tokens[b])``.
 
 Design (split-K flash decoding):
 
@@ -17,9 +18,10 @@ Design (split-K flash decoding):
   (a multiple of 128, hence of every group size) and all R query rows of kv
   head bh, so each K/V byte is read by exactly one threadgroup, once;
 * the kernel reads each batch row's token count from the ``lengths`` input
-  (int32 [B]) and clips its slices to it; the splits are sized from the
-  largest count, and splits past a shorter row's count write empty partials
-  (m = -inf, l = 0, o = 0) that the merge ignores;
+  and its first visible token from ``starts`` (int32 [B] each) and clips its
+  slices to them; the splits are sized from the largest count, and splits
+  outside a row's tokens write empty partials (m = -inf, l = 0, o = 0) that
+  the merge ignores;
 * per block of 128 tokens: one token per thread for the scores (K^T rows are
   contiguous in tokens), block max via ``simd_max`` + threadgroup memory,
   online-softmax rescale, then each simdgroup accumulates its 32 tokens of V
@@ -68,7 +70,7 @@ TG_MEM_BYTES = 32768    # threadgroup memory on Apple GPUs
 TARGET_THREADGROUPS = 256
 
 _INPUTS = ["qg", "k_codes", "k_scales", "k_biases", "v_codes", "v_scales", "v_biases",
-           "lengths", "params"]
+           "lengths", "starts", "params"]
 _OUTPUTS = ["m_out", "l_out", "o_out"]
 
 
@@ -183,7 +185,7 @@ def _split_tokens(n_tokens: int, n_heads: int) -> int:
     return math.ceil(blocks / want) * THREADS
 
 
-def _token_counts(n_tokens, batch: int) -> tuple[list[int], bool]:
+def _token_counts(n_tokens, batch: int, name: str = "n_tokens") -> tuple[list[int], bool]:
     """``n_tokens`` (one int for all rows, or one per batch row) as a list of
     ``batch`` ints, and whether it was given per row."""
     if hasattr(n_tokens, "tolist"):  # numpy / MLX arrays and their scalars
@@ -196,12 +198,12 @@ def _token_counts(n_tokens, batch: int) -> tuple[list[int], bool]:
         counts = [operator.index(n) for n in n_tokens]
     except TypeError:
         raise TypeError(
-            f"n_tokens must be an int or a sequence of {batch} ints (one per batch row), "
+            f"{name} must be an int or a sequence of {batch} ints (one per batch row), "
             f"got {n_tokens!r}"
         ) from None
     if len(counts) != batch:
         raise ValueError(
-            f"n_tokens has {len(counts)} per-row counts but the batch has {batch} rows"
+            f"{name} has {len(counts)} per-row counts but the batch has {batch} rows"
         )
     return counts, True
 
@@ -232,6 +234,7 @@ def metal_decode_partials(
     v_bits: int,
     group_size: int,
     n_tokens: int | Sequence[int],
+    first_token: int | Sequence[int] = 0,
     split_tokens: int | None = None,
     backend: str | None = None,
 ):
@@ -240,6 +243,8 @@ def metal_decode_partials(
     ``n_tokens``: tokens held, one int for every batch row or a sequence of
     B ints, one per row (ragged batch; row b sees tokens [0, n_tokens[b]));
     each a multiple of ``group_size`` within the cache capacity.
+    ``first_token``: the first token each row's query sees (one int or one
+    per row, any position up to the row's count; a sliding window's).
     Pass the cache's full preallocated buffers (not slices): inputs must be
     row-contiguous, and a sliced view would be copied every step.
     ``split_tokens`` overrides the split size (multiple of 128);
@@ -249,6 +254,7 @@ def metal_decode_partials(
     B, H, R, D = qg.shape
     G = int(group_size)
     counts, per_row = _token_counts(n_tokens, B)
+    firsts, _ = _token_counts(first_token, B, "first_token")
     if not supports(k_bits, v_bits, head_dim=D, group_size=G):
         raise ValueError(
             f"fused decode kernel does not support head_dim={D}, k_bits={k_bits}, "
@@ -267,6 +273,10 @@ def metal_decode_partials(
                 f"n_tokens={n}{row} must be a non-negative multiple of {G} "
                 f"within the cache capacity of {capacity} tokens"
             )
+    for b, (f, n) in enumerate(zip(firsts, counts)):
+        if not 0 <= f <= n:
+            raise ValueError(f"first_token={f} (batch row {b}) must be within the row's "
+                             f"0..{n} tokens")
     max_tokens = max(counts, default=0)
     if split_tokens is None:
         split_tokens = _split_tokens(max_tokens, B * H)
@@ -280,6 +290,7 @@ def metal_decode_partials(
         v_scales, v_biases = v_scales.astype(mx.float32), v_biases.astype(mx.float32)
     qg = qg.astype(mx.float32)
     lengths = mx.array(counts, dtype=mx.int32)
+    starts = mx.array(firsts, dtype=mx.int32)
     params = mx.array([H, split_tokens, k_words, k_groups, v_cap], dtype=mx.int32)
     kernel = _decode_kernel(backend or _backend())
 
@@ -293,7 +304,8 @@ def metal_decode_partials(
         assert _tg_bytes(rows, D) <= TG_MEM_BYTES
         q = qg if n_chunks == 1 else qg[:, :, r0 : r0 + rows]
         m, l, o = kernel(
-            inputs=[q, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases, lengths, params],
+            inputs=[q, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases, lengths, starts,
+                    params],
             template=[
                 ("KBITS", int(k_bits)),
                 ("VBITS", int(v_bits)),

@@ -54,27 +54,47 @@ RAGGED_CASES = [  # kernel templates shared with CASES (fewer emulator compiles)
 ]
 
 
+# Sliding windows: the query sees tokens [first, n) of each row (first need
+# not be a multiple of the group; an 11th field, one int or one per row).
+WINDOW_CASES = [  # kernel templates shared with CASES
+    (1, 2, 2, 1, 128, 64, 3, 3, 192, None, 70),             # inside the second group
+    (1, 1, 8, 1, 256, 128, 8, 8, 640, 256, 300),            # starts in the second split
+    (1, 2, 4, 1, 64, 64, 5, 5, 1344, 256, 1337),            # 7 tokens left, last split
+    (2, 2, 4, 1, 128, 32, 4, 4, 160, None, 160),            # nothing left: empty partials
+    (3, 1, 4, 1, 64, 64, 5, 5, (448, 0, 192), 128, (129, 0, 5)),  # ragged, per-row firsts
+    (2, 2, 8, 1, 128, 128, 6, 6, (384, 128), 128, (255, 1)),
+]
+
+
 def _case_id(c):
-    B, H, rep, L, D, G, kb, vb, n, split = c
+    B, H, rep, L, D, G, kb, vb, n, split = c[:10]
     n = n if isinstance(n, int) else "_".join(map(str, n))
-    return f"B{B}H{H}r{rep}L{L}-D{D}-G{G}-k{kb}v{vb}-n{n}-s{split}"
+    first = "" if len(c) == 10 else "-f" + (str(c[10]) if isinstance(c[10], int)
+                                             else "_".join(map(str, c[10])))
+    return f"B{B}H{H}r{rep}L{L}-D{D}-G{G}-k{kb}v{vb}-n{n}-s{split}{first}"
 
 
 def _counts(n, B):
     return [n] * B if isinstance(n, int) else list(n)
 
 
-def make_inputs(B, H, R, D, G, kb, vb, n, *, seed=0, scale_dtype=np.float16, poison=True):
+def make_inputs(B, H, R, D, G, kb, vb, n, *, seed=0, scale_dtype=np.float16, poison=True,
+                first=0):
     """A preallocated cache in which batch row b holds n (or n[b]) valid
     tokens; with ``poison`` the rest of its capacity holds NaN, so any read
     past a row's count poisons the result (without, it holds finite data,
-    which a masking reference needs: it reads up to the largest count)."""
+    which a masking reference needs: it reads up to the largest count).
+    Tokens before ``first`` (a window's hidden ones) hold large values in
+    their own groups' range: reading one shifts the result."""
     rng = np.random.default_rng(seed)
     counts = _counts(n, B)
     cap = max(counts) + 2 * G
     kt = rng.standard_normal((B, H, D, cap)).astype(scale_dtype)
     v = rng.standard_normal((B, H, cap, D)).astype(scale_dtype)
     kt += rng.standard_normal((1, 1, D, 1)).astype(scale_dtype)  # per-channel offsets
+    for b, fb in enumerate(_counts(first, B)):
+        kt[b, ..., :fb] = 3.0
+        v[b, :, :fb] = 8.0
     if poison:
         for b, nb in enumerate(counts):
             kt[b, ..., nb:] = np.nan
@@ -85,14 +105,18 @@ def make_inputs(B, H, R, D, G, kb, vb, n, *, seed=0, scale_dtype=np.float16, poi
     return mx.array(qg), k_codes, k_scales, k_biases, v_codes, v_scales, v_biases
 
 
-def truth_partials(qg, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases, kb, vb, G, n):
+def truth_partials(qg, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases, kb, vb, G, n,
+                   first=0):
     """float64 partials from the packed codes (mx.quantize's LSB-first bit
-    stream); n: one token count, or one per batch row."""
-    if not isinstance(n, int):
+    stream) over tokens [first, n); n, first: one int, or one per batch row."""
+    if not isinstance(n, int) or not isinstance(first, int):
+        B = qg.shape[0]
+        ns = [n] * B if isinstance(n, int) else n
+        fs = [first] * B if isinstance(first, int) else first
         rows = [
             truth_partials(*(x[b : b + 1] for x in (qg, k_codes, k_scales, k_biases, v_codes,
-                                                   v_scales, v_biases)), kb, vb, G, nb)
-            for b, nb in enumerate(n)
+                                                   v_scales, v_biases)), kb, vb, G, nb, fb)
+            for b, (nb, fb) in enumerate(zip(ns, fs))
         ]
         return tuple(np.concatenate([r[i] for r in rows], axis=0) for i in range(3))
 
@@ -105,10 +129,11 @@ def truth_partials(qg, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases,
 
     q = np.array(qg).astype(np.float64)
     B, H, R, D = q.shape
-    if n == 0:
+    if n == first:
         return np.full((B, H, R), -np.inf), np.zeros((B, H, R)), np.zeros((B, H, R, D))
     kd = deq(k_codes[..., : n * kb // 32], k_scales[..., : n // G], k_biases[..., : n // G], kb, n)
     vd = deq(v_codes[:, :, :n], v_scales[:, :, :n], v_biases[:, :, :n], vb, D)  # [B, H, n, D]
+    kd, vd = kd[..., first:], vd[:, :, first:]
     s = q @ kd
     m = s.max(-1)
     p = np.exp(s - m[..., None])
@@ -137,17 +162,20 @@ def run_case(case, *, seed=0, scale_dtype=np.float16):
     oracle read the NaN-poisoned cache; for a ragged batch the reference,
     which masks the tokens between a row's count and the largest, reads the
     same cache without poison."""
-    B, H, rep, L, D, G, kb, vb, n, split = case
+    B, H, rep, L, D, G, kb, vb, n, split = case[:10]
+    first = case[10] if len(case) > 10 else 0
     R = rep * L
-    args = make_inputs(B, H, R, D, G, kb, vb, n, seed=seed, scale_dtype=scale_dtype)
+    args = make_inputs(B, H, R, D, G, kb, vb, n, seed=seed, scale_dtype=scale_dtype,
+                       first=first)
     ref_args = args if isinstance(n, int) else make_inputs(
-        B, H, R, D, G, kb, vb, n, seed=seed, scale_dtype=scale_dtype, poison=False)
+        B, H, R, D, G, kb, vb, n, seed=seed, scale_dtype=scale_dtype, poison=False, first=first)
     got = K.metal_decode_partials(*args, k_bits=kb, v_bits=vb, group_size=G, n_tokens=n,
-                                  split_tokens=split, backend="emu")
-    ref = quantized_segment_partials(*ref_args, k_bits=kb, v_bits=vb, group_size=G, n_tokens=n)
+                                  first_token=first, split_tokens=split, backend="emu")
+    ref = quantized_segment_partials(*ref_args, k_bits=kb, v_bits=vb, group_size=G, n_tokens=n,
+                                     first_token=first)
     mx.eval(*got, *ref)
     assert got[0].shape == (B, H, R) and got[1].shape == (B, H, R) and got[2].shape == (B, H, R, D)
-    return got, ref, truth_partials(*args, kb, vb, G, n)
+    return got, ref, truth_partials(*args, kb, vb, G, n, first)
 
 
 def check_case(case):
@@ -186,6 +214,27 @@ def test_ragged_kernel_matches_reference(case):
         if nb == 0:
             assert np.all(np.isneginf(np.array(got[0][b])))
             assert not np.array(got[1][b]).any() and not np.array(got[2][b]).any()
+
+
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=_case_id)
+def test_window_kernel_matches_reference(case):
+    """A sliding window hides each row's oldest tokens (any count, not only
+    whole groups); a row with none left gets the empty partials."""
+    got = check_case(case)
+    B, n, first = case[0], case[8], case[10]
+    for b, (nb, fb) in enumerate(zip(_counts(n, B), _counts(first, B))):
+        if nb == fb:
+            assert np.all(np.isneginf(np.array(got[0][b])))
+
+
+def test_first_tokens_are_validated():
+    args = make_inputs(2, 1, 1, 64, 32, 4, 4, 64)
+    run = lambda f: K.metal_decode_partials(*args, k_bits=4, v_bits=4, group_size=32,
+                                            n_tokens=(64, 32), first_token=f, backend="emu")
+    with pytest.raises(ValueError, match=r"first_token=40 \(batch row 1\) must be within"):
+        run((3, 40))
+    with pytest.raises(ValueError, match="first_token has 3 per-row counts"):
+        run((0, 0, 0))
 
 
 def test_ragged_case_matrix_covers_the_contract():
@@ -248,8 +297,21 @@ for (uint b = 0; b < threadgroups_per_grid.y / uint(n_kv_heads); ++b) {
 }
 
 
+_FIRST = "const int t_first = starts[bh / uint(n_kv_heads)];"
+_WINDOW_BROKEN = {
+    # the window is ignored: every held token is read
+    "starts_ignored": "const int t_first = 0;",
+    # whole groups only: the hidden tokens of a partly hidden group are read
+    "starts_by_group": "const int t_first = starts[bh / uint(n_kv_heads)] / GROUP * GROUP;",
+}
+
+
 def _broken(variant):
     header, body = K.kernel_sources()
+    if variant in _WINDOW_BROKEN:
+        new = body.replace(_FIRST, _WINDOW_BROKEN[variant])
+        assert new != body
+        return header, new
     if variant == "bit_offset":
         new = header.replace("const uint bit = idx * BITS;", "const uint bit = idx * BITS + 1;")
         assert new != header
@@ -274,14 +336,17 @@ _BROKEN_RAGGED = (3, 2, 4, 1, 64, 32, 3, 5, (192, 0, 320), 128)  # 3 splits
 @pytest.mark.parametrize(
     "variant",
     ["bit_offset", "straddle_ignored", "no_q_barrier", "no_max_barrier", "no_p_barrier",
-     "no_reduce_barrier", *_RAGGED_BROKEN],
+     "no_reduce_barrier", *_RAGGED_BROKEN, *_WINDOW_BROKEN],
 )
 def test_broken_kernel_is_caught(variant, monkeypatch):
     header, body = _broken(variant)
     kernel = metal_emu.metal_kernel("kvq_broken", K._INPUTS, K._OUTPUTS, body, header)
     monkeypatch.setattr(K, "_decode_kernel", lambda backend: kernel)
-    # A uniform batch cannot tell the raggedness variants from the kernel.
-    cases = [_BROKEN_RAGGED] if variant in _RAGGED_BROKEN else [_BROKEN_UNIFORM, _BROKEN_RAGGED]
+    # A uniform batch cannot tell the raggedness variants from the kernel, nor
+    # a cache without a window the window variants.
+    cases = [_BROKEN_RAGGED] if variant in _RAGGED_BROKEN else \
+        [_BROKEN_RAGGED + ((129, 0, 37),)] if variant in _WINDOW_BROKEN else \
+        [_BROKEN_UNIFORM, _BROKEN_RAGGED]
     for case in cases:
         got, ref, truth = run_case(case)
         err = max(max(max_errors(got, ref)), max(max_errors(got, truth)))

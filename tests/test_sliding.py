@@ -117,3 +117,40 @@ def test_a_batch_of_window_caches_decodes_as_each_alone():
         assert_same_or_near_tie(got[i], want, gaps, f"sequence {i}")
     batch = KVQBatchCache.merge([KVQCache("k8v8-g32-r64-s0", window=128) for _ in range(2)])
     assert batch.window == 128 and batch.extract(1).window == 128
+
+
+def test_window_decode_through_emulated_metal_kernel(monkeypatch):
+    """Decode steps over window caches (one alone, and a batch of rows of
+    different lengths) run the fused kernel (CPU emulation) with each row's
+    first visible token, equal to the masked MLX path."""
+    from mlx_kvq import kernels
+
+    calls, kernel = [], kernels.metal_decode_partials
+    monkeypatch.setattr(kernels, "metal_decode_partials",
+                        lambda *a, **k: calls.append(k["first_token"]) or kernel(*a, **k))
+    spec, window, H, D = "k4v4-g32-r32-s0", 100, 2, 64
+    key = mx.random.key(7)
+    steps = [mx.random.normal((3, H, 1, D), key=k) for k in mx.random.split(key, 3 * 24)]
+    fills = [mx.random.normal((1, H, n, D), key=mx.random.key(n)) for n in (150, 230, 100)]
+    outs = {}
+    for mode in ("mlx", "emu"):
+        monkeypatch.setenv(kernels.ENV_VAR, mode)
+        alone, rows = KVQCache(spec, window=window), []
+        alone.update_and_fetch(fills[0], fills[0])
+        for f in fills:
+            rows.append(KVQCache(spec, window=window))
+            rows[-1].update_and_fetch(f, f)
+        batch = KVQBatchCache.merge(rows)
+        got = []
+        for i in range(24):
+            k, v, q = steps[3 * i], steps[3 * i + 1], mx.repeat(steps[3 * i + 2], 2, axis=1)
+            alone.update_and_fetch(k[:1], v[:1])
+            batch.update_and_fetch(k, v)
+            got.append(kvq_attention(q[:1], alone, scale=D ** -0.5))
+            got.append(kvq_attention(q, batch, scale=D ** -0.5))
+        outs[mode] = got
+    for a, b in zip(outs["emu"], outs["mlx"]):
+        assert mx.allclose(a, b, atol=1e-4).item()
+    assert len(calls) == 2 * 24
+    assert any(f for f in calls if isinstance(f, int))  # the window hid part of the body
+    assert any(any(f) and len(set(f)) > 1 for f in calls if isinstance(f, tuple))
