@@ -10,6 +10,8 @@ import mlx.core as mx
 from mlx_lm.generate import generate_step
 
 from mlx_kvq import attention, corpus, make_prompt_cache, models, plan, shapes, sizing, units
+from mlx_kvq.cache import window_spec
+from mlx_kvq.spec import short_label
 
 from conftest import TINY, tiny_model
 
@@ -63,7 +65,7 @@ def test_kv_bytes_match_cache_nbytes(model_and_tokenizer, shape, spec):
 
 @pytest.mark.parametrize("arch", sorted(TINY))
 @pytest.mark.parametrize("spec", ["fp16", "k8v8", "k4v2", "k2v2-ktok", "k4v16"])
-@pytest.mark.parametrize("sliding", ["same", "keep"])
+@pytest.mark.parametrize("sliding", ["auto", "same", "keep"])
 def test_kv_bytes_equal_nbytes_on_every_architecture(arch, spec, sliding):
     """The sizing's bytes are the caches' own, for every architecture of the
     test matrix (GQA ratios, head dims 32-256, values narrower than keys,
@@ -210,6 +212,30 @@ def test_sliding_window_layers_stay_fp_and_bounded():
         assert sizing.kv_bytes(s, spec, 301) == sum(c.nbytes for c in cache)
     assert sizing.kv_bytes(s, "k4v4", 10**6) - sizing.kv_bytes(s, "k4v4", 10**5) == (
         sizing.layer_bytes("k4v4", 10**6, 1, 256) - sizing.layer_bytes("k4v4", 10**5, 1, 256))
+
+
+def test_planner_rows_for_sliding_layers(tmp_path, capsys):
+    """--kv SPEC/keep and SPEC/SPEC size the window layers as make_prompt_cache
+    makes them; the default rows give them the spec with 8-bit keys."""
+    config = dict(TINY["gemma3_text"], model_type="gemma3_text", sliding_window=512)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    s = shapes.load_shape(str(path))
+    p = plan.run(["--model", str(path), "--memory", "1GB", "--contexts", "2K,8K",
+                  "--kv", "k4v4/keep", "k4v4/k2v2", "k4v4/same"])
+    rows = {short_label(r.spec): r for r in p.rows}
+    for name, sliding in (("k4v4/keep", "keep"), ("k4v4/k2v2", "k2v2"), ("k4v4/same", "same"),
+                          ("k4v4", "auto")):
+        for c in (2048, 8192):
+            assert rows[name].per_token[c] == sizing.kv_bytes(s, "k4v4", c, sliding) / c
+    assert sizing.sliding_specs(s, "k4v4") == (window_spec("k8v4", 512),) * 2
+    assert rows["k4v4/keep"].per_token[8192] > rows["k4v4"].per_token[8192] > \
+        rows["k4v4/same"].per_token[8192] > rows["k4v4/k2v2"].per_token[8192]
+    out = capsys.readouterr().out
+    assert "k4v4/keep: K 4-bit" in out and "sliding-window layers in full precision" in out
+    with pytest.raises(SystemExit):
+        plan.run(["--memory", "1GB", "--kv", "k4v4/keep"])  # the default model has no windows
+    assert "has no sliding-window layers" in capsys.readouterr().err
 
 
 def test_parse_memory():
