@@ -20,7 +20,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import _BaseCache, create_attention_mask
 
 from . import quant
-from .spec import KVQuantSpec, parse_spec
+from .spec import KVQuantSpec, parse_spec, short_label
 
 FORMAT_VERSION = 1
 
@@ -662,6 +662,14 @@ def sliding_base(spec, sliding=SLIDING_DEFAULT):
         k_bits = spec.k_bits if spec.k_bits is None else max(spec.k_bits, WINDOW_KEY_BITS)
         return replace(spec, k_bits=k_bits)
     return parse_spec(sliding)
+
+
+def describe_sliding(spec, sliding=SLIDING_DEFAULT) -> str:
+    """What sliding-window layers get, for reports: "sliding-window layers at
+    k8v4, without sinks" or "... in full precision"."""
+    base = sliding_base(spec, sliding)
+    how = "in full precision" if base is None else f"at {short_label(base)}, without sinks"
+    return f"sliding-window layers {how}"
 
 
 def window_spec(spec, window: int):

@@ -18,9 +18,9 @@ from mlx_lm.models.cache import QuantizedKVCache
 from mlx_lm.models.cache import make_prompt_cache as mlx_make_prompt_cache
 
 from . import sizing
-from .cache import SLIDING_DEFAULT, sliding_base
+from .cache import SLIDING_DEFAULT, describe_sliding
 from .integration import make_prompt_cache
-from .spec import VALID_BITS, VALID_GROUPS, KVQuantSpec, parse_spec, short_label
+from .spec import VALID_BITS, VALID_GROUPS, KVQuantSpec, parse_spec
 
 MLX_BASELINE = re.compile(r"mlx(\d)(?:-g(\d+))?$")
 
@@ -126,6 +126,4 @@ class Scheme:
             return "the per-layer plan baked into the model folder (see calibration)"
         if not windowed:
             return self.spec.describe()
-        base = sliding_base(self.spec, self.sliding)
-        how = "in full precision" if base is None else f"at {short_label(base)}, without sinks"
-        return f"{self.spec.describe()}; sliding-window layers {how}"
+        return f"{self.spec.describe()}; {describe_sliding(self.spec, self.sliding)}"

@@ -37,7 +37,7 @@ from typing import Optional, Sequence
 from mlx_lm.models.cache import RotatingKVCache
 
 from . import attention
-from .cache import SLIDING_DEFAULT, KVQCache, sliding_base, window_spec
+from .cache import SLIDING_DEFAULT, KVQCache, describe_sliding, sliding_base, window_spec
 from .shapes import LayerSpecs, ModelShape, PlanError, model_shape
 from .spec import HeadDimError, KVQuantSpec, parse_spec, short_label
 from .units import MAX_SEARCH, fmt_bytes, fmt_tokens
@@ -112,13 +112,11 @@ def sliding_specs(shape: ModelShape, spec, sliding=SLIDING_DEFAULT) -> tuple:
 def with_sliding(shape: ModelShape, spec, sliding: str) -> LayerSpecs:
     """`spec` on every full-attention layer, with sliding-window layers as
     `sliding` says (cache.sliding_base), as one sized row: "k4v4/keep"."""
-    spec, base = parse_spec(spec), sliding_base(spec, sliding)
-    named = sliding in ("keep", "same", "auto")
-    how = "in full precision" if base is None else f"at {short_label(base)}, without sinks"
+    spec = parse_spec(spec)
+    named = sliding if sliding in ("keep", "same", "auto") else short_label(parse_spec(sliding))
     return LayerSpecs((spec,) * shape.full_layers, str(spec),
-                      sliding_specs(shape, spec, sliding),
-                      name=f"{short_label(spec)}/{sliding if named else short_label(base)}",
-                      description=f"{spec.describe()}; sliding-window layers {how}")
+                      sliding_specs(shape, spec, sliding), name=f"{short_label(spec)}/{named}",
+                      description=f"{spec.describe()}; {describe_sliding(spec, sliding)}")
 
 
 def sliding_bytes(shape: ModelShape, spec, context: int, sliding=SLIDING_DEFAULT) -> int:
