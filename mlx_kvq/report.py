@@ -37,12 +37,21 @@ def kv_stats(cache) -> KVStats:
             fp16 += B * H * (D + Dv) * c.size() * 2
     others = [c for c in cache if not isinstance(c, KVQCache)]
     other_bytes = sum(_nbytes(c) for c in others)
-    specs = [c.spec for c in kvq]
-    smoothed = [c.v_smooth is not None for c in kvq]
+    full = [c for c in kvq if c.window is None] or kvq
+    specs = [c.spec for c in full]
+    smoothed = [c.v_smooth is not None for c in full]
     if len(set(specs)) == 1 and not any(smoothed):
         label, spec = str(specs[0]), specs[0].describe()
     else:
         label, spec = _mixed(specs, smoothed)
+    windows = [c for c in kvq if c.window is not None and c not in full]
+    if windows:
+        keys = count_label(layer_key(c.spec, c.v_smooth is not None) for c in windows)
+        sizes = sorted({c.window for c in windows})
+        label += f" + windows {keys}"
+        spec += (f"; {len(windows)} sliding-window layers of {'/'.join(map(str, sizes))} "
+                 f"tokens: {keys}, residual {max(c.spec.residual for c in windows)} fp16 "
+                 "tokens, no sinks")
     calibrated = [c.calibration.source for c in kvq if c.calibration is not None]
     return KVStats(
         spec=spec,

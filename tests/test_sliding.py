@@ -154,3 +154,15 @@ def test_window_decode_through_emulated_metal_kernel(monkeypatch):
     assert len(calls) == 2 * 24
     assert any(f for f in calls if isinstance(f, int))  # the window hid part of the body
     assert any(any(f) and len(set(f)) > 1 for f in calls if isinstance(f, tuple))
+
+
+def test_kv_report_names_the_window_layers():
+    from mlx_kvq.report import kv_stats
+
+    model = tiny_model("gemma3_text")  # two 64-token windows, one full layer
+    cache = mlx_kvq.make_prompt_cache(model, "k4v2")
+    model(mx.array(prompts_of([90])), cache=cache)
+    stats = kv_stats(cache)
+    assert stats.label == "k4v2-g32-r64-s4 + windows k8v2 x2"
+    assert "2 sliding-window layers of 64 tokens: k8v2 x2, residual 32" in stats.spec
+    assert stats.nbytes == sum(c.nbytes for c in cache)
