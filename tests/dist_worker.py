@@ -65,6 +65,7 @@ def case(c, group, prompt):
         tokens, lp = run(model, cache, prompt, c["tokens"], guard, die_after)
         rows = distributed.gather([kv_stats(cache).nbytes], group)
     out.update(tokens=tokens, nbytes=int(kv_stats(cache).nbytes), all_nbytes=rows[:, 0].tolist(),
+               offset=cache[0].offset,
                layers=len(cache), heads=cache[0].dims[1], shard=shard.describe(),
                specs=[str(getattr(x, "spec", None)) for x in cache],
                smoothed=[getattr(x, "v_smooth", None) is not None for x in cache])

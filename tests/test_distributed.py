@@ -20,6 +20,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import mlx_kvq
+import mlx_kvq.shapes
+import mlx_kvq.sizing
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -209,6 +211,14 @@ def test_two_ranks_generate_as_one_process(folders, tmp_path):
     for name in ("qwen2 pipeline k4v4", "qwen2 calibrated pipeline"):
         _check_same_as_one_process(res, name, 2, "pipeline")
         _check_pipeline_bytes(res, name, 2)
+    # The planner's per-rank arithmetic is what the ranks' caches hold.
+    for name, folder, sharding in (("llama4 tensor k4v4", "llama4", "tensor"),
+                                   ("qwen2 pipeline k4v4", "qwen2", "pipeline")):
+        shape = mlx_kvq.shapes.load_shape(str(folders[folder]))
+        for r in range(2):
+            part = mlx_kvq.sizing.rank_shape(shape, sharding, 2, r)
+            got = res[r][name]
+            assert mlx_kvq.sizing.kv_bytes(part, "k4v4", got["offset"]) == got["nbytes"]
     # The calibrated plan applies per layer (its specs) and per head (smoothing).
     plan = res[0]["llama4 calibrated tensor"]
     assert plan["specs"] == ["k8v2-g32-r32-s4", "k4v4-g32-r32-s4"] * 2
