@@ -111,9 +111,10 @@ def build_prompt(tokenizer, args, continuing: bool):
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def check_memory(args, cache, n_prompt: int):
+def check_memory(args, cache, n_prompt: int, shard=None):
     """Refuse, before any allocation, a request whose cache would not fit this
-    machine (the planner's arithmetic); warn beyond the trained context."""
+    machine (the planner's arithmetic; of a sharded model, this rank's share);
+    warn beyond the trained context."""
     kvq = [c for c in cache if isinstance(c, KVQCache) and c.window is None]
     sliding = tuple(c.spec if isinstance(c, KVQCache) else None for c in cache
                     if getattr(c, "window", None) or type(c) is RotatingKVCache)
@@ -127,6 +128,8 @@ def check_memory(args, cache, n_prompt: int):
     except PlanError as e:
         print(f"warning: no memory check ({e})", file=sys.stderr)
         return
+    if shard is not None:
+        shape = sizing.rank_shape(shape, shard.sharding, shard.size, shard.rank)
     specs = [c.spec for c in kvq]
     sized = shapes.LayerSpecs(tuple(specs), "as made", sliding, name="per-layer")
     if len(set(specs)) == 1 and sliding == sizing.sliding_specs(shape, specs[0]):
@@ -177,11 +180,10 @@ def main(argv=None):
             parser.error(str(e))
 
     prompt = build_prompt(tokenizer, args, continuing=bool(args.prompt_cache_file))
-    if shard is None:
-        try:
-            check_memory(args, cache, len(prompt))
-        except PlanError as e:
-            sys.exit(f"error: {e}")
+    try:
+        check_memory(args, cache, len(prompt), shard)
+    except PlanError as e:
+        sys.exit(f"error: {e}" if shard is None else f"error: rank {shard.rank}: {e}")
     sampler = make_sampler(args.temp, args.top_p)
     mx.reset_peak_memory()
     lead = shard is None or shard.rank == 0  # the rank that prints
