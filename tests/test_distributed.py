@@ -351,3 +351,22 @@ def test_generate_cli_under_mlx_launch(folders, tmp_path):
     assert "kv heads 0-1 of every layer" in ranks[0] and "kv heads 2-3" in ranks[1]
     total = next(l for l in run.stdout.splitlines() if l.startswith("all 2 ranks:"))
     assert f"cache {mb:.2f} MB" in total
+
+
+@pytest.mark.slow
+def test_bench_ranks_runs_both_sides(folders, tmp_path):
+    """mlx_kvq.bench_ranks: one process, then 2 ranks, in one run; each rank
+    holds half the one process's KV cache."""
+    out = tmp_path / "b.json"
+    run = subprocess.run([PY, "-m", "mlx_kvq.bench_ranks", "--model", str(folders["cli"]),
+                          "--ranks", "2", "--context", "256", "--decode-tokens", "4",
+                          "--repeats", "1", "--json", str(out)],
+                         capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stderr[-3000:]
+    d = json.loads(out.read_text())
+    for s in ("fp", "k4v4"):
+        ref = d["one_process"]["cases"][s][0]
+        ranks = d["sharded"]["cases"][s]
+        assert len(ranks) == 2 and all(r["kv_bytes"] * 2 == ref["kv_bytes"] for r in ranks)
+        assert all(r["decode_tps"] > 0 and r["weights"] < ref["weights"] for r in ranks)
+    assert "rank 1 of 2" in run.stdout

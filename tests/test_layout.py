@@ -102,6 +102,7 @@ RUNTIME = ("mlx_kvq.__init__", "mlx_kvq.blas", "mlx_kvq.distributed", "mlx_kvq.s
            "mlx_kvq.metal_emu", "mlx_kvq.integration", "mlx_kvq.persist", "mlx_kvq.models",
            "mlx_kvq.kvplan", "mlx_kvq.files", "mlx_kvq.report", "mlx_kvq.gguf")
 TOOLS = ("mlx_kvq.converters", "mlx_kvq.apps", "mlx_kvq.evaluate", "mlx_kvq.bench",
+         "mlx_kvq.bench_ranks",
          "mlx_kvq.plan", "mlx_kvq.plots", "mlx_kvq.corpus", "mlx_kvq.generate")
 
 
