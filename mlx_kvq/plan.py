@@ -190,7 +190,7 @@ def format_plan(plan: Plan) -> str:
         return f"{fmt(row.__dict__[key][x]) + '/' + (fmt(one) if one else '-'):>{cw}}"
 
     head = (f"{'precision':<{w}}{'bits/el':>8}{q_head} | "
-            f"{'KiB per token':^{9 * len(plan.contexts)}}"
+            f"{'KiB per token' + (' (all ranks)' if plan.parts else ''):^{9 * len(plan.contexts)}}"
             f" | {'max context, N chats':^{cw * len(plan.concurrency)}}"
             f" | {'max chats at context':^{cw * len(plan.contexts)}}")
     sub = (f"{'':<{w}}{'':>8}{' ' * len(q_head)} | {ctx_head}"
@@ -249,7 +249,8 @@ def recommend(plan: Plan, target_context: int, target_chats: int = 1) -> str:
             for p in plan.parts or (plan.shape,))
     msg = (f"Recommended: {short_label(best.spec)} ({best.spec.describe()}): {target} "
            f"need{'s' * (target_chats == 1)} {fmt_bytes(need[id(best)])} of "
-           f"{fmt_bytes(plan.memory)}; at this context {headroom} chat(s) fit.")
+           f"{fmt_bytes(plan.memory)}{' on the fullest rank' if plan.parts else ''}; at this "
+           f"context {headroom} chat(s) fit.")
     if best is not plan.rows[0]:
         msg += (f" {short_label(plan.rows[0].spec)} would need "
                 f"{fmt_bytes(need[id(plan.rows[0])])}.")

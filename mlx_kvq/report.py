@@ -151,7 +151,7 @@ def format_report(stats: KVStats, response=None, peak: Optional[float] = None) -
 def format_ranks(rows) -> str:
     """Per-rank lines and the total of a sharded run; rows: one dict per rank
     with rank, what (its heads or layers), nbytes, fp16_nbytes, peak."""
-    lines = ["==== KV per rank"]
+    lines = ["==== KV per rank (the report above is rank 0's)"]
     for r in rows:
         lines.append(f"rank {r['rank']}:       {r['what']}: cache {_mb(r['nbytes'])} "
                      f"(fp16 {_mb(r['fp16_nbytes'])}), peak memory {r['peak'] / 1e9:.3f} GB")

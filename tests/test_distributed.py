@@ -324,24 +324,27 @@ def test_a_lost_rank_ends_the_others(folders, tmp_path, how):
     assert procs[1].returncode == -signal.SIGKILL
 
 
-def test_generate_cli_under_mlx_launch(folders, tmp_path):
+def test_generate_cli_under_mlx_launch(folders, tmp_path, capsys):
     """`mlx_kvq.generate --sharding tensor` on 2 ranks prints what one process
     prints, once (rank 0), with each rank's cache bytes and the total."""
     if LAUNCH is None:
         pytest.skip("mlx.launch not on PATH")
-    args = ["-m", "mlx_kvq.generate", "--model", str(folders["cli"]), "--kv", "k4v4",
+    from mlx_kvq import generate
+
+    args = ["--model", str(folders["cli"]), "--kv", "k4v4",
             "--prompt", "Tell me about the sea", "--max-tokens", "16"]
-    one = subprocess.run([PY, *args], capture_output=True, text=True, timeout=120)
-    assert one.returncode == 0, one.stderr
+    generate.main(args)  # one process: this one
+    one = capsys.readouterr()
     run = subprocess.run([LAUNCH, "--backend", "ring", "-n", "2", "--starting-port",
-                          str(_free_port(2)), "--python", PY, "--", *args,
-                          "--sharding", "tensor"],
+                          str(_free_port(2)), "--python", PY, "--", "-m", "mlx_kvq.generate",
+                          *args, "--sharding", "tensor"],
                          capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stderr[-3000:]
-    text = one.stdout.split("==== KV report")[0]
+    assert "error" not in run.stderr, run.stderr[-3000:]
+    text = one.out.split("==== KV report")[0]
     assert run.stdout.startswith(text) and run.stdout.count("==== KV report") == 1
     assert len(set(text.split())) > 3
-    one_bytes = next(l for l in one.stdout.splitlines() if l.startswith("cache bytes:"))
+    one_bytes = next(l for l in one.out.splitlines() if l.startswith("cache bytes:"))
     mb = float(one_bytes.split()[2])
     ranks = [l for l in run.stdout.splitlines() if l.startswith("rank ")]
     assert [l.split(":")[0] for l in ranks] == ["rank 0", "rank 1"]
