@@ -26,7 +26,8 @@ from mlx_kvq.report import kv_stats
 
 
 def run(model, cache, prompt, n, guard=None, die_after=None):
-    """Greedy tokens and their log-probabilities; optionally end this process
+    """Greedy tokens and their log-probabilities (one row of the vocabulary
+    per token); optionally end this process
     (die_after = (tokens, signal)) part way, as a crashed or frozen rank."""
     tokens, logprobs = [], []
     steps = generate_step(mx.array(prompt), model, max_tokens=n, sampler=make_sampler(0.0),
@@ -45,7 +46,10 @@ def run(model, cache, prompt, n, guard=None, die_after=None):
 def case(c, group, prompt):
     out = {"name": c["name"]}
     spec = c.get("spec")
-    if c.get("reference", True):
+    # Every rank runs the reference too: a rank waiting in a collective while
+    # another works alone would spin on the shared cores.
+    reference = c.get("reference", True)
+    if reference:
         model, _ = mlx_kvq.load(c["model"])  # with its baked plan, checked against it
         cache = mlx_kvq.make_prompt_cache(model, spec)
         tokens, lp = run(model, cache, prompt, c["tokens"])
@@ -69,8 +73,9 @@ def case(c, group, prompt):
                layers=len(cache), heads=cache[0].dims[1], shard=shard.describe(),
                specs=[str(getattr(x, "spec", None)) for x in cache],
                smoothed=[getattr(x, "v_smooth", None) is not None for x in cache])
-    if c.get("reference", True):
+    if reference:
         out["max_logprob_diff"] = float(np.abs(lp - ref_lp).max())
+    out["logprobs"] = lp.max(-1).tolist()  # the chosen tokens' log-probabilities
     return out
 
 
