@@ -299,6 +299,31 @@ class KVQCache(_BaseCache):
 
     batch_class = None  # KVQBatchCache (batch_cache.py sets it)
 
+    _HELD = ("sink_k", "sink_v", "res_k", "res_v", "body_k", "body_v")
+
+    @property
+    def keys(self):
+        """The arrays the cache holds, flat. mlx-lm's pipeline-parallel models
+        chain their send to the next rank onto the last layer's cache
+        (`cache.keys = mx.depends(cache.keys, h)`) so that evaluating the
+        cache's state also sends; this property and its setter carry that
+        dependency into the arrays `state` returns."""
+        out = []
+        for name in self._HELD:
+            part = getattr(self, name)
+            out.extend(part if isinstance(part, (tuple, list)) else [] if part is None else [part])
+        return out
+
+    @keys.setter
+    def keys(self, arrays):
+        it = iter(arrays)
+        for name in self._HELD:
+            part = getattr(self, name)
+            if isinstance(part, (tuple, list)):
+                setattr(self, name, tuple(next(it) for _ in part))
+            elif part is not None:
+                setattr(self, name, next(it))
+
     @classmethod
     def merge(cls, caches):
         """One KVQBatchCache holding these caches' sequences (mlx-lm's batch

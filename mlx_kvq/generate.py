@@ -9,14 +9,14 @@ from mlx_lm.generate import stream_generate
 from mlx_lm.models.cache import RotatingKVCache
 from mlx_lm.sample_utils import make_sampler
 
-from . import shapes, sizing
+from . import distributed, shapes, sizing
 from .cache import SLIDING_DEFAULT, KVQCache
 from .cli_types import add_model, add_prefill_step_size, positive_int
 from .integration import make_prompt_cache
 from .models import ModelNotFoundError, describe_weights, load
 from .persist import load_prompt_cache, save_prompt_cache
 from .shapes import PlanError
-from .report import format_report, kv_stats
+from .report import format_ranks, format_report, kv_stats
 from .spec import DEFAULT_PRESET, PRESETS, KVQuantSpec
 
 SPEC_FLAGS = ("k_bits", "v_bits", "group_size", "residual", "sinks")
@@ -49,6 +49,14 @@ def setup_arg_parser():
                    help="Save the quantized prompt cache after generating")
     p.add_argument("--verbose", type=lambda s: s.lower() in ("1", "true", "yes"),
                    default=True, help="Print the KV report (true/false)")
+    d = p.add_argument_group("distributed (under mlx.launch)")
+    d.add_argument("--sharding", choices=distributed.SHARDINGS, default=None,
+                   help="Shard the model over the ranks mlx.launch started, as mlx-lm "
+                   "does: 'tensor' splits every layer's heads, 'pipeline' gives each rank "
+                   "a run of layers; each rank caches its share. Rank 0 prints")
+    d.add_argument("--peer-timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="Exit when the ranks make no progress for this long (a peer "
+                   "stopped or its link is down); 0: wait forever")
     g = p.add_argument_group("KV cache quantization")
     g.add_argument("--kv", default=None,
                    help=f"Preset ({', '.join(PRESETS)}) or label like k4v2-g32-r64-s4; "
@@ -104,9 +112,10 @@ def build_prompt(tokenizer, args, continuing: bool):
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def check_memory(args, cache, n_prompt: int):
+def check_memory(args, cache, n_prompt: int, shard=None):
     """Refuse, before any allocation, a request whose cache would not fit this
-    machine (the planner's arithmetic); warn beyond the trained context."""
+    machine (the planner's arithmetic; of a sharded model, this rank's share);
+    warn beyond the trained context."""
     kvq = [c for c in cache if isinstance(c, KVQCache) and c.window is None]
     sliding = tuple(c.spec if isinstance(c, KVQCache) else None for c in cache
                     if getattr(c, "window", None) or type(c) is RotatingKVCache)
@@ -120,6 +129,8 @@ def check_memory(args, cache, n_prompt: int):
     except PlanError as e:
         print(f"warning: no memory check ({e})", file=sys.stderr)
         return
+    if shard is not None:
+        shape = sizing.rank_shape(shape, shard.sharding, shard.size, shard.rank)
     specs = [c.spec for c in kvq]
     sized = shapes.LayerSpecs(tuple(specs), "as made", sliding, name="per-layer")
     if len(set(specs)) == 1 and sliding == sizing.sliding_specs(shape, specs[0]):
@@ -142,10 +153,21 @@ def main(argv=None):
     if args.seed is not None:
         mx.random.seed(args.seed)
 
-    try:
-        model, tokenizer = load(args.model)
-    except ModelNotFoundError as e:
-        parser.error(str(e))
+    shard = None
+    if args.sharding:
+        if args.prompt_cache_file or args.save_prompt_cache:
+            parser.error("--prompt-cache-file and --save-prompt-cache hold one process's "
+                         "whole cache; they do not combine with --sharding")
+        try:
+            model, tokenizer, shard = distributed.load(args.model, args.sharding)
+        except (ModelNotFoundError, ValueError) as e:
+            sys.exit(f"error: {e}")
+        mx.random.seed(distributed.shared_seed(shard.group, args.seed))
+    else:
+        try:
+            model, tokenizer = load(args.model)
+        except ModelNotFoundError as e:
+            parser.error(str(e))
     if args.prompt_cache_file:
         try:
             cache = load_prompt_cache(args.prompt_cache_file, model=model, spec=spec)
@@ -160,25 +182,47 @@ def main(argv=None):
 
     prompt = build_prompt(tokenizer, args, continuing=bool(args.prompt_cache_file))
     try:
-        check_memory(args, cache, len(prompt))
+        check_memory(args, cache, len(prompt), shard)
     except PlanError as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {e}" if shard is None else f"error: rank {shard.rank}: {e}")
     sampler = make_sampler(args.temp, args.top_p)
     mx.reset_peak_memory()
+    lead = shard is None or shard.rank == 0  # the rank that prints
     response = None
-    for response in stream_generate(
-        model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler,
-        prompt_cache=cache, prefill_step_size=args.prefill_step_size,
-    ):
-        print(response.text, end="", flush=True)
-    print()
+    with distributed.Guard(shard or distributed.shard_of("tensor", 0, 1, 0, 0),
+                           args.peer_timeout) as guard:
+        for response in stream_generate(
+            model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler,
+            prompt_cache=cache, prefill_step_size=args.prefill_step_size,
+            prompt_progress_callback=guard.beat,
+        ):
+            guard.beat()
+            if lead:
+                print(response.text, end="", flush=True)
+        if lead:
+            print()
+        rows = None if shard is None else rank_rows(shard, kv_stats(cache))
     if args.save_prompt_cache:
         save_prompt_cache(args.save_prompt_cache, cache, model=model,
                           metadata={"model": str(args.model or "default")})
-    if args.verbose:
+    if args.verbose and lead:
         stats = kv_stats(cache)
         print(format_report(stats, response, peak=mx.get_peak_memory()))
+        if rows is not None:
+            print(format_ranks(rows))
         print(f"weights:      {describe_weights(args.model)}")
+
+
+def rank_rows(shard, stats):
+    """Every rank's cache bytes and peak memory (a collective: all ranks call it)."""
+    mine = [stats.nbytes, stats.fp16_nbytes, mx.get_peak_memory(), shard.layers.start,
+            shard.layers.stop, shard.kv_heads.start, shard.kv_heads.stop]
+    rows = []
+    for r, (nb, fp, peak, l0, l1, h0, h1) in enumerate(distributed.gather(mine, shard.group)):
+        what = distributed.Shard(shard.sharding, r, shard.size, range(l0, l1), range(h0, h1))
+        rows.append(dict(rank=r, what=what.describe().split(": ", 1)[1], nbytes=int(nb),
+                         fp16_nbytes=int(fp), peak=int(peak)))
+    return rows
 
 
 if __name__ == "__main__":

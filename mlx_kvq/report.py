@@ -155,3 +155,16 @@ def format_report(stats: KVStats, response=None, peak: Optional[float] = None) -
             f"{response.generation_tokens} tokens at {response.generation_tps:.1f} tokens/s"
         )
     return "\n".join(lines)
+
+
+def format_ranks(rows) -> str:
+    """Per-rank lines and the total of a sharded run; rows: one dict per rank
+    with rank, what (its heads or layers), nbytes, fp16_nbytes, peak."""
+    lines = ["==== KV per rank (the report above is rank 0's)"]
+    for r in rows:
+        lines.append(f"rank {r['rank']}:       {r['what']}: cache {_mb(r['nbytes'])} "
+                     f"(fp16 {_mb(r['fp16_nbytes'])}), peak memory {r['peak'] / 1e9:.3f} GB")
+    total, fp16 = sum(r["nbytes"] for r in rows), sum(r["fp16_nbytes"] for r in rows)
+    lines.append(f"all {len(rows)} ranks:  cache {_mb(total)} (fp16 {_mb(fp16)}), "
+                 f"peak memory {sum(r['peak'] for r in rows) / 1e9:.3f} GB summed")
+    return "\n".join(lines)

@@ -50,6 +50,8 @@ class ModelShape:
     weight_source: str = ""
     trained_context: Optional[int] = None
     v_head_dim: Optional[int] = None  # when values differ from keys (MLA)
+    layer_weight_bytes: tuple = ()  # of weight_bytes, each layer's (the rest: embeddings, head)
+    module: str = ""  # the mlx-lm module of the architecture
 
     @property
     def dv(self) -> int:
@@ -89,17 +91,18 @@ def _instantiate(config: dict):
         ) from e
 
 
-def _param_bytes(model, config: dict, dtype_bytes: int) -> int:
+def _param_bytes(model, config: dict, dtype_bytes: int) -> tuple:
     """Weight bytes from parameter shapes: floats in the config's dtype,
-    mlx-lm quantized layers as codes plus scales and biases."""
+    mlx-lm quantized layers as codes plus scales and biases; (all, per layer)."""
     q = config.get("quantization")
     if q:
         nn.quantize(model, group_size=q.get("group_size", 64), bits=q.get("bits", 4))
-    total = 0
-    for _, p in tree_flatten(model.parameters()):
-        floating = mx.issubdtype(p.dtype, mx.floating)
-        total += p.size * dtype_bytes if floating else p.nbytes
-    return total
+
+    def size(module):
+        return sum(p.size * dtype_bytes if mx.issubdtype(p.dtype, mx.floating) else p.nbytes
+                   for _, p in tree_flatten(module.parameters()))
+
+    return size(model), tuple(size(layer) for layer in model.layers)
 
 
 def _safetensors_bytes(path: Path) -> int:
@@ -154,12 +157,15 @@ def model_shape(config: dict, weights_dir=None, name: Optional[str] = None,
     wdtype = dtype or _weights_dtype(path, config)
     if wdtype not in DTYPE_BYTES:
         raise PlanError(f"dtype {wdtype!r}: use one of {', '.join(DTYPE_BYTES)}")
+    params, per_layer = _param_bytes(model, config, DTYPE_BYTES[wdtype])
     if path is not None and any(path.glob("*.safetensors")):
         weight_bytes, source = _safetensors_bytes(path), "safetensors file sizes"
     else:
-        weight_bytes = _param_bytes(model, config, DTYPE_BYTES[wdtype])
+        weight_bytes = params
         source = f"parameter count x {wdtype}" + (
             " (mlx-lm quantized layers)" if config.get("quantization") else "")
+    # Each layer's share of the weights (as its parameters' share), for sharding.
+    layer_weight_bytes = tuple(b * weight_bytes // max(params, 1) for b in per_layer)
     return ModelShape(
         name=name or config.get("_name_or_path") or config["model_type"],
         model_type=config["model_type"],
@@ -180,6 +186,8 @@ def model_shape(config: dict, weights_dir=None, name: Optional[str] = None,
         weight_bytes=weight_bytes,
         weight_source=source,
         trained_context=text.get("max_position_embeddings"),
+        layer_weight_bytes=layer_weight_bytes,
+        module=type(model).__module__,
     )
 
 

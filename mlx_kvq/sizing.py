@@ -32,6 +32,7 @@ strings use powers of 1024 ("16GB" = 16 GiB, as RAM is sold).
 
 import os
 from collections import Counter
+from dataclasses import replace
 from typing import Optional, Sequence
 
 from mlx_lm.models.cache import RotatingKVCache
@@ -307,3 +308,62 @@ def admit(config, spec, context: int, memory: Optional[int] = None,
 def total_memory() -> int:
     """This machine's RAM."""
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+# -- sharding over ranks ----------------------------------------------------------
+
+
+def pipeline_layers(n_layers: int, ranks: int, rank: int) -> range:
+    """The layers mlx-lm's pipeline gives `rank`: an even split, the low
+    ranks taking the extra layers, rank 0 the last ones (PipelineMixin)."""
+    base, extra = divmod(n_layers, ranks)
+    split = [base + (r < extra) for r in range(ranks)]
+    start = sum(split[rank + 1:])
+    return range(start, start + split[rank])
+
+
+def rank_shape(shape: ModelShape, sharding: str, ranks: int, rank: int = 0) -> ModelShape:
+    """What one rank of a model sharded by mlx-lm holds and computes, as a
+    ModelShape, so that every sizing function above applies to it unchanged.
+
+    tensor    every layer's heads, kv heads and MLP width divided by `ranks`
+              (its KV cache is exactly 1/ranks of the model's); its layers'
+              weights divided by `ranks`, the embeddings and head held whole
+              (mlx-lm shards the layers' linear maps only);
+    pipeline  the rank's run of whole layers (pipeline_layers): their caches
+              and weights, plus the embeddings and head every stage keeps.
+    """
+    if ranks == 1:
+        return shape
+    layer_w = shape.layer_weight_bytes or (0,) * shape.n_layers
+    shared = shape.weight_bytes - sum(layer_w)
+    name = f"{shape.name} [rank {rank} of {ranks}, {sharding}]"
+    if sharding == "tensor":
+        return replace(shape, name=name, n_heads=shape.n_heads // ranks,
+                       n_kv_heads=shape.n_kv_heads // ranks,
+                       intermediate_size=shape.intermediate_size // ranks,
+                       weight_bytes=shared + sum(layer_w) // ranks,
+                       layer_weight_bytes=tuple(b // ranks for b in layer_w))
+    if sharding != "pipeline":
+        raise ValueError(f"sharding {sharding!r}: use tensor or pipeline")
+    mine = pipeline_layers(shape.n_layers, ranks, rank)
+    full = tuple(i for i in shape.full_index if i in mine)
+    win = [(i, w) for i, w in zip(shape.window_index, shape.windows) if i in mine]
+    return replace(shape, name=name, n_layers=len(mine), full_layers=len(full),
+                   full_index=full, window_index=tuple(i for i, _ in win),
+                   windows=tuple(w for _, w in win),
+                   stateless_layers=len(mine) - len(full) - len(win),
+                   weight_bytes=shared + sum(layer_w[i] for i in mine),
+                   layer_weight_bytes=tuple(layer_w[i] for i in mine))
+
+
+def rank_spec(spec, shape: ModelShape, part: ModelShape):
+    """A calibrated per-layer plan cut to the layers a rank holds (`part`,
+    from rank_shape); a uniform spec as it is."""
+    spec = _parse(spec)
+    if not isinstance(spec, LayerSpecs) or part.full_index == shape.full_index:
+        return spec
+    specs = tuple(s for s, i in zip(spec.specs, shape.full_index) if i in part.full_index)
+    sliding = None if spec.sliding is None else tuple(
+        s for s, i in zip(spec.sliding, shape.window_index) if i in part.window_index)
+    return replace(spec, specs=specs, sliding=sliding)

@@ -97,11 +97,12 @@ def test_no_import_cycles():
     assert cycles(import_graph()) == []
 
 
-RUNTIME = ("mlx_kvq.__init__", "mlx_kvq.blas", "mlx_kvq.spec", "mlx_kvq.quant",
+RUNTIME = ("mlx_kvq.__init__", "mlx_kvq.blas", "mlx_kvq.distributed", "mlx_kvq.spec", "mlx_kvq.quant",
            "mlx_kvq.cache", "mlx_kvq.batch_cache", "mlx_kvq.attention", "mlx_kvq.kernels",
            "mlx_kvq.metal_emu", "mlx_kvq.integration", "mlx_kvq.persist", "mlx_kvq.models",
            "mlx_kvq.kvplan", "mlx_kvq.files", "mlx_kvq.report", "mlx_kvq.gguf")
 TOOLS = ("mlx_kvq.converters", "mlx_kvq.apps", "mlx_kvq.evaluate", "mlx_kvq.bench",
+         "mlx_kvq.bench_ranks",
          "mlx_kvq.plan", "mlx_kvq.plots", "mlx_kvq.corpus", "mlx_kvq.generate")
 
 

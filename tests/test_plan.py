@@ -331,3 +331,99 @@ def test_decode_bytes_read():
     assert sizing.decode_bytes_read(spec, head_dim=D, n_tokens=n) == want
     assert sizing.decode_bytes_read("k4v2-g32-r64-s4", head_dim=D, n_tokens=n) == want
     assert sizing.decode_bytes_read(spec, head_dim=D, n_tokens=50) == 2 * 50 * D * 2
+
+
+# -- a model sharded over several machines -----------------------------------------
+
+CONFIGS = __import__("pathlib").Path(__file__).resolve().parent / "configs"
+
+
+@pytest.fixture(scope="module")
+def llama70b():
+    return shapes.load_shape(str(CONFIGS / "llama3_70b.json"))
+
+
+@pytest.fixture(scope="module")
+def deepseek_v2():
+    return shapes.load_shape(str(CONFIGS / "deepseek_v2.json"))
+
+
+@pytest.mark.parametrize("ranks", [2, 4, 8])
+def test_tensor_rank_holds_one_nth(llama70b, ranks):
+    s = llama70b
+    part = sizing.rank_shape(s, "tensor", ranks)
+    assert (part.n_kv_heads, part.n_heads) == (8 // ranks, 64 // ranks)
+    for spec in ("fp16", "k4v4", "k2v2"):
+        for context in (1, 4096, 100_000, 131072):
+            assert sizing.kv_bytes(part, spec, context) * ranks == sizing.kv_bytes(s, spec, context)
+    shared = s.weight_bytes - sum(s.layer_weight_bytes)
+    # the embeddings and the untied head (2 x vocab x hidden x bf16) stay whole on each rank
+    assert shared == 2 * 128256 * 8192 * 2 + 8192 * 2  # plus the final norm
+    assert abs(part.weight_bytes - (shared + (s.weight_bytes - shared) / ranks)) <= s.n_layers
+
+
+@pytest.mark.parametrize("ranks", [2, 3, 4])
+def test_pipeline_rank_holds_its_layers(deepseek_v2, ranks):
+    s = deepseek_v2
+    parts = [sizing.rank_shape(s, "pipeline", ranks, r) for r in range(ranks)]
+    assert sum(p.n_layers for p in parts) == s.n_layers == 60
+    per_layer = sizing.kv_bytes(s, "k4v4", 8192) // s.n_layers
+    for p in parts:
+        assert sizing.kv_bytes(p, "k4v4", 8192) == per_layer * p.n_layers
+    shared = s.weight_bytes - sum(s.layer_weight_bytes)
+    assert sum(p.weight_bytes for p in parts) == s.weight_bytes + (ranks - 1) * shared
+
+
+def test_pipeline_split_is_mlx_lms():
+    from mlx_lm.models.pipeline import PipelineMixin
+
+    class Group:  # what PipelineMixin.pipeline reads of an mx.distributed.Group
+        def __init__(self, rank, size):
+            self.rank, self.size = (lambda: rank), (lambda: size)
+
+    for n_layers, ranks in ((4, 2), (4, 3), (61, 4), (7, 7)):
+        for r in range(ranks):
+            m = PipelineMixin.__new__(PipelineMixin)
+            m.layers = list(range(n_layers))
+            PipelineMixin.pipeline(m, Group(r, ranks))
+            assert sizing.pipeline_layers(n_layers, ranks, r) == range(m.start_idx, m.end_idx)
+
+
+def test_plan_over_ranks(tmp_path, capsys, llama70b):
+    path = str(CONFIGS / "llama3_70b.json")
+    p = plan.run(["--model", path, "--ranks", "2", "--memory-per-rank", "192GB",
+                  "--json", str(tmp_path / "p.json")])
+    out = capsys.readouterr().out
+    assert "192.00 GiB per rank x 2 ranks, --sharding tensor" in out
+    assert "rank 1:     kv heads 4 of 8 in each of 80 layers" in out
+    k4 = next(r for r in p.rows if str(r.spec).startswith("k4v4"))
+    one = sizing.capacity(llama70b, k4.spec, 192 << 30, concurrency=1)
+    assert k4.single["max_context"][1] == one  # one machine of 192 GiB holds the weights
+    assert k4.max_context[1] > 2 * one  # two hold the weights once each, the cache split
+    part = sizing.rank_shape(llama70b, "tensor", 2)
+    assert k4.max_chats[8192] == sizing.capacity(part, k4.spec, 192 << 30, context=8192)
+    d = json.loads((tmp_path / "p.json").read_text())
+    assert d["sharding"]["ranks"] == 2 and len(set(d["sharding"]["ranks_weight_bytes"])) == 1
+    # 64 GiB machines: one cannot hold the 131 GiB of weights, four can
+    p = plan.run(["--model", path, "--ranks", "4", "--memory-per-rank", "64GB"])
+    assert all(v == 0 for r in p.rows for v in r.single["max_context"].values())
+    assert all(r.max_context[1] > 100_000 for r in p.rows)
+    assert "/-" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["llama3_70b.json", "--ranks", "3"], "64 attention heads do not divide among 3 ranks"),
+    (["llama3_70b.json", "--ranks", "2", "--sharding", "pipeline"],
+     "mlx-lm cannot shard architecture 'llama' with --sharding pipeline (it supports "
+     "--sharding tensor); mlx-lm pipeline-shards: "),
+    (["deepseek_v3.json", "--ranks", "2", "--sharding", "pipeline"],
+     "uses its cached keys/values outside"),
+    (["llama3_70b.json", "--ranks", "2", "--memory-per-rank", "64GB"],
+     "does not exceed the weights of"),
+    (["llama3_70b.json", "--memory", "64GB", "--memory-per-rank", "64GB"], "not both"),
+])
+def test_plan_over_ranks_refuses(capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        plan.main(["--model", str(CONFIGS / argv[0]), *argv[1:]])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
