@@ -251,7 +251,7 @@ class KVQCache(_BaseCache):
         self.offset += L
         self._flush()
         if self.max_size is not None:
-            self._evict()
+            self._evict(L)
         return KVQView(self), KVQView(self)
 
     def _ingest(self, keys, values):
@@ -317,12 +317,16 @@ class KVQCache(_BaseCache):
         unit = self._flush_unit()
         return max(0, (n_res - keep) // unit * unit)
 
-    def _evict_size(self, size, n_body):
+    def _evict_size(self, size, n_body, body_start, offset, L):
         """Oldest body tokens to drop (whole flush units) to keep `size`
-        tokens within max_size."""
+        tokens within max_size, once L new tokens (up to `offset`) came in.
+        Tokens of those L stay until the next update, as in mlx-lm's rotating
+        cache: their queries see them (a prefill chunk longer than max_size
+        is held whole for its step)."""
         excess = size - self.max_size
         unit = self._flush_unit()
-        return min(-(-excess // unit) * unit, n_body) if excess > 0 else 0
+        older = max(0, min(n_body, offset - L - body_start)) // unit * unit
+        return min(-(-excess // unit) * unit, older) if excess > 0 else 0
 
     def _drift_counts(self, k, v):
         """[2] flushed K, V elements beyond the calibrated limits (None
@@ -413,9 +417,10 @@ class KVQCache(_BaseCache):
         self.n_body = keep
         self.body_start += drop
 
-    def _evict(self):
-        """Drop the oldest body tokens (keeping sinks) to stay within max_size."""
-        drop = self._evict_size(self.size(), self.n_body)
+    def _evict(self, L):
+        """Drop the oldest body tokens (keeping sinks and the L just added)
+        to stay within max_size."""
+        drop = self._evict_size(self.size(), self.n_body, self.body_start, self.offset, L)
         if drop > 0:
             self._rebuild(drop, self.n_body - drop)
 
@@ -445,6 +450,9 @@ class KVQCache(_BaseCache):
             raise ValueError("dequantized() reads one sequence: extract(i) a batch row first")
         if self.empty():
             raise ValueError("the cache holds no tokens")
+        if not self.size():  # trimmed to nothing: no tokens, the cache's dims
+            B, H, D, Dv = self.dims
+            return mx.zeros((B, H, 0, D)), mx.zeros((B, H, 0, Dv))
         parts = [[s.k_layout.decode(s.k_layout.slice(s.keys, 0, s.length)),
                   s.v_layout.decode(s.v_layout.slice(s.values, 0, s.length))]
                  for s in self.segments()]

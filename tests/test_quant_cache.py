@@ -150,7 +150,10 @@ def test_max_size_keeps_sinks_and_recent_tokens():
     cache = KVQCache(spec, max_size=200)
     k, v = mx.random.normal((1, 1, 1000, 64)), mx.random.normal((1, 1, 1000, 64))
     for i in range(0, 1000, 25):
-        cache.update_and_fetch(k[:, :, i:i + 25], v[:, :, i:i + 25])
+        cache.update_and_fetch(k[:, :, i:i + 24], v[:, :, i:i + 24])
+        # the chunk's tokens stay for its queries; older ones go
+        assert cache.size() <= 200 + 23 and cache.offset - cache.body_start >= 24
+        cache.update_and_fetch(k[:, :, i + 24:i + 25], v[:, :, i + 24:i + 25])
         assert cache.size() <= 200
     segs = cache.segments()
     assert segs[0].start == 0 and segs[0].length == 4
