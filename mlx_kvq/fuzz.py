@@ -25,6 +25,7 @@ import copy
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -42,7 +43,7 @@ from . import persist, quant
 from .attention import kvq_attention
 from .cache import KVQCache, Layout
 from .integration import install
-from .spec import KEY_AXES, VALID_BITS, KVQuantSpec, parse_spec
+from .spec import KEY_AXES, PRESETS, VALID_BITS, KVQuantSpec, parse_spec
 
 # -- the cache against a float reference --------------------------------------
 
@@ -343,6 +344,93 @@ class CacheMachine(RuleBasedStateMachine):
 CacheMachine.TestCase.settings = settings(deadline=None)
 
 
+# -- spec labels -----------------------------------------------------------------
+
+SPEC_FIELDS = ("k_bits", "v_bits", "key_axis", "group_size", "residual", "sinks", "rotate")
+
+
+@st.composite
+def near_labels(draw):
+    """Valid labels and presets, mutated a little: a character dropped,
+    added or changed, a number replaced, an option repeated or reordered."""
+    label = draw(st.one_of(specs().map(str), st.sampled_from(sorted(PRESETS))))
+    op = draw(st.sampled_from(["keep", "drop", "insert", "replace", "number", "repeat",
+                               "swap", "case", "space"]))
+    chars = st.sampled_from("kvgrs-0123456789tocabx _.,KV") | st.characters()
+    if op == "drop" and label:
+        i = draw(st.integers(0, len(label) - 1))
+        label = label[:i] + label[i + 1:]
+    elif op == "insert":
+        i = draw(st.integers(0, len(label)))
+        label = label[:i] + draw(chars) + label[i:]
+    elif op == "replace" and label:
+        i = draw(st.integers(0, len(label) - 1))
+        label = label[:i] + draw(chars) + label[i + 1:]
+    elif op == "number":
+        num = str(draw(st.one_of(st.integers(0, 300), st.integers(-5, 10 ** 30))))
+        parts = re.split(r"(\d+)", label)
+        idx = [i for i, p in enumerate(parts) if p.isdigit()]
+        if idx:
+            parts[draw(st.sampled_from(idx))] = num
+        label = "".join(parts)
+    elif op in ("repeat", "swap"):
+        parts = label.split("-")
+        if len(parts) > 2:
+            i = draw(st.integers(1, len(parts) - 1))
+            if op == "repeat":
+                parts.insert(i, draw(st.sampled_from(parts[1:])))
+            else:
+                j = draw(st.integers(1, len(parts) - 1))
+                parts[i], parts[j] = parts[j], parts[i]
+        label = "-".join(parts)
+    elif op == "case":
+        label = label.upper()
+    elif op == "space":
+        label = f" {label}\t"
+    return label
+
+
+@st.composite
+def composed_labels(draw):
+    """Labels put together from parts, right or wrong: bits, then options."""
+    num = st.one_of(st.integers(0, 300), st.sampled_from([16, 32, 64, 128]),
+                    st.integers(0, 10 ** 40)).map(str)
+    bits = st.one_of(st.sampled_from(["2", "3", "4", "5", "6", "8", "16"]), num)
+    option = st.one_of(st.tuples(st.sampled_from("grs"), num).map("".join),
+                       st.sampled_from(["rot", "ktok", "g", "rot1", "x3", ""]))
+    opts = draw(st.lists(option, max_size=5))
+    return "-".join([f"k{draw(bits)}v{draw(bits)}"] + opts)
+
+
+def check_label(text):
+    """A valid spec that round-trips through its label, or a ValueError
+    naming the offending field or text; never another exception."""
+    try:
+        spec = KVQuantSpec.from_string(text)
+    except ValueError as e:
+        msg = str(e)
+        named = [f for f in SPEC_FIELDS if f in msg] or repr(text) in msg
+        assert named, f"the error for {text!r} names no field nor the text: {msg}"
+        return None
+    assert parse_spec(text) == spec, f"parse_spec({text!r}) differs from from_string"
+    keys = [re.match("[a-z]*", p).group() for p in text.strip().lower().split("-")[1:]]
+    assert len(set(keys)) == len(keys), f"{text!r} gives an option twice, yet parses"
+    again = KVQuantSpec.from_string(str(spec))
+    assert again == spec, f"{text!r} -> {spec} -> {str(spec)!r} -> {again}"
+    assert KVQuantSpec.from_dict(spec.to_dict()) == spec
+    return spec
+
+
+def _spec_target(examples, seed, counter):
+    @given(st.one_of(st.text(), near_labels(), composed_labels()))
+    def labels(text):
+        counter[0] += 1
+        check_label(text)
+
+    hyp_seed(seed)(labels)
+    _settings(examples)(labels)()
+
+
 # -- running ---------------------------------------------------------------------
 
 
@@ -373,7 +461,7 @@ def _cache_target(examples, seed, counter):
     run_state_machine_as_test(machine, settings=_settings(examples, stateful_step_count=12))
 
 
-TARGETS = {"cache": _cache_target}
+TARGETS = {"cache": _cache_target, "spec": _spec_target}
 
 
 def run(examples: int = 200, seed: int = 0, targets=None) -> list:
