@@ -431,6 +431,199 @@ def _spec_target(examples, seed, counter):
     _settings(examples)(labels)()
 
 
+# -- loaders on damaged files ----------------------------------------------------------
+
+
+@st.composite
+def damage(draw, data: bytes, header: int):
+    """(kind, bytes): truncated, or with one to three bits flipped (mostly in
+    the first `header` bytes, where the layout and metadata are)."""
+    b = bytearray(data)
+    if draw(st.booleans()):
+        return "truncated", bytes(b[:draw(st.integers(0, len(b) - 1))])
+    for _ in range(draw(st.integers(1, 3))):
+        hi = min(header, len(b)) if draw(st.integers(0, 3)) else len(b)
+        b[draw(st.integers(0, hi - 1))] ^= 1 << draw(st.integers(0, 7))
+    return "flipped", bytes(b)
+
+
+def _ours(exc) -> bool:
+    """Whether an exception was raised in this package's code."""
+    tb = exc.__traceback__
+    while tb.tb_next:
+        tb = tb.tb_next
+    return f"{os.sep}mlx_kvq{os.sep}" in tb.tb_frame.f_code.co_filename
+
+
+def _same_caches(a, b) -> bool:
+    if [type(x) for x in a] != [type(x) for x in b]:
+        return False
+    for x, y in zip(a, b):
+        if isinstance(x, KVQCache):
+            if (x.spec, x.offset, x.max_size, x.window, x.size()) != \
+                    (y.spec, y.offset, y.max_size, y.window, y.size()):
+                return False
+            if x.size() and not all(mx.array_equal(p, q).item()
+                                    for p, q in zip(x.dequantized(), y.dequantized())):
+                return False
+    return True
+
+
+def _cache_file(folder: Path) -> tuple:
+    """A prompt-cache file of a few layers of different specs, and its caches."""
+    rng = np.random.default_rng(0)
+    caches = []
+    for label, n, kw in (("k4v2-g32-r32-s4", 150, {}), ("k8v4-ktok-r5-s0-rot", 90, {}),
+                         ("k3v16-g64-r64-s2", 200, {"max_size": 170}),
+                         ("k4v4-g32-r32-s0", 120, {"window": 80})):
+        c = KVQCache(label, **kw)
+        for L in (n - 1, 1):
+            x = mx.array(rng.standard_normal((2, 1, 2, L, 64)).astype(np.float32))
+            c.update_and_fetch(x[0], x[1])
+        caches.append(c)
+    path = folder / "cache.safetensors"
+    persist.save_prompt_cache(path, caches, metadata={"chat": "fuzz"})
+    return path, caches
+
+
+def _check_cache_file(path, original, kind):
+    """Our loader: a ValueError/OSError naming the file, or what was saved.
+    mlx-lm's: errors of our code are ValueErrors, and what loads was saved."""
+    try:
+        got, meta = persist.load_prompt_cache(path, return_metadata=True)
+    except (ValueError, OSError) as e:
+        assert str(path) in str(e), f"persist error names no file: {e}"
+    else:
+        assert _same_caches(got, original), f"{kind} file loaded other caches unnoticed"
+        assert meta.get("chat") == "fuzz", f"{kind} file loaded other metadata {meta}"
+    install()
+    try:
+        got = mlx_cache.load_prompt_cache(str(path))
+    except Exception as e:
+        assert not _ours(e) or isinstance(e, ValueError), \
+            f"mlx-lm's loader: our code raised {type(e).__name__}: {e}"
+    else:
+        assert _same_caches(got, original), f"{kind} file loaded (mlx-lm) other caches"
+
+
+def _tiny_gguf(folder: Path) -> Path:
+    """A one-layer llama GGUF with a byte-level BPE vocabulary (MLX writes it)."""
+    tokens = ["a", "b", "c", "ab", "<s>", "</s>"] + [chr(ord("d") + i) for i in range(10)]
+    u32 = lambda v: mx.array(v, dtype=mx.uint32)  # noqa: E731
+    meta = {"general.architecture": "llama", "llama.embedding_length": u32(64),
+            "llama.attention.head_count": u32(2), "llama.attention.head_count_kv": u32(1),
+            "llama.feed_forward_length": u32(128), "llama.block_count": u32(1),
+            "llama.attention.layer_norm_rms_epsilon": mx.array(1e-5, dtype=mx.float32),
+            "llama.context_length": u32(256), "tokenizer.ggml.model": "gpt2",
+            "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": ["a b"],
+            "tokenizer.ggml.bos_token_id": u32(4), "tokenizer.ggml.eos_token_id": u32(5)}
+    key = mx.random.key(0)
+    shapes = {"token_embd": (len(tokens), 64), "output_norm": (64,), "blk.0.attn_q": (64, 64),
+              "blk.0.attn_k": (32, 64), "blk.0.attn_v": (32, 64), "blk.0.attn_output": (64, 64),
+              "blk.0.ffn_gate": (128, 64), "blk.0.ffn_up": (128, 64), "blk.0.ffn_down": (64, 128),
+              "blk.0.attn_norm": (64,), "blk.0.ffn_norm": (64,)}
+    weights = {f"{k}.weight": mx.random.normal(s, key=key) for k, s in shapes.items()}
+    path = folder / "tiny.gguf"
+    mx.save_gguf(str(path), weights, meta)
+    return path
+
+
+def _check_gguf(path, folder):
+    from . import gguf
+
+    try:
+        gguf.convert(path, folder / "out", overwrite=True)
+    except (gguf.GGUFError, OSError) as e:
+        assert isinstance(e, OSError) or str(path) in str(e) or "GGUF" in str(e), \
+            f"GGUF error names neither file nor format: {e}"
+
+
+def _plan_folder(folder: Path) -> Path:
+    """A calibrated-plan folder for a tiny random llama, as calibrate bakes it."""
+    import importlib
+
+    from mlx_lm.utils import save_config
+
+    from .kvplan import STATS, KVPlan, LayerPlan, model_identity
+
+    mod = importlib.import_module("mlx_lm.models.llama")
+    cfg = dict(model_type="llama", hidden_size=128, num_hidden_layers=2, intermediate_size=256,
+               num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+               vocab_size=64, head_dim=32, tie_word_embeddings=True)
+    mx.random.seed(0)
+    model = mod.Model(mod.ModelArgs.from_dict(cfg))
+    rng = np.random.default_rng(0)
+    stats = {i: {f"{kv}_{name}": np.abs(rng.standard_normal((2, 32))).astype(np.float32) + 0.1
+                 for kv in "kv" for name in STATS} for i in range(2)}
+    plan = KVPlan(KVQuantSpec.from_string("k4v4-g32-r32-s4"),
+                  {0: LayerPlan(4, 2, "smooth"), 1: LayerPlan(8, 4, "rotate")}, stats,
+                  model_identity(model), alpha=0.5)
+    save_config(cfg, folder / "config.json")
+    plan.save(folder)
+    return model
+
+
+def _same_plan(a, b) -> bool:
+    return (a.base, a.layers, a.alpha, a.model) == (b.base, b.layers, b.alpha, b.model) and all(
+        np.array_equal(a.stats[i][n], b.stats[i][n]) for i in a.stats for n in a.stats[i])
+
+
+def _check_plan(folder, model, original, kind):
+    from .kvplan import KVPlanError, load_plan
+
+    try:
+        got = load_plan(folder, model)
+    except KVPlanError as e:
+        assert str(folder) in str(e) or "plan" in str(e).lower(), f"plan error: {e}"
+    else:
+        assert _same_plan(got, original), f"{kind} plan files loaded another plan unnoticed"
+
+
+def _loaders_target(examples, seed, counter):
+    from .kvplan import PLAN_FILE, SCALES_FILE, load_plan
+
+    tmp = Path(tempfile.mkdtemp(prefix="mlx_kvq_fuzz."))
+    try:
+        cache_path, caches = _cache_file(tmp)
+        cache_bytes = cache_path.read_bytes()
+        gguf_path = _tiny_gguf(tmp)
+        gguf_bytes = gguf_path.read_bytes()
+        plan_dir = tmp / "plan"
+        plan_dir.mkdir()
+        model = _plan_folder(plan_dir)
+        plan = load_plan(plan_dir, model)
+        plan_files = {n: (plan_dir / n).read_bytes() for n in (PLAN_FILE, SCALES_FILE)}
+        header = int.from_bytes(cache_bytes[:8], "little") + 8  # safetensors' JSON header
+
+        @given(st.data())
+        def loaders(data):
+            counter[0] += 1
+            which = data.draw(st.sampled_from(["cache", "gguf", "plan"]), label="file")
+            if which == "cache":
+                kind, b = data.draw(damage(cache_bytes, header), label="damage")
+                path = tmp / "damaged.safetensors"
+                path.write_bytes(b)
+                _check_cache_file(path, caches, kind)
+            elif which == "gguf":
+                kind, b = data.draw(damage(gguf_bytes, 2048), label="damage")
+                path = tmp / "damaged.gguf"
+                path.write_bytes(b)
+                _check_gguf(path, tmp)
+            else:
+                name = data.draw(st.sampled_from(sorted(plan_files)), label="plan file")
+                kind, b = data.draw(damage(plan_files[name], 4096), label="damage")
+                (plan_dir / name).write_bytes(b)
+                try:
+                    _check_plan(plan_dir, model, plan, kind)
+                finally:
+                    (plan_dir / name).write_bytes(plan_files[name])
+
+        hyp_seed(seed)(loaders)
+        _settings(examples)(loaders)()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 # -- running ---------------------------------------------------------------------
 
 
@@ -461,7 +654,7 @@ def _cache_target(examples, seed, counter):
     run_state_machine_as_test(machine, settings=_settings(examples, stateful_step_count=12))
 
 
-TARGETS = {"cache": _cache_target, "spec": _spec_target}
+TARGETS = {"cache": _cache_target, "spec": _spec_target, "loaders": _loaders_target}
 
 
 def run(examples: int = 200, seed: int = 0, targets=None) -> list:
