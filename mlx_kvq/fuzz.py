@@ -22,7 +22,6 @@ failing example of each failure. A tool: the runtime never imports it.
 """
 
 import copy
-import json
 import math
 import os
 import re
