@@ -22,6 +22,7 @@ failing example of each failure. A tool: the runtime never imports it.
 """
 
 import copy
+import json
 import math
 import os
 import re
@@ -505,6 +506,114 @@ def _check_cache_file(path, original, kind):
         assert _same_caches(got, original), f"{kind} file loaded (mlx-lm) other caches"
 
 
+WRONG = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.integers(-10 ** 6, 10 ** 12),
+                  st.floats(allow_nan=True), st.text(max_size=4),
+                  st.lists(st.integers(-2, 300), max_size=5), st.dictionaries(st.text(max_size=2),
+                                                                              st.integers()))
+
+
+@st.composite
+def forged_states(draw, caches):
+    """Cache states with one JSON field of a wrong type or value, or one array
+    of a wrong shape or dtype, their digests recomputed: a writer with a bug."""
+    from .cache import _state_digest
+
+    states = [list(c.state) for c in caches]
+    i = draw(st.integers(0, len(states) - 1), label="layer")
+    state = states[i]
+    meta = json.loads(state[0])
+    meta.pop("sha256")
+    if draw(st.booleans()):
+        field = draw(st.sampled_from(sorted(meta) + ["spec.k_bits", "spec.group_size",
+                                                     "spec.residual", "spec.sinks"]))
+        value = draw(WRONG)
+        if field.startswith("spec."):
+            meta["spec"][field[5:]] = value
+        else:
+            meta[field] = value
+        what = f"layer {i}: {field} = {value!r}"
+    else:
+        j = draw(st.integers(1, len(state) - 1))
+        x = state[j]
+        if isinstance(x, tuple):
+            x = list(x)
+            k = draw(st.integers(0, 2))
+            x[k] = draw(_wrong_array(x[k]))
+            what = f"layer {i}: state[{j}][{k}] -> {_shape(x[k])}"
+        else:
+            x = draw(_wrong_array(x))
+            what = f"layer {i}: state[{j}] -> {_shape(x)}"
+        state[j] = x
+    state[0] = json.dumps(meta | {"sha256": _state_digest(meta, state[1:])})
+    return _Forgery(states, what)
+
+
+class _Forgery(list):
+    """Forged states, shown by what was changed."""
+
+    def __init__(self, states, what):
+        super().__init__(states)
+        self.what = what
+
+    def __repr__(self):
+        return self.what
+
+
+def _shape(x):
+    return None if x is None else f"{tuple(x.shape)} {x.dtype}"
+
+
+@st.composite
+def _wrong_array(draw, x):
+    if x is None:
+        return mx.zeros((1, 2, 3, 64), mx.float16)
+    kind = draw(st.sampled_from(["shape", "dtype", "rank", "none"]))
+    if kind == "none":
+        return None
+    if kind == "dtype":
+        return x.astype(draw(st.sampled_from([mx.float32, mx.int32, mx.uint8, mx.bfloat16])))
+    if kind == "rank":
+        return x.reshape(-1)
+    shape = list(x.shape)
+    if not shape:
+        return mx.zeros((3,), x.dtype)
+    axis = draw(st.integers(0, len(shape) - 1))
+    shape[axis] = max(0, shape[axis] + draw(st.sampled_from([-1, 1, 7])))
+    return mx.zeros(shape, x.dtype)
+
+
+class _Forged(KVQCache):
+    """Saves a given state under the class name KVQCache."""
+
+    def __init__(self, state, spec):
+        self._forged, self.spec = state, spec
+
+    @property
+    def state(self):
+        return self._forged
+
+
+_Forged.__name__ = "KVQCache"
+
+
+def _check_forged(path, states, original):
+    """A forged file: a ValueError, or caches that hold what they say and run."""
+    persist.save_prompt_cache(path, [_Forged(s, c.spec) for s, c in zip(states, original)], metadata={"chat": "fuzz"})
+    for load in (persist.load_prompt_cache, lambda p: mlx_cache.load_prompt_cache(str(p))):
+        try:
+            got = load(path)
+        except Exception as e:
+            assert isinstance(e, ValueError) or not _ours(e), \
+                f"forged file: our code raised {type(e).__name__}: {e}"
+            continue
+        for c in got:
+            if c.size():
+                c.dequantized()
+            B, H, D, Dv = c.dims or (1, 2, 64, 64)
+            c.update_and_fetch(mx.zeros((B, H, 1, D)), mx.zeros((B, H, 1, Dv)))
+            kvq_attention(mx.zeros((B, H, 1, D)), c, scale=0.125)
+
+
 def _tiny_gguf(folder: Path) -> Path:
     """A one-layer llama GGUF with a byte-level BPE vocabulary (MLX writes it)."""
     tokens = ["a", "b", "c", "ab", "<s>", "</s>"] + [chr(ord("d") + i) for i in range(10)]
@@ -578,6 +687,55 @@ def _check_plan(folder, model, original, kind):
         assert _same_plan(got, original), f"{kind} plan files loaded another plan unnoticed"
 
 
+@st.composite
+def forged_plan(draw, files):
+    """Plan files with one JSON field of a wrong type or value, or one tensor
+    of a wrong shape or dtype, sha256s recomputed: a writer with a bug."""
+    from .files import sha256_file
+    from .kvplan import PLAN_FILE, SCALES_FILE, sealed
+
+    d = json.loads(files[PLAN_FILE])
+    d.pop("json_sha256", None)
+    out = dict(files)
+    if draw(st.booleans()):
+        where = draw(st.sampled_from(["top", "scheme", "layer", "model"]))
+        node = {"top": d, "scheme": d["scheme"], "model": d["model"],
+                "layer": d["layers"][draw(st.integers(0, len(d["layers"]) - 1))]}[where]
+        key = draw(st.sampled_from(sorted(node)))
+        node[key] = draw(WRONG)
+        what = f"{PLAN_FILE}: {where}.{key} = {node[key]!r}"
+    else:
+        with tempfile.TemporaryDirectory() as t:
+            src, dst = Path(t) / "a.safetensors", Path(t) / "b.safetensors"
+            src.write_bytes(files[SCALES_FILE])
+            arrays, meta = mx.load(str(src), return_metadata=True)
+            name = draw(st.sampled_from(sorted(arrays)))
+            arrays[name] = draw(_wrong_array(arrays[name]))
+            if arrays[name] is None:
+                del arrays[name]
+            mx.save_safetensors(str(dst), arrays, metadata=meta)
+            out[SCALES_FILE] = dst.read_bytes()
+            d["scales"]["sha256"] = sha256_file(dst)
+        what = f"{SCALES_FILE}: {name} -> {_shape(arrays.get(name))}"
+    out[PLAN_FILE] = (json.dumps(sealed(d), indent=1) + "\n").encode()
+    return _Forgery([out], what)
+
+
+def _check_forged_plan(folder, model, files):
+    """A KVPlanError, or a plan whose layers' caches can be made and filled."""
+    from .kvplan import KVPlanError, load_plan
+
+    for name, b in files.items():
+        (folder / name).write_bytes(b)
+    try:
+        plan = load_plan(folder, model)
+    except KVPlanError:
+        return
+    for i in plan.layers:
+        c = KVQCache(plan.spec(i), calibration=plan.calibration(i))
+        c.update_and_fetch(mx.zeros((1, 2, 1, 32)), mx.zeros((1, 2, 1, 32)))
+
+
 def _loaders_target(examples, seed, counter):
     from .kvplan import PLAN_FILE, SCALES_FILE, load_plan
 
@@ -598,7 +756,10 @@ def _loaders_target(examples, seed, counter):
         def loaders(data):
             counter[0] += 1
             which = data.draw(st.sampled_from(["cache", "gguf", "plan"]), label="file")
-            if which == "cache":
+            if which == "cache" and data.draw(st.booleans(), label="forged"):
+                states = data.draw(forged_states(caches), label="forged")
+                _check_forged(tmp / "forged.safetensors", states, caches)
+            elif which == "cache":
                 kind, b = data.draw(damage(cache_bytes, header), label="damage")
                 path = tmp / "damaged.safetensors"
                 path.write_bytes(b)
@@ -608,6 +769,13 @@ def _loaders_target(examples, seed, counter):
                 path = tmp / "damaged.gguf"
                 path.write_bytes(b)
                 _check_gguf(path, tmp)
+            elif data.draw(st.booleans(), label="forged"):
+                forged = data.draw(forged_plan(plan_files), label="forged")
+                try:
+                    _check_forged_plan(plan_dir, model, forged[0])
+                finally:
+                    for name, b in plan_files.items():
+                        (plan_dir / name).write_bytes(b)
             else:
                 name = data.draw(st.sampled_from(sorted(plan_files)), label="plan file")
                 kind, b = data.draw(damage(plan_files[name], 4096), label="damage")
@@ -635,9 +803,9 @@ def _settings(examples, **extra):
 def _describe(exc, lines) -> str:
     """The failure and its minimal example, in a few lines."""
     notes = [n for n in getattr(exc, "__notes__", []) if not n.startswith("You can")]
-    text = f"{type(exc).__name__}: {exc}".strip()
-    example = "\n".join(notes or lines)
-    return f"{text}\n{example}".strip()
+    text = f"{type(exc).__name__}: {exc}".strip()[:1000]
+    example = "\n".join(line[:300] for line in (notes or lines))
+    return f"{text}\n{example}".strip()[:3000]
 
 
 def _cache_target(examples, seed, counter):
