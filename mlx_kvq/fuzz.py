@@ -466,6 +466,8 @@ def _same_caches(a, b) -> bool:
             if x.size() and not all(mx.array_equal(p, q).item()
                                     for p, q in zip(x.dequantized(), y.dequantized())):
                 return False
+        elif not all(mx.array_equal(p, q).item() for p, q in zip(x.state, y.state)):
+            return False
     return True
 
 
@@ -481,6 +483,10 @@ def _cache_file(folder: Path) -> tuple:
             x = mx.array(rng.standard_normal((2, 1, 2, L, 64)).astype(np.float32))
             c.update_and_fetch(x[0], x[1])
         caches.append(c)
+    plain = mlx_cache.KVCache()  # a full-precision mlx-lm layer beside them
+    x = mx.array(rng.standard_normal((2, 1, 2, 40, 64)).astype(np.float32))
+    plain.update_and_fetch(x[0], x[1])
+    caches.append(plain)
     path = folder / "cache.safetensors"
     persist.save_prompt_cache(path, caches, metadata={"chat": "fuzz"})
     return path, caches
@@ -518,6 +524,7 @@ def forged_states(draw, caches):
     of a wrong shape or dtype, their digests recomputed: a writer with a bug."""
     from .cache import _state_digest
 
+    caches = [c for c in caches if isinstance(c, KVQCache)]
     states = [list(c.state) for c in caches]
     i = draw(st.integers(0, len(states) - 1), label="layer")
     state = states[i]
@@ -598,7 +605,8 @@ _Forged.__name__ = "KVQCache"
 
 def _check_forged(path, states, original):
     """A forged file: a ValueError, or caches that hold what they say and run."""
-    persist.save_prompt_cache(path, [_Forged(s, c.spec) for s, c in zip(states, original)], metadata={"chat": "fuzz"})
+    forged = [_Forged(s, c.spec) for s, c in zip(states, original)]
+    persist.save_prompt_cache(path, forged, metadata={"chat": "fuzz"})
     for load in (persist.load_prompt_cache, lambda p: mlx_cache.load_prompt_cache(str(p))):
         try:
             got = load(path)
