@@ -210,6 +210,12 @@ def model_config(meta: dict, has_output: bool) -> dict:
         "mlp_bias": False,
         "tie_word_embeddings": not has_output,
     }
+    sizes = {k: config[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                     "num_attention_heads", "num_key_value_heads", "head_dim",
+                                     "vocab_size", "max_position_embeddings")}
+    bad = {k: v for k, v in sizes.items() if not 0 < v < 1 << 31}
+    if bad or n_head % n_kv or head_dim % 2:
+        raise GGUFError(f"GGUF metadata gives impossible sizes {bad or sizes}")
     for name in ("bos", "eos", "padding"):
         key = f"tokenizer.ggml.{name}_token_id"
         if key in meta:
@@ -245,6 +251,11 @@ def convert_weights(
         else:
             raise GGUFError(f"Unexpected tensor in GGUF file: {base}")
         w = _dequantize(weights, base)
+        heads = {"attn_q": "num_attention_heads", "attn_k": "num_key_value_heads"}
+        if parts[-1] in heads and w.shape[0] != config[heads[parts[-1]]] * config["head_dim"]:
+            raise GGUFError(f"GGUF tensor {base} has {w.shape[0]} rows, the metadata's "
+                            f"{heads[parts[-1]]} x head_dim say "
+                            f"{config[heads[parts[-1]]] * config['head_dim']}")
         if _unpermute and parts[-1] == "attn_q":
             w = unpermute(w, config["num_attention_heads"])
         elif _unpermute and parts[-1] == "attn_k":

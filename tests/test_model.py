@@ -223,3 +223,21 @@ def test_damaged_gguf_names_are_gguf_errors(tmp_path):
         (tmp_path / "d.gguf").write_bytes(good.replace(old, new, 1))
         with pytest.raises(gguf.GGUFError):
             gguf.convert(tmp_path / "d.gguf", tmp_path / "out", overwrite=True)
+
+
+def test_gguf_head_counts_that_do_not_fit_are_gguf_errors(tmp_path):
+    """Found by fuzzing: a flipped bit in a head count reached the Q/K
+    un-permutation (RuntimeError std::bad_cast from the reshape)."""
+    import struct
+
+    from mlx_kvq import fuzz
+
+    good = fuzz._tiny_gguf(tmp_path).read_bytes()
+    key = b"llama.attention.head_count\x04\x00\x00\x00"  # a u32 follows
+    at = good.index(key) + len(key)
+    for heads, msg in ((2 + (1 << 31), "impossible sizes"), (4, "rows")):
+        b = bytearray(good)
+        b[at:at + 4] = struct.pack("<I", heads)
+        (tmp_path / "d.gguf").write_bytes(bytes(b))
+        with pytest.raises(gguf.GGUFError, match=msg):
+            gguf.convert(tmp_path / "d.gguf", tmp_path / "out", overwrite=True)
