@@ -338,7 +338,14 @@ def _check_json(d: dict, path: Path):
 
 
 def _check_tensors(plan: KVPlan, arrays):
-    """The plan tensors must say what the JSON says."""
+    """The plan tensors must say what the JSON says; statistics are finite
+    magnitudes of one shape."""
+    for i in plan.layers:
+        for name, a in plan.stats[i].items():
+            if a.shape != plan.stats[i]["k_absmax"].shape or a.ndim != 2 or \
+                    not np.isfinite(a).all() or (a < 0).any():
+                raise KVPlanError(f"{SCALES_FILE}: layers.{i}.{name} has shape {a.shape}, "
+                                  "or values that are not finite non-negative magnitudes")
     want = {k: np.array(v) for k, v in plan.tensors().items() if k.startswith("plan.")}
     for name, a in want.items():
         if name not in arrays or not np.array_equal(np.array(arrays[name]), a):
