@@ -842,8 +842,9 @@ TARGETS = {"cache": _cache_target, "spec": _spec_target, "loaders": _loaders_tar
 
 def run(examples: int = 200, seed: int = 0, targets=None) -> list:
     """Run fuzz targets (all of TARGETS by default), `examples` each, from a
-    fixed seed. One dict per target: {"target", "examples" (run, up to the
-    first failure), "failures" (each failure with its minimal example)}."""
+    fixed seed. One dict per target: {"target", "examples" (property runs;
+    after a failure they include Hypothesis' shrinking runs), "failures"
+    (each failure with its minimal example)}."""
     out = []
     for name in targets or list(TARGETS):
         if name not in TARGETS:
