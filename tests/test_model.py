@@ -191,9 +191,9 @@ def test_damaged_gguf_headers_are_refused_not_crashes(tmp_path):
     import subprocess
     import sys
 
-    from mlx_kvq import fuzz
+    from mlx_kvq import fuzz_files
 
-    good = fuzz._tiny_gguf(tmp_path).read_bytes()
+    good = fuzz_files.tiny_gguf(tmp_path).read_bytes()
     for name, at, value in (("key_length", 24, 1 << 40), ("n_tensors", 8, 1 << 40),
                             ("n_kv", 16, 10 ** 6)):
         b = bytearray(good)
@@ -214,9 +214,9 @@ def test_damaged_gguf_headers_are_refused_not_crashes(tmp_path):
 def test_damaged_gguf_names_are_gguf_errors(tmp_path):
     """Found by fuzzing: a flipped bit in a tensor or metadata name gave a
     KeyError, in the merges a tokenizers Exception."""
-    from mlx_kvq import fuzz
+    from mlx_kvq import fuzz_files
 
-    good = fuzz._tiny_gguf(tmp_path).read_bytes()
+    good = fuzz_files.tiny_gguf(tmp_path).read_bytes()
     for old, new in ((b"blk.0.attn_v.weight", b"blk.0.attn_v.weeght"),
                      (b"tokenizer.ggml.merges", b"tokenizer.ggml.merget"),
                      (b"a b", b"a c")):
@@ -230,9 +230,9 @@ def test_gguf_head_counts_that_do_not_fit_are_gguf_errors(tmp_path):
     un-permutation (RuntimeError std::bad_cast from the reshape)."""
     import struct
 
-    from mlx_kvq import fuzz
+    from mlx_kvq import fuzz_files
 
-    good = fuzz._tiny_gguf(tmp_path).read_bytes()
+    good = fuzz_files.tiny_gguf(tmp_path).read_bytes()
     key = b"llama.attention.head_count\x04\x00\x00\x00"  # a u32 follows
     at = good.index(key) + len(key)
     for heads, msg in ((2 + (1 << 31), "impossible sizes"), (4, "rows")):

@@ -6,7 +6,7 @@ from mlx_kvq import KVQCache, KVQuantSpec
 from mlx_kvq import quant
 from mlx_kvq.attention import kvq_attention
 from mlx_kvq.cache import Layout
-from mlx_kvq.fuzz import quantization_bound
+from mlx_kvq.fuzz_cache import quantization_bound
 
 
 def cached_kv(cache):
