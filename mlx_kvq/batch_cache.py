@@ -147,7 +147,7 @@ class KVQBatchCache(KVQCache):
         for b in range(B):
             self._flush_row(b)
             if self.max_size is not None:
-                self._evict_row(b)
+                self._evict_row(b, fronts[b] + reals[b])
         self._shrink_residual()
         return KVQView(self), KVQView(self)
 
@@ -228,9 +228,11 @@ class KVQBatchCache(KVQCache):
         self.body_k, self.body_v = parts
         self.capacity = cap
 
-    def _evict_row(self, b):
-        """Drop row b's oldest body tokens (keeping sinks) to stay within max_size."""
-        self._drop_row(b, self._evict_size(self._row_size(b), self.n_body[b]))
+    def _evict_row(self, b, L):
+        """Drop row b's oldest body tokens (keeping sinks and the L it just
+        took) to stay within max_size."""
+        self._drop_row(b, self._evict_size(self._row_size(b), self.n_body[b],
+                                           self.body_start[b], self.offsets[b], L))
 
     def _drop_row(self, b, drop):
         """Drop row b's `drop` oldest body tokens (the row shifts in place)."""

@@ -11,6 +11,7 @@ dequantized into a full-precision copy.
 """
 
 import copy
+import hashlib
 import json
 import math
 from dataclasses import dataclass, replace
@@ -251,7 +252,7 @@ class KVQCache(_BaseCache):
         self.offset += L
         self._flush()
         if self.max_size is not None:
-            self._evict()
+            self._evict(L)
         return KVQView(self), KVQView(self)
 
     def _ingest(self, keys, values):
@@ -342,12 +343,16 @@ class KVQCache(_BaseCache):
         unit = self._flush_unit()
         return max(0, (n_res - keep) // unit * unit)
 
-    def _evict_size(self, size, n_body):
+    def _evict_size(self, size, n_body, body_start, offset, L):
         """Oldest body tokens to drop (whole flush units) to keep `size`
-        tokens within max_size."""
+        tokens within max_size, once L new tokens (up to `offset`) came in.
+        Tokens of those L stay until the next update, as in mlx-lm's rotating
+        cache: their queries see them (a prefill chunk longer than max_size
+        is held whole for its step)."""
         excess = size - self.max_size
         unit = self._flush_unit()
-        return min(-(-excess // unit) * unit, n_body) if excess > 0 else 0
+        older = max(0, min(n_body, offset - L - body_start)) // unit * unit
+        return min(-(-excess // unit) * unit, older) if excess > 0 else 0
 
     def _drift_counts(self, k, v):
         """[2] flushed K, V elements beyond the calibrated limits (None
@@ -438,9 +443,10 @@ class KVQCache(_BaseCache):
         self.n_body = keep
         self.body_start += drop
 
-    def _evict(self):
-        """Drop the oldest body tokens (keeping sinks) to stay within max_size."""
-        drop = self._evict_size(self.size(), self.n_body)
+    def _evict(self, L):
+        """Drop the oldest body tokens (keeping sinks and the L just added)
+        to stay within max_size."""
+        drop = self._evict_size(self.size(), self.n_body, self.body_start, self.offset, L)
         if drop > 0:
             self._rebuild(drop, self.n_body - drop)
 
@@ -470,6 +476,9 @@ class KVQCache(_BaseCache):
             raise ValueError("dequantized() reads one sequence: extract(i) a batch row first")
         if self.empty():
             raise ValueError("the cache holds no tokens")
+        if not self.size():  # trimmed to nothing: no tokens, the cache's dims
+            B, H, D, Dv = self.dims
+            return mx.zeros((B, H, 0, D)), mx.zeros((B, H, 0, Dv))
         parts = [[s.k_layout.decode(s.k_layout.slice(s.keys, 0, s.length)),
                   s.v_layout.decode(s.v_layout.slice(s.values, 0, s.length))]
                  for s in self.segments()]
@@ -601,33 +610,50 @@ class KVQCache(_BaseCache):
 
     @property
     def state(self):
+        """[meta JSON, sinks, residual, body, calibration, drift]; the JSON
+        carries a sha256 of itself and the arrays, which the setter checks."""
         lk, lv = self._layouts()
         body_k = body_v = None
         if self.n_body:
             body_k = lk.slice(self.body_k, 0, self.n_body)
             body_v = lv.slice(self.body_v, 0, self.n_body)
         c = self.calibration or Calibration()
-        return [self.meta_state, self.sink_k, self.sink_v, self.res_k, self.res_v,
-                body_k, body_v, c.v_smooth, c.k_limit, c.v_limit, self.drift]
+        arrays = [self.sink_k, self.sink_v, self.res_k, self.res_v,
+                  body_k, body_v, c.v_smooth, c.k_limit, c.v_limit, self.drift]
+        meta = json.loads(self.meta_state)
+        meta["sha256"] = _state_digest(meta, arrays)
+        return [json.dumps(meta)] + arrays
 
     @state.setter
     def state(self, v):
         try:
-            meta = json.loads(v[0])
-            if meta.get("format") != FORMAT_VERSION:
-                raise ValueError(f"unknown KVQCache format {meta.get('format')!r}")
-            self.spec = KVQuantSpec.from_dict(meta["spec"])
-        except (TypeError, KeyError, json.JSONDecodeError, IndexError) as e:
+            self._set_state(v)
+            self._check_state()
+        except ValueError as e:
             raise ValueError(f"corrupt KVQCache state: {e}") from e
+        except (TypeError, KeyError, AttributeError, IndexError) as e:
+            raise ValueError(f"corrupt KVQCache state: {type(e).__name__}: {e}") from e
+
+    def _set_state(self, v):
+        meta = json.loads(v[0])
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+            raise ValueError(f"unknown KVQCache format "
+                             f"{meta.get('format') if isinstance(meta, dict) else meta!r}")
+        v = [tuple(p) if isinstance(p, list) else p for p in v]
+        if len(v) not in (7, 11):
+            raise ValueError(f"{len(v)} state entries, not 11")
+        if "sha256" in meta:  # files of earlier versions carry none
+            want = meta.pop("sha256")
+            if _state_digest(meta, (list(v[1:]) + [None] * 4)[:10]) != want:
+                raise ValueError("sha256 differs: the file is damaged")
+        self.spec = KVQuantSpec.from_dict(meta["spec"])
         self.max_size = meta["max_size"]
         self.window = meta.get("window")
         self.offset, self.body_start = meta["offset"], meta["body_start"]
         self.n_body = meta["n_body"]
         self.dims = None if meta["dims"] is None else tuple(meta["dims"])
         self.sink_k, self.sink_v, self.res_k, self.res_v = v[1:5]
-        self.body_k, self.body_v = (
-            tuple(p) if isinstance(p, list) else p for p in v[5:7]
-        )
+        self.body_k, self.body_v = v[5:7]
         self.capacity = self.n_body
         calib = meta.get("calibration")
         extra = (list(v[7:11]) + [None] * 4)[:4]
@@ -636,19 +662,95 @@ class KVQCache(_BaseCache):
         self.drift = extra[3]
         self.drift_checked = 0 if calib is None else calib.get("drift_checked", 0)
         if self.dims is not None:
-            self.dtype = getattr(mx, meta["dtype"].split(".")[-1])
-        expected = self._sink_len() + self.n_body + self._res_len()
-        if self.dims is not None and (
-            expected > self.offset or self.sink_k is None and self._res_len() == 0
-            and self.n_body == 0 and self.offset
-        ):
-            raise ValueError("corrupt KVQCache state: token counts do not add up")
+            name = meta["dtype"].split(".")[-1]
+            if name not in ("float32", "float16", "bfloat16"):
+                raise ValueError(f"dtype {meta['dtype']!r}")
+            self.dtype = getattr(mx, name)
+
+    def _check_state(self):
+        """A loaded state must be one this class could have made: field
+        types, array shapes and dtypes, and token counts that add up."""
+        for name in ("offset", "body_start", "n_body"):
+            if type(getattr(self, name)) is not int or getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)!r}")
+        for name in ("max_size", "window"):
+            if getattr(self, name) is not None and (
+                    type(getattr(self, name)) is not int or getattr(self, name) < 1):
+                raise ValueError(f"{name}={getattr(self, name)!r}")
+        parts = (self.sink_k, self.sink_v, self.res_k, self.res_v, self.body_k, self.body_v)
+        if self.dims is None:
+            if self.offset or any(p is not None for p in parts):
+                raise ValueError("tokens without dims")
+            return
+        if len(self.dims) != 4 or any(type(d) is not int or d < 1 for d in self.dims):
+            raise ValueError(f"dims={self.dims!r}")
+        B, H, D, Dv = self.dims
+        self.spec.validate_for(D, Dv)
+        fp = quant.storage_dtype(self.dtype)
+
+        def check(x, shape, dtype, what):
+            if not isinstance(x, mx.array) or tuple(x.shape) != tuple(shape) or x.dtype != dtype:
+                got = (tuple(x.shape), x.dtype) if isinstance(x, mx.array) else type(x).__name__
+                raise ValueError(f"{what} is {got}, expected {(tuple(shape), dtype)}")
+
+        n_sink, n_res = self._sink_len(), self._res_len()
+        for what, x, d in (("sink_k", self.sink_k, D), ("sink_v", self.sink_v, Dv),
+                           ("res_k", self.res_k, D), ("res_v", self.res_v, Dv)):
+            n = n_sink if what.startswith("sink") else n_res
+            if x is not None or (what[-1] == "v" and n):
+                check(x, (B, H, n, d), fp, what)
+        if n_sink > self.spec.sinks:
+            raise ValueError(f"{n_sink} sinks, the spec keeps {self.spec.sinks}")
+        for what, lay, part, d in zip(("body_k", "body_v"), self._layouts(),
+                                      (self.body_k, self.body_v), (D, Dv)):
+            if not self.n_body:
+                if part is not None:
+                    raise ValueError(f"{what} without body tokens")
+                continue
+            if self.n_body % self._flush_unit():
+                raise ValueError(f"n_body={self.n_body} is not whole flush units")
+            shapes = lay.shapes(B, H, self.n_body, d)
+            part = part if lay.bits is not None else (part,)
+            if not isinstance(part, tuple) or len(part) != len(shapes):
+                raise ValueError(f"{what} has {type(part).__name__}")
+            for i, (x, (shape, dtype)) in enumerate(zip(part, shapes)):
+                check(x, shape, dtype or fp, f"{what}[{i}]")
+        c = self.calibration
+        if c is not None:
+            for what, x, d in (("v_smooth", c.v_smooth, Dv), ("k_limit", c.k_limit, D),
+                               ("v_limit", c.v_limit, Dv)):
+                if x is not None:
+                    check(x, (H, d), x.dtype if isinstance(x, mx.array) else None, what)
+            c.check(self.spec, H, D, Dv)
+        if self.drift is not None:
+            check(self.drift, (2,), self.drift.dtype if isinstance(self.drift, mx.array)
+                  else None, "drift")
+        held = n_sink + self.n_body + n_res
+        contiguous = not self.n_body or (
+            self.body_start >= n_sink and self.body_start + self.n_body + n_res == self.offset)
+        if held > self.offset or not contiguous or (
+                self.max_size is None and self.window is None and held != self.offset):
+            raise ValueError(f"token counts do not add up (sinks {n_sink}, body {self.n_body} "
+                             f"from {self.body_start}, residual {n_res}, offset {self.offset})")
 
     @classmethod
     def from_state(cls, state, meta_state=None):
         obj = cls.__new__(cls)
         obj.state = state
         return obj
+
+
+def _state_digest(meta: dict, arrays) -> str:
+    """sha256 of a state: its meta JSON and every array's dtype, shape and bytes."""
+    h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+    for a in arrays:
+        for x in (a if isinstance(a, (tuple, list)) else (a,)):
+            if x is None:
+                h.update(b"|none")
+            else:
+                h.update(f"|{x.dtype}{tuple(x.shape)}|".encode())
+                h.update(memoryview(mx.contiguous(x)))
+    return h.hexdigest()
 
 
 def own_copy(x):

@@ -12,6 +12,7 @@ is the command line.
 """
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -51,6 +52,92 @@ class GGUFError(ValueError):
     """The GGUF file is missing, unreadable or not a llama model."""
 
 
+# ggml tensor types MLX reads: (elements per block, bytes per block)
+GGML_TYPES = {0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 8: (32, 34), 30: (1, 2)}
+# GGUF metadata value types: struct formats of the scalars; 8 string, 9 array
+GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q",
+                11: "q", 12: "d"}
+MAX_COUNT = 1 << 24  # tensors, keys or array items: more means a damaged header
+
+
+def check_layout(path: Path):
+    """Walk a GGUF file's header (metadata, tensor table) and check that
+    every count, string and tensor lies within the file, before MLX's reader
+    (which trusts them) maps it: a damaged file is a GGUFError, not a crash."""
+    import struct
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        def read(n):
+            if n < 0 or f.tell() + n > size:
+                raise GGUFError(f"{path} is truncated or damaged: the header reaches past "
+                                f"the end of the file ({size} bytes)")
+            return f.read(n)
+
+        def unpack(fmt):
+            return struct.unpack("<" + fmt, read(struct.calcsize(fmt)))[0]
+
+        def count(what):
+            n = unpack("Q")
+            if n > MAX_COUNT:
+                raise GGUFError(f"{path} is damaged: {n} {what}")
+            return n
+
+        def string(what):
+            raw = read(count(f"bytes in a {what}"))
+            try:
+                return raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise GGUFError(f"{path} is damaged: a {what} is not UTF-8") from e
+
+        def value(kind, key):
+            if kind == 8:
+                return string(f"string value of {key}")
+            if kind == 9:
+                item, n = unpack("I"), count(f"items in {key}")
+                if item == 9:
+                    raise GGUFError(f"{path}: nested arrays in {key}")
+                return [value(item, key) for _ in range(n)]
+            if kind not in GGUF_SCALARS:
+                raise GGUFError(f"{path} is damaged: {key} has value type {kind}")
+            return unpack(GGUF_SCALARS[kind])
+
+        read(4)
+        version = unpack("I")
+        if version not in (2, 3):
+            raise GGUFError(f"{path}: GGUF version {version} is not supported (2 or 3)")
+        n_tensors, n_kv = count("tensors"), count("metadata keys")
+        align = 32
+        for _ in range(n_kv):
+            key = string("metadata key")
+            v = value(unpack("I"), key)
+            if key == "general.alignment":
+                if type(v) is not int or v < 1 or v & (v - 1):
+                    raise GGUFError(f"{path}: general.alignment={v!r}")
+                align = v
+        tensors, names = [], set()
+        for _ in range(n_tensors):
+            name = string("tensor name")
+            n_dims = unpack("I")
+            if not 1 <= n_dims <= 4:
+                raise GGUFError(f"{path} is damaged: tensor {name} has {n_dims} dims")
+            dims = [unpack("Q") for _ in range(n_dims)]
+            kind, offset = unpack("I"), unpack("Q")
+            if kind not in GGML_TYPES:
+                raise GGUFError(f"{path}: tensor {name} has ggml type {kind}; MLX reads "
+                                "F32, F16, BF16, Q4_0, Q4_1 and Q8_0")
+            block, nbytes = GGML_TYPES[kind]
+            if name in names or min(dims) < 1 or dims[0] % block or offset % align:
+                raise GGUFError(f"{path} is damaged: tensor {name} dims {dims} offset {offset}")
+            names.add(name)
+            tensors.append((name, offset, math.prod(dims) // block * nbytes))
+        start = -(-f.tell() // align) * align
+    for name, offset, nbytes in tensors:
+        if start + offset + nbytes > size:
+            raise GGUFError(f"{path} is truncated or damaged: tensor {name} ends past the end "
+                            f"of the file")
+
+
 def read_gguf(path) -> Tuple[Dict[str, mx.array], dict]:
     path = Path(path)
     if not path.is_file():
@@ -59,6 +146,7 @@ def read_gguf(path) -> Tuple[Dict[str, mx.array], dict]:
         magic = f.read(4)
     if magic != b"GGUF":
         raise GGUFError(f"{path} is not a GGUF file (magic bytes {magic!r})")
+    check_layout(path)
     try:
         return mx.load(str(path), return_metadata=True)
     except Exception as e:
@@ -122,6 +210,12 @@ def model_config(meta: dict, has_output: bool) -> dict:
         "mlp_bias": False,
         "tie_word_embeddings": not has_output,
     }
+    sizes = {k: config[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                     "num_attention_heads", "num_key_value_heads", "head_dim",
+                                     "vocab_size", "max_position_embeddings")}
+    bad = {k: v for k, v in sizes.items() if not 0 < v < 1 << 31}
+    if bad or n_head % n_kv or head_dim % 2:
+        raise GGUFError(f"GGUF metadata gives impossible sizes {bad or sizes}")
     for name in ("bos", "eos", "padding"):
         key = f"tokenizer.ggml.{name}_token_id"
         if key in meta:
@@ -157,6 +251,11 @@ def convert_weights(
         else:
             raise GGUFError(f"Unexpected tensor in GGUF file: {base}")
         w = _dequantize(weights, base)
+        heads = {"attn_q": "num_attention_heads", "attn_k": "num_key_value_heads"}
+        if parts[-1] in heads and w.shape[0] != config[heads[parts[-1]]] * config["head_dim"]:
+            raise GGUFError(f"GGUF tensor {base} has {w.shape[0]} rows, the metadata's "
+                            f"{heads[parts[-1]]} x head_dim say "
+                            f"{config[heads[parts[-1]]] * config['head_dim']}")
         if _unpermute and parts[-1] == "attn_q":
             w = unpermute(w, config["num_attention_heads"])
         elif _unpermute and parts[-1] == "attn_k":
@@ -176,7 +275,11 @@ def build_tokenizer(meta: dict):
     tokens = list(meta["tokenizer.ggml.tokens"])
     merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
     vocab = {t: i for i, t in enumerate(tokens)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    try:
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False,
+                                   byte_fallback=False))
+    except Exception as e:  # tokenizers raises plain Exceptions
+        raise GGUFError(f"the GGUF vocabulary and merges disagree: {e}") from e
 
     pre = meta.get("tokenizer.ggml.pre", "gpt2")
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -246,6 +349,18 @@ def convert(
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} already exists and is not empty")
 
+    try:
+        return _convert(gguf_path, out_dir, weights, meta, dtype, _unpermute)
+    except (KeyError, TypeError, IndexError, AttributeError) as e:  # names or types damaged
+        raise GGUFError(f"{gguf_path} is damaged or not a llama GGUF file "
+                        f"({type(e).__name__}: {e})") from e
+    except GGUFError:
+        raise
+    except ValueError as e:
+        raise GGUFError(f"{gguf_path}: {e}") from e
+
+
+def _convert(gguf_path, out_dir, weights, meta, dtype, _unpermute) -> Path:
     config = model_config(meta, has_output="output.weight" in weights)
     file_type = int(_scalar(meta.get("general.file_type", -1)))
     gguf_type = FILE_TYPES.get(file_type, f"file_type {file_type}")

@@ -17,6 +17,7 @@ load_plan refuses a plan that is damaged, mismatched or made for another
 model (KVPlanError names the problem).
 """
 
+import hashlib
 import json
 import os
 import re
@@ -199,7 +200,7 @@ class KVPlan:
         sha = sha256_file(tmp)
         staged = {"plan": f"kv_plan.{sha[:12]}.json", "scales": f"kv_scales.{sha[:12]}.safetensors"}
         os.replace(tmp, folder / staged["scales"])
-        write_json(folder / staged["plan"], self.to_json(sha))
+        write_json(folder / staged["plan"], sealed(self.to_json(sha)))
         write_json(folder / "config.json", {**config, "mlx_kvq": staged})  # the new plan is in
         final = {"plan": PLAN_FILE, "scales": SCALES_FILE}
         for key in ("scales", "plan"):
@@ -209,6 +210,18 @@ class KVPlan:
             if leftover(f.name):
                 f.unlink()  # staged copies and leftovers of killed runs
         return folder / PLAN_FILE
+
+
+SEAL = "json_sha256"
+
+
+def _json_digest(d: dict) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+def sealed(d: dict) -> dict:
+    """The plan JSON with a sha256 of itself, which load_plan checks."""
+    return {**d, SEAL: _json_digest(d)}
 
 
 def leftover(name: str) -> bool:
@@ -251,8 +264,15 @@ def load_plan(folder, model=None) -> KVPlan:
     plan_path, scales_path = files
     try:
         d = json.loads(plan_path.read_text())
-        if d.get("format") != FORMAT or d.get("version") != FORMAT_VERSION:
+        if not isinstance(d, dict) or d.get("format") != FORMAT or \
+                d.get("version") != FORMAT_VERSION:
             raise KVPlanError(f"{plan_path}: not a {FORMAT} v{FORMAT_VERSION} file")
+        if SEAL in d:  # plans of earlier versions carry none
+            want = d.pop(SEAL)
+            if _json_digest(d) != want:
+                raise KVPlanError(f"{plan_path} is damaged (its sha256 differs): calibrate "
+                                  "again")
+        _check_json(d, plan_path)
         if sha256_file(scales_path) != d["scales"]["sha256"]:
             raise KVPlanError(f"{scales_path} does not match {plan_path.name} (sha256 differs): "
                             "damaged, or from another calibration; calibrate again")
@@ -276,8 +296,56 @@ def load_plan(folder, model=None) -> KVPlan:
     return plan
 
 
+def _check_json(d: dict, path: Path):
+    """Fields of the plan JSON of the types and values a plan has."""
+    def bad(field, value):
+        raise KVPlanError(f"{path}: {field}={value!r} is not valid")
+
+    def number(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x)
+
+    for key in ("model", "scheme", "calibration", "measurements", "scales"):
+        if not isinstance(d.get(key), dict):
+            bad(key, d.get(key))
+    sch = d["scheme"]
+    if not isinstance(sch.get("base"), str):
+        bad("scheme.base", sch.get("base"))
+    if not number(sch.get("smoothing_alpha")) or not 0 <= sch["smoothing_alpha"] <= 1:
+        bad("scheme.smoothing_alpha", sch.get("smoothing_alpha"))
+    if sch.get("target_bits") is not None and not number(sch["target_bits"]):
+        bad("scheme.target_bits", sch["target_bits"])
+    if not isinstance(d["scales"].get("sha256"), str):
+        bad("scales.sha256", d["scales"].get("sha256"))
+    if not isinstance(d.get("layers"), list) or not d["layers"]:
+        bad("layers", d.get("layers"))
+    for e in d["layers"]:
+        if not isinstance(e, dict):
+            bad("layers[]", e)
+        if type(e.get("layer")) is not int or e["layer"] < 0:
+            bad("layers[].layer", e.get("layer"))
+        for key in ("k_bits", "v_bits"):
+            if e.get(key) is not None and type(e[key]) is not int:
+                bad(f"layers[{e['layer']}].{key}", e[key])
+        if e.get("values") not in TRANSFORMS:
+            bad(f"layers[{e['layer']}].values", e.get("values"))
+    info = d["calibration"]
+    for key in ("date", "sha256"):
+        if key in info and not isinstance(info[key], str):
+            bad(f"calibration.{key}", info[key])
+    if "sources" in info and not (isinstance(info["sources"], list)
+                                  and all(isinstance(x, str) for x in info["sources"])):
+        bad("calibration.sources", info["sources"])
+
+
 def _check_tensors(plan: KVPlan, arrays):
-    """The plan tensors must say what the JSON says."""
+    """The plan tensors must say what the JSON says; statistics are finite
+    magnitudes of one shape."""
+    for i in plan.layers:
+        for name, a in plan.stats[i].items():
+            if a.shape != plan.stats[i]["k_absmax"].shape or a.ndim != 2 or \
+                    not np.isfinite(a).all() or (a < 0).any():
+                raise KVPlanError(f"{SCALES_FILE}: layers.{i}.{name} has shape {a.shape}, "
+                                  "or values that are not finite non-negative magnitudes")
     want = {k: np.array(v) for k, v in plan.tensors().items() if k.startswith("plan.")}
     for name, a in want.items():
         if name not in arrays or not np.array_equal(np.array(arrays[name]), a):

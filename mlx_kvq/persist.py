@@ -46,7 +46,27 @@ def save_prompt_cache(file_name, cache, metadata=None, model=None, fingerprint=N
         fingerprint = model_fingerprint(model)
     if fingerprint is not None:
         meta["mlx_kvq_model"] = fingerprint
+    meta.pop(DIGEST_KEY, None)
+    meta[DIGEST_KEY] = _digest(meta, cache)
     mlx_cache.save_prompt_cache(str(file_name), cache, meta)
+
+
+DIGEST_KEY = "mlx_kvq_sha256"
+
+
+def _digest(meta: dict, cache) -> str:
+    """sha256 of the metadata, the layers' classes and the states of layers
+    other than KVQCache (whose states carry their own)."""
+    h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+    for c in cache:
+        h.update(f"|{type(c).__name__}".encode())
+        if not isinstance(c, KVQCache):
+            for _, x in tree_flatten(c.state):
+                h.update(f"|{x.dtype}{tuple(x.shape)}|".encode() if isinstance(x, mx.array)
+                         else repr(x).encode())
+                if isinstance(x, mx.array):
+                    h.update(memoryview(mx.contiguous(x)))
+    return h.hexdigest()
 
 
 def load_prompt_cache(file_name, return_metadata=False, model=None, spec=None,
@@ -58,6 +78,10 @@ def load_prompt_cache(file_name, return_metadata=False, model=None, spec=None,
         cache, meta = mlx_cache.load_prompt_cache(str(file_name), return_metadata=True)
     except Exception as e:  # mx.load and the state setter raise many kinds
         raise ValueError(f"cannot load prompt cache {file_name}: {e}") from e
+    if DIGEST_KEY in meta:  # files of earlier versions carry none
+        want = meta.pop(DIGEST_KEY)
+        if _digest(meta, cache) != want:
+            raise ValueError(f"prompt cache {file_name} is damaged: its sha256 differs")
     if model is not None and "mlx_kvq_model" in meta:
         fingerprint = fingerprint or model_fingerprint(model)
         if meta["mlx_kvq_model"] != fingerprint:

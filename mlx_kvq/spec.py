@@ -41,19 +41,21 @@ class KVQuantSpec:
     def __post_init__(self):
         for name in ("k_bits", "v_bits"):
             b = getattr(self, name)
-            if b is not None and b not in VALID_BITS:
+            if b is not None and (type(b) is not int or b not in VALID_BITS):
                 raise ValueError(
                     f"{name}={b!r} is not supported; use one of {VALID_BITS} or None"
                 )
-        if self.key_axis not in KEY_AXES:
+        if not isinstance(self.key_axis, str) or self.key_axis not in KEY_AXES:
             raise ValueError(f"key_axis={self.key_axis!r}; use one of {KEY_AXES}")
-        if self.group_size not in VALID_GROUPS:
+        if not isinstance(self.rotate, bool):
+            raise ValueError(f"rotate={self.rotate!r} must be True or False")
+        if type(self.group_size) is not int or self.group_size not in VALID_GROUPS:
             raise ValueError(
                 f"group_size={self.group_size!r}; use one of {VALID_GROUPS}"
             )
         for name in ("residual", "sinks"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 0:
+            if type(v) is not int or v < 0:
                 raise ValueError(f"{name}={v!r} must be a non-negative integer")
         if (
             self.key_axis == "channel"
@@ -105,8 +107,8 @@ class KVQuantSpec:
             return "16" if x is None else str(x)
 
         label = f"k{b(self.k_bits)}v{b(self.v_bits)}"
-        if not self.quantized:
-            return label
+        if not self.quantized and self == KVQuantSpec(k_bits=None, v_bits=None):
+            return label  # a 16-bit spec's options count when they are not the defaults
         label += f"-g{self.group_size}-r{self.residual}-s{self.sinks}"
         if self.key_axis == "token":
             label += "-ktok"
@@ -147,26 +149,35 @@ class KVQuantSpec:
         if text in PRESETS:
             base = PRESETS[text]
             return replace(base, **overrides) if overrides else base
-        m = re.fullmatch(r"k(\d+)v(\d+)((?:-[a-z]+\d*)*)", text)
+        m = re.fullmatch(r"k([0-9]+)v([0-9]+)((?:-[a-z]+[0-9]*)*)", text)
         if not m:
             raise ValueError(
                 f"cannot parse KV spec {s!r}: use a preset ({', '.join(PRESETS)}) "
                 "or a label like k4v2, k4v4-g64-r128-s4-rot"
             )
+        def number(name, raw):
+            if len(raw) > 6:
+                raise ValueError(f"{name}={raw[:12]}{'...' if len(raw) > 12 else ''} is "
+                                 f"out of range in KV spec {s!r}")
+            return int(raw)
+
         fields = {}
         for name, raw in (("k_bits", m.group(1)), ("v_bits", m.group(2))):
-            fields[name] = None if raw == "16" else int(raw)
+            fields[name] = None if raw == "16" else number(name, raw)
         for part in filter(None, m.group(3).split("-")):
-            opt = re.fullmatch(r"([a-z]+)(\d*)", part)
+            opt = re.fullmatch(r"([a-z]+)([0-9]*)", part)
             key, num = opt.group(1), opt.group(2)
             if key in _NUMERIC_OPTS and num:
-                fields[_NUMERIC_OPTS[key]] = int(num)
+                name, value = _NUMERIC_OPTS[key], number(_NUMERIC_OPTS[key], num)
             elif key == "rot" and not num:
-                fields["rotate"] = True
+                name, value = "rotate", True
             elif key == "ktok" and not num:
-                fields["key_axis"] = "token"
+                name, value = "key_axis", "token"
             else:
                 raise ValueError(f"unknown option {part!r} in KV spec {s!r}")
+            if name in fields:
+                raise ValueError(f"{name} is given twice ({part!r}) in KV spec {s!r}")
+            fields[name] = value
         fields.update(overrides)
         return cls(**fields)
 

@@ -152,6 +152,10 @@ def test_corrupt_files_refused(baked, tmp_path):
     d = json.loads(good_plan)
     d["scales"]["sha256"] = sha256_file(scales)
     plan_file.write_text(json.dumps(d))
+    with pytest.raises(K.KVPlanError, match="its sha256 differs"):  # the JSON's own seal
+        K.load_plan(folder, baked[1])
+    d.pop(K.SEAL)
+    plan_file.write_text(json.dumps(K.sealed(d)))
     with pytest.raises(K.KVPlanError, match="corrupt"):
         K.load_plan(folder, baked[1])
 
@@ -164,9 +168,41 @@ def test_plan_tensors_must_agree_with_json(baked, tmp_path):
     folder = _copy(baked[0], tmp_path)
     d = json.loads((folder / K.PLAN_FILE).read_text())
     d["layers"][0]["k_bits"] = 8 if d["layers"][0]["k_bits"] != 8 else 2
-    (folder / K.PLAN_FILE).write_text(json.dumps(d))
+    d.pop(K.SEAL)
+    (folder / K.PLAN_FILE).write_text(json.dumps(K.sealed(d)))
     with pytest.raises(K.KVPlanError, match="disagrees"):
         K.load_plan(folder)
+
+
+@pytest.mark.parametrize("where, key, value", [
+    ("calibration", None, True), ("scheme", "smoothing_alpha", "0.5"),
+    ("layers", "values", "squash"), ("layers", "k_bits", 4.0), ("model", None, [])])
+def test_plan_json_fields_of_wrong_types_refused(baked, tmp_path, where, key, value):
+    """Found by fuzzing: a plan JSON with a field of another type loaded and
+    failed later (AttributeError) or made caches of float bits."""
+    folder = _copy(baked[0], tmp_path)
+    d = json.loads((folder / K.PLAN_FILE).read_text())
+    d.pop(K.SEAL)
+    if key is None:
+        d[where] = value
+    elif where == "layers":
+        d["layers"][0][key] = value
+    else:
+        d[where][key] = value
+    (folder / K.PLAN_FILE).write_text(json.dumps(K.sealed(d)))
+    with pytest.raises(K.KVPlanError, match=f"{where}.*is not valid"):
+        K.load_plan(folder, baked[1])
+
+
+def test_a_flipped_character_in_the_plan_json_is_caught(baked, tmp_path):
+    """Found by fuzzing: one flipped bit in kv_plan.json (a key name, the
+    base spec) loaded a different plan unnoticed."""
+    folder = _copy(baked[0], tmp_path)
+    text = (folder / K.PLAN_FILE).read_text()
+    base = json.loads(text)["scheme"]["base"]
+    (folder / K.PLAN_FILE).write_text(text.replace(f'"{base}"', f'"{base.replace("-s4", "-s5")}"'))
+    with pytest.raises(K.KVPlanError, match="its sha256 differs"):
+        K.load_plan(folder, baked[1])
 
 
 def test_drift_counter_counts_injected_outliers(tmp_path):

@@ -103,7 +103,8 @@ RUNTIME = ("mlx_kvq.__init__", "mlx_kvq.blas", "mlx_kvq.distributed", "mlx_kvq.s
            "mlx_kvq.kvplan", "mlx_kvq.files", "mlx_kvq.report", "mlx_kvq.gguf")
 TOOLS = ("mlx_kvq.converters", "mlx_kvq.apps", "mlx_kvq.evaluate", "mlx_kvq.bench",
          "mlx_kvq.bench_ranks",
-         "mlx_kvq.plan", "mlx_kvq.plots", "mlx_kvq.corpus", "mlx_kvq.generate")
+         "mlx_kvq.plan", "mlx_kvq.plots", "mlx_kvq.corpus", "mlx_kvq.generate",
+         "mlx_kvq.fuzz", "mlx_kvq.fuzz_cache", "mlx_kvq.fuzz_files")
 
 
 def test_the_runtime_imports_no_tool():

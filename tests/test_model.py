@@ -128,7 +128,7 @@ def test_bad_gguf(tmp_path):
         gguf.convert(junk, tmp_path / "out")
     with open(models.default_gguf_path(), "rb") as f:
         (tmp_path / "truncated.gguf").write_bytes(f.read(1 << 20))
-    with pytest.raises(gguf.GGUFError, match="Could not read"):
+    with pytest.raises(gguf.GGUFError, match="truncated or damaged"):
         gguf.convert(tmp_path / "truncated.gguf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
     with pytest.raises(SystemExit) as e:
@@ -181,3 +181,63 @@ def test_load_texts(tmp_path):
         corpus.load_texts(tmp_path / "bad.jsonl")
     with pytest.raises(FileNotFoundError):
         corpus.load_texts(tmp_path / "missing.txt")
+
+
+def test_damaged_gguf_headers_are_refused_not_crashes(tmp_path):
+    """Found by fuzzing: MLX's GGUF reader trusts the header's counts and
+    crashed (SIGSEGV) on a damaged one; the header is now walked first. In a
+    subprocess, so that a crash fails this test, not the run."""
+    import struct
+    import subprocess
+    import sys
+
+    from mlx_kvq import fuzz_files
+
+    good = fuzz_files.tiny_gguf(tmp_path).read_bytes()
+    for name, at, value in (("key_length", 24, 1 << 40), ("n_tensors", 8, 1 << 40),
+                            ("n_kv", 16, 10 ** 6)):
+        b = bytearray(good)
+        b[at:at + 8] = struct.pack("<Q", value)
+        (tmp_path / f"{name}.gguf").write_bytes(bytes(b))
+    code = ("import sys, mlx_kvq\nfrom mlx_kvq import gguf\n"
+            "for name in sys.argv[2:]:\n"
+            "    try:\n"
+            "        gguf.convert(f'{sys.argv[1]}/{name}.gguf', f'{sys.argv[1]}/out')\n"
+            "    except gguf.GGUFError as e:\n"
+            "        print(name, 'refused:', e)\n")
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path), "key_length", "n_tensors",
+                          "n_kv"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-1000:]
+    assert run.stdout.count("refused:") == 3 and "damaged" in run.stdout, run.stdout
+
+
+def test_damaged_gguf_names_are_gguf_errors(tmp_path):
+    """Found by fuzzing: a flipped bit in a tensor or metadata name gave a
+    KeyError, in the merges a tokenizers Exception."""
+    from mlx_kvq import fuzz_files
+
+    good = fuzz_files.tiny_gguf(tmp_path).read_bytes()
+    for old, new in ((b"blk.0.attn_v.weight", b"blk.0.attn_v.weeght"),
+                     (b"tokenizer.ggml.merges", b"tokenizer.ggml.merget"),
+                     (b"a b", b"a c")):
+        (tmp_path / "d.gguf").write_bytes(good.replace(old, new, 1))
+        with pytest.raises(gguf.GGUFError):
+            gguf.convert(tmp_path / "d.gguf", tmp_path / "out", overwrite=True)
+
+
+def test_gguf_head_counts_that_do_not_fit_are_gguf_errors(tmp_path):
+    """Found by fuzzing: a flipped bit in a head count reached the Q/K
+    un-permutation (RuntimeError std::bad_cast from the reshape)."""
+    import struct
+
+    from mlx_kvq import fuzz_files
+
+    good = fuzz_files.tiny_gguf(tmp_path).read_bytes()
+    key = b"llama.attention.head_count\x04\x00\x00\x00"  # a u32 follows
+    at = good.index(key) + len(key)
+    for heads, msg in ((2 + (1 << 31), "impossible sizes"), (4, "rows")):
+        b = bytearray(good)
+        b[at:at + 4] = struct.pack("<I", heads)
+        (tmp_path / "d.gguf").write_bytes(bytes(b))
+        with pytest.raises(gguf.GGUFError, match=msg):
+            gguf.convert(tmp_path / "d.gguf", tmp_path / "out", overwrite=True)

@@ -5,6 +5,8 @@ import pytest
 from mlx_kvq import KVQCache, KVQuantSpec
 from mlx_kvq import quant
 from mlx_kvq.attention import kvq_attention
+from mlx_kvq.cache import Layout
+from mlx_kvq.fuzz_cache import quantization_bound
 
 
 def cached_kv(cache):
@@ -25,15 +27,15 @@ def cached_kv(cache):
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_quantize_error_bound(bits, group):
-    x = mx.random.normal((4, 3, 256)) * mx.array([1.0, 10.0, 0.1])[None, :, None]
+    x = mx.random.normal((4, 3, 1, 256)) * mx.array([1.0, 10.0, 0.1])[None, :, None, None]
     q = quant.quantize(x, bits, group)
-    err = mx.abs(quant.dequantize(q, bits, group) - x)
-    xg = x.reshape(4, 3, -1, group)
+    err = np.array(mx.abs(quant.dequantize(q, bits, group) - x))
     # mx.quantize keeps zero exactly representable, so the worst case is one
-    # step (not half) of the group's range; fp16 scales add a little.
-    step = (xg.max(-1) - xg.min(-1)) / (2**bits - 1)
-    bound = (1.01 * step + 2e-3 * mx.abs(xg).max(-1))[..., None]
-    assert bool(mx.all(err.reshape(xg.shape) <= bound)), float(err.max())
+    # step (not half) of the group's range; fp16 scales add a little. The
+    # bound the fuzzer holds every cached token to.
+    x = np.array(x)
+    bound = quantization_bound(x, np.zeros_like(x), Layout(bits, group, False), rotated=False)
+    assert (err <= bound).all(), float(err.max())
 
 
 # Errors on unit normal data: max within one step of a group's range (~9
@@ -150,7 +152,10 @@ def test_max_size_keeps_sinks_and_recent_tokens():
     cache = KVQCache(spec, max_size=200)
     k, v = mx.random.normal((1, 1, 1000, 64)), mx.random.normal((1, 1, 1000, 64))
     for i in range(0, 1000, 25):
-        cache.update_and_fetch(k[:, :, i:i + 25], v[:, :, i:i + 25])
+        cache.update_and_fetch(k[:, :, i:i + 24], v[:, :, i:i + 24])
+        # the chunk's tokens stay for its queries; older ones go
+        assert cache.size() <= 200 + 23 and cache.offset - cache.body_start >= 24
+        cache.update_and_fetch(k[:, :, i + 24:i + 25], v[:, :, i + 24:i + 25])
         assert cache.size() <= 200
     segs = cache.segments()
     assert segs[0].start == 0 and segs[0].length == 4
@@ -195,3 +200,87 @@ def test_memory_held_is_what_nbytes_reports():
     del k
     held = mx.get_active_memory() - before
     assert held <= 1.1 * cache.nbytes, (held, cache.nbytes)
+
+
+# Found by fuzzing (mlx_kvq.fuzz) -----------------------------------------------
+
+
+def test_dequantized_of_a_cache_trimmed_to_nothing():
+    cache = KVQCache("k2v2-g32-r0-s0")
+    cache.update_and_fetch(mx.zeros((1, 1, 1, 64)), mx.zeros((1, 1, 1, 64)))
+    cache.trim(1)
+    k, v = cache.dequantized()
+    assert k.shape == (1, 1, 0, 64) and v.shape == (1, 1, 0, 64)
+
+
+def test_a_chunk_longer_than_max_kv_size_keeps_its_context():
+    """The chunk's tokens stay for its own queries (as in mlx-lm's rotating
+    cache); evicting them gave the first queries no keys at all."""
+    k, v = mx.random.normal((1, 1, 193, 64)), mx.random.normal((1, 1, 193, 64))
+    q = mx.random.normal((1, 1, 193, 64))
+    outs = []
+    for max_size in (192, None):
+        cache = KVQCache("k2v2-g64-r128-s0", max_size=max_size)
+        cache.update_and_fetch(k, v)
+        outs.append(kvq_attention(q, cache, scale=0.125, mask=cache.make_mask(193)))
+    assert mx.allclose(outs[0], outs[1], atol=1e-5).item()
+    cache.update_and_fetch(k[:, :, :1], v[:, :, :1])  # the next step evicts
+    bounded = KVQCache("k2v2-g64-r128-s0", max_size=192)
+    bounded.update_and_fetch(k, v)
+    bounded.update_and_fetch(k[:, :, :1], v[:, :, :1])
+    assert bounded.size() <= 192 < cache.size()
+
+
+def _saved(tmp_path):
+    from mlx_kvq import persist
+
+    cache = KVQCache("k4v2-g32-r32-s4")
+    cache.update_and_fetch(mx.random.normal((1, 2, 150, 64)), mx.random.normal((1, 2, 150, 64)))
+    path = tmp_path / "c.safetensors"
+    persist.save_prompt_cache(path, [cache], metadata={"chat": "abc"})
+    return path, cache
+
+
+def test_a_flipped_bit_in_a_cache_file_is_caught(tmp_path):
+    """A flip in a tensor or in the metadata loaded other tokens (or other
+    metadata) unnoticed; the states and the file now carry sha256s."""
+    from mlx_lm.models.cache import load_prompt_cache as mlx_load
+
+    from mlx_kvq import persist
+
+    path, _ = _saved(tmp_path)
+    data = path.read_bytes()
+    for at in (len(data) - 100, data.index(b"abc")):
+        b = bytearray(data)
+        b[at] ^= 4
+        path.write_bytes(bytes(b))
+        with pytest.raises(ValueError, match=f"{path}.*(sha256 differs|damaged)"):
+            persist.load_prompt_cache(path)
+    b = bytearray(data)
+    b[len(data) - 100] ^= 4
+    path.write_bytes(bytes(b))
+    with pytest.raises(ValueError, match="corrupt KVQCache state: sha256 differs"):
+        mlx_load(str(path))
+
+
+@pytest.mark.parametrize("entry, make", [
+    (3, lambda x: x[:, :, 1:]),                 # a residual a token short
+    (1, lambda x: x.astype(mx.float32)),        # sinks of another dtype
+    (5, lambda x: (x[0], x[1][..., :1], x[2])),  # body scales of the wrong shape
+])
+def test_a_state_of_wrong_shapes_is_refused(entry, make):
+    """A state whose digest matches but whose arrays do not fit its counts
+    (a writer with a bug) loaded and failed later, or read garbage."""
+    import json
+
+    from mlx_kvq.cache import _state_digest
+
+    cache = KVQCache("k4v2-g32-r32-s4")
+    cache.update_and_fetch(mx.random.normal((1, 2, 150, 64)), mx.random.normal((1, 2, 150, 64)))
+    state = list(cache.state)
+    state[entry] = make(state[entry])
+    meta = json.loads(state[0])
+    meta.pop("sha256")
+    state[0] = json.dumps(meta | {"sha256": _state_digest(meta, state[1:])})
+    with pytest.raises(ValueError, match="corrupt KVQCache state: .* is "):
+        KVQCache.from_state(state)

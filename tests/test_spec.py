@@ -53,3 +53,24 @@ def test_validate_for_head_dim():
 def test_unparsable(text):
     with pytest.raises(ValueError):
         KVQuantSpec.from_string(text)
+
+
+@pytest.mark.parametrize("text, field", [
+    ("k4v4-g32-g64", "group_size is given twice"),
+    ("k4v4-rot-rot", "rotate is given twice"),
+    ("k4v4-s" + "9" * 5000, "sinks=999999999999... is out of range"),
+    ("k\u0664v4", "cannot parse"),  # digits are ASCII
+])
+def test_ambiguous_or_absurd_labels_refused(text, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        KVQuantSpec.from_string(text)
+
+
+def test_16_bit_specs_keep_their_options_in_the_label():
+    s = KVQuantSpec.from_string("k16v16-g64-r5-s0")
+    assert str(s) == "k16v16-g64-r5-s0" and KVQuantSpec.from_string(str(s)) == s
+    assert str(KVQuantSpec(k_bits=None, v_bits=None)) == "k16v16"
+    with pytest.raises(ValueError, match="k_bits=4.0"):
+        KVQuantSpec(k_bits=4.0)
+    with pytest.raises(ValueError, match="rotate"):
+        KVQuantSpec(rotate=1)
