@@ -45,9 +45,8 @@ def _ours(exc) -> bool:
     return f"{os.sep}mlx_kvq{os.sep}" in tb.tb_frame.f_code.co_filename
 
 
-def _same_caches(a, b, only_ours=False) -> bool:
-    """Same layers and contents (`only_ours`: of the KVQCache layers; mlx-lm's
-    loader knows nothing of the file's digest over its own layers)."""
+def _same_caches(a, b) -> bool:
+    """Same layers and contents."""
     if [type(x) for x in a] != [type(x) for x in b]:
         return False
     for x, y in zip(a, b):
@@ -58,7 +57,7 @@ def _same_caches(a, b, only_ours=False) -> bool:
             if x.size() and not all(mx.array_equal(p, q).item()
                                     for p, q in zip(x.dequantized(), y.dequantized())):
                 return False
-        elif not only_ours and not all(mx.array_equal(p, q).item()
+        elif not all(mx.array_equal(p, q).item()
                                        for p, q in zip(x.state, y.state)):
             return False
     return True
@@ -87,7 +86,8 @@ def cache_file(folder: Path) -> tuple:
 
 def check_cache_file(path, original, kind):
     """Our loader: a ValueError/OSError naming the file, or what was saved.
-    mlx-lm's: errors of our code are ValueErrors, and what loads was saved."""
+    mlx-lm's (no digest): errors of our code are ValueErrors, and what loads
+    is a cache that works."""
     try:
         got, meta = persist.load_prompt_cache(path, return_metadata=True)
     except (ValueError, OSError) as e:
@@ -102,8 +102,7 @@ def check_cache_file(path, original, kind):
         assert not _ours(e) or isinstance(e, ValueError), \
             f"mlx-lm's loader: our code raised {type(e).__name__}: {e}"
     else:
-        assert _same_caches(got, original, only_ours=True), \
-            f"{kind} file loaded (mlx-lm) other caches"
+        _works(got)
 
 
 WRONG = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.integers(-10 ** 6, 10 ** 12),
@@ -115,15 +114,12 @@ WRONG = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.integers(-10 
 @st.composite
 def forged_states(draw, caches):
     """Cache states with one JSON field of a wrong type or value, or one array
-    of a wrong shape or dtype, their digests recomputed: a writer with a bug."""
-    from .cache import _state_digest
-
+    of a wrong shape or dtype, sealed by persist as they are: a writer with a bug."""
     caches = [c for c in caches if isinstance(c, KVQCache)]
     states = [list(c.state) for c in caches]
     i = draw(st.integers(0, len(states) - 1), label="layer")
     state = states[i]
     meta = json.loads(state[0])
-    meta.pop("sha256")
     if draw(st.booleans()):
         field = draw(st.sampled_from(sorted(meta) + ["spec.k_bits", "spec.group_size",
                                                      "spec.residual", "spec.sinks"]))
@@ -145,7 +141,7 @@ def forged_states(draw, caches):
             x = draw(_wrong_array(x))
             what = f"layer {i}: state[{j}] -> {_shape(x)}"
         state[j] = x
-    state[0] = json.dumps(meta | {"sha256": _state_digest(meta, state[1:])})
+    state[0] = json.dumps(meta)
     return _Forgery(states, what)
 
 
@@ -208,12 +204,19 @@ def check_forged(path, states, original):
             assert isinstance(e, ValueError) or not _ours(e), \
                 f"forged file: our code raised {type(e).__name__}: {e}"
             continue
-        for c in got:
-            if c.size():
-                c.dequantized()
-            B, H, D, Dv = c.dims or (1, 2, 64, 64)
-            c.update_and_fetch(mx.zeros((B, H, 1, D)), mx.zeros((B, H, 1, Dv)))
-            kvq_attention(mx.zeros((B, H, 1, D)), c, scale=0.125)
+        _works(got)
+
+
+def _works(caches):
+    """Every KVQCache layer reads back, takes a token and attends."""
+    for c in caches:
+        if not isinstance(c, KVQCache):
+            continue
+        if c.size():
+            c.dequantized()
+        B, H, D, Dv = c.dims or (1, 2, 64, 64)
+        c.update_and_fetch(mx.zeros((B, H, 1, D)), mx.zeros((B, H, 1, Dv)))
+        kvq_attention(mx.zeros((B, H, 1, D)), c, scale=0.125)
 
 
 def tiny_gguf(folder: Path) -> Path:

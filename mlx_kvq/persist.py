@@ -3,7 +3,11 @@
 Files are mlx-lm prompt-cache files (mlx_lm.models.cache.load_prompt_cache
 reads them once mlx_kvq is imported); these wrappers add the KV spec and a
 model fingerprint to the metadata and refuse a file made for another model or
-spec, or a file that is damaged.
+spec, or a file that is damaged: save_prompt_cache seals the file with a
+sha256 of its metadata and every layer's state, which load_prompt_cache
+checks. mlx-lm's own loader checks no digest: a damaged file it reads loads
+as a structurally valid cache (KVQCache's state setter checks shapes, dtypes
+and token counts) or fails with a ValueError.
 """
 
 import hashlib
@@ -55,17 +59,16 @@ DIGEST_KEY = "mlx_kvq_sha256"
 
 
 def _digest(meta: dict, cache) -> str:
-    """sha256 of the metadata, the layers' classes and the states of layers
-    other than KVQCache (whose states carry their own)."""
+    """sha256 of the metadata, the layers' classes and every layer's state
+    (arrays: dtype, shape and bytes), as saved and as loaded."""
     h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
     for c in cache:
         h.update(f"|{type(c).__name__}".encode())
-        if not isinstance(c, KVQCache):
-            for _, x in tree_flatten(c.state):
-                h.update(f"|{x.dtype}{tuple(x.shape)}|".encode() if isinstance(x, mx.array)
-                         else repr(x).encode())
-                if isinstance(x, mx.array):
-                    h.update(memoryview(mx.contiguous(x)))
+        for _, x in tree_flatten(c.state):
+            h.update(f"|{x.dtype}{tuple(x.shape)}|".encode() if isinstance(x, mx.array)
+                     else repr(x).encode())
+            if isinstance(x, mx.array):
+                h.update(memoryview(mx.contiguous(x)))
     return h.hexdigest()
 
 
