@@ -1,0 +1,562 @@
+"""Fault harnesses for mlx_kvq.assistant, run by the tests and by
+mlx_kvq.reliability: the server in a subprocess on a data dir, killed,
+starved and flooded, and what it must still do afterwards.
+
+    Assistant        the server in a subprocess (stderr, its log, to a file)
+    kill_rounds      SIGKILL at aimed moments (prefill, decode, conversation
+                     save, cache save, sidecar save, parking), restart, check:
+                     every answered turn is there with its messages, every
+                     conversation loads (its cache resumes, or is rebuilt with
+                     a logged reason), no temporary files are left, it serves
+    slow_clients     half-open and slow-byte connections, a streamer that never
+                     reads, a client that disconnects mid-reply, more
+                     connections than --max-connections, around a good request
+    memory_pressure  documents and turns against a budget just above the
+                     weights: served or refused with the budget message, peak
+                     memory within the budget
+
+Save and park moments are aimed at with the store's fault points
+($MLX_KVQ_ASSISTANT_PAUSE, see store.py: the process hangs there and is
+killed); prefill and decode ones by killing a random time after a request
+starts, or after a random number of streamed tokens. Each harness returns a
+dict of figures; a fixed seed replays the same faults.
+"""
+
+import json
+import os
+import queue
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from .store import PAUSE_ENV
+
+START_TIMEOUT = 180
+SAVE_POINTS = ("conversation-save", "cache-save", "sidecar-save")
+MOMENTS = ("prefill", "decode", *SAVE_POINTS, "park")
+PREFILL_STEP = 64
+TOPICS = ("rivers", "bread", "owls", "tides", "glass", "maps", "bees", "snow")
+
+
+class Assistant:
+    """`mlx_kvq.assistant` in a subprocess on a free loopback port."""
+
+    def __init__(self, data_dir, *args, log_file, env: Optional[dict] = None):
+        self.log_file = Path(log_file)
+        cmd = [sys.executable, "-m", "mlx_kvq.apps.assistant", "--port", "0",
+               "--data-dir", str(data_dir), *args]
+        with open(self.log_file, "a") as err:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
+                                         env={**os.environ, **(env or {})})
+        lines = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(x) for x in self.proc.stdout],
+                         daemon=True).start()
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                line = lines.get(timeout=0.5)
+            except queue.Empty:
+                line = ""
+            m = re.search(r"serving (http://\S+/)", line)
+            if m:
+                break
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the assistant did not start:\n{self.log()}")
+        self.url = m.group(1)
+        host, port = re.match(r"http://([^:/]+):(\d+)/", self.url).groups()
+        self.host, self.port = host, int(port)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=60)
+
+    def kill(self):
+        """SIGKILL: no handler runs, nothing is flushed."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=60)
+
+    def log(self) -> str:
+        return self.log_file.read_text(errors="replace")
+
+    def threads(self) -> int:
+        """Threads of the server process now (Linux)."""
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(re.search(r"Threads:\s+(\d+)", status).group(1))
+
+    def client(self):
+        import openai
+
+        return openai.OpenAI(base_url=self.url + "v1", api_key="unused", max_retries=0,
+                             timeout=120)
+
+    def request(self, method, path, body=None, headers=None, timeout=120):
+        """(status, JSON body) of a raw request; `body` bytes are sent as is."""
+        import http.client
+
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        try:
+            if body is not None and not isinstance(body, bytes):
+                body = json.dumps(body).encode()
+            conn.request(method, path, body=body, headers=headers or {})
+            resp = conn.getresponse()
+            data = resp.read()
+        finally:
+            conn.close()
+        return resp.status, json.loads(data) if data else None
+
+    def info(self) -> dict:
+        return self.request("GET", "/api/info")[1]
+
+    def connect(self, rcvbuf: Optional[int] = None) -> socket.socket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf:  # before connecting, so the window stays small
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        s.settimeout(60)
+        s.connect((self.host, self.port))
+        return s
+
+    def raw_post(self, path: str, body: dict) -> bytes:
+        """A whole POST request as bytes."""
+        data = json.dumps(body).encode()
+        return (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+                "\r\n").encode() + data
+
+    def wait_log(self, text: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            if text in self.log():
+                return True
+            if self.proc.poll() is not None or time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
+
+def chat(server: Assistant, cid: str, text: str, max_tokens: int, timeout=120) -> dict:
+    """One turn on conversation `cid` (its history is kept by the server)."""
+    status, body = server.request("POST", "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
+        "conversation": cid}, timeout=timeout)
+    if status != 200:
+        raise RuntimeError(f"turn on {cid} answered {status}: {body}")
+    return body
+
+
+# -- kill rounds ---------------------------------------------------------------
+
+
+def temp_files(data_dir: Path) -> List[str]:
+    return sorted(str(p.relative_to(data_dir)) for p in Path(data_dir).rglob("*")
+                  if ".tmp" in p.name)
+
+
+def _check_restart(server: Assistant, data_dir: Path, answered: dict, log_from: int) -> dict:
+    """After a restart: answered turns present, conversations load, no
+    temporary files. Returns figures for this round."""
+    out = {"turns_lost": 0, "rebuilt": 0, "unexplained": [], "temp_files": temp_files(data_dir)}
+    log = server.log()[log_from:]
+    for cid, expected in answered.items():
+        status, body = server.request("GET", f"/api/conversations/{cid}")
+        if status != 200:
+            out["turns_lost"] += len(expected) // 2
+            out["unexplained"].append(f"{cid}: GET answered {status}")
+            continue
+        saved = [(m["role"], m["content"]) for m in body["conversation"]["messages"]]
+        if saved[:len(expected)] != expected:  # a lost or changed answered turn
+            same = next((i for i, (a, b) in enumerate(zip(saved, expected)) if a != b),
+                        min(len(saved), len(expected)))
+            out["turns_lost"] += (len(expected) - same + 1) // 2
+            out["unexplained"].append(f"{cid}: saved messages differ from the answered ones")
+        answered[cid] = saved  # later turns build on what is on disk
+        note = body["memory"]["note"]
+        if note:
+            out["rebuilt"] += 1
+            if f"conversation {cid}: saved KV cache refused" not in log:
+                out["unexplained"].append(f"{cid}: cache refused without a log line")
+    return out
+
+
+def _aimed_turns(server: Assistant, rng: random.Random, moment: str, answered: dict,
+                 max_tokens: int, timeout: float = 60.0) -> str:
+    """Answer turns until the moment is reached, then kill. Returns what was hit."""
+    def pick():
+        if answered and rng.random() < 0.6:
+            return rng.choice(sorted(answered))
+        return f"k{rng.randrange(1 << 30):08x}"
+
+    def turn(cid, text):
+        body = chat(server, cid, text, max_tokens)
+        reply = body["choices"][0]["message"]["content"]
+        answered.setdefault(cid, []).extend([("user", text), ("assistant", reply)])
+
+    if moment in ("prefill", "decode"):
+        for _ in range(rng.randint(0, 2)):  # some answered turns first
+            turn(pick(), f"Tell me about {rng.choice(TOPICS)}.")
+        cid = pick()
+        long_prompt = moment == "prefill"
+        text = (f"Here are notes on {rng.choice(TOPICS)}. " * (60 if long_prompt else 1)
+                + "Summarize them.")
+        sock = server.connect()
+        sock.sendall(server.raw_post("/v1/chat/completions", {
+            "messages": [{"role": "user", "content": text}], "max_tokens": 64,
+            "stream": True, "conversation": cid}))
+        if long_prompt:  # somewhere in the prefill
+            time.sleep(rng.uniform(0.05, 0.6))
+            hit = "prefill"
+        else:  # after a random number of streamed tokens
+            want, got, buf = rng.randint(1, 12), 0, b""
+            sock.settimeout(timeout)
+            while got < want:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                buf += chunk
+                got = buf.count(b'"content"') - 1  # the first chunk carries the role
+            hit = "decode"
+        server.kill()
+        sock.close()
+        return hit
+    # Save and park points: the server hangs there; answer turns until it does.
+    paused = f"paused at {moment}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not server.wait_log(paused, 0):
+        cid = pick() if moment != "park" else f"k{rng.randrange(1 << 30):08x}"
+        text = (f"Say something about {rng.choice(TOPICS)}. " * (1 if moment != "park" else 8))
+
+        def attempt():
+            try:
+                turn(cid, text)
+            except (OSError, RuntimeError):
+                pass  # killed while it was answered: not an answered turn
+
+        t = threading.Thread(target=attempt, daemon=True)
+        t.start()
+        while t.is_alive() and not server.wait_log(paused, 0.05):
+            pass
+        if t.is_alive():
+            server.kill()
+            t.join(60)
+    hit = moment if server.wait_log(paused, 0) else "none"
+    server.kill()
+    return hit
+
+
+def kill_rounds(data_dir, rounds: int, seed: int = 0, log_file=None, max_tokens: int = 3,
+                args=()) -> dict:
+    """SIGKILL the assistant `rounds` times at moments drawn with `seed`
+    (cycling through MOMENTS), checking after each restart. Figures: rounds
+    survived, answered turns, turns lost, caches rebuilt, temporary files
+    left after restarts, moments hit."""
+    data_dir = Path(data_dir)
+    log_file = Path(log_file or data_dir.parent / "kill_rounds.log")
+    rng = random.Random(seed)
+    answered = {}  # cid -> [(role, content)] as the clients were answered
+    # A budget just above one 600-token conversation, with a small prefill
+    # step so the caches dominate it: turns on a few conversations park the
+    # idle ones.
+    memory = str(one_chat_memory(600, PREFILL_STEP))
+    out = {"rounds": 0, "survived": 0, "answered_turns": 0, "turns_lost": 0,
+           "rebuilt": 0, "temp_files_after_restart": 0, "hit": {}, "problems": []}
+    for r in range(rounds + 1):  # the last start only checks
+        moment = MOMENTS[(r + rng.randrange(len(MOMENTS))) % len(MOMENTS)]
+        env = {}
+        if moment in SAVE_POINTS or moment == "park":
+            env[PAUSE_ENV] = f"{moment}:{rng.randint(1, 3)}"
+        log_from = len(log_file.read_text(errors="replace")) if log_file.exists() else 0
+        server = Assistant(data_dir, "--memory", memory, "--max-tokens", str(max_tokens),
+                           "--prefill-step-size", str(PREFILL_STEP), *args,
+                           log_file=log_file, env=env)
+        try:
+            if r:
+                check = _check_restart(server, data_dir, answered, log_from)
+                out["turns_lost"] += check["turns_lost"]
+                out["rebuilt"] += check["rebuilt"]
+                out["temp_files_after_restart"] += len(check["temp_files"])
+                out["problems"] += check["unexplained"] + check["temp_files"]
+                try:  # it serves: a turn on every conversation (resumed or rebuilt)
+                    for cid in sorted(answered):
+                        body = chat(server, cid, "One more thing.", max_tokens)
+                        answered[cid] += [("user", "One more thing."), (
+                            "assistant", body["choices"][0]["message"]["content"])]
+                    served = True
+                except (OSError, RuntimeError) as e:
+                    served = False
+                    out["problems"].append(f"round {r}: not served after restart: {e}")
+                out["survived"] += served and not check["turns_lost"] and \
+                    not check["unexplained"] and not check["temp_files"]
+            if r == rounds:
+                break
+            hit = _aimed_turns(server, rng, moment, answered, max_tokens)
+            out["hit"][hit] = out["hit"].get(hit, 0) + 1
+            out["rounds"] += 1
+        finally:
+            server.kill()
+    out["answered_turns"] = sum(len(v) // 2 for v in answered.values())
+    out["conversations"] = len(answered)
+    return out
+
+
+def one_chat_memory(tokens: int, prefill_step: int) -> int:
+    """Bytes for the embedded model with the default KV spec and one
+    conversation of `tokens` (weights, prefill workspace, its cache)."""
+    from mlx_kvq import shapes
+    from mlx_kvq.spec import DEFAULT_PRESET, parse_spec
+
+    from .budget import Budget
+
+    return Budget(shapes.load_shape(None), parse_spec(DEFAULT_PRESET), 0,
+                  prefill_step).need([tokens])
+
+
+# -- slow and hostile clients ----------------------------------------------------
+
+
+def _partial_headers(server: Assistant) -> bytes:
+    return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {server.host}:{server.port}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 100\r\n").encode()
+
+
+def _generated(log: str, cid: str) -> Optional[int]:
+    m = re.findall(rf"conversation {cid}: \d+ prompt tokens \(\d+ cached\), (\d+) generated",
+                   log)
+    return int(m[-1]) if m else None
+
+
+def _closed_by_server(sock: socket.socket, wait: float) -> Optional[bytes]:
+    """What the server sent before closing within `wait` s, or None if open."""
+    sock.settimeout(wait)
+    data = b""
+    try:
+        while True:
+            chunk = sock.recv(4096)
+            if not chunk:
+                return data
+            data += chunk
+    except socket.timeout:
+        return None
+    except OSError:
+        return data
+
+
+def slow_clients(server: Assistant, half_open: int = 50, slow: int = 3,
+                 stream_tokens: int = 400, extra: int = 5, settle: float = 30.0) -> dict:
+    """Half-open connections (headers never finished), slow-byte clients (a
+    header or body byte a second), a streamer that never reads and a
+    streamer and a plain request that disconnect mid-reply, then a good
+    request; then `extra` connections beyond the server's --max-connections.
+    Figures: threads held, the good request's latency, refusals, what the
+    server released within `settle` s, generations stopped."""
+    tag = f"{random.randrange(1 << 30):08x}"
+    out = {}
+    base_threads = server.threads()
+    stop = threading.Event()
+    t0 = time.monotonic()
+    held = []
+    for _ in range(half_open):
+        s = server.connect()
+        s.sendall(_partial_headers(server))
+        held.append(s)
+    out["connect_s"] = time.monotonic() - t0
+
+    def trickle(data: bytes, sent_first: bytes = b""):
+        s = server.connect()
+        held.append(s)
+        try:
+            s.sendall(sent_first)
+            for b in data:
+                if stop.is_set():
+                    return
+                s.send(bytes([b]))
+                time.sleep(1.0)
+        except OSError:
+            return  # closed by the server
+
+    body = server.raw_post("/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+    head, _, payload = body.partition(b"\r\n\r\n")
+    tricklers = [threading.Thread(target=trickle, daemon=True, args=(
+        (head + b"\r\n\r\n" + payload,) if i % 2 == 0 else (payload, head + b"\r\n\r\n")))
+        for i in range(slow)]
+    for t in tricklers:
+        t.start()
+
+    stalled = server.connect(rcvbuf=4096)  # never reads
+    stalled.sendall(server.raw_post("/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "Write a very long story about the sea."}],
+        "max_tokens": stream_tokens, "stream": True, "conversation": f"stalled-{tag}"}))
+    leaver = server.connect()  # reads the first chunk, then disconnects
+    leaver.sendall(server.raw_post("/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "Count to a thousand."}],
+        "max_tokens": stream_tokens, "stream": True, "conversation": f"leaver-{tag}"}))
+    quiet = server.connect()  # a plain request, abandoned while it is answered
+    quiet.sendall(server.raw_post("/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "Count to a thousand."}],
+        "max_tokens": stream_tokens, "conversation": f"quiet-{tag}"}))
+    leaver.settimeout(60)
+    leaver.recv(4096)
+    leaver.close()
+    left_at = time.monotonic()
+    time.sleep(1.0)
+    quiet.close()
+    out["threads_held"] = server.threads() - base_threads
+
+    t = time.monotonic()
+    try:
+        status, _ = server.request("POST", "/v1/chat/completions", {
+            "messages": [{"role": "user", "content": "Name a fruit."}], "max_tokens": 4},
+            timeout=120)
+    except OSError as e:
+        status = type(e).__name__
+    out["good_status"], out["good_latency_s"] = status, time.monotonic() - t
+
+    # Beyond --max-connections: answered 503 at once, not held.
+    info = server.info()
+    room = info.get("max_connections", 0) - info.get("connections", 0)
+    over = []
+    for _ in range(max(0, room) + extra):
+        s = server.connect()
+        s.sendall(_partial_headers(server))
+        over.append((s, time.monotonic()))
+    refusals = []
+    for s, sent in over[-extra:]:
+        got = _closed_by_server(s, 1.0)
+        if got is not None and got.startswith(b"HTTP/1.1 503"):
+            refusals.append(time.monotonic() - sent)
+    out["refused"], out["refuse_s_max"] = len(refusals), max(refusals, default=None)
+    held += [s for s, _ in over]
+
+    # The server lets go of what it held.
+    deadline = time.monotonic() + settle
+    released = 0
+    for s in held:
+        if _closed_by_server(s, max(0.01, deadline - time.monotonic())) is not None:
+            released += 1
+    out["held"], out["released"] = len(held), released
+    stop.set()
+    for s in held:
+        s.close()
+    while time.monotonic() < deadline and server.info()["running"] if "running" in info \
+            else False:
+        time.sleep(0.2)
+    while time.monotonic() < deadline and server.threads() > base_threads:
+        time.sleep(0.2)
+    out["threads_after"] = server.threads() - base_threads
+    log = server.log()
+    out["leaver_generated"] = _generated(log, f"leaver-{tag}")
+    out["quiet_generated"] = _generated(log, f"quiet-{tag}")
+    out["stalled_generated"] = _generated(log, f"stalled-{tag}")
+    out["stream_tokens"] = stream_tokens
+    out["running_after"] = server.info().get("running")
+    out["stopped_within_s"] = time.monotonic() - left_at
+    stalled.close()
+    return out
+
+
+# -- memory pressure -----------------------------------------------------------------
+
+
+def _vm_hwm(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) << 10
+
+
+def memory_pressure(data_dir, requests: int = 24, seed: int = 0, log_file=None,
+                    clients: int = 3, tokens: int = 600) -> dict:
+    """Documents and turns of random sizes, `clients` at a time, against a
+    --memory budget for one `tokens`-token conversation (just above the
+    weights). Each is answered, or refused with the budget message (or 503
+    when the queue is full); MLX's peak memory must stay within the budget.
+    Figures: served, refused, problems, peak vs budget, process peak RSS."""
+    data_dir = Path(data_dir)
+    rng = random.Random(seed)
+    memory = one_chat_memory(tokens, PREFILL_STEP)
+    server = Assistant(data_dir, "--memory", str(memory), "--max-tokens", "8",
+                       "--prefill-step-size", str(PREFILL_STEP), "--queue-size", "4",
+                       log_file=log_file or data_dir.parent / "memory_pressure.log")
+    words = "The river carries silt to the sea, and the delta grows each year. "
+    plan = [(rng.choice(["document", "turn"]), rng.randint(1, 120),
+             f"m{rng.randrange(4)}") for _ in range(requests)]
+    out = {"budget": memory, "requests": requests, "served": 0, "refused_budget": 0,
+           "refused_busy": 0, "problems": []}
+    lock = threading.Lock()
+    try:
+        for c in sorted({c for _, _, c in plan}):
+            server.request("POST", "/api/conversations", {"title": c})
+        ids = {conv["title"]: conv["id"] for conv in
+               server.request("GET", "/api/conversations")[1]["conversations"]}
+
+        def one(kind, size, conv):
+            cid = ids[conv]
+            if kind == "document":
+                status, body = _events(server, f"/api/conversations/{cid}/documents",
+                                       {"name": "notes.txt", "text": words * size})
+            else:
+                status, body = server.request("POST", "/v1/chat/completions", {
+                    "messages": [{"role": "user", "content": words * (size // 4 + 1)}],
+                    "max_tokens": rng.randint(1, 8), "conversation": cid})
+            err = (body or {}).get("error") if isinstance(body, dict) else None
+            with lock:
+                if status == 200 and not err:
+                    out["served"] += 1
+                elif err and err.get("code") in ("kv_budget_exceeded",
+                                                 "context_length_exceeded"):
+                    out["refused_budget"] += 1
+                    if "Not enough memory" not in err["message"] and \
+                            "trained context" not in err["message"]:
+                        out["problems"].append(f"refusal without the budget message: {err}")
+                elif status == 503 and err and err.get("code") == "server_busy":
+                    out["refused_busy"] += 1
+                else:
+                    out["problems"].append(f"{kind} of {size}: {status} {body}")
+
+        pending = list(plan)
+        while pending:
+            batch, pending = pending[:clients], pending[clients:]
+            threads = [threading.Thread(target=one, args=a) for a in batch]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(300)
+        info = server.info()
+        out["peak"] = info["peak_memory"]
+        out["peak_rss"] = _vm_hwm(server.proc.pid)
+        out["alive"] = server.proc.poll() is None
+        out["tracebacks"] = server.log().count("Traceback")
+    finally:
+        server.stop()
+    out["over_budget"] = out["peak"] > memory
+    return out
+
+
+def _events(server: Assistant, path: str, body: dict):
+    """(status, the "done" or "error" event's data, or the JSON error body) of
+    a page request answered as server-sent events."""
+    import http.client
+
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=300)
+    try:
+        conn.request("POST", path, json.dumps(body))
+        resp = conn.getresponse()
+        if resp.status != 200:
+            return resp.status, json.loads(resp.read() or b"null")
+        last, kind = None, None
+        for line in resp:
+            line = line.decode().rstrip("\n")
+            if line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: ") and kind in ("done", "error"):
+                last = json.loads(line[6:])
+                last = {"error": last} if kind == "error" else last
+        return resp.status, last
+    finally:
+        conn.close()
