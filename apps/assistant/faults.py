@@ -267,11 +267,12 @@ def kill_rounds(data_dir, rounds: int, seed: int = 0, log_file=None, max_tokens:
     memory = str(one_chat_memory(600, PREFILL_STEP))
     out = {"rounds": 0, "survived": 0, "answered_turns": 0, "turns_lost": 0,
            "rebuilt": 0, "temp_files_after_restart": 0, "hit": {}, "problems": []}
+    moments = rng.sample(MOMENTS, len(MOMENTS))  # each in turn, in a seeded order
     for r in range(rounds + 1):  # the last start only checks
-        moment = MOMENTS[(r + rng.randrange(len(MOMENTS))) % len(MOMENTS)]
-        env = {}
-        if moment in SAVE_POINTS or moment == "park":
-            env[PAUSE_ENV] = f"{moment}:{rng.randint(1, 3)}"
+        moment = moments[r % len(moments)]
+        arm = data_dir.parent / "pause"
+        arm.unlink(missing_ok=True)
+        env = {PAUSE_ENV: str(arm)}
         log_from = len(log_file.read_text(errors="replace")) if log_file.exists() else 0
         server = Assistant(data_dir, "--memory", memory, "--max-tokens", str(max_tokens),
                            "--prefill-step-size", str(PREFILL_STEP), *args,
@@ -283,8 +284,8 @@ def kill_rounds(data_dir, rounds: int, seed: int = 0, log_file=None, max_tokens:
                 out["rebuilt"] += check["rebuilt"]
                 out["temp_files_after_restart"] += len(check["temp_files"])
                 out["problems"] += check["unexplained"] + check["temp_files"]
-                try:  # it serves: a turn on every conversation (resumed or rebuilt)
-                    for cid in sorted(answered):
+                try:  # it serves: turns on conversations (resumed or rebuilt)
+                    for cid in rng.sample(sorted(answered), min(2, len(answered))):
                         body = chat(server, cid, "One more thing.", max_tokens)
                         answered[cid] += [("user", "One more thing."), (
                             "assistant", body["choices"][0]["message"]["content"])]
@@ -296,6 +297,8 @@ def kill_rounds(data_dir, rounds: int, seed: int = 0, log_file=None, max_tokens:
                     not check["unexplained"] and not check["temp_files"]
             if r == rounds:
                 break
+            if moment in SAVE_POINTS or moment == "park":  # armed after the checks
+                arm.write_text(f"{moment}:{rng.randint(1, 3)}")
             hit = _aimed_turns(server, rng, moment, answered, max_tokens)
             out["hit"][hit] = out["hit"].get(hit, 0) + 1
             out["rounds"] += 1
@@ -358,6 +361,10 @@ def slow_clients(server: Assistant, half_open: int = 50, slow: int = 3,
     server released within `settle` s, generations stopped."""
     tag = f"{random.randrange(1 << 30):08x}"
     out = {}
+    good = {"messages": [{"role": "user", "content": "Name a fruit."}], "max_tokens": 4}
+    t = time.monotonic()  # alone (this also starts the threads a generation uses)
+    server.request("POST", "/v1/chat/completions", good)
+    out["idle_latency_s"] = time.monotonic() - t
     base_threads = server.threads()
     stop = threading.Event()
     t0 = time.monotonic()
@@ -405,23 +412,21 @@ def slow_clients(server: Assistant, half_open: int = 50, slow: int = 3,
     leaver.settimeout(60)
     leaver.recv(4096)
     leaver.close()
-    left_at = time.monotonic()
     time.sleep(1.0)
     quiet.close()
     out["threads_held"] = server.threads() - base_threads
 
     t = time.monotonic()
     try:
-        status, _ = server.request("POST", "/v1/chat/completions", {
-            "messages": [{"role": "user", "content": "Name a fruit."}], "max_tokens": 4},
-            timeout=120)
+        status, _ = server.request("POST", "/v1/chat/completions", good, timeout=120)
     except OSError as e:
         status = type(e).__name__
     out["good_status"], out["good_latency_s"] = status, time.monotonic() - t
 
     # Beyond --max-connections: answered 503 at once, not held.
     info = server.info()
-    room = info.get("max_connections", 0) - info.get("connections", 0)
+    # The info request was one of the connections it counted.
+    room = info.get("max_connections", 0) - info.get("connections", 1) + 1
     over = []
     for _ in range(max(0, room) + extra):
         s = server.connect()
@@ -435,7 +440,7 @@ def slow_clients(server: Assistant, half_open: int = 50, slow: int = 3,
     out["refused"], out["refuse_s_max"] = len(refusals), max(refusals, default=None)
     held += [s for s, _ in over]
 
-    # The server lets go of what it held.
+    # The server lets go of what it held; the stalled streamer is dropped.
     deadline = time.monotonic() + settle
     released = 0
     for s in held:
@@ -445,10 +450,10 @@ def slow_clients(server: Assistant, half_open: int = 50, slow: int = 3,
     stop.set()
     for s in held:
         s.close()
-    while time.monotonic() < deadline and server.info()["running"] if "running" in info \
-            else False:
+    stalled.close()
+    while "running" in info and server.info()["running"] and time.monotonic() < deadline:
         time.sleep(0.2)
-    while time.monotonic() < deadline and server.threads() > base_threads:
+    while server.threads() > base_threads and time.monotonic() < deadline:
         time.sleep(0.2)
     out["threads_after"] = server.threads() - base_threads
     log = server.log()
@@ -457,8 +462,6 @@ def slow_clients(server: Assistant, half_open: int = 50, slow: int = 3,
     out["stalled_generated"] = _generated(log, f"stalled-{tag}")
     out["stream_tokens"] = stream_tokens
     out["running_after"] = server.info().get("running")
-    out["stopped_within_s"] = time.monotonic() - left_at
-    stalled.close()
     return out
 
 

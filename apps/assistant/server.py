@@ -200,6 +200,7 @@ class Handler(BaseHTTPRequestHandler):
     def handle_one_request(self):
         self.reader.start(self.server.read_timeout)
         self._cors, self._sent = None, False
+        self.requestline, self.request_version, self.command = "", "HTTP/1.0", None
         super().handle_one_request()  # a read that times out closes the connection
         if self.close_connection and not self._sent and self.reader.received and (
                 self.reader.deadline <= time.monotonic()):

@@ -12,10 +12,11 @@ old one, so a crash leaves the old version or the new one. The sidecar is
 written after the cache file: a crash in between leaves a checksum mismatch,
 and the cache is refused and rebuilt from the messages.
 
-Fault points: with $MLX_KVQ_ASSISTANT_PAUSE set to "point" or "point:n"
-(conversation-save, cache-save, sidecar-save, park), the process logs
-"paused at <point>" and hangs the n-th time (default the first) it gets
-there, so a crash harness (faults.py) can kill it at that moment.
+Fault points: with $MLX_KVQ_ASSISTANT_PAUSE naming a file that holds
+"point" or "point:n" (conversation-save, cache-save, sidecar-save, park),
+the process logs "paused at <point>" and hangs the n-th time (default the
+first) it gets there after the file named it, so a crash harness
+(faults.py) can kill it at that moment.
 """
 
 import copy
@@ -44,17 +45,22 @@ log = logging.getLogger("mlx_kvq.assistant")
 
 
 PAUSE_ENV = "MLX_KVQ_ASSISTANT_PAUSE"
-_reached = {}  # fault point -> times reached
+_reached = {}  # fault point -> times reached since it was armed
 
 
 def pause(point: str):
-    """Hang here if $MLX_KVQ_ASSISTANT_PAUSE names this point (and this is
-    its n-th time); a no-op otherwise."""
-    want = os.environ.get(PAUSE_ENV)
-    if not want:
+    """Hang here if the file named by $MLX_KVQ_ASSISTANT_PAUSE arms this point
+    and this is its n-th time since; a no-op without that variable."""
+    path = os.environ.get(PAUSE_ENV)
+    if not path:
         return
+    try:
+        want = Path(path).read_text().strip()
+    except OSError:
+        want = ""
     name, _, nth = want.partition(":")
     if name != point:
+        _reached.pop(point, None)
         return
     _reached[point] = _reached.get(point, 0) + 1
     if _reached[point] == int(nth or 1):
