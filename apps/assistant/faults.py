@@ -164,7 +164,6 @@ def _check_restart(server: Assistant, data_dir: Path, answered: dict, log_from: 
     """After a restart: answered turns present, conversations load, no
     temporary files. Returns figures for this round."""
     out = {"turns_lost": 0, "rebuilt": 0, "unexplained": [], "temp_files": temp_files(data_dir)}
-    log = server.log()[log_from:]
     for cid, expected in answered.items():
         status, body = server.request("GET", f"/api/conversations/{cid}")
         if status != 200:
@@ -179,9 +178,9 @@ def _check_restart(server: Assistant, data_dir: Path, answered: dict, log_from: 
             out["unexplained"].append(f"{cid}: saved messages differ from the answered ones")
         answered[cid] = saved  # later turns build on what is on disk
         note = body["memory"]["note"]
-        if note:
+        if note:  # the GET checked the cache and logged why it is refused
             out["rebuilt"] += 1
-            if f"conversation {cid}: saved KV cache refused" not in log:
+            if f"conversation {cid}: saved KV cache refused" not in server.log()[log_from:]:
                 out["unexplained"].append(f"{cid}: cache refused without a log line")
     return out
 
@@ -456,6 +455,8 @@ def slow_clients(server: Assistant, half_open: int = 50, slow: int = 3,
     while server.threads() > base_threads and time.monotonic() < deadline:
         time.sleep(0.2)
     out["threads_after"] = server.threads() - base_threads
+    while _generated(server.log(), f"stalled-{tag}") is None and time.monotonic() < deadline:
+        time.sleep(0.2)
     log = server.log()
     out["leaver_generated"] = _generated(log, f"leaver-{tag}")
     out["quiet_generated"] = _generated(log, f"quiet-{tag}")
