@@ -73,7 +73,7 @@ def test_kill_rounds_long(tmp_path):
 def test_memory_pressure(tmp_path):
     """Documents and turns against --memory just above the weights: each is
     served or refused with the budget message; the peak stays in the budget."""
-    r = faults.memory_pressure(tmp_path / "data", requests=12, seed=0,
+    r = faults.memory_pressure(tmp_path / "data", requests=6, seed=0,
                                log_file=tmp_path / "log")
     assert r["alive"] and not r["tracebacks"] and not r["problems"], r
     assert r["served"] >= 3 and r["refused_budget"] >= 1, r

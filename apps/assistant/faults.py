@@ -475,7 +475,7 @@ def _vm_hwm(pid: int) -> int:
 
 
 def memory_pressure(data_dir, requests: int = 24, seed: int = 0, log_file=None,
-                    clients: int = 3, tokens: int = 600) -> dict:
+                    clients: int = 3, tokens: int = 600, prefill_step: int = 256) -> dict:
     """Documents and turns of random sizes, `clients` at a time, against a
     --memory budget for one `tokens`-token conversation (just above the
     weights). Each is answered, or refused with the budget message (or 503
@@ -483,9 +483,9 @@ def memory_pressure(data_dir, requests: int = 24, seed: int = 0, log_file=None,
     Figures: served, refused, problems, peak vs budget, process peak RSS."""
     data_dir = Path(data_dir)
     rng = random.Random(seed)
-    memory = one_chat_memory(tokens, PREFILL_STEP)
+    memory = one_chat_memory(tokens, prefill_step)
     server = Assistant(data_dir, "--memory", str(memory), "--max-tokens", "8",
-                       "--prefill-step-size", str(PREFILL_STEP), "--queue-size", "4",
+                       "--prefill-step-size", str(prefill_step), "--queue-size", "4",
                        log_file=log_file or data_dir.parent / "memory_pressure.log")
     words = "The river carries silt to the sea, and the delta grows each year. "
     plan = [(rng.choice(["document", "turn"]), rng.randint(1, 120),
