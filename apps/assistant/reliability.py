@@ -59,6 +59,7 @@ def slow_section(args, tmp: Path) -> list:
         (r["quiet_generated"] or 0) < r["stream_tokens"]
     return [{"half-open": 50, "slow-byte": 3, "connect s": f"{r['connect_s']:.2f}",
              "threads held": r["threads_held"], "good request": r["good_status"],
+             "idle latency s": f"{r['idle_latency_s']:.2f}",
              "good latency s": f"{r['good_latency_s']:.2f}",
              "refused 503": f"{r['refused']}/5", "released": f"{r['released']}/{r['held']}",
              "threads after": r["threads_after"],
@@ -69,7 +70,7 @@ def slow_section(args, tmp: Path) -> list:
 
 
 def memory_section(args, tmp: Path) -> list:
-    r = faults.memory_pressure(tmp / "memory" / "data", requests=args.rounds * 8,
+    r = faults.memory_pressure(tmp / "memory" / "data", requests=args.rounds * 4,
                                seed=args.seed, log_file=tmp / "memory.log")
     mib = 1 << 20
     return [{"requests": r["requests"], "served": r["served"],
@@ -103,7 +104,7 @@ def setup_arg_parser():
         description="Run mlx_kvq.assistant's fault harnesses (kill rounds, HTTP fuzzing, "
         "slow clients, memory pressure) and print their figures.")
     p.add_argument("--rounds", type=positive_int, default=4,
-                   help="Kill rounds (memory pressure: 8 requests per round)")
+                   help="Kill rounds (memory pressure: 4 requests per round)")
     p.add_argument("--examples", type=positive_int, default=100,
                    help="Fuzz examples per target")
     p.add_argument("--seed", type=nonneg_int, default=0)
