@@ -177,8 +177,14 @@ def _check_restart(server: Assistant, data_dir: Path, answered: dict, log_from: 
             out["turns_lost"] += (len(expected) - same + 1) // 2
             out["unexplained"].append(f"{cid}: saved messages differ from the answered ones")
         answered[cid] = saved  # later turns build on what is on disk
-        note = body["memory"]["note"]
-        if note:  # the GET checked the cache and logged why it is refused
+    # Every conversation loads, also those whose first turn was never answered;
+    # a refused cache is logged with its reason.
+    for conv in server.request("GET", "/api/conversations")[1]["conversations"]:
+        cid = conv["id"]
+        status, body = server.request("GET", f"/api/conversations/{cid}")
+        if status != 200:
+            out["unexplained"].append(f"{cid}: GET answered {status}")
+        elif body["memory"]["note"]:  # the GET checked the cache
             out["rebuilt"] += 1
             if f"conversation {cid}: saved KV cache refused" not in server.log()[log_from:]:
                 out["unexplained"].append(f"{cid}: cache refused without a log line")
