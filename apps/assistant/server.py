@@ -28,7 +28,6 @@ import ipaddress
 import json
 import logging
 import re
-import select
 import signal
 import socket
 import threading
@@ -173,8 +172,7 @@ class Server(ThreadingHTTPServer):
         sock.setblocking(False)
         try:
             try:  # what already arrived, so that closing does not reset the reply
-                while sock.recv(1 << 16):
-                    pass
+                sock.recv(1 << 16)
             except (BlockingIOError, InterruptedError):
                 pass
             sock.send(head + body)
@@ -422,9 +420,10 @@ class Handler(BaseHTTPRequestHandler):
         """Whether the client has closed the connection: it is readable, and
         there is nothing to read (the request was read whole)."""
         try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and not self.connection.recv(1, socket.MSG_PEEK)
-        except (OSError, ValueError):
+            return not self.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return False  # nothing to read: still there
+        except OSError:
             return True
 
     # -- page -------------------------------------------------------------
