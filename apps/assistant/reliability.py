@@ -34,7 +34,7 @@ def kill_section(args, tmp: Path) -> list:
 
 def _server(tmp: Path, name: str) -> faults.Assistant:
     return faults.Assistant(tmp / name / "data", "--max-tokens", "4", "--read-timeout", "3",
-                            "--write-timeout", "2", "--max-connections", "64",
+                            "--write-timeout", "20", "--max-connections", "64",
                             log_file=tmp / f"{name}.log")
 
 

@@ -28,6 +28,7 @@ import ipaddress
 import json
 import logging
 import re
+import select
 import signal
 import socket
 import threading
@@ -419,10 +420,10 @@ class Handler(BaseHTTPRequestHandler):
     def _gone(self) -> bool:
         """Whether the client has closed the connection: it is readable, and
         there is nothing to read (the request was read whole)."""
-        try:
-            return not self.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            return False  # nothing to read: still there
+        try:  # poll, not select: any descriptor number; recv waits for nothing then
+            ready = select.poll()
+            ready.register(self.connection, select.POLLIN)
+            return bool(ready.poll(0)) and not self.connection.recv(1, socket.MSG_PEEK)
         except OSError:
             return True
 
