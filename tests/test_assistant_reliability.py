@@ -1,10 +1,11 @@
-"""mlx_kvq.assistant under faults (apps/assistant/faults.py, fuzz_http.py):
-slow and hostile clients, HTTP API fuzzing, SIGKILL at aimed moments and
-memory pressure, in bounded forms; `pytest --slow` runs the long ones."""
+"""mlx_kvq.assistant under faults (apps/assistant/faults.py, pressure.py,
+fuzz_http.py): slow and hostile clients, HTTP API fuzzing, SIGKILL at aimed
+moments and memory pressure, in bounded forms; `pytest --slow` runs the
+long ones."""
 
 import pytest
 
-from mlx_kvq.apps.assistant import faults, fuzz_http
+from mlx_kvq.apps.assistant import faults, fuzz_http, pressure
 from mlx_kvq.apps.assistant.reliability import SECTIONS, table
 
 READ_TIMEOUT = 3
@@ -26,7 +27,7 @@ def test_slow_and_hostile_clients(server):
     answered promptly; connections beyond --max-connections get 503 at once;
     the server lets go of every connection after --read-timeout, its threads
     return to where they were, and the generations of the clients that left stop."""
-    r = faults.slow_clients(server, half_open=50, slow=3, stream_tokens=400, extra=5,
+    r = pressure.slow_clients(server, half_open=50, slow=3, stream_tokens=400, extra=5,
                             settle=READ_TIMEOUT + 12)
     assert r["connect_s"] < 5, r  # no connect waits for a full listen backlog
     assert r["threads_held"] >= 50, r
@@ -75,7 +76,7 @@ def test_kill_rounds_long(tmp_path):
 def test_memory_pressure(tmp_path):
     """Documents and turns against --memory just above the weights: each is
     served or refused with the budget message; the peak stays in the budget."""
-    r = faults.memory_pressure(tmp_path / "data", requests=6, seed=0,
+    r = pressure.memory_pressure(tmp_path / "data", requests=6, seed=0,
                                log_file=tmp_path / "log")
     assert r["alive"] and not r["tracebacks"] and not r["problems"], r
     assert r["served"] >= 3 and r["refused_budget"] >= 1, r

@@ -6,9 +6,9 @@ print their figures.
 
 A report is a list of sections, (name, function(args) -> rows); a row is a
 dict printed as one table line, with "ok" saying whether it passed. The
-harnesses are in faults.py (kill rounds, slow clients, memory pressure) and
-fuzz_http.py (HTTP API fuzzing); each runs the embedded model in a
-subprocess on a temporary data dir. Exits 1 if a row is not ok.
+harnesses are in faults.py (kill rounds), pressure.py (slow clients, memory
+pressure) and fuzz_http.py (HTTP API fuzzing); each runs the embedded model
+in a subprocess on a temporary data dir. Exits 1 if a row is not ok.
 """
 
 import argparse
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from mlx_kvq.cli_types import nonneg_int, positive_int
 
-from . import faults, fuzz_http
+from . import faults, fuzz_http, pressure
 
 
 def kill_section(args, tmp: Path) -> list:
@@ -51,7 +51,7 @@ def fuzz_section(args, tmp: Path) -> list:
 def slow_section(args, tmp: Path) -> list:
     server = _server(tmp, "slow")
     try:
-        r = faults.slow_clients(server, half_open=50, slow=3, stream_tokens=400, extra=5,
+        r = pressure.slow_clients(server, half_open=50, slow=3, stream_tokens=400, extra=5,
                                 settle=15)
     finally:
         server.stop()
@@ -70,7 +70,7 @@ def slow_section(args, tmp: Path) -> list:
 
 
 def memory_section(args, tmp: Path) -> list:
-    r = faults.memory_pressure(tmp / "memory" / "data", requests=args.rounds * 4,
+    r = pressure.memory_pressure(tmp / "memory" / "data", requests=args.rounds * 4,
                                seed=args.seed, log_file=tmp / "memory.log")
     mib = 1 << 20
     return [{"requests": r["requests"], "served": r["served"],
