@@ -28,6 +28,17 @@ def nonneg_int(text: str) -> int:
     return _int(text, 0, "a non-negative integer")
 
 
+def seconds(text: str) -> float:
+    """A positive, finite number of seconds: 30, 0.5."""
+    try:
+        n = float(text)
+    except ValueError:
+        _fail(text, "a number of seconds")
+    if not 0 < n < float("inf"):
+        _fail(text, "a positive number of seconds")
+    return n
+
+
 def tokens(text: str) -> int:
     """A positive token count like 4096, 4K, 128k, 1M (K = 1024)."""
     t = str(text).strip().lower()

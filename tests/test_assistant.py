@@ -4,76 +4,19 @@ queue, and the pure helpers."""
 
 import http.client
 import json
-import queue
 import re
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import openai
 import pytest
 
 from mlx_kvq.apps.assistant.budget import to_park
+from mlx_kvq.apps.assistant.faults import Assistant
 from mlx_kvq.apps.assistant.engine import StopText, common_prefix
 from mlx_kvq.apps.assistant.server import host_allowed
 from mlx_kvq.apps.assistant.store import Store, validate_id
 from mlx_kvq.corpus import sample_text
-
-START_TIMEOUT = 180
-
-
-class Assistant:
-    """`mlx_kvq.assistant` in a subprocess; stderr (the log) goes to a file."""
-
-    def __init__(self, data_dir, *args, log_file):
-        self.log_file = Path(log_file)
-        cmd = [sys.executable, "-m", "mlx_kvq.apps.assistant", "--port", "0",
-               "--data-dir", str(data_dir), *args]
-        with open(self.log_file, "a") as err:
-            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
-        lines = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(x) for x in self.proc.stdout],
-                         daemon=True).start()
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            try:
-                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-            except queue.Empty:
-                line = None
-            m = line and re.search(r"serving (http://\S+/)", line)
-            if m:
-                break
-            if line is None or self.proc.poll() is not None:
-                self.stop()
-                raise RuntimeError(f"the assistant did not start:\n{self.log()}")
-        self.url = m.group(1)
-        self.host, self.port = re.match(r"http://([^:/]+):(\d+)/", self.url).groups()
-        self.port = int(self.port)
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=60)
-
-    def log(self) -> str:
-        return self.log_file.read_text()
-
-    def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "v1", api_key="unused", max_retries=0,
-                             timeout=120)
-
-    def request(self, method, path, body=None, headers=None):
-        """(status, JSON body) of a raw request; `body` bytes are sent as is."""
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=120)
-        if body is not None and not isinstance(body, bytes):
-            body = json.dumps(body).encode()
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        data = resp.read()
-        conn.close()
-        return resp.status, json.loads(data) if data else None
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,7 @@ from mlx_kvq.spec import DEFAULT_PRESET, parse_spec
 
 from .budget import Budget, to_park
 from .errors import RequestError, busy
-from .store import DEFAULT_TITLE, CacheRefused, NotFound, Store, title_of
+from .store import DEFAULT_TITLE, CacheRefused, NotFound, Store, pause, title_of
 
 log = logging.getLogger("mlx_kvq.assistant")
 
@@ -90,15 +90,27 @@ class Job:
     def emit(self, kind: str, data=None):
         self.events.put((kind, data))
 
-    def stream(self, alive):
-        """(kind, data) events up to and including "done" or "error"."""
+    def stream(self, alive, gone=None):
+        """(kind, data) events up to and including "done" or "error". `gone()`
+        is asked about twice a second whether the client left: then the job is
+        cancelled (its events still end with "done" or "error")."""
+        checked = time.monotonic()
         while True:
             try:
-                kind, data = self.events.get(timeout=1.0)
+                kind, data = self.events.get(timeout=0.5)
             except queue.Empty:
+                kind = None
                 if not alive():
                     yield "error", RequestError(500, "the generation worker stopped")
                     return
+            if gone is not None and not self.cancelled.is_set() and (
+                    time.monotonic() - checked >= 0.5):
+                checked = time.monotonic()
+                if gone():
+                    log.info("conversation %s: the client left; its %s is cancelled",
+                             self.conversation, self.kind)
+                    self.cancelled.set()
+            if kind is None:
                 continue
             yield kind, data
             if kind in ("done", "error"):
@@ -228,6 +240,14 @@ class Engine:
         """Requests waiting to start."""
         return self.jobs.qsize() + len(self.waiting)
 
+    def peak_memory(self) -> int:
+        """Peak bytes MLX has held since the start (what --memory bounds)."""
+        return mx.get_peak_memory()
+
+    def running(self) -> int:
+        """Chats in the batch and documents being prefilled."""
+        return len(self.turns) + (self.filling is not None)
+
     def forget(self, cid: str):
         with self._lock:
             self.sessions.pop(cid, None)
@@ -326,6 +346,7 @@ class Engine:
         for job in list(self.waiting):
             if job.cancelled.is_set():
                 self.waiting.remove(job)
+                job.emit("error", RequestError(499, "the client left before it started"))
                 continue
             if job.conversation in busy_ids or (job.kind == "document" and self.filling):
                 busy_ids.add(job.conversation)  # its later jobs wait behind it
@@ -529,6 +550,7 @@ class Engine:
             resident = [(k, v.nbytes) for k, v in self.sessions.items()
                         if k != cid and k not in running]
             for k in to_park(resident, need, b.memory):
+                pause("park")
                 del self.sessions[k]
                 log.info("conversation %s: cache parked on disk to make room", k)
         mx.clear_cache()

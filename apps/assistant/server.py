@@ -11,15 +11,27 @@
 Only requests whose Host header names this server are served (DNS
 rebinding), and browser requests only from its own page unless
 --allow-origin says otherwise.
+
+Slow and hostile clients cannot hold the server: a request's line, headers
+and body must arrive within --read-timeout seconds in all, however slowly
+they trickle (one that does not gets 408 and is closed), a
+reply write that cannot progress for --write-timeout seconds drops the
+client and cancels its generation, and at most --max-connections
+connections are served at once: more are answered 503 at once and closed.
+A client that disconnects while its reply is generated, streamed or not,
+cancels it; the chat leaves the batch and its turn is saved as far as it got.
 """
 
 import argparse
+import io
 import ipaddress
 import json
 import logging
 import re
+import select
 import signal
 import socket
+import threading
 import time
 from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,13 +40,14 @@ from urllib.parse import unquote, urlsplit
 
 from mlx_kvq import units
 from mlx_kvq.cache import KVQCache
-from mlx_kvq.cli_types import add_model, add_prefill_step_size, nonneg_int, positive_int
+from mlx_kvq.cli_types import (add_model, add_prefill_step_size, nonneg_int, positive_int,
+                               seconds)
 from mlx_kvq.models import data_home
 from mlx_kvq.spec import DEFAULT_PRESET, PRESETS, parse_spec
 
 from . import openai_api
 from .engine import Engine, Job, Settings
-from .errors import RequestError
+from .errors import RequestError, busy
 from .store import NotFound, Store, clean_title, title_of, validate_id
 
 log = logging.getLogger("mlx_kvq.assistant")
@@ -81,20 +94,92 @@ def host_allowed(header: str, bound: str, port: int) -> bool:
     return name in (LOOPBACK if bound in LOOPBACK else {bound.lower()})
 
 
+class Deadline(io.RawIOBase):
+    """A socket's reading side with a deadline for a whole request: each read
+    waits only for what is left of it, so bytes trickling in one at a time
+    cannot hold a connection past it."""
+
+    def __init__(self, sock: socket.socket, write_timeout: float):
+        self.sock, self.write_timeout = sock, write_timeout
+        self.deadline = None  # time.monotonic() by which the request must be in
+        self.received = 0  # bytes of this request so far
+
+    def readable(self) -> bool:
+        return True
+
+    def start(self, seconds: float):
+        self.deadline, self.received = time.monotonic() + seconds, 0
+
+    def readinto(self, buf) -> int:
+        left = None if self.deadline is None else self.deadline - time.monotonic()
+        if left is not None and left <= 0:
+            raise socket.timeout("the request did not arrive in time")
+        self.sock.settimeout(left)
+        try:
+            n = self.sock.recv_into(buf)
+        finally:  # writes get their own timeout
+            self.sock.settimeout(self.write_timeout)
+        self.received += n
+        return n
+
+
 class Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # listen backlog: a burst of connects is not dropped
 
     def __init__(self, host: str, port: int, engine: Engine, store: Store,
-                 allow_origins=(), max_body: int = 4 << 20):
+                 allow_origins=(), max_body: int = 4 << 20, max_connections: int = 64,
+                 read_timeout: float = 30.0, write_timeout: float = 30.0):
         if ":" in host:
             self.address_family = socket.AF_INET6
         super().__init__((host, port), Handler)
         self.host, self.engine, self.store = host, engine, store
         self.allow_origins = set(allow_origins)
         self.max_body = max_body
+        self.max_connections = max_connections
+        self.read_timeout, self.write_timeout = read_timeout, write_timeout
+        self.connections = 0  # being served now
+        self.refused = 0  # refused because max_connections were being served
+        self._count = threading.Lock()
         self.started = int(time.time())
         self.static = {p.name: (p.read_bytes(), CONTENT_TYPES[p.suffix])
                        for p in STATIC.iterdir() if p.suffix in CONTENT_TYPES}
+
+    def process_request(self, request, client_address):
+        with self._count:
+            full = self.connections >= self.max_connections
+            self.connections += not full
+            self.refused += full
+        if full:
+            self._refuse(request)
+        else:
+            super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._count:
+                self.connections -= 1
+
+    def _refuse(self, sock: socket.socket):
+        """Answer 503 without waiting for anything (this is the accept loop)."""
+        body = json.dumps(busy(
+            f"the server is serving its limit of {self.max_connections} connections "
+            "(--max-connections); try again shortly").body()).encode()
+        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nRetry-After: 1\r\n"
+                "Connection: close\r\n\r\n").encode()
+        sock.setblocking(False)
+        try:
+            try:  # what already arrived, so that closing does not reset the reply
+                sock.recv(1 << 16)
+            except (BlockingIOError, InterruptedError):
+                pass
+            sock.send(head + body)
+        except OSError:
+            pass
+        self.shutdown_request(sock)
 
     @property
     def url(self) -> str:
@@ -104,7 +189,34 @@ class Server(ThreadingHTTPServer):
 
 class Handler(BaseHTTPRequestHandler):
     server_version = "mlx_kvq.assistant"
-    timeout = 300  # an idle or stalled connection is closed after this
+
+    def setup(self):
+        super().setup()
+        self.reader = Deadline(self.connection, self.server.write_timeout)
+        self.rfile = io.BufferedReader(self.reader)
+        self.connection.settimeout(self.server.write_timeout)
+
+    def handle_one_request(self):
+        self.reader.start(self.server.read_timeout)
+        self._cors, self._sent = None, False
+        self.requestline, self.request_version, self.command = "", "HTTP/1.0", None
+        super().handle_one_request()  # a read that times out closes the connection
+        if self.close_connection and not self._sent and self.reader.received and (
+                self.reader.deadline <= time.monotonic()):
+            self._fail(RequestError(408, "the request did not arrive within "
+                                    f"{self.server.read_timeout:g} s (--read-timeout)",
+                                    code="request_timeout"))
+
+    def send_error(self, code, message=None, explain=None):
+        """Errors of the HTTP layer (bad request line or headers, unknown
+        method) in the API's JSON shape."""
+        if code == 501:  # a method no route has
+            code, message = 405, f"{self.command} is not allowed"
+        self.close_connection = True
+        self._fail(RequestError(code, message or self.responses.get(code, ("error",))[0]))
+
+    def version_string(self):
+        return self.server_version
 
     def do_GET(self):
         self._dispatch("GET")
@@ -138,7 +250,7 @@ class Handler(BaseHTTPRequestHandler):
         except RequestError as e:
             log.info("%s %s -> %d: %s", method, self.path[:200], e.status, e.message)
             self._fail(e)
-        except (BrokenPipeError, ConnectionResetError, socket.timeout):
+        except (ConnectionError, socket.timeout):
             self.close_connection = True
         except Exception as e:
             log.exception("%s %s failed", method, self.path[:200])
@@ -150,7 +262,7 @@ class Handler(BaseHTTPRequestHandler):
             return
         try:
             self._send_json(e.status, e.body())
-        except (BrokenPipeError, ConnectionResetError, socket.timeout):
+        except OSError:
             self.close_connection = True
 
     def _check_host(self):
@@ -236,7 +348,13 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestError(413, f"the request body is {n} bytes, over the limit of "
                                f"{self.server.max_body} (--max-body-bytes)",
                                code="request_too_large")
-        raw = self.rfile.read(n)
+        try:
+            raw = self.rfile.read(n)
+        except socket.timeout:
+            self.close_connection = True
+            raise RequestError(408, f"the request body did not arrive within "
+                               f"{self.server.read_timeout:g} s (--read-timeout)",
+                               code="request_timeout") from None
         if len(raw) < n:
             raise RequestError(400, "the request body is shorter than its Content-Length")
         if not raw.strip() and optional:
@@ -253,7 +371,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def _discard(self, n: int):
         self.close_connection = True
-        self.connection.settimeout(2.0)  # a client that only sent headers gets its 413 soon
+        # A client that only sent headers gets its 413 soon.
+        self.reader.deadline = min(self.reader.deadline, time.monotonic() + 2.0)
         left = min(n, DRAIN_BYTES)
         try:
             while left > 0:
@@ -276,20 +395,37 @@ class Handler(BaseHTTPRequestHandler):
         """Queue a job and wait until it starts; its refusal raises here, before
         any response is sent, so it gets its own status code."""
         self.server.engine.submit(job)
-        for kind, data in job.stream(self.server.engine.alive):
+        for kind, data in self._events(job):
             if kind == "error":
                 raise data
             if kind == "start":
                 return data
 
     def _pump(self, job: Job, send):
-        """Forward a started job's events; a client that leaves cancels the job."""
+        """Forward a started job's events; a client that leaves, or does not
+        take a write within --write-timeout, cancels the job."""
         try:
-            for kind, data in job.stream(self.server.engine.alive):
+            for kind, data in self._events(job):
                 send(kind, data.body()["error"] if kind == "error" else data)
-        except (BrokenPipeError, ConnectionResetError, socket.timeout):
+        except (ConnectionError, socket.timeout) as e:
+            log.info("conversation %s: the client left (%s); its reply is cancelled",
+                     job.conversation, type(e).__name__)
             job.cancelled.set()
             self.close_connection = True
+
+    def _events(self, job: Job):
+        """The job's events; a client that disconnects meanwhile cancels it."""
+        return job.stream(self.server.engine.alive, gone=self._gone)
+
+    def _gone(self) -> bool:
+        """Whether the client has closed the connection: it is readable, and
+        there is nothing to read (the request was read whole)."""
+        try:  # poll, not select: any descriptor number; recv waits for nothing then
+            ready = select.poll()
+            ready.register(self.connection, select.POLLIN)
+            return bool(ready.poll(0)) and not self.connection.recv(1, socket.MSG_PEEK)
+        except OSError:
+            return True
 
     # -- page -------------------------------------------------------------
 
@@ -314,6 +450,10 @@ class Handler(BaseHTTPRequestHandler):
             "trained_context": b.shape.trained_context, "max_kv_size": s.max_kv_size,
             "max_tokens": s.max_tokens, "max_body_bytes": self.server.max_body,
             "queued": engine.queued(), "queue_size": s.queue_size,
+            "running": engine.running(), "connections": self.server.connections,
+            "max_connections": self.server.max_connections,
+            "refused_connections": self.server.refused,
+            "peak_memory": engine.peak_memory(),
             "data_dir": str(self.server.store.root),
         })
 
@@ -406,7 +546,7 @@ class Handler(BaseHTTPRequestHandler):
         headers = {"X-Conversation-Id": cid}
         if not req.stream:
             text, done = [], None
-            for kind, data in job.stream(engine.alive):
+            for kind, data in self._events(job):
                 if kind == "error":
                     raise data
                 if kind == "text":
@@ -492,6 +632,15 @@ def setup_arg_parser():
                    "--prefill-step-size workspace")
     p.add_argument("--max-body-bytes", type=positive_int, default=4 << 20,
                    help="Largest request body, documents included; larger ones get 413")
+    p.add_argument("--max-connections", type=positive_int, default=64,
+                   help="Connections served at once (each holds a thread); more are "
+                   "answered 503 at once")
+    p.add_argument("--read-timeout", type=seconds, default=30.0,
+                   help="Seconds a request's line, headers and body may take to arrive, "
+                   "in all; a slower one gets 408 and is closed")
+    p.add_argument("--write-timeout", type=seconds, default=30.0,
+                   help="Seconds a reply write may wait for a client that does not read; "
+                   "then the client is dropped and its generation cancelled")
     p.add_argument("--log-level", default="INFO",
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
@@ -524,7 +673,8 @@ def main(argv=None):
         parser.exit(2, f"mlx_kvq.assistant: error: {e}\n")
     try:
         server = Server(args.host, args.port, engine, store, args.allow_origin,
-                        args.max_body_bytes)
+                        args.max_body_bytes, args.max_connections, args.read_timeout,
+                        args.write_timeout)
     except OSError as e:  # port in use, host not on this machine
         engine.stop()
         parser.exit(2, f"mlx_kvq.assistant: error: cannot listen on {args.host}:{args.port}: "

@@ -11,11 +11,18 @@ Every file goes to a temporary name, is flushed, fsynced and renamed over the
 old one, so a crash leaves the old version or the new one. The sidecar is
 written after the cache file: a crash in between leaves a checksum mismatch,
 and the cache is refused and rebuilt from the messages.
+
+Fault points: with $MLX_KVQ_ASSISTANT_PAUSE naming a file that holds
+"point" or "point:n" (conversation-save, cache-save, sidecar-save, park),
+the process logs "paused at <point>" and hangs the n-th time (default the
+first) it gets there after the file named it, so a crash harness
+(faults.py) can kill it at that moment.
 """
 
 import copy
 import json
 import logging
+import os
 import re
 import shutil
 import threading
@@ -35,6 +42,31 @@ TITLE_CHARS = 200
 DEFAULT_TITLE = "New conversation"
 
 log = logging.getLogger("mlx_kvq.assistant")
+
+
+PAUSE_ENV = "MLX_KVQ_ASSISTANT_PAUSE"
+_reached = {}  # fault point -> times reached since it was armed
+
+
+def pause(point: str):
+    """Hang here if the file named by $MLX_KVQ_ASSISTANT_PAUSE arms this point
+    and this is its n-th time since; a no-op without that variable."""
+    path = os.environ.get(PAUSE_ENV)
+    if not path:
+        return
+    try:
+        want = Path(path).read_text().strip()
+    except OSError:
+        want = ""
+    name, _, nth = want.partition(":")
+    if name != point:
+        _reached.pop(point, None)
+        return
+    _reached[point] = _reached.get(point, 0) + 1
+    if _reached[point] == int(nth or 1):
+        log.warning("paused at %s", point)
+        while True:
+            time.sleep(3600)
 
 
 class NotFound(KeyError):
@@ -171,6 +203,7 @@ class Store:
             shutil.rmtree(self.folder(cid), ignore_errors=True)
 
     def _write(self, conv: Conversation):
+        pause("conversation-save")
         write_json(self.folder(conv.id) / CONVERSATION, asdict(conv))
 
     # -- caches -------------------------------------------------------------
@@ -182,11 +215,13 @@ class Store:
         def write(tmp):
             persist.save_prompt_cache(tmp, cache, fingerprint=fingerprint)
             digest.update(size=tmp.stat().st_size, sha256=sha256_file(tmp))
+            pause("cache-save")  # the new cache is in its temporary file
 
         with self._lock:  # serialized with delete()
             if cid not in self._conversations:
                 raise NotFound(cid)
             atomic_write(folder / CACHE, write)
+            pause("sidecar-save")  # the new cache is in place, its sidecar is old
             specs = sorted({str(c.spec) for c in cache if isinstance(c, KVQCache)})
             write_json(folder / SIDECAR, {
                 **digest, "model": fingerprint, "spec": specs, "tokens": list(tokens),
