@@ -84,7 +84,16 @@ def test_memory_pressure(tmp_path):
 
 
 def test_report_sections_and_table():
-    assert [s[0] for s in SECTIONS] == ["kill", "fuzz", "slow", "memory"]
+    assert [s[0] for s in SECTIONS] == ["kill", "fuzz", "runtime-fuzz", "slow", "memory"]
     out = table([{"target": "a", "examples": 3}, {"target": "bb", "failures": 0}])
     assert out.splitlines() == ["target  examples  failures", "a       3                 ",
                                 "bb                0       "]
+
+
+def test_report_runs_the_runtime_fuzz_targets(capsys):
+    from mlx_kvq.apps.assistant import reliability
+
+    assert reliability.main(["--only", "runtime-fuzz", "--examples", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "caches, specs and file loaders" in out
+    assert all(t in out for t in ("cache", "spec", "loaders"))

@@ -7,14 +7,16 @@ print their figures.
 A report is a list of sections, (name, function(args) -> rows); a row is a
 dict printed as one table line, with "ok" saying whether it passed. The
 harnesses are in faults.py (kill rounds), pressure.py (slow clients, memory
-pressure) and fuzz_http.py (HTTP API fuzzing); each runs the embedded model
-in a subprocess on a temporary data dir. Exits 1 if a row is not ok.
+pressure) and fuzz_http.py (HTTP API fuzzing), each running the embedded
+model in a subprocess on a temporary data dir, and mlx_kvq.fuzz (caches,
+specs and file loaders, in this process). Exits 1 if a row is not ok.
 """
 
 import argparse
 import tempfile
 from pathlib import Path
 
+from mlx_kvq import fuzz
 from mlx_kvq.cli_types import nonneg_int, positive_int
 
 from . import faults, fuzz_http, pressure
@@ -46,6 +48,13 @@ def fuzz_section(args, tmp: Path) -> list:
         server.stop()
     return [{"target": r["target"], "examples": r["examples"], "failures": r["failures"],
              "first failure": r["first"] or "", "ok": not r["failures"]} for r in rows]
+
+
+def runtime_fuzz_section(args, tmp: Path) -> list:
+    rows = fuzz.run(args.examples, args.seed)
+    return [{"target": r["target"], "examples": r["examples"], "failures": len(r["failures"]),
+             "first failure": r["failures"][0].splitlines()[0] if r["failures"] else "",
+             "ok": not r["failures"]} for r in rows]
 
 
 def slow_section(args, tmp: Path) -> list:
@@ -85,6 +94,8 @@ def memory_section(args, tmp: Path) -> list:
 SECTIONS = [
     ("kill", "SIGKILL at aimed moments, then restart", kill_section),
     ("fuzz", "HTTP API fuzzing (Hypothesis)", fuzz_section),
+    ("runtime-fuzz", "caches, specs and file loaders fuzzing (Hypothesis, mlx_kvq.fuzz)",
+     runtime_fuzz_section),
     ("slow", "slow and hostile clients around a good request", slow_section),
     ("memory", "memory pressure: --memory just above the weights", memory_section),
 ]
