@@ -113,7 +113,8 @@ def table(rows: list) -> str:
 def setup_arg_parser():
     p = argparse.ArgumentParser(
         description="Run mlx_kvq.assistant's fault harnesses (kill rounds, HTTP fuzzing, "
-        "slow clients, memory pressure) and print their figures.")
+        "slow clients, memory pressure) and the runtime's fuzz targets (caches, specs, "
+        "file loaders), and print their figures.")
     p.add_argument("--rounds", type=positive_int, default=4,
                    help="Kill rounds (memory pressure: 4 requests per round)")
     p.add_argument("--examples", type=positive_int, default=100,
