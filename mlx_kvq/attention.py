@@ -135,8 +135,10 @@ def _merge_partials(parts):
 
 def _merge(parts):
     """Merge partials and normalize: the attention output. Rows that see no
-    token (left padding of a batch) come out 0."""
-    _, l, o = _merge_partials(parts)
+    token (left padding of a batch) come out 0. One partial (a decode step
+    over one joint softmax) needs no rescaling."""
+    single = len(parts) == 1 and parts[0][2] is not None
+    _, l, o = parts[0] if single else _merge_partials(parts)
     return o / mx.where(l > 0, l, 1.0)[..., None]
 
 
