@@ -201,12 +201,12 @@ def main(argv=None):
                 print(response.text, end="", flush=True)
         if lead:
             print()
-        rows = None if shard is None else rank_rows(shard, kv_stats(cache))
+        stats = kv_stats(cache) if args.verbose or shard is not None else None
+        rows = None if shard is None else rank_rows(shard, stats)
     if args.save_prompt_cache:
         save_prompt_cache(args.save_prompt_cache, cache, model=model,
                           metadata={"model": str(args.model or "default")})
     if args.verbose and lead:
-        stats = kv_stats(cache)
         print(format_report(stats, response, peak=mx.get_peak_memory()))
         if rows is not None:
             print(format_ranks(rows))
