@@ -21,7 +21,10 @@ second with a watchdog: no progress for `timeout` seconds ends the rank.
 
 import json
 import os
+import pickle
+import random
 import re
+import socket
 import sys
 import threading
 import time
@@ -200,6 +203,31 @@ def load(path_or_hf_repo=None, sharding: str = "tensor", group=None, tokenizer_c
     return model, tokenizer, shard
 
 
+def free_ports(n: int) -> int:
+    """A loopback port p with p..p+n-1 free (the ring backend listens on them)."""
+    for _ in range(100):
+        p = random.randint(20000, 60000)
+        try:
+            for i in range(n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p + i))
+            return p
+        except OSError:
+            continue
+    raise RuntimeError("no free loopback ports for the ring backend")
+
+
+def local_ranks(n: int, folder) -> list:
+    """Environment variables that make n processes on this machine the ranks
+    of a ring, as `mlx.launch --backend ring` sets them (a hostfile of
+    loopback ports written to `folder`, MLX_RANK), for starting ranks
+    without mlx.launch's supervision."""
+    port = free_ports(n)
+    hostfile = Path(folder) / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{port + r}"] for r in range(n)]))
+    return [{"MLX_HOSTFILE": str(hostfile), "MLX_RANK": str(r)} for r in range(n)]
+
+
 # -- collectives ------------------------------------------------------------------
 
 
@@ -216,10 +244,42 @@ def gather(values, group) -> np.ndarray:
     return np.array(mx.distributed.all_gather(a, group=group, stream=generation_stream))
 
 
+def share(obj, group):
+    """Rank 0's `obj` (any picklable value; the others pass None) on every
+    rank, as mlx_lm.server shares its requests: the pickle's size, then its
+    bytes, summed over the ranks (the others add zeros)."""
+    from mlx_lm.generate import generation_stream
+
+    if group is None or group.size() == 1:
+        return obj
+    lead = group.rank() == 0
+    data = np.frombuffer(pickle.dumps(obj), dtype=np.uint8) if lead else None
+    size = mx.distributed.all_sum(mx.array([len(data) if lead else 0]), group=group,
+                                  stream=generation_stream)
+    n = int(size.item())
+    buf = mx.array(data) if lead else mx.zeros((n,), dtype=mx.uint8)
+    out = mx.distributed.all_sum(buf, group=group, stream=generation_stream)
+    mx.eval(out)
+    return obj if lead else pickle.loads(memoryview(np.array(out)))
+
+
 def shared_seed(group, seed: Optional[int] = None) -> int:
     """A seed every rank agrees on (rank 0's), so sampling picks the same tokens."""
     mine = seed if seed is not None else int(np.random.SeedSequence().entropy % (1 << 31))
     return int(gather([mine], group)[0, 0])
+
+
+def rank_rows(shard: Shard, nbytes: int, fp16_nbytes: int) -> list:
+    """Every rank's share, cache bytes (and their 16-bit size) and peak
+    memory, as dicts in rank order (a collective: all ranks call it)."""
+    mine = [nbytes, fp16_nbytes, mx.get_peak_memory(), shard.layers.start, shard.layers.stop,
+            shard.kv_heads.start, shard.kv_heads.stop]
+    rows = []
+    for r, (nb, fp, peak, l0, l1, h0, h1) in enumerate(gather(mine, shard.group)):
+        what = Shard(shard.sharding, r, shard.size, range(l0, l1), range(h0, h1))
+        rows.append(dict(rank=r, what=what.describe().split(": ", 1)[1], nbytes=int(nb),
+                         fp16_nbytes=int(fp), peak=int(peak)))
+    return rows
 
 
 def peers(rank: int, size: int) -> str:
@@ -243,8 +303,9 @@ class Guard:
     seconds exits too, from a watchdog thread, since a silent peer blocks
     the collective forever."""
 
-    def __init__(self, shard: Shard, timeout: float = 120.0, stream=sys.stderr):
-        self.shard, self.timeout, self.stream = shard, timeout, stream
+    def __init__(self, shard: Shard, timeout: float = 120.0, stream=sys.stderr, on_lost=None):
+        """`on_lost(why)`: called before the watchdog ends the process."""
+        self.shard, self.timeout, self.stream, self.on_lost = shard, timeout, stream, on_lost
         self.last = time.monotonic()
         self._done = threading.Event()
         self._thread = None
@@ -260,8 +321,11 @@ class Guard:
         while not self._done.wait(min(1.0, self.timeout / 4)):
             idle = time.monotonic() - self.last
             if idle > self.timeout:
-                print(self._message(f"no progress for {idle:.0f} s (limit {self.timeout:g} s):"
-                                    " stopped waiting on"), file=self.stream, flush=True)
+                why = f"no progress for {idle:.0f} s (limit {self.timeout:g} s)"
+                if self.on_lost is not None:
+                    self.on_lost(f"{why} from {peers(self.shard.rank, self.shard.size)}")
+                print(self._message(f"{why}: stopped waiting on"), file=self.stream,
+                      flush=True)
                 os._exit(EXIT_LOST)
 
     def __enter__(self):

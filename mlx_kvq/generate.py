@@ -202,7 +202,8 @@ def main(argv=None):
         if lead:
             print()
         stats = kv_stats(cache) if args.verbose or shard is not None else None
-        rows = None if shard is None else rank_rows(shard, stats)
+        rows = None if shard is None else distributed.rank_rows(
+            shard, stats.nbytes, stats.fp16_nbytes)
     if args.save_prompt_cache:
         save_prompt_cache(args.save_prompt_cache, cache, model=model,
                           metadata={"model": str(args.model or "default")})
@@ -211,18 +212,6 @@ def main(argv=None):
         if rows is not None:
             print(format_ranks(rows))
         print(f"weights:      {describe_weights(args.model)}")
-
-
-def rank_rows(shard, stats):
-    """Every rank's cache bytes and peak memory (a collective: all ranks call it)."""
-    mine = [stats.nbytes, stats.fp16_nbytes, mx.get_peak_memory(), shard.layers.start,
-            shard.layers.stop, shard.kv_heads.start, shard.kv_heads.stop]
-    rows = []
-    for r, (nb, fp, peak, l0, l1, h0, h1) in enumerate(distributed.gather(mine, shard.group)):
-        what = distributed.Shard(shard.sharding, r, shard.size, range(l0, l1), range(h0, h1))
-        rows.append(dict(rank=r, what=what.describe().split(": ", 1)[1], nbytes=int(nb),
-                         fp16_nbytes=int(fp), peak=int(peak)))
-    return rows
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@ import importlib
 
 import pytest
 
-import mlx_kvq  # noqa: F401  (loads OpenBLAS before mlx)
+import mlx_kvq  # loads OpenBLAS before mlx
+import mlx_kvq.models
 import mlx.core as mx
 
 def pytest_addoption(parser):
@@ -73,3 +74,34 @@ def tiny_model(arch, seed=0, **overrides):
 @pytest.fixture(scope="session")
 def llama_tiny():
     return tiny_model("llama")
+
+
+SMALL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4)
+
+
+def _tokenizer_source():
+    try:
+        return mlx_kvq.models.default_model_path()
+    except (FileNotFoundError, OSError) as e:
+        pytest.skip(f"default model (its tokenizer) unavailable: {e}")
+
+
+def save_model_folder(folder, arch, over, seed=0):
+    """A random-weight model folder with the embedded model's tokenizer
+    (weights scaled up so greedy decoding does not repeat one token)."""
+    import shutil
+
+    from mlx.utils import tree_map
+    from mlx_lm.utils import save_config, save_model
+
+    cfg = dict(TINY[arch], model_type=arch, **dict(SMALL, **over))
+    if arch == "llama":
+        cfg["head_dim"] = 32
+    model = tiny_model(arch, seed=seed, **{k: v for k, v in cfg.items() if k != "model_type"})
+    model.update(tree_map(lambda p: p * 3 if p.ndim == 2 else p, model.parameters()))
+    mx.eval(model.parameters())
+    save_model(folder, model)
+    save_config(cfg, folder / "config.json")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(_tokenizer_source() / name, folder / name)
+    return model

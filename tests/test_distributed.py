@@ -9,10 +9,8 @@ the unsharded model and the same spec.
 
 import json
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,13 +20,10 @@ from pathlib import Path
 import mlx_kvq
 import mlx_kvq.shapes
 import mlx_kvq.sizing
-import mlx.core as mx
 import numpy as np
 import pytest
-from mlx.utils import tree_map
-from mlx_lm.utils import save_config, save_model
 
-from conftest import TINY, tiny_model
+from conftest import TINY, save_model_folder, tiny_model
 from mlx_kvq import distributed
 from mlx_kvq.kvplan import STATS, KVPlan, LayerPlan, model_identity
 from mlx_kvq.spec import KVQuantSpec
@@ -48,42 +43,6 @@ MODELS = {  # name: (arch, overrides)
                                 intermediate_size=384)),
     "qwen2": ("qwen2", dict(num_attention_heads=4, num_key_value_heads=4)),
 }
-SMALL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4)
-
-
-def _free_port(n: int) -> int:
-    """A port p with p..p+n-1 free (as the ring backend will listen on them)."""
-    for _ in range(100):
-        p = random.randint(20000, 60000)
-        try:
-            for i in range(n):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", p + i))
-            return p
-        except OSError:
-            continue
-    raise RuntimeError("no free ports")
-
-
-def _tokenizer_source():
-    try:
-        return mlx_kvq.models.default_model_path()
-    except (FileNotFoundError, OSError) as e:
-        pytest.skip(f"default model (its tokenizer) unavailable: {e}")
-
-
-def _save(folder, arch, over, seed=0):
-    cfg = dict(TINY[arch], model_type=arch, **dict(SMALL, **over))
-    if arch == "llama":
-        cfg["head_dim"] = 32
-    model = tiny_model(arch, seed=seed, **{k: v for k, v in cfg.items() if k != "model_type"})
-    model.update(tree_map(lambda p: p * 3 if p.ndim == 2 else p, model.parameters()))
-    mx.eval(model.parameters())
-    save_model(folder, model)
-    save_config(cfg, folder / "config.json")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(_tokenizer_source() / name, folder / name)
-    return model
 
 
 def synthetic_plan(model, seed=0) -> KVPlan:
@@ -113,7 +72,7 @@ def folders(tmp_path_factory):
     out = {}
     for name, (arch, over) in MODELS.items():
         out[name] = root / name
-        model = _save(out[name], arch, over)
+        model = save_model_folder(out[name], arch, over)
         if name in ("llama4", "qwen2"):  # a calibrated copy
             out[f"{name}-plan"] = root / f"{name}-plan"
             shutil.copytree(out[name], out[f"{name}-plan"])
@@ -128,7 +87,7 @@ def _launch(n, job, tmp_path, timeout=240):
     job_file, out = tmp_path / "job.json", tmp_path / "out"
     out.mkdir()
     job_file.write_text(json.dumps(job))
-    cmd = [LAUNCH, "--backend", "ring", "-n", str(n), "--starting-port", str(_free_port(n)),
+    cmd = [LAUNCH, "--backend", "ring", "-n", str(n), "--starting-port", str(distributed.free_ports(n)),
            "--python", PY, "--", str(WORKER), str(job_file), str(out)]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=HERE)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
@@ -189,7 +148,7 @@ def test_ring_backend_sums_between_local_processes(tmp_path):
                       "x = mx.distributed.all_sum(mx.array([g.rank() + 1.0]), stream=mx.cpu)\n"
                       "print('rank', g.rank(), 'of', g.size(), 'sum', x.item())\n")
     run = subprocess.run([LAUNCH, "--backend", "ring", "-n", "2", "--starting-port",
-                          str(_free_port(2)), "--python", PY, "--", str(script)],
+                          str(distributed.free_ports(2)), "--python", PY, "--", str(script)],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert sorted(run.stdout.split("\n")[:2]) == ["rank 0 of 2 sum 3.0", "rank 1 of 2 sum 3.0"]
@@ -284,15 +243,12 @@ def test_refusals_name_what_is_supported():
 def _spawn_ranks(n, job, tmp_path):
     """Ranks started directly (as mlx.launch starts them, without its
     supervision), so what the survivors do on their own is seen."""
-    port = _free_port(n)
-    hostfile = tmp_path / "hosts.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{port + r}"] for r in range(n)]))
     job_file, out = tmp_path / "job.json", tmp_path / "out"
     out.mkdir()
     job_file.write_text(json.dumps(job))
     procs = []
-    for r in range(n):
-        env = dict(os.environ, MLX_HOSTFILE=str(hostfile), MLX_RANK=str(r))
+    for ring in distributed.local_ranks(n, tmp_path):
+        env = dict(os.environ, **ring)
         procs.append(subprocess.Popen([PY, str(WORKER), str(job_file), str(out)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True, cwd=HERE))
@@ -338,7 +294,7 @@ def test_generate_cli_under_mlx_launch(folders, tmp_path, capsys):
     generate.main(args)  # one process: this one
     one = capsys.readouterr()
     run = subprocess.run([LAUNCH, "--backend", "ring", "-n", "2", "--starting-port",
-                          str(_free_port(2)), "--python", PY, "--", "-m", "mlx_kvq.generate",
+                          str(distributed.free_ports(2)), "--python", PY, "--", "-m", "mlx_kvq.generate",
                           *args, "--sharding", "tensor"],
                          capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stderr[-3000:]

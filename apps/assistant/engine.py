@@ -29,7 +29,7 @@ from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
-from mlx_kvq import make_prompt_cache, persist, shapes, sizing, units
+from mlx_kvq import distributed, make_prompt_cache, persist, shapes, sizing, units
 from mlx_kvq.integration import prefill_chunk
 from mlx_kvq.cache import KVQCache
 from mlx_kvq.models import DEFAULT_MODEL, load
@@ -56,6 +56,8 @@ class Settings:
     queue_size: int = 8
     decode_concurrency: int = 32  # chats decoded together
     prompt_concurrency: int = 8  # prompts prefilled together
+    sharding: Optional[str] = None  # under mlx.launch: "tensor" or "pipeline" (ranks.py)
+    peer_timeout: float = 120.0  # sharded: seconds without progress before a rank exits
 
 
 @dataclass
@@ -68,7 +70,11 @@ class Session:
 
     @property
     def nbytes(self) -> int:
-        return self.stats.get("cache_bytes", 0)
+        """Bytes of this cache on the rank holding the most of it (the one
+        the budget sizes: see ranks.py), all of it on one machine."""
+        ranks = self.stats.get("ranks")
+        return max(r["nbytes"] for r in ranks) if ranks else \
+            self.stats.get("cache_bytes", 0)
 
 
 @dataclass
@@ -204,6 +210,8 @@ class Engine:
         self.sessions = OrderedDict()  # id -> Session, least recently used first
         self.notes = {}  # id -> why its saved cache was not used or saved
         self._lock = threading.Lock()
+        self.link = None  # sharded (ranks.py): rank 0 tells the others what to run
+        self._forgotten: List[Tuple[str, bool]] = []  # (id, deleted): to tell the ranks
         self._ready = threading.Event()
         self._stopping = threading.Event()
         self._error = None
@@ -248,9 +256,13 @@ class Engine:
         """Chats in the batch and documents being prefilled."""
         return len(self.turns) + (self.filling is not None)
 
-    def forget(self, cid: str):
+    def forget(self, cid: str, deleted: bool = False):
+        """Drop the conversation's cache from memory (`deleted`: the
+        conversation is gone; sharded, the other ranks delete their files)."""
         with self._lock:
             self.sessions.pop(cid, None)
+            if self.link is not None:
+                self._forgotten.append((cid, deleted))
         self.notes.pop(cid, None)
 
     def memory(self, cid: str) -> dict:
@@ -284,6 +296,7 @@ class Engine:
             "tokens_left": max(0, fit - stats["tokens"]),
             "spec": ", ".join(self.specs),
             "scheme": self.scheme,
+            "ranks": stats.get("ranks"),
             "note": note,
         }
 
@@ -304,8 +317,17 @@ class Engine:
             return
         finally:
             self._ready.set()
+        if self.link is None:
+            self._serve()
+        else:
+            self.link.lead(self._serve, self._abandon)
+
+    def _serve(self):
         while not self._stopping.is_set():
-            self._take(block=not self.turns and self.filling is None)
+            idle = not self.turns and self.filling is None
+            self._take(block=idle)
+            if idle:
+                self._tell("beat")
             self._start_waiting()
             if self.filling is not None:
                 self._fill()
@@ -318,8 +340,27 @@ class Engine:
             turn.job.cancelled.set()
             self._end(turn, "cancelled")
         self.batch.close()
+        self._tell("stop")
         for job in self.waiting + self._drain():
             job.emit("error", busy("the server is shutting down"))
+
+    def _abandon(self, error: RequestError):
+        """Answer every job with `error` (the ranks cannot go on)."""
+        self._stopping.set()
+        jobs = [t.job for t in self._running()] + self.waiting + self._drain()
+        for job in jobs:
+            job.emit("error", error)
+
+    def _tell(self, *command):
+        """Sharded: the other ranks run `command` too (see ranks.py); first
+        they drop the caches this rank forgot."""
+        if self.link is None or not self.link.leads:
+            return
+        with self._lock:
+            gone, self._forgotten = self._forgotten, []
+        if gone:
+            self.link.tell("forget", gone)
+        self.link.tell(*command)
 
     def _drain(self) -> List[Job]:
         out = []
@@ -368,6 +409,8 @@ class Engine:
         return list(self.turns.values()) + ([self.filling] if self.filling else [])
 
     def _fail(self, job: Job, e: Exception):
+        if self.link is not None and self.link.fatal(e):
+            raise e
         if isinstance(e, RequestError):
             job.emit("error", e)
         elif isinstance(e, NotFound):
@@ -391,11 +434,14 @@ class Engine:
         # (the workspace the planner sizes); a lone prompt takes all of it.
         s = self.settings
         filling = sum(t.first_token is None for t in self.turns.values())
-        self.batch.prefill_step_size = max(
-            1, s.prefill_step_size // max(1, min(filling, s.prompt_concurrency)))
+        step = max(1, s.prefill_step_size // max(1, min(filling, s.prompt_concurrency)))
+        self._tell("step", step)
+        self.batch.prefill_step_size = step
         try:
             prompt_responses, gen_responses = self.batch.next()
         except Exception as e:
+            if self.link is not None:  # the ranks are out of step
+                raise
             log.exception("the batch failed; its chats are answered with an error")
             for turn in self.turns.values():
                 self._fail(turn.job, e)
@@ -417,11 +463,16 @@ class Engine:
                 self._on_token(turn, r)
             except Exception as e:  # this chat fails; the others go on
                 self.turns.pop(r.uid, None)
-                if r.finish_reason is None:
-                    self.batch.remove([r.uid])
+                self._drop(r.uid, r.finish_reason is not None)
                 self._fail(turn.job, e)
         for turn in [t for t in self.turns.values() if t.job.cancelled.is_set()]:
             self._end(turn, "cancelled")
+
+    def _drop(self, uid: int, finished: bool):
+        """A chat that failed leaves the batch (if the batch has not ended it)."""
+        self._tell("drop", uid, finished)
+        if not finished:
+            self.batch.remove([uid])
 
     def _on_token(self, turn: Turn, r):
         turn.first_token = turn.first_token or time.perf_counter() - turn.job.submitted
@@ -447,6 +498,7 @@ class Engine:
         uid = next(u for u, t in self.turns.items() if t is turn)
         job, session = turn.job, turn.session
         try:
+            self._tell("end", uid, job.conversation, cache is None)
             if cache is None:  # ended before the batch finished it
                 cache, tokens = self.batch.remove([uid], return_prompt_caches=True)[uid]
             del self.turns[uid]
@@ -478,7 +530,14 @@ class Engine:
 
     def _load(self):
         s = self.settings
-        self.model, self.tokenizer = load(s.model)
+        if s.sharding:
+            from .ranks import Link
+
+            self.model, self.tokenizer, shard = distributed.load(s.model, s.sharding)
+            self.link = Link(shard, s.peer_timeout)
+            mx.random.seed(distributed.shared_seed(shard.group))
+        else:
+            self.model, self.tokenizer = load(s.model)
         self.model_id = s.model or DEFAULT_MODEL
         kv_plan = getattr(self.model, "kvq_plan", None)
         if self.cache_spec is None and kv_plan is None:
@@ -495,6 +554,8 @@ class Engine:
         # sinks named in notices are the widest layer's.
         self.spec = max(layers, key=lambda x: sizing.bits_per_element(x, shape.head_dim))
         sized = self.cache_spec or shapes.LayerSpecs(tuple(layers), kv_plan.label())
+        if self.link is not None:
+            shape, sized = self.link.heaviest(shape, sized, s.model)
         memory = s.memory or sizing.total_memory() // 2
         self.budget = Budget(shape, sized, memory, s.prefill_step_size)
         if self.budget.max_tokens() == 0:
@@ -549,39 +610,64 @@ class Engine:
         with self._lock:
             resident = [(k, v.nbytes) for k, v in self.sessions.items()
                         if k != cid and k not in running]
-            for k in to_park(resident, need, b.memory):
+            parked = to_park(resident, need, b.memory)
+            for k in parked:
                 pause("park")
                 del self.sessions[k]
                 log.info("conversation %s: cache parked on disk to make room", k)
+        if parked:
+            self._tell("park", parked)
         mx.clear_cache()
         return notice, kv_context
 
-    def _session(self, cid: str) -> Session:
+    def _session(self, cid: str, resident: Optional[bool] = None) -> Session:
+        """The conversation's cache: in memory, else loaded from its saved
+        file, else new. Sharded, every rank takes its own share and the
+        ranks agree on the tokens held (`resident`: whether rank 0 had it in
+        memory; the others load it when rank 0 did)."""
         with self._lock:
-            if cid in self.sessions:
-                self.sessions.move_to_end(cid)
-                return self.sessions[cid]
+            if resident is False:
+                self.sessions.pop(cid, None)
+            session = self.sessions.get(cid)
+        if resident is None:  # this rank decides
+            resident = session is not None
+        self._tell("session", cid, resident)
+        if session is None:
+            session = self._open(cid)
+        with self._lock:
+            self.sessions[cid] = session
+            self.sessions.move_to_end(cid)
+        if self.link is not None and not self.link.agree_tokens(session.tokens):
+            self.notes[cid] = ("The ranks' saved KV caches did not match; the cache was "
+                               "rebuilt from the messages.")
+            session.cache, session.tokens, resident = self._new_cache(), [], False
+        if not resident:
+            session.stats = self._stats(session.cache)
+        return session
+
+    def _open(self, cid: str) -> Session:
         try:
             loaded = self.store.load_cache(cid, self.model, self.fingerprint, self.specs)
-        except CacheRefused as e:
+        except Exception as e:  # refused, or unreadable: the messages rebuild it
+            if not isinstance(e, CacheRefused):
+                log.warning("conversation %s: saved KV cache unreadable", cid, exc_info=e)
             self.notes[cid] = (f"The saved KV cache was refused: {e}. The messages are "
                                "intact; the cache was rebuilt from them.")
             loaded = None
-        if loaded is not None:
-            session = Session(*loaded)
-            session.stats = self._stats(session.cache)
-        else:
-            session = Session(self._new_cache())
-        with self._lock:
-            self.sessions[cid] = session
-        return session
+        return Session(*loaded) if loaded is not None else Session(self._new_cache())
 
-    def _reuse(self, session: Session, tokens: List[int], keep_last: bool) -> int:
+    def _reuse(self, cid: str, session: Session, tokens: List[int], keep_last: bool) -> int:
         """Trim the cache to its longest common prefix with `tokens`; the number
         of tokens it still holds."""
         n = common_prefix(session.tokens, tokens)
         if keep_last:  # the last prompt token must run to give the first logits
             n = min(n, len(tokens) - 1)
+        return self._trim(cid, session, n)
+
+    def _trim(self, cid: str, session: Session, n: int) -> int:
+        """Keep the first n tokens of the cache (all of them dropped if it
+        cannot be trimmed); the number kept."""
+        self._tell("trim", cid, n)
         drop = len(session.tokens) - n
         if drop:
             if can_trim_prompt_cache(session.cache):
@@ -596,8 +682,15 @@ class Engine:
         return make_prompt_cache(self.model, self.cache_spec, self.settings.max_kv_size)
 
     def _stats(self, cache) -> dict:
+        """Tokens and bytes of a cache; sharded (every rank calls it), also
+        each rank's share, and the totals over the ranks."""
         st = kv_stats(cache)
-        return {"tokens": st.tokens, "cache_bytes": st.nbytes, "fp16_bytes": st.fp16_nbytes}
+        out = {"tokens": st.tokens, "cache_bytes": st.nbytes, "fp16_bytes": st.fp16_nbytes}
+        if self.link is not None:
+            out["ranks"] = distributed.rank_rows(self.link.shard, st.nbytes, st.fp16_nbytes)
+            out["cache_bytes"] = sum(r["nbytes"] for r in out["ranks"])
+            out["fp16_bytes"] = sum(r["fp16_nbytes"] for r in out["ranks"])
+        return out
 
     def _notice(self, cid: str, admitted: Optional[str]) -> Optional[str]:
         return " ".join(filter(None, [self.notes.get(cid), admitted])) or None
@@ -618,20 +711,27 @@ class Engine:
             return False
         notice, kv_context = admitted
         session = self._session(cid)
-        cached = self._reuse(session, prompt, keep_last=True)
+        cached = self._reuse(cid, session, prompt, keep_last=True)
         job.emit("start", {"prompt_tokens": len(prompt), "cached_tokens": cached,
                            "notice": self._notice(cid, notice)})
-        if job.seed is not None:
-            mx.random.seed(job.seed)
-        uid, = self.batch.insert(
-            [prompt[cached:]], [job.max_tokens], caches=[session.cache],
-            all_tokens=[prompt[:cached]],
-            samplers=[make_sampler(job.temperature, job.top_p)])
-        # The batch holds a copy of the cache now; the chat's end gives it back.
-        session.cache = None
+        uid = self._insert(cid, session, prompt[cached:], job.max_tokens, job.temperature,
+                           job.top_p, job.seed)
         self.turns[uid] = Turn(job, session, prompt, cached, kv_context,
                                self.tokenizer.detokenizer, StopText(job.stop))
         return True
+
+    def _insert(self, cid: str, session: Session, tail: List[int], max_tokens: int,
+                temperature: float, top_p: float, seed: Optional[int]) -> int:
+        """The chat joins the batch; its uid there."""
+        if seed is not None:
+            mx.random.seed(seed)
+        uid, = self.batch.insert(
+            [tail], [max_tokens], caches=[session.cache], all_tokens=[session.tokens],
+            samplers=[make_sampler(temperature, top_p)])
+        self._tell("insert", cid, tail, max_tokens, temperature, top_p, seed)
+        # The batch holds a copy of the cache now; the chat's end gives it back.
+        session.cache = None
+        return uid
 
     def _document(self, job: Job) -> bool:
         cid = job.conversation
@@ -646,7 +746,7 @@ class Engine:
         if admitted is None:
             return False
         session = self._session(cid)
-        cached = self._reuse(session, tokens, keep_last=False)
+        cached = self._reuse(cid, session, tokens, keep_last=False)
         job.emit("start", {"prompt_tokens": len(tokens), "cached_tokens": cached,
                            "notice": self._notice(cid, admitted[0])})
         self.filling = Filling(job, session, tokens, cached, cached, admitted[1])
@@ -660,15 +760,16 @@ class Engine:
                 raise RequestError(499, "the client left before the document was added")
             chunk = f.tokens[f.done:f.done + step]
             if chunk:
-                prefill_chunk(self.model, f.session.cache, chunk)
+                self._prefill(f.job.conversation, f.session, chunk)
                 f.done += len(chunk)
                 f.job.emit("progress", {"done": f.done, "total": len(f.tokens)})
             if f.done < len(f.tokens):
                 return
             self.filling = None
-            f.session.tokens = f.tokens
             self._commit(f.job, f.job.messages, f.session)
         except Exception as e:
+            if self.link is not None and not isinstance(e, RequestError):
+                raise  # the ranks are out of step
             self.filling = None
             self.forget(f.job.conversation)  # its cache is half filled
             self._fail(f.job, e)
@@ -676,9 +777,14 @@ class Engine:
         f.job.emit("done", {"prompt_tokens": len(f.tokens), "cached_tokens": f.cached,
                             "memory": self.memory(f.job.conversation)})
 
-    def _commit(self, job: Job, new_messages: List[dict], session: Session):
-        """Save the messages, then the cache (the messages are never lost)."""
-        cid = job.conversation
+    def _prefill(self, cid: str, session: Session, chunk: List[int]):
+        self._tell("prefill", cid, chunk)
+        prefill_chunk(self.model, session.cache, chunk)
+        session.tokens = session.tokens + list(chunk)
+
+    def _settle(self, cid: str, session: Session):
+        """A turn's cache, checked against its tokens, with its stats."""
+        self._tell("settle", cid)
         offset = next(c.offset for c in session.cache if isinstance(c, KVQCache))
         if offset != len(session.tokens):  # a cache we cannot map to tokens is useless
             log.warning("conversation %s: cache holds %d tokens, expected %d; dropping it",
@@ -686,6 +792,11 @@ class Engine:
             session.cache = self._new_cache()
             session.tokens = []
         session.stats = self._stats(session.cache)
+
+    def _commit(self, job: Job, new_messages: List[dict], session: Session):
+        """Save the messages, then the cache (the messages are never lost)."""
+        cid = job.conversation
+        self._settle(cid, session)
         if job.title is not None:
             self.store.create(job.title, cid=cid, source="api", exist_ok=True)
         self.store.update(cid, lambda c: _extend(c, new_messages))

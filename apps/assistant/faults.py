@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+from mlx_kvq import distributed
+
 from .store import PAUSE_ENV
 
 START_TIMEOUT = 180
@@ -42,13 +44,20 @@ TOPICS = ("rivers", "bread", "owls", "tides", "glass", "maps", "bees", "snow")
 class Assistant:
     """`mlx_kvq.assistant` in a subprocess on a free loopback port."""
 
-    def __init__(self, data_dir, *args, log_file, env: Optional[dict] = None):
+    def __init__(self, data_dir, *args, log_file, env: Optional[dict] = None, ranks: int = 1):
+        """`ranks` > 1 (with --sharding in `args`): that many local ranks over
+        the ring backend, started as mlx.launch starts them; rank 0 serves,
+        `followers` are the others."""
         self.log_file = Path(log_file)
         cmd = [sys.executable, "-m", "mlx_kvq.apps.assistant", "--port", "0",
                "--data-dir", str(data_dir), *args]
+        rings = [{}] if ranks == 1 else distributed.local_ranks(ranks, self.log_file.parent)
+        envs = [{**os.environ, **(env or {}), **ring} for ring in rings]
         with open(self.log_file, "a") as err:
             self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
-                                         env={**os.environ, **(env or {})})
+                                         env=envs[0])
+            self.followers = [subprocess.Popen(cmd, stdout=err, stderr=err, env=e)
+                              for e in envs[1:]]
         lines = queue.Queue()
         threading.Thread(target=lambda: [lines.put(x) for x in self.proc.stdout],
                          daemon=True).start()
@@ -69,15 +78,23 @@ class Assistant:
         self.host, self.port = host, int(port)
 
     def stop(self):
+        """SIGTERM to rank 0, which stops its followers."""
         if self.proc.poll() is None:
             self.proc.terminate()
-            self.proc.wait(timeout=60)
+        self.proc.wait(timeout=60)
+        for p in self.followers:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
 
     def kill(self):
         """SIGKILL: no handler runs, nothing is flushed."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=60)
+        for p in [self.proc, *self.followers]:
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+            p.wait(timeout=60)
 
     def log(self) -> str:
         return self.log_file.read_text(errors="replace")
@@ -107,6 +124,29 @@ class Assistant:
         finally:
             conn.close()
         return resp.status, json.loads(data) if data else None
+
+    def events(self, path: str, body: dict):
+        """(status, the "done" or "error" event's data, or the JSON error body)
+        of a page request answered as server-sent events."""
+        import http.client
+
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=300)
+        try:
+            conn.request("POST", path, json.dumps(body))
+            resp = conn.getresponse()
+            if resp.status != 200:
+                return resp.status, json.loads(resp.read() or b"null")
+            last, kind = None, None
+            for line in resp:
+                line = line.decode().rstrip("\n")
+                if line.startswith("event: "):
+                    kind = line[7:]
+                elif line.startswith("data: ") and kind in ("done", "error"):
+                    last = json.loads(line[6:])
+                    last = {"error": last} if kind == "error" else last
+            return resp.status, last
+        finally:
+            conn.close()
 
     def info(self) -> dict:
         return self.request("GET", "/api/info")[1]

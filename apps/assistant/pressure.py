@@ -11,7 +11,6 @@ mlx_kvq.reliability, on a server in a subprocess (faults.Assistant).
 Each returns a dict of figures.
 """
 
-import json
 import random
 import re
 import socket
@@ -205,7 +204,7 @@ def memory_pressure(data_dir, requests: int = 24, seed: int = 0, log_file=None,
         def one(kind, size, conv):
             cid = ids[conv]
             if kind == "document":
-                status, body = _events(server, f"/api/conversations/{cid}/documents",
+                status, body = server.events(f"/api/conversations/{cid}/documents",
                                        {"name": "notes.txt", "text": words * size})
             else:
                 status, body = server.request("POST", "/v1/chat/completions", {
@@ -243,27 +242,3 @@ def memory_pressure(data_dir, requests: int = 24, seed: int = 0, log_file=None,
         server.stop()
     out["over_budget"] = out["peak"] > memory
     return out
-
-
-def _events(server: Assistant, path: str, body: dict):
-    """(status, the "done" or "error" event's data, or the JSON error body) of
-    a page request answered as server-sent events."""
-    import http.client
-
-    conn = http.client.HTTPConnection(server.host, server.port, timeout=300)
-    try:
-        conn.request("POST", path, json.dumps(body))
-        resp = conn.getresponse()
-        if resp.status != 200:
-            return resp.status, json.loads(resp.read() or b"null")
-        last, kind = None, None
-        for line in resp:
-            line = line.decode().rstrip("\n")
-            if line.startswith("event: "):
-                kind = line[7:]
-            elif line.startswith("data: ") and kind in ("done", "error"):
-                last = json.loads(line[6:])
-                last = {"error": last} if kind == "error" else last
-        return resp.status, last
-    finally:
-        conn.close()

@@ -27,10 +27,12 @@ import io
 import ipaddress
 import json
 import logging
+import os
 import re
 import select
 import signal
 import socket
+import sys
 import threading
 import time
 from dataclasses import asdict
@@ -38,14 +40,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from mlx_kvq import units
+from mlx_kvq import distributed, units
 from mlx_kvq.cache import KVQCache
 from mlx_kvq.cli_types import (add_model, add_prefill_step_size, nonneg_int, positive_int,
                                seconds)
 from mlx_kvq.models import data_home
 from mlx_kvq.spec import DEFAULT_PRESET, PRESETS, parse_spec
 
-from . import openai_api
+from . import openai_api, ranks
 from .engine import Engine, Job, Settings
 from .errors import RequestError, busy
 from .store import NotFound, Store, clean_title, title_of, validate_id
@@ -454,6 +456,8 @@ class Handler(BaseHTTPRequestHandler):
             "max_connections": self.server.max_connections,
             "refused_connections": self.server.refused,
             "peak_memory": engine.peak_memory(),
+            "sharding": engine.link and {"sharding": engine.link.shard.sharding,
+                                         "ranks": engine.link.shard.size},
             "data_dir": str(self.server.store.root),
         })
 
@@ -490,7 +494,7 @@ class Handler(BaseHTTPRequestHandler):
             self.server.store.delete(cid)
         except NotFound:
             raise RequestError(404, f"no conversation {cid}") from None
-        self.server.engine.forget(cid)
+        self.server.engine.forget(cid, deleted=True)
         self._send_json(200, {"deleted": cid})
 
     def post_message(self, cid: str):
@@ -641,6 +645,14 @@ def setup_arg_parser():
     p.add_argument("--write-timeout", type=seconds, default=30.0,
                    help="Seconds a reply write may wait for a client that does not read; "
                    "then the client is dropped and its generation cancelled")
+    d = p.add_argument_group("distributed (under mlx.launch)")
+    d.add_argument("--sharding", choices=distributed.SHARDINGS, default=None,
+                   help="Shard the model over the ranks mlx.launch started, as mlx-lm "
+                   "does ('tensor': every layer's heads; 'pipeline': runs of layers); "
+                   "each rank caches its share, rank 0 serves")
+    d.add_argument("--peer-timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="Stop when the ranks make no progress for this long (a peer "
+                   "stopped or its link is down); 0: wait forever")
     p.add_argument("--log-level", default="INFO",
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
@@ -664,8 +676,13 @@ def main(argv=None):
                         prefill_step_size=args.prefill_step_size,
                         queue_size=args.queue_size,
                         decode_concurrency=args.decode_concurrency,
-                        prompt_concurrency=args.prompt_concurrency)
-    store = Store(args.data_dir or default_data_dir())
+                        prompt_concurrency=args.prompt_concurrency,
+                        sharding=args.sharding, peer_timeout=args.peer_timeout)
+    data_dir = args.data_dir or default_data_dir()
+    rank = distributed.init().rank() if args.sharding else 0
+    if rank:  # a follower: no server, its share of every cache
+        sys.exit(ranks.follow(Engine(settings, Store(ranks.follower_data_dir(data_dir, rank)))))
+    store = Store(data_dir)
     engine = Engine(settings, store)
     try:
         engine.start()
@@ -685,6 +702,8 @@ def main(argv=None):
           f"memory budget {units.fmt_bytes(engine.budget.memory)}: up to {limit} tokens in "
           f"a conversation ({limited_by}); {len(store.list())} conversations in "
           f"{store.root}\n"
+          + (f"sharded ({args.sharding}) over {engine.link.shard.size} ranks: this rank holds "
+             f"{engine.link.shard.describe().split(': ', 1)[1]}\n" if engine.link else "") +
           f"serving {server.url} (OpenAI API: {server.url}v1)", flush=True)
 
     def stop(signum, frame):
@@ -699,6 +718,14 @@ def main(argv=None):
         server.server_close()
         engine.stop()
         log.info("stopped")
+    if engine.link is not None:
+        # MLX's ring group, used from the worker thread, can abort in its
+        # static destructors ("terminate called without an active
+        # exception"); everything is saved and the followers are stopped.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
