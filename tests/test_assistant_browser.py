@@ -106,6 +106,7 @@ def test_chat_page(server, browser, tmp_path):
     assert ratio > 1.5  # quantized
     assert "of" in text("mem-left") and text("mem-where") == "in memory"
     assert text("mem-scheme").startswith("k4v4-g32-r64-s4: K 4-bit per-channel")
+    assert not el("mem-ranks").is_displayed()  # one process: no per-rank rows
 
     SCREENSHOT.parent.mkdir(exist_ok=True)
     browser.save_screenshot(str(tmp_path / "assistant.png"))
@@ -122,3 +123,37 @@ def test_chat_page(server, browser, tmp_path):
 
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, errors
+
+
+def test_memory_panel_of_a_sharded_server(browser, tmp_path):
+    """Over 2 ranks (--sharding tensor), the panel lists each rank's share of
+    the conversation's cache; one process shows no such rows."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from conftest import save_model_folder
+
+    folder = tmp_path / "model"
+    save_model_folder(folder, "llama", dict(num_attention_heads=8, num_key_value_heads=4,
+                                            vocab_size=49152))
+    server = Assistant(tmp_path / "data", "--model", str(folder), "--kv", "k4v4",
+                       "--max-tokens", "8", "--sharding", "tensor", log_file=tmp_path / "log",
+                       ranks=2)
+    try:
+        status, body = server.request("POST", "/v1/chat/completions", {
+            "messages": [{"role": "user", "content": "Tell me about the sea"}],
+            "conversation": "sea", "max_tokens": 8})
+        assert status == 200, body
+        wait = WebDriverWait(browser, 120, poll_frequency=0.05)
+        browser.get(server.url)
+        wait.until(lambda _: browser.find_elements(By.CSS_SELECTOR, "#conv-list li"))
+        browser.find_element(By.CSS_SELECTOR, "#conv-list li").click()
+        ranks = browser.find_element(By.ID, "mem-ranks")
+        wait.until(lambda _: ranks.is_displayed() and ranks.text)
+        lines = ranks.text.splitlines()
+        assert len(lines) == 2, lines
+        assert lines[0].startswith("rank 0 (kv heads 0-1 of every layer): ")
+        assert lines[1].startswith("rank 1 (kv heads 2-3 of every layer): ")
+        assert all("KiB, peak" in x and x.endswith("MiB") for x in lines), lines
+    finally:
+        server.stop()

@@ -108,6 +108,14 @@ function renderMemory(mem) {
     `(${mem.max_tokens.toLocaleString()} fit: ${mem.limited_by})`;
   $("mem-where").textContent = mem.resident ? "in memory" : mem.tokens ? "parked on disk" : "empty";
   $("mem-scheme").textContent = `${mem.spec}: ${mem.scheme}`;
+  // Sharded over several ranks: each rank's share of this cache and its peak.
+  const ranks = mem.ranks || [];
+  $("mem-ranks-label").hidden = $("mem-ranks").hidden = !ranks.length;
+  $("mem-ranks").replaceChildren(...ranks.map((r) => {
+    const line = document.createElement("div");
+    line.textContent = `rank ${r.rank} (${r.what}): ${fmtBytes(r.nbytes)}, peak ${fmtBytes(r.peak)}`;
+    return line;
+  }));
   if (mem.note) showNotice(mem.note);
 }
 
