@@ -244,23 +244,34 @@ def gather(values, group) -> np.ndarray:
     return np.array(mx.distributed.all_gather(a, group=group, stream=generation_stream))
 
 
+SHARE_HEAD = 512  # bytes summed in one all_sum: a short object's size and pickle
+
+
 def share(obj, group):
     """Rank 0's `obj` (any picklable value; the others pass None) on every
-    rank, as mlx_lm.server shares its requests: the pickle's size, then its
-    bytes, summed over the ranks (the others add zeros)."""
+    rank, as mlx_lm.server shares its requests: summed over the ranks (the
+    others add zeros), the pickle's size with the pickle itself when it is
+    short (one all_sum), else its bytes in a second one."""
     from mlx_lm.generate import generation_stream
 
     if group is None or group.size() == 1:
         return obj
     lead = group.rank() == 0
-    data = np.frombuffer(pickle.dumps(obj), dtype=np.uint8) if lead else None
-    size = mx.distributed.all_sum(mx.array([len(data) if lead else 0]), group=group,
-                                  stream=generation_stream)
-    n = int(size.item())
-    buf = mx.array(data) if lead else mx.zeros((n,), dtype=mx.uint8)
-    out = mx.distributed.all_sum(buf, group=group, stream=generation_stream)
-    mx.eval(out)
-    return obj if lead else pickle.loads(memoryview(np.array(out)))
+    head = np.zeros(SHARE_HEAD, dtype=np.uint8)
+    if lead:
+        data = np.frombuffer(pickle.dumps(obj), dtype=np.uint8)
+        head[:8] = np.frombuffer(np.int64(len(data)).tobytes(), dtype=np.uint8)
+        if len(data) <= SHARE_HEAD - 8:
+            head[8:8 + len(data)] = data
+    summed = np.array(mx.distributed.all_sum(mx.array(head), group=group,
+                                             stream=generation_stream))
+    n = int(summed[:8].view(np.int64)[0])
+    if n <= SHARE_HEAD - 8:
+        data = summed[8:8 + n]
+    else:
+        buf = mx.array(data) if lead else mx.zeros((n,), dtype=mx.uint8)
+        data = np.array(mx.distributed.all_sum(buf, group=group, stream=generation_stream))
+    return obj if lead else pickle.loads(data.tobytes())
 
 
 def shared_seed(group, seed: Optional[int] = None) -> int:

@@ -9,6 +9,11 @@ measured in turn, so drift in machine speed hits all alike only roughly: run
 it on an idle machine, and read the ratios, which come from this one run.
 
     python -m mlx_kvq.apps.assistant.bench_serve --chats 8 --max-tokens 64 --kv k4v4
+
+With --ranks N --sharding tensor|pipeline both servers run sharded over N
+local ranks (the ring backend over loopback, started as mlx.launch starts
+them): the assistant with --sharding, mlx_lm.server in its distributed mode
+(--pipeline for pipeline sharding), on a model mlx-lm can shard that way.
 """
 
 import argparse
@@ -24,7 +29,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from mlx_kvq import blas
+from mlx_kvq import blas, distributed
 from mlx_kvq.cli_types import positive_int
 from mlx_kvq.models import default_model_path
 
@@ -52,7 +57,9 @@ class Server:
     name: str
     cmd: List[str]
     port: int
+    ranks: int = 1
     proc: Optional[subprocess.Popen] = None
+    followers: List[subprocess.Popen] = field(default_factory=list)
     log: str = ""
 
     @property
@@ -64,8 +71,11 @@ class Server:
         if blas.status.startswith("OpenBLAS"):  # the peer imports mlx itself
             env["LD_PRELOAD"] = blas.status.split("(", 1)[1].rstrip(")")
         self._log = tempfile.NamedTemporaryFile("w+", suffix=".log")
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=env)
+        self._dir = tempfile.TemporaryDirectory()
+        rings = [{}] if self.ranks == 1 else distributed.local_ranks(self.ranks, self._dir.name)
+        procs = [subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                  env={**env, **ring}) for ring in rings]
+        self.proc, self.followers = procs[0], procs[1:]
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -79,9 +89,15 @@ class Server:
         raise RuntimeError(f"{self.name} did not start:\n{self.log}")
 
     def __exit__(self, *exc):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=60)
+        for p in [self.proc, *self.followers]:
+            if p.poll() is None:
+                p.terminate()
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self._dir.cleanup()
         self._log.seek(0)
         self.log = self._log.read()[-4000:]
         self._log.close()
@@ -157,23 +173,35 @@ def main(argv=None):
     p.add_argument("--kv", default="k4v4", help="The assistant's KV spec")
     p.add_argument("--chats", type=positive_int, default=8)
     p.add_argument("--max-tokens", type=positive_int, default=64)
+    p.add_argument("--ranks", type=positive_int, default=1,
+                   help="Run both servers sharded over this many local ranks")
+    p.add_argument("--sharding", choices=distributed.SHARDINGS, default="tensor")
     args = p.parse_args(argv)
     model = str(args.model or default_model_path())
+    ours, peers = [], []
+    if args.ranks > 1:
+        ours = ["--sharding", args.sharding]
+        peers = ["--pipeline"] if args.sharding == "pipeline" else []
     with tempfile.TemporaryDirectory() as data:
         servers = [
-            Server(f"mlx_kvq.assistant --kv {args.kv}",
+            Server(f"mlx_kvq.assistant --kv {args.kv} {' '.join(ours)}".rstrip(),
                    [sys.executable, "-m", "mlx_kvq.apps.assistant", "--model", model,
                     "--kv", args.kv, "--data-dir", data, "--port", str(port := free_port()),
-                    "--queue-size", str(max(8, args.chats)), "--log-level", "WARNING"], port),
-            Server("mlx_lm.server (full-precision batch cache)",
+                    "--queue-size", str(max(8, args.chats)), "--log-level", "WARNING", *ours],
+                   port, args.ranks),
+            Server(f"mlx_lm.server {' '.join(peers)} (full-precision batch cache)",
                    [sys.executable, "-m", "mlx_lm.server", "--model", model,
-                    "--port", str(port := free_port()), "--log-level", "WARNING"], port),
+                    "--port", str(port := free_port()), "--log-level", "WARNING", *peers],
+                   port, args.ranks),
         ]
         runs = []
         for server in servers:
             with server:
                 runs.append(measure(server, model, args.chats, args.max_tokens))
-    print(f"model {model}; {args.chats} chats, max_tokens {args.max_tokens}, temperature 0; "
+    where = "one process each" if args.ranks == 1 else \
+        f"each over {args.ranks} local ranks ({args.sharding} sharding)"
+    print(f"model {model}; servers {where}; {args.chats} chats, max_tokens "
+          f"{args.max_tokens}, temperature 0; "
           f"BLAS {blas.status}; mean reply tokens "
           f"{statistics.mean(runs[0].completion_tokens):.1f}")
     print(format_runs(runs, args.chats))
