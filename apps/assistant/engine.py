@@ -14,6 +14,10 @@ ends (length, stop token or string, client gone) leaves the batch with its
 cache extracted, saved and kept as the conversation's cache. Caches of
 recently used conversations stay in memory within the budget; the others
 are parked (they are saved after every turn) and loaded back on use.
+
+Sharded over several ranks (--sharding under mlx.launch), this engine runs
+on every rank: rank 0's decides and tells the others each operation on the
+model or a cache (`_tell`), which they run on their shares (ranks.py).
 """
 
 import logging
