@@ -32,6 +32,9 @@ MODELS = {
 }
 QUESTIONS = ["Tell me about the sea", "Name a color", "What do owls eat?",
              "Describe a river at night"]
+# Asked alone (prompts prefilled together in other arrangements round
+# differently): its command to the other ranks takes two all_sums.
+LONG = "Describe a river at night. " + "The water runs dark and slow. " * 40
 DOCUMENT = " ".join(f"Line {i}: the tide comes in over the flats and goes out again."
                     for i in range(40))
 
@@ -79,7 +82,7 @@ def _session(server):
         t.start()
     for t in threads:
         t.join(300)
-    replies = [out[i] for i in range(len(QUESTIONS))]
+    replies = [out[i] for i in range(len(QUESTIONS))] + [_chat(server, LONG)]
     status, body = server.request("POST", "/api/conversations", {"title": "tides"})
     cid = body["conversation"]["id"]
     status, done = server.events(f"/api/conversations/{cid}/documents",
@@ -99,7 +102,7 @@ def test_two_ranks_answer_as_one_process(folders, tmp_path, name):
         ref_resumed = _chat(one, "Once more?", ref[3])
     finally:
         one.stop()
-    assert len({r for (r, _) in ref[0]}) == len(QUESTIONS) and all(r for r, _ in ref[0])
+    assert len({r for (r, _) in ref[0]}) == len(QUESTIONS) + 1 and all(r for r, _ in ref[0])
 
     data, log = tmp_path / "two", tmp_path / "two.log"
     two = _start(name, folders, data, log, ranks=2)

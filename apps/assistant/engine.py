@@ -16,7 +16,7 @@ recently used conversations stay in memory within the budget; the others
 are parked (they are saved after every turn) and loaded back on use.
 
 Sharded over several ranks (--sharding under mlx.launch), this engine runs
-on every rank: rank 0's decides and tells the others each operation on the
+on every rank: rank 0 decides and tells the others each operation on the
 model or a cache (`_tell`), which they run on their shares (ranks.py).
 """
 
@@ -42,6 +42,7 @@ from mlx_kvq.spec import DEFAULT_PRESET, parse_spec
 
 from .budget import Budget, to_park
 from .errors import RequestError, busy
+from .ranks import Link, OutOfStep
 from .store import DEFAULT_TITLE, CacheRefused, NotFound, Store, pause, title_of
 
 log = logging.getLogger("mlx_kvq.assistant")
@@ -444,8 +445,8 @@ class Engine:
         try:
             prompt_responses, gen_responses = self.batch.next()
         except Exception as e:
-            if self.link is not None:  # the ranks are out of step
-                raise
+            if self.link is not None:
+                raise OutOfStep(f"a batch step failed: {type(e).__name__}: {e}") from e
             log.exception("the batch failed; its chats are answered with an error")
             for turn in self.turns.values():
                 self._fail(turn.job, e)
@@ -535,8 +536,6 @@ class Engine:
     def _load(self):
         s = self.settings
         if s.sharding:
-            from .ranks import Link
-
             self.model, self.tokenizer, shard = distributed.load(s.model, s.sharding)
             self.link = Link(shard, s.peer_timeout)
             mx.random.seed(distributed.shared_seed(shard.group))
@@ -772,8 +771,6 @@ class Engine:
             self.filling = None
             self._commit(f.job, f.job.messages, f.session)
         except Exception as e:
-            if self.link is not None and not isinstance(e, RequestError):
-                raise  # the ranks are out of step
             self.filling = None
             self.forget(f.job.conversation)  # its cache is half filled
             self._fail(f.job, e)
@@ -783,7 +780,12 @@ class Engine:
 
     def _prefill(self, cid: str, session: Session, chunk: List[int]):
         self._tell("prefill", cid, chunk)
-        prefill_chunk(self.model, session.cache, chunk)
+        try:
+            prefill_chunk(self.model, session.cache, chunk)
+        except Exception as e:
+            if self.link is not None and not self.link.fatal(e):
+                raise OutOfStep(f"a prefill step failed: {type(e).__name__}: {e}") from e
+            raise
         session.tokens = session.tokens + list(chunk)
 
     def _settle(self, cid: str, session: Session):

@@ -49,6 +49,11 @@ from .errors import RequestError
 log = logging.getLogger("mlx_kvq.assistant")
 
 
+class OutOfStep(RuntimeError):
+    """A rank failed inside work all ranks run together (a batch step, a
+    prefill chunk): the others are left in its collectives."""
+
+
 class Link:
     """One rank's end of the command stream (engine.link)."""
 
@@ -78,7 +83,7 @@ class Link:
     @staticmethod
     def fatal(error: BaseException) -> bool:
         """Errors after which the ranks cannot go on together."""
-        return distributed.is_peer_loss(error)
+        return isinstance(error, OutOfStep) or distributed.is_peer_loss(error)
 
     def lead(self, serve, abandon):
         """Run rank 0's worker loop `serve`; when the ranks cannot go on,
