@@ -146,7 +146,7 @@ def test_two_ranks_answer_as_one_process(folders, tmp_path, name):
     assert [p.returncode for p in [two.proc, *two.followers]] == [0, 0], two.log()[-3000:]
 
 
-@pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
+@pytest.mark.parametrize("how", ["SIGKILL", pytest.param("SIGSTOP", marks=pytest.mark.slow)])
 def test_a_lost_rank_stops_the_server(folders, tmp_path, how):
     """Rank 1 dies (its sockets close) or freezes (they stay open and silent)
     while a chat decodes: the chat is answered 503 naming the lost rank, and
