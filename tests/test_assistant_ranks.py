@@ -58,9 +58,11 @@ def _start(name, folders, data, log, ranks=1, peer_timeout=20):
     return Assistant(data, *args, log_file=log, ranks=ranks)
 
 
-def _chat(server, text, cid=None, max_tokens=10):
+def _chat(server, text, cid=None, max_tokens=10, stop=None):
     body = {"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
             "temperature": 0}
+    if stop:
+        body["stop"] = [stop]
     if cid:
         body["conversation"] = cid
     status, out = server.request("POST", "/v1/chat/completions", body)
@@ -83,6 +85,11 @@ def _session(server):
     for t in threads:
         t.join(300)
     replies = [out[i] for i in range(len(QUESTIONS))] + [_chat(server, LONG)]
+    # Cut by a stop string from its middle: the ranks ran on, the reply ends there.
+    full = replies[-1][0]
+    stopped = _chat(server, LONG, stop=full[len(full) // 2:len(full) // 2 + 3])
+    assert full.startswith(stopped[0]) and len(stopped[0]) < len(full), (full, stopped)
+    replies.append(stopped)
     status, body = server.request("POST", "/api/conversations", {"title": "tides"})
     cid = body["conversation"]["id"]
     status, done = server.events(f"/api/conversations/{cid}/documents",
@@ -102,7 +109,7 @@ def test_two_ranks_answer_as_one_process(folders, tmp_path, name):
         ref_resumed = _chat(one, "Once more?", ref[3])
     finally:
         one.stop()
-    assert len({r for (r, _) in ref[0]}) == len(QUESTIONS) + 1 and all(r for r, _ in ref[0])
+    assert len({r for (r, _) in ref[0]}) == len(QUESTIONS) + 2 and all(r for r, _ in ref[0])
 
     data, log = tmp_path / "two", tmp_path / "two.log"
     two = _start(name, folders, data, log, ranks=2)

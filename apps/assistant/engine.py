@@ -46,6 +46,10 @@ from .ranks import Link, OutOfStep
 from .store import DEFAULT_TITLE, CacheRefused, NotFound, Store, pause, title_of
 
 log = logging.getLogger("mlx_kvq.assistant")
+# Sharded: decode steps run per command while no chat prefills and nothing
+# waits (each command is a sync of all ranks; a new request waits at most this
+# many steps to join).
+STEPS_PER_COMMAND = 8
 
 
 @dataclass
@@ -434,42 +438,65 @@ class Engine:
         return (self._begin_chat if job.kind == "chat" else self._document)(job)
 
     def _step(self):
-        """One step of the batch: a prefill chunk and/or one token for every chat."""
+        """Steps of the batch: a prefill chunk and/or one token for every chat
+        (one step; sharded, while every chat decodes and nothing waits, a run
+        of STEPS_PER_COMMAND, so the ranks sync once per run: chats that end
+        within it leave after it)."""
         # Prompts prefilled together share one --prefill-step-size chunk
         # (the workspace the planner sizes); a lone prompt takes all of it.
         s = self.settings
         filling = sum(t.first_token is None for t in self.turns.values())
         step = max(1, s.prefill_step_size // max(1, min(filling, s.prompt_concurrency)))
-        self._tell("step", step)
+        quiet = not (filling or self.waiting or self.filling or self.jobs.qsize())
+        runs = STEPS_PER_COMMAND if self.link is not None and quiet else 1
+        self._tell("step", step, runs)
         self.batch.prefill_step_size = step
-        try:
-            prompt_responses, gen_responses = self.batch.next()
-        except Exception as e:
-            if self.link is not None:
-                raise OutOfStep(f"a batch step failed: {type(e).__name__}: {e}") from e
-            log.exception("the batch failed; its chats are answered with an error")
-            for turn in self.turns.values():
-                self._fail(turn.job, e)
-            self.turns.clear()
-            self.batch.close()
-            self.batch = self._new_batch()
-            return
-        for r in prompt_responses:
-            turn = self.turns.get(r.uid)
-            if turn is not None and not r.end_of_prompt:
-                done, total = r.progress
-                turn.job.emit("progress", {"done": turn.cached + done,
-                                           "total": turn.cached + total})
-        for r in gen_responses:
-            turn = self.turns.get(r.uid)
-            if turn is None:
-                continue
+        ending = {}  # uid -> (finish, cache, tokens): chats that leave after the run
+        failed = {}  # uid -> (error, whether the batch had ended the chat)
+        for _ in range(runs):
             try:
-                self._on_token(turn, r)
-            except Exception as e:  # this chat fails; the others go on
-                self.turns.pop(r.uid, None)
-                self._drop(r.uid, r.finish_reason is not None)
-                self._fail(turn.job, e)
+                prompt_responses, gen_responses = self.batch.next()
+            except Exception as e:
+                if self.link is not None:
+                    raise OutOfStep(f"a batch step failed: {type(e).__name__}: {e}") from e
+                log.exception("the batch failed; its chats are answered with an error")
+                for turn in self.turns.values():
+                    self._fail(turn.job, e)
+                self.turns.clear()
+                self.batch.close()
+                self.batch = self._new_batch()
+                return
+            for r in prompt_responses:
+                turn = self.turns.get(r.uid)
+                if turn is not None and not r.end_of_prompt:
+                    done, total = r.progress
+                    turn.job.emit("progress", {"done": turn.cached + done,
+                                               "total": turn.cached + total})
+            for r in gen_responses:
+                turn = self.turns.get(r.uid)
+                if turn is None:
+                    continue
+                if r.uid in failed:  # the batch ran on
+                    failed[r.uid] = (failed[r.uid][0], r.finish_reason is not None)
+                    continue
+                if r.uid in ending:  # stopped by a stop string; the batch ran on
+                    if r.finish_reason is not None:
+                        ending[r.uid] = (ending[r.uid][0], r.prompt_cache, r.all_tokens)
+                    continue
+                try:
+                    finish = self._on_token(turn, r)
+                except Exception as e:  # this chat fails; the others go on
+                    failed[r.uid] = (e, r.finish_reason is not None)
+                    continue
+                if finish is not None:
+                    ending[r.uid] = ((finish, r.prompt_cache, r.all_tokens)
+                                     if r.finish_reason is not None else (finish, None, None))
+        for uid, (e, finished) in failed.items():
+            turn = self.turns.pop(uid)
+            self._drop(uid, finished)
+            self._fail(turn.job, e)
+        for uid, (finish, cache, tokens) in ending.items():
+            self._end(self.turns[uid], finish, cache, tokens)
         for turn in [t for t in self.turns.values() if t.job.cancelled.is_set()]:
             self._end(turn, "cancelled")
 
@@ -479,7 +506,8 @@ class Engine:
         if not finished:
             self.batch.remove([uid])
 
-    def _on_token(self, turn: Turn, r):
+    def _on_token(self, turn: Turn, r) -> Optional[str]:
+        """Stream a chat's new token; why it ends, if it does."""
         turn.first_token = turn.first_token or time.perf_counter() - turn.job.submitted
         turn.generated += 1
         detok = turn.detokenizer
@@ -494,8 +522,7 @@ class Engine:
         if text:
             turn.reply.append(text)
             turn.job.emit("text", text)
-        if finish is not None:
-            self._end(turn, finish, r.prompt_cache, r.all_tokens)
+        return finish
 
     def _end(self, turn: Turn, finish: str, cache=None, tokens=None):
         """A chat leaves the batch: its cache becomes the conversation's, the

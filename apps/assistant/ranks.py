@@ -138,12 +138,13 @@ def follow(engine):
     link = engine.link
     finished = {}  # uid -> (cache, tokens) of chats the batch ended this rank
 
-    def step(size):
+    def step(size, runs):
         engine.batch.prefill_step_size = size
-        _, responses = engine.batch.next()
-        for r in responses:
-            if r.finish_reason is not None:
-                finished[r.uid] = (r.prompt_cache, r.all_tokens)
+        for _ in range(runs):
+            _, responses = engine.batch.next()
+            for r in responses:
+                if r.finish_reason is not None:
+                    finished[r.uid] = (r.prompt_cache, r.all_tokens)
 
     def end(uid, cid, removed):
         session = engine.sessions[cid]
