@@ -36,7 +36,7 @@ import mlx.core as mx
 import numpy as np
 
 from .kvplan import KVPlan, KVPlanError, load_plan, plan_files
-from .models import default_model_path, local_path
+from .models import default_model_path, local_path, not_found
 from .shapes import ModelShape, PlanError, model_shape
 
 SHARDINGS = ("tensor", "pipeline")
@@ -168,13 +168,19 @@ def load(path_or_hf_repo=None, sharding: str = "tensor", group=None, tokenizer_c
     from mlx_lm.utils import _get_classes, sharded_load
 
     group = group or init()
+    if group.size() == 1:
+        print(f"warning: --sharding {sharding} over 1 rank (not started by mlx.launch): "
+              "this process holds the whole model", file=sys.stderr)
     if path_or_hf_repo is None:
         path_or_hf_repo = default_model_path()
     folder = local_path(path_or_hf_repo)
     if folder is None:
         from huggingface_hub import snapshot_download
 
-        folder = Path(snapshot_download(str(path_or_hf_repo), allow_patterns=["*.json"]))
+        try:
+            folder = Path(snapshot_download(str(path_or_hf_repo), allow_patterns=["*.json"]))
+        except Exception as e:
+            raise not_found(path_or_hf_repo, e) from e
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     try:
         shape = model_shape(config, folder, name=str(path_or_hf_repo))

@@ -85,6 +85,16 @@ class ModelNotFoundError(FileNotFoundError):
     """A model reference that is neither a folder nor a reachable hub repo."""
 
 
+def not_found(path_or_hf_repo, error: Exception) -> Exception:
+    """ModelNotFoundError for a hub error while fetching a model (other errors as they are)."""
+    if type(error).__module__.split(".")[0] != "huggingface_hub":
+        return error
+    return ModelNotFoundError(
+        f"model {str(path_or_hf_repo)!r} is neither a local model folder nor a Hugging "
+        f"Face repo that can be fetched ({type(error).__name__}: "
+        f"{str(error).splitlines()[0]})")
+
+
 def load(path_or_hf_repo: Optional[str] = None, *, attach_plan: bool = True, **kwargs):
     """Load ``(model, tokenizer)`` with ``mlx_lm.load``; the default model if
     no path or Hugging Face repo is given. A KV plan baked into the folder by
@@ -102,13 +112,7 @@ def load(path_or_hf_repo: Optional[str] = None, *, attach_plan: bool = True, **k
     try:
         out = mlx_lm.load(str(path_or_hf_repo), **kwargs)
     except Exception as e:
-        if type(e).__module__.split(".")[0] != "huggingface_hub":
-            raise
-        raise ModelNotFoundError(
-            f"model {str(path_or_hf_repo)!r} is neither a local model folder nor a "
-            f"Hugging Face repo that can be fetched ({type(e).__name__}: "
-            f"{str(e).splitlines()[0]})"
-        ) from e
+        raise not_found(path_or_hf_repo, e) from e
     folder = local_path(path_or_hf_repo)
     if folder is not None and attach_plan:
         from .kvplan import attach

@@ -686,8 +686,11 @@ def main(argv=None):
     engine = Engine(settings, store)
     try:
         engine.start()
-    except (ValueError, OSError) as e:
-        parser.exit(2, f"mlx_kvq.assistant: error: {e}\n")
+    except (ValueError, OSError, RuntimeError) as e:  # RuntimeError: a rank lost at start
+        if not args.sharding:
+            parser.exit(2, f"mlx_kvq.assistant: error: {e}\n")
+        print(f"mlx_kvq.assistant: error: rank 0: {e}", file=sys.stderr, flush=True)
+        os._exit(2)  # see the end of main
     try:
         server = Server(args.host, args.port, engine, store, args.allow_origin,
                         args.max_body_bytes, args.max_connections, args.read_timeout,
