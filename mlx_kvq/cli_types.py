@@ -112,3 +112,18 @@ def add_model(p: argparse.ArgumentParser, also: str = "", windowed: bool = False
                        "to windows of N tokens (real weights, Gemma-3-style pattern)")
         p.add_argument("--full-every", type=positive_int, default=6, metavar="K",
                        help="With --sliding-window: every K-th layer keeps full attention")
+
+
+def add_sharding(p: argparse.ArgumentParser, what: str):
+    """--sharding and --peer-timeout, for a tool run under mlx.launch; `what`:
+    what rank 0 does that the others do not."""
+    from .distributed import SHARDINGS
+
+    d = p.add_argument_group("distributed (under mlx.launch)")
+    d.add_argument("--sharding", choices=SHARDINGS, default=None,
+                   help="Shard the model over the ranks mlx.launch started, as mlx-lm "
+                   "does: 'tensor' splits every layer's heads, 'pipeline' gives each rank "
+                   f"a run of layers; each rank caches its share. {what}")
+    d.add_argument("--peer-timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="Exit when the ranks make no progress for this long (a peer "
+                   "stopped or its link is down); 0: wait forever")

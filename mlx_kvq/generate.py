@@ -11,7 +11,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from . import distributed, shapes, sizing
 from .cache import SLIDING_DEFAULT, KVQCache
-from .cli_types import add_model, add_prefill_step_size, positive_int
+from .cli_types import add_model, add_prefill_step_size, add_sharding, positive_int
 from .integration import make_prompt_cache
 from .models import ModelNotFoundError, describe_weights, load
 from .persist import load_prompt_cache, save_prompt_cache
@@ -49,14 +49,7 @@ def setup_arg_parser():
                    help="Save the quantized prompt cache after generating")
     p.add_argument("--verbose", type=lambda s: s.lower() in ("1", "true", "yes"),
                    default=True, help="Print the KV report (true/false)")
-    d = p.add_argument_group("distributed (under mlx.launch)")
-    d.add_argument("--sharding", choices=distributed.SHARDINGS, default=None,
-                   help="Shard the model over the ranks mlx.launch started, as mlx-lm "
-                   "does: 'tensor' splits every layer's heads, 'pipeline' gives each rank "
-                   "a run of layers; each rank caches its share. Rank 0 prints")
-    d.add_argument("--peer-timeout", type=float, default=120.0, metavar="SECONDS",
-                   help="Exit when the ranks make no progress for this long (a peer "
-                   "stopped or its link is down); 0: wait forever")
+    add_sharding(p, "Rank 0 prints")
     g = p.add_argument_group("KV cache quantization")
     g.add_argument("--kv", default=None,
                    help=f"Preset ({', '.join(PRESETS)}) or label like k4v2-g32-r64-s4; "

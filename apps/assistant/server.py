@@ -42,8 +42,8 @@ from urllib.parse import unquote, urlsplit
 
 from mlx_kvq import distributed, units
 from mlx_kvq.cache import KVQCache
-from mlx_kvq.cli_types import (add_model, add_prefill_step_size, nonneg_int, positive_int,
-                               seconds)
+from mlx_kvq.cli_types import (add_model, add_prefill_step_size, add_sharding, nonneg_int,
+                               positive_int, seconds)
 from mlx_kvq.models import data_home
 from mlx_kvq.spec import DEFAULT_PRESET, PRESETS, parse_spec
 
@@ -645,14 +645,7 @@ def setup_arg_parser():
     p.add_argument("--write-timeout", type=seconds, default=30.0,
                    help="Seconds a reply write may wait for a client that does not read; "
                    "then the client is dropped and its generation cancelled")
-    d = p.add_argument_group("distributed (under mlx.launch)")
-    d.add_argument("--sharding", choices=distributed.SHARDINGS, default=None,
-                   help="Shard the model over the ranks mlx.launch started, as mlx-lm "
-                   "does ('tensor': every layer's heads; 'pipeline': runs of layers); "
-                   "each rank caches its share, rank 0 serves")
-    d.add_argument("--peer-timeout", type=float, default=120.0, metavar="SECONDS",
-                   help="Stop when the ranks make no progress for this long (a peer "
-                   "stopped or its link is down); 0: wait forever")
+    add_sharding(p, "Rank 0 serves")
     p.add_argument("--log-level", default="INFO",
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
