@@ -12,8 +12,10 @@ tells the others what to run: the commands are the engine's own operations
 (engine.py calls them `_session`, `_trim`, `_insert`, `step`, `end`, `drop`,
 `_prefill`, `_settle`, `park`, `forget`), and a follower runs the same
 methods with the same arguments. A command is a pickled tuple shared with
-two all_sums (distributed.share); idle, rank 0 sends a heartbeat every half
-second.
+one or two all_sums (distributed.share); idle, rank 0 sends a heartbeat
+every half second. Each command is a sync of all ranks, so while every chat
+decodes and nothing waits, one `step` command runs 8 decode steps
+(engine.STEPS_PER_COMMAND; chats that end within them leave after them).
 
 What the ranks cannot know alike, they agree on: a conversation's saved
 cache is each rank's own file (followers keep theirs under
