@@ -18,7 +18,6 @@ them): the assistant with --sharding, mlx_lm.server in its distributed mode
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,12 +41,6 @@ GOAL_VS_PEER, GOAL_TOGETHER = 1.1, 2.5
 
 def prompts(n: int) -> List[str]:
     return [f"Write a short story about {TOPICS[i % len(TOPICS)]}." for i in range(n)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -186,12 +179,12 @@ def main(argv=None):
         servers = [
             Server(f"mlx_kvq.assistant --kv {args.kv} {' '.join(ours)}".rstrip(),
                    [sys.executable, "-m", "mlx_kvq.apps.assistant", "--model", model,
-                    "--kv", args.kv, "--data-dir", data, "--port", str(port := free_port()),
+                    "--kv", args.kv, "--data-dir", data, "--port", str(port := distributed.free_ports(1)),
                     "--queue-size", str(max(8, args.chats)), "--log-level", "WARNING", *ours],
                    port, args.ranks),
             Server(f"mlx_lm.server {' '.join(peers)} (full-precision batch cache)",
                    [sys.executable, "-m", "mlx_lm.server", "--model", model,
-                    "--port", str(port := free_port()), "--log-level", "WARNING", *peers],
+                    "--port", str(port := distributed.free_ports(1)), "--log-level", "WARNING", *peers],
                    port, args.ranks),
         ]
         runs = []
