@@ -47,7 +47,7 @@ export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
 "$PYTHON" -c "from mlx_kvq.models import default_model_path; default_model_path()"
 
 if [[ "$(uname -s)" == "Linux" ]] && command -v apt-get >/dev/null; then
-    "$PYTHON" -m mlx_kvq.corpus --fetch >/dev/null
+    "$PYTHON" -m mlx_kvq.commands.corpus --fetch >/dev/null
 else
     echo "note: no apt-get; the Austen corpus is unavailable, tools use the bundled sample" >&2
 fi

@@ -43,8 +43,8 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from ..cli_types import add_model, int_list, positive_int, tokens
-from ..corpus import source_text
+from mlx_kvq.commands.cli_types import add_model, int_list, positive_int, tokens
+from mlx_kvq.commands.corpus import source_text
 from ..integration import check_model, head_dim_of
 from ..kvplan import TRANSFORMS, KVPlan, LayerPlan, bake, model_identity, smoothing
 from ..spec import VALID_BITS, KVQuantSpec, parse_spec

@@ -16,7 +16,7 @@ import numpy as np
 from mlx_lm.models import cache as mlx_cache
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
-from ..corpus import source_text
+from mlx_kvq.commands.corpus import source_text
 from ..integration import sliding_layers
 from ..quant import hadamard
 

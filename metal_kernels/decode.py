@@ -142,7 +142,7 @@ def kernel_sources() -> tuple[str, str]:
 def _decode_kernel(backend: str):
     header, body = kernel_sources()
     if backend == "emu":
-        from . import metal_emu
+        from . import emulator as metal_emu
 
         factory = metal_emu.metal_kernel
     else:

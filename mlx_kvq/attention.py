@@ -16,7 +16,8 @@ import os
 
 import mlx.core as mx
 
-from . import kernels, quant
+from .metal_kernels import decode as kernels
+from . import quant
 from .cache import Layout, Segment
 
 SCORE_BUDGET_BYTES = int(os.environ.get("MLX_KVQ_SCORE_BUDGET", 64 << 20))

@@ -120,7 +120,7 @@ def test_budget_holds_what_the_planner_says_and_queues_the_next(tmp_path):
 def test_document_prefill_interleaves_with_a_running_chat(tmp_path):
     """A document is prefilled a chunk at a time between decode steps: the
     running chat streams while it fills; both complete, the document saved."""
-    from mlx_kvq.corpus import sample_text
+    from mlx_kvq.commands.corpus import sample_text
 
     store = Store(tmp_path / "data")
     engine = Engine(Settings(kv="k4v4", max_tokens=8, prefill_step_size=128), store)

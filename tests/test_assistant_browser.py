@@ -10,7 +10,7 @@ import pytest
 
 from test_assistant import Assistant
 
-from mlx_kvq.corpus import sample_text
+from mlx_kvq.commands.corpus import sample_text
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 SCREENSHOT = Path(__file__).resolve().parents[1] / "runs" / "assistant.png"

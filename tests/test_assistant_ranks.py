@@ -16,7 +16,7 @@ import pytest
 
 from conftest import save_model_folder
 from mlx_kvq import distributed
-from mlx_kvq.apps.assistant.faults import Assistant
+from mlx_kvq.harness.faults import Assistant
 
 pytestmark = pytest.mark.skipif(shutil.which("mlx.launch") is None,
                                 reason="mlx (distributed) without mlx.launch")

@@ -1,12 +1,12 @@
-"""mlx_kvq.assistant under faults (apps/assistant/faults.py, pressure.py,
+"""mlx_kvq.assistant under faults (mlx_kvq/harness/faults.py, pressure.py,
 fuzz_http.py): slow and hostile clients, HTTP API fuzzing, SIGKILL at aimed
 moments and memory pressure, in bounded forms; `pytest --slow` runs the
 long ones."""
 
 import pytest
 
-from mlx_kvq.apps.assistant import faults, fuzz_http, pressure
-from mlx_kvq.apps.assistant.reliability import SECTIONS, table
+from mlx_kvq.harness import faults, fuzz_http, pressure
+from mlx_kvq.harness.reliability import SECTIONS, table
 
 READ_TIMEOUT = 3
 
@@ -91,7 +91,7 @@ def test_report_sections_and_table():
 
 
 def test_report_runs_the_runtime_fuzz_targets(capsys):
-    from mlx_kvq.apps.assistant import reliability
+    from mlx_kvq.harness import reliability
 
     assert reliability.main(["--only", "runtime-fuzz", "--examples", "10"]) == 0
     out = capsys.readouterr().out

@@ -267,7 +267,7 @@ def test_merge_refuses_mixed_schemes():
 def test_batch_decode_through_emulated_metal_kernel(monkeypatch, llama_tiny):
     """Rows with different quantized body lengths (one empty) in one fused
     kernel launch per layer and step (CPU emulation), equal to the MLX path."""
-    from mlx_kvq import kernels
+    from mlx_kvq.metal_kernels import decode as kernels
 
     calls, kernel = [], kernels.metal_decode_partials
     monkeypatch.setattr(kernels, "metal_decode_partials",
@@ -288,7 +288,8 @@ def test_batch_decode_through_emulated_metal_kernel(monkeypatch, llama_tiny):
 def test_batched_prefill_in_one_row_chunks_stays_causal(monkeypatch, llama_tiny, mode):
     """A score budget small enough to split a batched prefill into one-row
     chunks (long contexts x many rows) must not turn it into decode steps."""
-    from mlx_kvq import attention, kernels
+    from mlx_kvq import attention
+    from mlx_kvq.metal_kernels import decode as kernels
 
     monkeypatch.setenv(kernels.ENV_VAR, mode)
     monkeypatch.setattr(attention, "SCORE_BUDGET_BYTES", 1)

@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import pytest
 
 import mlx_kvq  # noqa: F401  (loads OpenBLAS before mlx)
-from mlx_kvq import bench, evaluate, models, schemes, shapes, sizing
+from mlx_kvq.commands import bench, evaluate, schemes
+from mlx_kvq import models, shapes, sizing
 
 
 def test_model_bench_structure(tmp_path, capsys):
@@ -110,7 +111,7 @@ def test_prefill_step_keeps_its_older_name():
 
 def test_needle_prompt_hides_the_key_at_depth():
     _, tokenizer = models.load()
-    filler = tokenizer.encode(mlx_kvq.corpus.sample_text()[:20000])
+    filler = tokenizer.encode(mlx_kvq.commands.corpus.sample_text()[:20000])
     for depth in (0.0, 0.5, 1.0):
         ids = evaluate.needle_prompt(tokenizer, filler, 300, depth, "12345")
         assert len(ids) == 300
@@ -123,7 +124,7 @@ def test_needle_prompt_hides_the_key_at_depth():
 
 
 def test_eval_cli_json_with_needle(tmp_path, capsys):
-    sample = str(mlx_kvq.corpus.SAMPLE)
+    sample = str(mlx_kvq.commands.corpus.SAMPLE)
     results, grid = evaluate.run(["--text", sample, "--kv", "k4v4", "mlx4", "--window", "128",
                                    "--chunk", "64",
                                    "--windows", "1", "--needle", "--needle-contexts", "160",

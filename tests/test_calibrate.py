@@ -13,7 +13,8 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.utils import save_config, save_model
 
 import mlx_kvq
-from mlx_kvq import KVQCache, corpus
+from mlx_kvq import KVQCache
+from mlx_kvq.commands import corpus
 from mlx_kvq import kvplan as K
 from mlx_kvq.cache import Calibration
 from mlx_kvq.converters import calibrate as C
@@ -283,7 +284,8 @@ def test_default_model_end_to_end(tmp_path):
     assert len(mlx_kvq.make_prompt_cache(model)) == 30
 
     # The planner sizes the baked plan as the caches hold it.
-    from mlx_kvq import plan, shapes, sizing
+    from mlx_kvq.commands import plan
+    from mlx_kvq import shapes, sizing
 
     rows = {str(r.spec): r for r in plan.run(["--model", str(out), "--memory", "4GB"]).rows}
     baked = rows["calibrated"].spec

@@ -287,7 +287,7 @@ def test_generate_cli_under_mlx_launch(folders, tmp_path, capsys):
     prints, once (rank 0), with each rank's cache bytes and the total."""
     if LAUNCH is None:
         pytest.skip("mlx.launch not on PATH")
-    from mlx_kvq import generate
+    from mlx_kvq.commands import generate
 
     args = ["--model", str(folders["cli"]), "--kv", "k4v4",
             "--prompt", "Tell me about the sea", "--max-tokens", "16"]

@@ -1,10 +1,10 @@
-"""The fuzz targets (mlx_kvq.fuzz) find nothing wrong, in a bounded form
+"""The fuzz targets (mlx_kvq.harness.fuzz) find nothing wrong, in a bounded form
 (a long form under --slow), and they do fail on a deliberately broken
 runtime: a perturbed dequantization, a loader that skips its checks."""
 
 import pytest
 
-from mlx_kvq import fuzz
+from mlx_kvq.harness import fuzz
 
 BOUNDED = {"cache": 25, "spec": 300, "loaders": 200}
 LONG = {"cache": 1000, "spec": 5000, "loaders": 3000}

@@ -177,7 +177,7 @@ def test_max_kv_size_bounds_the_cache(llama_tiny):
 
 def test_decode_through_emulated_metal_kernel_matches_mlx_path(monkeypatch, llama_tiny):
     """The whole model path with the Metal decode kernel (run by the CPU emulation)."""
-    from mlx_kvq import kernels
+    from mlx_kvq.metal_kernels import decode as kernels
 
     tokens = mx.random.randint(0, 512, (1, 200), key=mx.random.key(6))
     calls, kernel = [], kernels.metal_decode_partials

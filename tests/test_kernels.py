@@ -1,7 +1,7 @@
 """The fused Metal decode kernel, executed through the CPU emulation.
 
 Every case runs the shipped kernel text (metal_kernels/dequant_attention.*)
-through mlx_kvq.metal_emu and compares it with the pure-MLX reference
+through mlx_kvq.metal_kernels.emulator and compares it with the pure-MLX reference
 attention.quantized_segment_partials and with a float64 numpy computation
 from the raw packed codes, for uniform batches (one token count) and ragged
 ones (one count per batch row). Broken kernel variants must fail the same
@@ -14,8 +14,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_kvq import kernels as K
-from mlx_kvq import metal_emu
+from mlx_kvq.metal_kernels import kernels as K
+from mlx_kvq.metal_kernels import emulator as metal_emu
 from mlx_kvq.attention import quantized_segment_partials
 
 RTOL = 2e-5  # float32 accumulation over up to a few thousand tokens

@@ -1,5 +1,6 @@
-"""The shape of the package: imports flow one way (no cycles, counting
-imports inside functions), and loading a model imports no tool."""
+"""The shape of the package: the folders are the layers, imports flow one
+way between them and have no cycles (counting imports inside functions), and
+loading a model imports nothing above the runtime library."""
 
 import ast
 import subprocess
@@ -10,8 +11,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # Source folders and the package names they install as (pyproject.toml).
-PACKAGES = {"mlx_kvq": "mlx_kvq", "converters": "mlx_kvq.converters",
-            "apps": "mlx_kvq.apps", "apps/assistant": "mlx_kvq.apps.assistant"}
+PACKAGES = {"mlx_kvq": "mlx_kvq", "metal_kernels": "mlx_kvq.metal_kernels",
+            "mlx_kvq/commands": "mlx_kvq.commands", "converters": "mlx_kvq.converters",
+            "apps": "mlx_kvq.apps", "apps/assistant": "mlx_kvq.apps.assistant",
+            "mlx_kvq/harness": "mlx_kvq.harness"}
+# The layers, lowest first: a module imports from its own layer or below.
+# The runtime library is what `import mlx_kvq` and an mlx-lm script need.
+LAYERS = (("library", ("mlx_kvq", "mlx_kvq.metal_kernels")),
+          ("commands", ("mlx_kvq.commands",)),
+          ("converters", ("mlx_kvq.converters",)),
+          ("apps", ("mlx_kvq.apps",)),
+          ("harness", ("mlx_kvq.harness",)))
 
 
 def _modules() -> dict:
@@ -97,23 +107,35 @@ def test_no_import_cycles():
     assert cycles(import_graph()) == []
 
 
-RUNTIME = ("mlx_kvq.__init__", "mlx_kvq.blas", "mlx_kvq.distributed", "mlx_kvq.spec", "mlx_kvq.quant",
-           "mlx_kvq.cache", "mlx_kvq.batch_cache", "mlx_kvq.attention", "mlx_kvq.kernels",
-           "mlx_kvq.metal_emu", "mlx_kvq.integration", "mlx_kvq.persist", "mlx_kvq.models",
-           "mlx_kvq.kvplan", "mlx_kvq.files", "mlx_kvq.report", "mlx_kvq.gguf")
-TOOLS = ("mlx_kvq.converters", "mlx_kvq.apps", "mlx_kvq.evaluate", "mlx_kvq.bench",
-         "mlx_kvq.bench_ranks",
-         "mlx_kvq.plan", "mlx_kvq.plots", "mlx_kvq.corpus", "mlx_kvq.generate",
-         "mlx_kvq.fuzz", "mlx_kvq.fuzz_cache", "mlx_kvq.fuzz_files")
+def layer_of(module: str) -> int:
+    """The index in LAYERS of the folder a module lives in."""
+    best = None
+    for i, (_, packages) in enumerate(LAYERS):
+        for p in packages:
+            if (module == p or module.startswith(p + ".")) and (
+                    best is None or len(p) > len(best[1])):
+                best = (i, p)
+    assert best is not None, f"{module} is in no layer"
+    return best[0]
 
 
-def test_the_runtime_imports_no_tool():
+ABOVE_LIBRARY = tuple(p for _, packages in LAYERS[1:] for p in packages)
+
+
+def upward_imports(graph: dict) -> list:
+    return sorted(f"{m} ({LAYERS[layer_of(m)][0]}) imports {t} ({LAYERS[layer_of(t)][0]})"
+                  for m, targets in graph.items() for t in targets
+                  if layer_of(t) > layer_of(m))
+
+
+def test_every_module_is_in_a_layer_and_imports_flow_down():
     graph = import_graph()
-    for name in RUNTIME:
-        name = "mlx_kvq" if name == "mlx_kvq.__init__" else name
-        if name in graph:
-            bad = [t for t in graph[name] if t.startswith(TOOLS)]
-            assert not bad, f"{name} imports {bad}"
+    assert len(graph) > 40 and {layer_of(m) for m in graph} == set(range(len(LAYERS)))
+    assert upward_imports(graph) == []
+    # the rule sees a violation
+    broken = dict(graph, **{"mlx_kvq.cache": graph["mlx_kvq.cache"] | {"mlx_kvq.harness.fuzz"}})
+    assert upward_imports(broken) == [
+        "mlx_kvq.cache (library) imports mlx_kvq.harness.fuzz (harness)"]
 
 
 def test_loading_a_model_imports_no_tool():
@@ -122,7 +144,7 @@ def test_loading_a_model_imports_no_tool():
     if not (default_model_dir() / "config.json").is_file():
         pytest.skip("the default model is not converted (setup.sh converts it)")
     code = ("import sys, mlx_kvq; mlx_kvq.load(); "
-            "print(sorted(m for m in sys.modules if m.startswith(%r)))" % (TOOLS,))
+            "print(sorted(m for m in sys.modules if m.startswith(%r)))" % (ABOVE_LIBRARY,))
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -130,11 +152,14 @@ def test_loading_a_model_imports_no_tool():
 
 
 def test_the_kernel_supports_what_specs_allow():
-    """kernels.py depends on MLX alone, so it states what the Metal kernel
-    implements itself; that must stay within what a spec can ask for."""
-    from mlx_kvq import kernels, spec
+    """The kernel's host code depends on MLX alone, so it states what the
+    Metal kernel implements itself; that must stay within what a spec can ask
+    for."""
+    from mlx_kvq.metal_kernels import decode as kernels
+    from mlx_kvq import spec
 
     assert set(kernels.SUPPORTED_BITS) <= set(spec.VALID_BITS) - {16}
     assert set(kernels.SUPPORTED_GROUP_SIZES) <= set(spec.VALID_GROUPS)
     graph = import_graph()
-    assert not [m for m in graph["mlx_kvq.kernels"] if m != "mlx_kvq.metal_emu"]
+    assert not [m for m in graph["mlx_kvq.metal_kernels.decode"]
+                if m != "mlx_kvq.metal_kernels.emulator"]

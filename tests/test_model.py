@@ -11,7 +11,8 @@ import mlx_kvq  # noqa: F401  (loads OpenBLAS before mlx)
 import mlx.core as mx
 import mlx.nn as nn
 import mlx_lm
-from mlx_kvq import corpus, models
+from mlx_kvq.commands import corpus
+from mlx_kvq import models
 from mlx_kvq import gguf
 from mlx_kvq.converters import gguf_to_mlx
 
@@ -191,7 +192,7 @@ def test_damaged_gguf_headers_are_refused_not_crashes(tmp_path):
     import subprocess
     import sys
 
-    from mlx_kvq import fuzz_files
+    from mlx_kvq.harness import fuzz_files
 
     good = fuzz_files.tiny_gguf(tmp_path).read_bytes()
     for name, at, value in (("key_length", 24, 1 << 40), ("n_tensors", 8, 1 << 40),
@@ -214,7 +215,7 @@ def test_damaged_gguf_headers_are_refused_not_crashes(tmp_path):
 def test_damaged_gguf_names_are_gguf_errors(tmp_path):
     """Found by fuzzing: a flipped bit in a tensor or metadata name gave a
     KeyError, in the merges a tokenizers Exception."""
-    from mlx_kvq import fuzz_files
+    from mlx_kvq.harness import fuzz_files
 
     good = fuzz_files.tiny_gguf(tmp_path).read_bytes()
     for old, new in ((b"blk.0.attn_v.weight", b"blk.0.attn_v.weeght"),
@@ -230,7 +231,7 @@ def test_gguf_head_counts_that_do_not_fit_are_gguf_errors(tmp_path):
     un-permutation (RuntimeError std::bad_cast from the reshape)."""
     import struct
 
-    from mlx_kvq import fuzz_files
+    from mlx_kvq.harness import fuzz_files
 
     good = fuzz_files.tiny_gguf(tmp_path).read_bytes()
     key = b"llama.attention.head_count\x04\x00\x00\x00"  # a u32 follows

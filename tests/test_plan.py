@@ -9,7 +9,8 @@ import mlx_kvq  # noqa: F401  (loads OpenBLAS before mlx)
 import mlx.core as mx
 from mlx_lm.generate import generate_step
 
-from mlx_kvq import attention, corpus, make_prompt_cache, models, plan, shapes, sizing, units
+from mlx_kvq import attention, make_prompt_cache, models, shapes, sizing, units
+from mlx_kvq.commands import corpus, plan
 from mlx_kvq.cache import window_spec
 from mlx_kvq.spec import short_label
 
@@ -288,10 +289,10 @@ def test_admit_says_what_fits(shape):
 
 
 def test_quality_columns_from_eval_json(tmp_path, capsys):
-    from mlx_kvq import evaluate
+    from mlx_kvq.commands import evaluate
 
     path = tmp_path / "e.json"
-    results, _ = evaluate.run(["--text", str(mlx_kvq.corpus.SAMPLE), "--kv", "k4v4", "k3v3-rot",
+    results, _ = evaluate.run(["--text", str(mlx_kvq.commands.corpus.SAMPLE), "--kv", "k4v4", "k3v3-rot",
                                "mlx4", "--window", "128", "--chunk", "64", "--windows", "1",
                                "--json", str(path)])
     capsys.readouterr()

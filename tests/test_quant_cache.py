@@ -6,7 +6,7 @@ from mlx_kvq import KVQCache, KVQuantSpec
 from mlx_kvq import quant
 from mlx_kvq.attention import kvq_attention
 from mlx_kvq.cache import Layout
-from mlx_kvq.fuzz_cache import quantization_bound
+from mlx_kvq.harness.fuzz_cache import quantization_bound
 
 
 def cached_kv(cache):
@@ -202,7 +202,7 @@ def test_memory_held_is_what_nbytes_reports():
     assert held <= 1.1 * cache.nbytes, (held, cache.nbytes)
 
 
-# Found by fuzzing (mlx_kvq.fuzz) -----------------------------------------------
+# Found by fuzzing (mlx_kvq.harness.fuzz) -----------------------------------------------
 
 
 def test_dequantized_of_a_cache_trimmed_to_nothing():

@@ -8,8 +8,9 @@ import pytest
 from mlx_lm.generate import generate, stream_generate
 from mlx_lm.models.cache import KVCache
 
-from mlx_kvq import corpus, models
-from mlx_kvq import generate as cli
+from mlx_kvq.commands import corpus
+from mlx_kvq import models
+from mlx_kvq.commands import generate as cli
 from mlx_kvq.persist import load_prompt_cache, save_prompt_cache
 
 

@@ -11,7 +11,8 @@ from mlx_lm.models.base import scaled_dot_product_attention
 from mlx_lm.models.cache import KVCache
 
 import mlx_kvq  # noqa: F401
-from mlx_kvq import KVQCache, corpus
+from mlx_kvq import KVQCache
+from mlx_kvq.commands import corpus
 from mlx_kvq.cache import Calibration
 from mlx_kvq.converters import calibrate as C
 from mlx_kvq.converters import sensitivity as S

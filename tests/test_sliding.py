@@ -123,7 +123,7 @@ def test_window_decode_through_emulated_metal_kernel(monkeypatch):
     """Decode steps over window caches (one alone, and a batch of rows of
     different lengths) run the fused kernel (CPU emulation) with each row's
     first visible token, equal to the masked MLX path."""
-    from mlx_kvq import kernels
+    from mlx_kvq.metal_kernels import decode as kernels
 
     calls, kernel = [], kernels.metal_decode_partials
     monkeypatch.setattr(kernels, "metal_decode_partials",

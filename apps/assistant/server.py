@@ -42,8 +42,8 @@ from urllib.parse import unquote, urlsplit
 
 from mlx_kvq import distributed, units
 from mlx_kvq.cache import KVQCache
-from mlx_kvq.cli_types import (add_model, add_prefill_step_size, add_sharding, nonneg_int,
-                               positive_int, seconds)
+from mlx_kvq.commands.cli_types import (add_model, add_prefill_step_size, add_sharding, nonneg_int,
+                                        positive_int, seconds)
 from mlx_kvq.models import data_home
 from mlx_kvq.spec import DEFAULT_PRESET, PRESETS, parse_spec
 

@@ -58,17 +58,18 @@ from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.base import quantized_scaled_dot_product_attention
 from tqdm import tqdm
 
-from . import blas, corpus, sizing, units
-from .attention import kvq_attention
-from .cache import KVQCache
+from mlx_kvq import blas, sizing, units
+from . import corpus
+from mlx_kvq.attention import kvq_attention
+from mlx_kvq.cache import KVQCache
 from .cli_types import (add_model, add_prefill_step_size, int_list, nonneg_int, output_file,
                         positive_int, token_list)
 from .cli_types import tokens as token_count
 from .evaluate import default_text, load_for_schemes, schemes_memory
 from .schemes import Scheme
-from .integration import make_batch_prompt_caches, prefill
-from .models import DEFAULT_MODEL, describe_weights
-from .spec import parse_spec
+from mlx_kvq.integration import make_batch_prompt_caches, prefill
+from mlx_kvq.models import DEFAULT_MODEL, describe_weights
+from mlx_kvq.spec import parse_spec
 
 DEFAULT_SCHEMES = ("k4v4", "k4v2", "mlx4")
 CONCURRENCY_SCHEMES = ("k4v4", "k4v2")  # mlx-lm's QuantizedKVCache has no batched form

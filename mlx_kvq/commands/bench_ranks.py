@@ -1,5 +1,5 @@
 """A sharded model's speed and memory per rank against one process:
-`mlx_kvq.bench_ranks` (python -m mlx_kvq.bench_ranks).
+`mlx_kvq.bench_ranks` (python -m mlx_kvq.commands.bench_ranks).
 
 One command runs both sides in turn, each as its own processes: the model in
 one process (mlx_kvq.load), then sharded over --ranks local ranks started by
@@ -29,11 +29,11 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from . import distributed
+from mlx_kvq import distributed
 from .bench import _clear, _corpus_tokens, run_case
 from .cli_types import add_model, add_prefill_step_size, nonneg_int, positive_int
 from .cli_types import tokens as token_count
-from .models import load
+from mlx_kvq.models import load
 from .schemes import Scheme
 
 FIELDS = ("prefill_tps", "decode_tps", "prefill_peak", "decode_peak", "kv_bytes", "weights")

@@ -101,7 +101,7 @@ def add_model(p: argparse.ArgumentParser, also: str = "", windowed: bool = False
     """--model, as mlx-lm names it; the embedded default model if not given.
     `also`: other forms the tool takes ("a config.json, "). windowed: also
     --sliding-window / --full-every (models.windowed_copy)."""
-    from .models import DEFAULT_MODEL
+    from mlx_kvq.models import DEFAULT_MODEL
 
     p.add_argument("--model", default=None,
                    help=f"Model folder, {also}or Hugging Face id (default: the embedded "
@@ -117,7 +117,7 @@ def add_model(p: argparse.ArgumentParser, also: str = "", windowed: bool = False
 def add_sharding(p: argparse.ArgumentParser, what: str):
     """--sharding and --peer-timeout, for a tool run under mlx.launch; `what`:
     what rank 0 does that the others do not."""
-    from .distributed import SHARDINGS
+    from mlx_kvq.distributed import SHARDINGS
 
     d = p.add_argument_group("distributed (under mlx.launch)")
     d.add_argument("--sharding", choices=SHARDINGS, default=None,

@@ -23,7 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Dict, Iterable, Union
 
-from .models import cache_home
+from mlx_kvq.models import cache_home
 
 PACKAGE = "r-cran-janeaustenr"
 SYSTEM_DIR = Path("/usr/lib/R/site-library/janeaustenr/data")

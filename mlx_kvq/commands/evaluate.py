@@ -27,11 +27,10 @@ import numpy as np
 from mlx_lm.generate import generate_step
 from tqdm import tqdm
 
-from . import blas, shapes, sizing, units
-from .cli_types import (add_model, fraction_list, nonneg_int, output_file, positive_int,
-                        token_list)
-from .integration import model_config, sliding_layers
-from .report import kv_stats
+from mlx_kvq import blas, shapes, sizing, units
+from .cli_types import add_model, fraction_list, nonneg_int, output_file, positive_int, token_list
+from mlx_kvq.integration import model_config, sliding_layers
+from mlx_kvq.report import kv_stats
 from .schemes import Scheme
 
 @dataclass
@@ -49,7 +48,7 @@ class Result:
 
 def cache_bits_per_element(cache) -> float:
     """Bits per cached K/V element, from the bytes the caches really hold."""
-    from .cache import KVQCache
+    from mlx_kvq.cache import KVQCache
 
     if any(isinstance(c, KVQCache) for c in cache):
         return kv_stats(cache).bits_per_element
@@ -287,7 +286,7 @@ def memory_problem(shape, args, memory: int):
 def run(argv=None):
     """The CLI; returns its results for callers."""
     from . import corpus as corpora
-    from .models import DEFAULT_MODEL, describe_weights
+    from mlx_kvq.models import DEFAULT_MODEL, describe_weights
 
     p = argparse.ArgumentParser(description="KV cache quality vs the full-precision cache")
     add_model(p, windowed=True)
@@ -376,7 +375,7 @@ def load_for_schemes(p, model_ref, schemes, sliding_window=None, full_every=6):
     """(model, tokenizer, shape), or a clear argparse error: the model is not
     found, or a scheme does not apply to it. With sliding_window, the model's
     windowed copy (models.windowed_copy)."""
-    from .models import ModelNotFoundError, load, windowed_copy
+    from mlx_kvq.models import ModelNotFoundError, load, windowed_copy
 
     try:
         if sliding_window:

@@ -9,15 +9,15 @@ from mlx_lm.generate import stream_generate
 from mlx_lm.models.cache import RotatingKVCache
 from mlx_lm.sample_utils import make_sampler
 
-from . import distributed, shapes, sizing
-from .cache import SLIDING_DEFAULT, KVQCache
+from mlx_kvq import distributed, shapes, sizing
+from mlx_kvq.cache import SLIDING_DEFAULT, KVQCache
 from .cli_types import add_model, add_prefill_step_size, add_sharding, positive_int
-from .integration import make_prompt_cache
-from .models import ModelNotFoundError, describe_weights, load
-from .persist import load_prompt_cache, save_prompt_cache
-from .shapes import PlanError
-from .report import format_ranks, format_report, kv_stats
-from .spec import DEFAULT_PRESET, PRESETS, KVQuantSpec
+from mlx_kvq.integration import make_prompt_cache
+from mlx_kvq.models import ModelNotFoundError, describe_weights, load
+from mlx_kvq.persist import load_prompt_cache, save_prompt_cache
+from mlx_kvq.shapes import PlanError
+from mlx_kvq.report import format_ranks, format_report, kv_stats
+from mlx_kvq.spec import DEFAULT_PRESET, PRESETS, KVQuantSpec
 
 SPEC_FLAGS = ("k_bits", "v_bits", "group_size", "residual", "sinks")
 

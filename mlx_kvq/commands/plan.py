@@ -13,13 +13,13 @@ from typing import Optional
 
 from .cli_types import (add_model, add_prefill_step_size, int_list, output_file, positive_int,
                         token_list, tokens)
-from .distributed import SHARDINGS, check_shardable
-from .shapes import DTYPE_BYTES, LayerSpecs, ModelShape, PlanError, baked_plan, load_shape
-from .sizing import (PREFILL_STEP, _layers, _parse, applicable, bits_per_element, capacity,
-                     kv_bytes, kv_bytes_per_token, memory_needed, rank_shape, rank_spec,
-                     total_memory, with_sliding, workspace_parts)
-from .spec import KVQuantSpec, parse_spec, short_label
-from .units import fmt_bytes, fmt_tokens, parse_memory
+from mlx_kvq.distributed import SHARDINGS, check_shardable
+from mlx_kvq.shapes import DTYPE_BYTES, LayerSpecs, ModelShape, PlanError, baked_plan, load_shape
+from mlx_kvq.sizing import (PREFILL_STEP, _layers, _parse, applicable, bits_per_element, capacity,
+                            kv_bytes, kv_bytes_per_token, memory_needed, rank_shape, rank_spec,
+                            total_memory, with_sliding, workspace_parts)
+from mlx_kvq.spec import KVQuantSpec, parse_spec, short_label
+from mlx_kvq.units import fmt_bytes, fmt_tokens, parse_memory
 
 PRECISIONS = ("fp16", "k8v8", "k8v4", "k4v4", "k4v2", "k2v2")
 CONCURRENCY = (1, 2, 4, 8)

@@ -1,7 +1,7 @@
 """PNG plots for the eval, plan and bench CLIs (matplotlib, Agg backend).
 
 Each *_plots function writes into a folder and returns the paths written.
-`python -m mlx_kvq.plots --eval runs/eval.json --bench runs/bench.json --out DIR`
+`python -m mlx_kvq.commands.plots --eval runs/eval.json --bench runs/bench.json --out DIR`
 redraws from the CLIs' JSON output.
 """
 
@@ -98,9 +98,9 @@ def memory_vs_context(plan, out_dir) -> str:
     """Per precision vs context: the KV cache of one chat (left), and all the
     memory one chat needs, weights and workspace included, against the
     budget (right; lines cross it at the longest context that fits)."""
-    from .sizing import kv_bytes, memory_needed
-    from .spec import short_label
-    from .units import fmt_bytes
+    from mlx_kvq.sizing import kv_bytes, memory_needed
+    from mlx_kvq.spec import short_label
+    from mlx_kvq.units import fmt_bytes
 
     plt = _plt()
     s = plan.shape
@@ -135,8 +135,8 @@ def memory_vs_context(plan, out_dir) -> str:
 
 
 def capacity_table(plan, out_dir) -> str:
-    from .spec import short_label
-    from .units import fmt_bytes, fmt_tokens
+    from mlx_kvq.spec import short_label
+    from mlx_kvq.units import fmt_bytes, fmt_tokens
 
     plt = _plt()
     cols = (["precision", "bits/el"] + [f"max ctx, {n} chat{'s' * (n > 1)}" for n in plan.concurrency]

@@ -17,10 +17,10 @@ import mlx.core as mx
 from mlx_lm.models.cache import QuantizedKVCache
 from mlx_lm.models.cache import make_prompt_cache as mlx_make_prompt_cache
 
-from . import sizing
-from .cache import SLIDING_DEFAULT, describe_sliding
-from .integration import make_prompt_cache
-from .spec import VALID_BITS, VALID_GROUPS, KVQuantSpec, parse_spec
+from mlx_kvq import sizing
+from mlx_kvq.cache import SLIDING_DEFAULT, describe_sliding
+from mlx_kvq.integration import make_prompt_cache
+from mlx_kvq.spec import VALID_BITS, VALID_GROUPS, KVQuantSpec, parse_spec
 
 MLX_BASELINE = re.compile(r"mlx(\d)(?:-g(\d+))?$")
 

@@ -3,7 +3,7 @@ saved quantized cache vs prefilled again from the text, through the
 assistant's own engine and store; and the saved cache file's size vs an fp16
 cache file of the same tokens (an mlx-lm KVCache converted to float16).
 
-    python -m mlx_kvq.apps.assistant.bench_resume --doc-tokens 4096 --kv k4v4
+    python -m mlx_kvq.harness.bench_resume --doc-tokens 4096 --kv k4v4
 """
 
 import argparse
@@ -15,12 +15,12 @@ from pathlib import Path
 import mlx.core as mx
 from mlx_lm.models import cache as mlx_cache
 
-from mlx_kvq.cli_types import positive_int
-from mlx_kvq.corpus import sample_text
+from mlx_kvq.commands.cli_types import positive_int
+from mlx_kvq.commands.corpus import sample_text
 from mlx_kvq.integration import prefill
 
-from .engine import Engine, Job, Settings
-from .store import CACHE, SIDECAR, Store
+from mlx_kvq.apps.assistant.engine import Engine, Job, Settings
+from mlx_kvq.apps.assistant.store import CACHE, SIDECAR, Store
 
 QUESTION = "Who is this text about? Answer in a few words."
 GOAL_SPEEDUP, GOAL_SIZE = 10.0, 1 / 3

@@ -8,7 +8,7 @@ all together (N threads started at once) and one after another. Servers are
 measured in turn, so drift in machine speed hits all alike only roughly: run
 it on an idle machine, and read the ratios, which come from this one run.
 
-    python -m mlx_kvq.apps.assistant.bench_serve --chats 8 --max-tokens 64 --kv k4v4
+    python -m mlx_kvq.harness.bench_serve --chats 8 --max-tokens 64 --kv k4v4
 
 With --ranks N --sharding tensor|pipeline both servers run sharded over N
 local ranks (the ring backend over loopback, started as mlx.launch starts
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from mlx_kvq import blas, distributed
-from mlx_kvq.cli_types import positive_int
+from mlx_kvq.commands.cli_types import positive_int
 from mlx_kvq.models import default_model_path
 
 TOPICS = ("a lighthouse keeper", "a lost kitten", "a robot learning to paint",

@@ -32,7 +32,7 @@ from typing import List, Optional
 
 from mlx_kvq import distributed
 
-from .store import PAUSE_ENV
+from mlx_kvq.apps.assistant.store import PAUSE_ENV
 
 START_TIMEOUT = 180
 SAVE_POINTS = ("conversation-save", "cache-save", "sidecar-save")
@@ -354,7 +354,7 @@ def one_chat_memory(tokens: int, prefill_step: int) -> int:
     from mlx_kvq import shapes
     from mlx_kvq.spec import DEFAULT_PRESET, parse_spec
 
-    from .budget import Budget
+    from mlx_kvq.apps.assistant.budget import Budget
 
     return Budget(shapes.load_shape(None), parse_spec(DEFAULT_PRESET), 0,
                   prefill_step).need([tokens])

@@ -35,7 +35,7 @@ from hypothesis.stateful import initialize, run_state_machine_as_test
 
 from . import fuzz_files as files
 from .fuzz_cache import CacheMachine, specs
-from .spec import PRESETS, KVQuantSpec, parse_spec
+from mlx_kvq.spec import PRESETS, KVQuantSpec, parse_spec
 
 
 # -- spec labels -----------------------------------------------------------------
@@ -129,7 +129,7 @@ def _spec_target(examples, seed, counter):
 
 
 def _loaders_target(examples, seed, counter):
-    from .kvplan import PLAN_FILE, SCALES_FILE, load_plan
+    from mlx_kvq.kvplan import PLAN_FILE, SCALES_FILE, load_plan
 
     tmp = Path(tempfile.mkdtemp(prefix="mlx_kvq_fuzz."))
     try:

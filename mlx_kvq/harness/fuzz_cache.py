@@ -6,7 +6,7 @@ token within its error bound (one quantization step of its group's range,
 accumulated when trimmed groups are quantized again; fp16 rounding for
 16-bit parts), and attention over the quantized store within the bound that
 follows from those (float64 attention over the exact keys and values at the
-held positions, under the same causal and window rules). mlx_kvq.fuzz runs
+held positions, under the same causal and window rules). mlx_kvq.harness.fuzz runs
 it; a tool: the runtime never imports it.
 """
 
@@ -23,11 +23,11 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 from mlx_lm.models import cache as mlx_cache
 
-from . import persist, quant
-from .attention import kvq_attention
-from .cache import KVQCache, Layout
-from .integration import install
-from .spec import KEY_AXES, VALID_BITS, KVQuantSpec
+from mlx_kvq import persist, quant
+from mlx_kvq.attention import kvq_attention
+from mlx_kvq.cache import KVQCache, Layout
+from mlx_kvq.integration import install
+from mlx_kvq.spec import KEY_AXES, VALID_BITS, KVQuantSpec
 
 MAX_TOKENS = 1200  # prefill chunks stop once a cache has seen this many tokens
 QUANT_SLACK = 1.02  # mx.quantize: one step of the group's range, fp16 scales a bit more

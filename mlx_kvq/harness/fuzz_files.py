@@ -3,7 +3,7 @@ calibrated-plan folder and a tiny GGUF, damaged (truncated, bits flipped) or
 forged (a field of a wrong type or value, an array of a wrong shape or dtype,
 digests recomputed as a writer with a bug would). A damaged file must give a
 clear error of the documented types (or load what was saved); a forged one
-an error, or content that works. mlx_kvq.fuzz runs them; a tool: the runtime
+an error, or content that works. mlx_kvq.harness.fuzz runs them; a tool: the runtime
 never imports it.
 """
 
@@ -17,11 +17,11 @@ import numpy as np
 from hypothesis import strategies as st
 from mlx_lm.models import cache as mlx_cache
 
-from . import persist
-from .attention import kvq_attention
-from .cache import KVQCache
-from .integration import install
-from .spec import KVQuantSpec
+from mlx_kvq import persist
+from mlx_kvq.attention import kvq_attention
+from mlx_kvq.cache import KVQCache
+from mlx_kvq.integration import install
+from mlx_kvq.spec import KVQuantSpec
 
 
 @st.composite
@@ -242,7 +242,7 @@ def tiny_gguf(folder: Path) -> Path:
 
 
 def check_gguf(path, folder):
-    from . import gguf
+    from mlx_kvq import gguf
 
     try:
         gguf.convert(path, folder / "out", overwrite=True)
@@ -257,7 +257,7 @@ def plan_folder(folder: Path) -> Path:
 
     from mlx_lm.utils import save_config
 
-    from .kvplan import STATS, KVPlan, LayerPlan, model_identity
+    from mlx_kvq.kvplan import STATS, KVPlan, LayerPlan, model_identity
 
     mod = importlib.import_module("mlx_lm.models.llama")
     cfg = dict(model_type="llama", hidden_size=128, num_hidden_layers=2, intermediate_size=256,
@@ -282,7 +282,7 @@ def _same_plan(a, b) -> bool:
 
 
 def check_plan(folder, model, original, kind):
-    from .kvplan import KVPlanError, load_plan
+    from mlx_kvq.kvplan import KVPlanError, load_plan
 
     try:
         got = load_plan(folder, model)
@@ -296,8 +296,8 @@ def check_plan(folder, model, original, kind):
 def forged_plan(draw, files):
     """Plan files with one JSON field of a wrong type or value, or one tensor
     of a wrong shape or dtype, sha256s recomputed: a writer with a bug."""
-    from .files import sha256_file
-    from .kvplan import PLAN_FILE, SCALES_FILE, sealed
+    from mlx_kvq.files import sha256_file
+    from mlx_kvq.kvplan import PLAN_FILE, SCALES_FILE, sealed
 
     d = json.loads(files[PLAN_FILE])
     d.pop("json_sha256", None)
@@ -328,7 +328,7 @@ def forged_plan(draw, files):
 
 def check_forged_plan(folder, model, files):
     """A KVPlanError, or a plan whose layers' caches can be made and filled."""
-    from .kvplan import KVPlanError, load_plan
+    from mlx_kvq.kvplan import KVPlanError, load_plan
 
     for name, b in files.items():
         (folder / name).write_bytes(b)

@@ -8,7 +8,7 @@ A report is a list of sections, (name, function(args) -> rows); a row is a
 dict printed as one table line, with "ok" saying whether it passed. The
 harnesses are in faults.py (kill rounds), pressure.py (slow clients, memory
 pressure) and fuzz_http.py (HTTP API fuzzing), each running the embedded
-model in a subprocess on a temporary data dir, and mlx_kvq.fuzz (caches,
+model in a subprocess on a temporary data dir, and mlx_kvq.harness.fuzz (caches,
 specs and file loaders, in this process). Exits 1 if a row is not ok.
 """
 
@@ -16,8 +16,8 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from mlx_kvq import fuzz
-from mlx_kvq.cli_types import nonneg_int, positive_int
+from . import fuzz
+from mlx_kvq.commands.cli_types import nonneg_int, positive_int
 
 from . import faults, fuzz_http, pressure
 
@@ -94,7 +94,7 @@ def memory_section(args, tmp: Path) -> list:
 SECTIONS = [
     ("kill", "SIGKILL at aimed moments, then restart", kill_section),
     ("fuzz", "HTTP API fuzzing (Hypothesis)", fuzz_section),
-    ("runtime-fuzz", "caches, specs and file loaders fuzzing (Hypothesis, mlx_kvq.fuzz)",
+    ("runtime-fuzz", "caches, specs and file loaders fuzzing (Hypothesis, mlx_kvq.harness.fuzz)",
      runtime_fuzz_section),
     ("slow", "slow and hostile clients around a good request", slow_section),
     ("memory", "memory pressure: --memory just above the weights", memory_section),
