@@ -120,13 +120,7 @@ def _backend() -> str:
 
 # ------------------------------------------------------------------ sources
 def _source_dir():
-    try:
-        from importlib.resources import files
-
-        return files("mlx_kvq.metal_kernels")
-    except ModuleNotFoundError:
-        # Source checkout without `pip install -e`: metal_kernels/ sits next to mlx_kvq/.
-        return Path(__file__).resolve().parent.parent / "metal_kernels"
+    return Path(__file__).resolve().parent
 
 
 @functools.lru_cache(maxsize=None)

@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_kvq.metal_kernels import kernels as K
+from mlx_kvq.metal_kernels import decode as K
 from mlx_kvq.metal_kernels import emulator as metal_emu
 from mlx_kvq.attention import quantized_segment_partials
 

@@ -39,7 +39,7 @@ TITLES = {
     "persuasion": "Persuasion",
 }
 
-SAMPLE = Path(__file__).parent / "data" / "sample.txt"
+SAMPLE = Path(__file__).parent.parent / "data" / "sample.txt"
 
 
 class CorpusError(RuntimeError):
