@@ -18,9 +18,6 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from hypothesis import settings
-from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 from mlx_lm.models import cache as mlx_cache
 
 from mlx_kvq import persist, quant
@@ -29,6 +26,12 @@ from mlx_kvq.cache import KVQCache
 from mlx_kvq.storage import Layout, layouts
 from mlx_kvq.integration import install
 from mlx_kvq.spec import KEY_AXES, VALID_BITS, KVQuantSpec
+from mlx_kvq.harness.extras import need
+
+need("hypothesis", "the cache fuzz target (mlx_kvq.harness.fuzz_cache)")
+from hypothesis import settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule  # noqa: E402
 
 MAX_TOKENS = 1200  # prefill chunks stop once a cache has seen this many tokens
 QUANT_SLACK = 1.02  # mx.quantize: one step of the group's range, fp16 scales a bit more
