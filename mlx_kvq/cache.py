@@ -207,7 +207,7 @@ class KVQCache(KVQBaseCache):
         return n
 
     def _decode_body(self, a, b):
-        fp = quant.storage_dtype(self.dtype)
+        fp = self._fp_dtype()
         lk, lv = self._layouts()
         return (lk.decode(lk.slice(self.body_k, a, b), fp),
                 lv.decode(lv.slice(self.body_v, a, b), fp))
@@ -309,7 +309,7 @@ class KVQCache(KVQBaseCache):
             raise ValueError(f"dims={self.dims!r}")
         B, H, D, Dv = self.dims
         self.spec.validate_for(D, Dv)
-        fp = quant.storage_dtype(self.dtype)
+        fp = self._fp_dtype()
 
         def check(x, shape, dtype, what):
             if not isinstance(x, mx.array) or tuple(x.shape) != tuple(shape) or x.dtype != dtype:
