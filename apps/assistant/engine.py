@@ -187,20 +187,17 @@ class Engine:
     def _abandon(self, error: RequestError):
         """Answer every job with `error` (the ranks cannot go on)."""
         self._stopping.set()
-        running = [t.job for t in self.scheduler.turns.values()]
-        if self.documents.filling is not None:
-            running.append(self.documents.filling.job)
-        for job in running + self.waiting + self._drain():
+        for job in [t.job for t in self._running()] + self.waiting + self._drain():
             job.emit("error", error)
 
-    def _holding(self) -> Dict[str, int]:
-        """{conversation: tokens its cache may reach} of the chats in the batch
-        and the document being prefilled: what holds memory and a conversation."""
-        out = {t.job.conversation: t.kv_context for t in self.scheduler.turns.values()}
+    def _running(self) -> list:
+        """Turns and the filling document: what holds memory and a conversation."""
         f = self.documents.filling
-        if f is not None:
-            out[f.job.conversation] = f.kv_context
-        return out
+        return list(self.scheduler.turns.values()) + ([f] if f is not None else [])
+
+    def _holding(self) -> Dict[str, int]:
+        """{conversation: tokens its cache may reach} of the running work."""
+        return {t.job.conversation: t.kv_context for t in self._running()}
 
     def _drain(self) -> List[Job]:
         out = []
