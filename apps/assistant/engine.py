@@ -31,7 +31,6 @@ model or a cache (commands.Replay), which they run on their shares
 (ranks.follow).
 """
 
-import logging
 import queue
 import threading
 from typing import Dict, List, Tuple
@@ -49,7 +48,6 @@ from .sessions import Sessions, common_prefix
 from .store import Store
 
 __all__ = ["Engine", "Job", "Settings", "StopText", "common_prefix"]
-log = logging.getLogger("mlx_kvq.assistant")
 
 
 def _loaded(name: str, doc: str) -> property:
