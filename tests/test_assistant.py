@@ -4,6 +4,7 @@ queue, and the pure helpers."""
 
 import http.client
 import json
+import pickle
 import re
 import threading
 import time
@@ -11,6 +12,7 @@ import time
 import openai
 import pytest
 
+from mlx_kvq.apps.assistant import commands
 from mlx_kvq.apps.assistant.budget import to_park
 from mlx_kvq.harness.faults import Assistant
 from mlx_kvq.apps.assistant.engine import StopText, common_prefix
@@ -209,6 +211,32 @@ def test_park_least_recently_used_first():
     assert to_park(resident, need=170, memory=200) == ["old", "mid"]
     assert to_park(resident, need=171, memory=200) == ["old", "mid", "new"]
     assert common_prefix([1, 2, 3], [1, 2, 4, 5]) == 2
+
+
+def test_commands_cross_the_wire_as_themselves():
+    """Every command rank 0 tells the other ranks arrives as itself, pickled
+    from builtins alone (short: most fit distributed.share's one all_sum)."""
+    c = commands
+    told = [c.Beat(), c.Stop(), c.Forget([("a", True)]), c.Open("a", False), c.Trim("a", 3),
+            c.Park(["a", "b"]), c.Settle("a"), c.Insert("a", [1, 2], 8, 0.0, 1.0, None),
+            c.Step(64, 8), c.End(0, "a", True), c.Drop(1, False), c.Prefill("a", [5, 6])]
+    assert {type(x) for x in told} == set(c.COMMANDS.values())
+    for x in told:
+        wire = pickle.loads(pickle.dumps(x.wire()))
+        assert c.decode(wire) == x
+        assert b"mlx_kvq" not in pickle.dumps(x.wire())
+
+
+def test_a_follower_replays_forget_on_its_share(tmp_path):
+    """A deleted conversation's files go on a follower rank too; a forgotten
+    one keeps them."""
+    from mlx_kvq.apps.assistant.sessions import Sessions
+
+    store = Store(tmp_path)
+    kept, deleted = store.create("kept").id, store.create("deleted").id
+    engine = type("Follower", (), {"sessions": Sessions(None, store, None)})()
+    commands.decode(commands.Forget([(kept, False), (deleted, True)]).wire()).replay(engine)
+    assert store.exists(kept) and not store.exists(deleted)
 
 
 def test_host_header_check():

@@ -303,9 +303,9 @@ def test_default_model_end_to_end(tmp_path):
         engine = Engine(Settings(model=str(out), kv=kv), Store(tmp_path / "data"))
         engine.start()
         try:
-            calibrated = [c.calibration is not None for c in engine._new_cache()]
+            calibrated = [c.calibration is not None for c in engine.loaded.new_cache()]
             if kv is None:
-                assert engine.cache_spec is None and all(calibrated)
+                assert engine.loaded.cache_spec is None and all(calibrated)
                 assert engine.scheme.startswith("calibrated per-layer plan")
                 assert engine.specs == sorted({str(model.kvq_plan.spec(i))
                                                for i in model.kvq_plan.layers})

@@ -9,13 +9,14 @@ each request and running the same loop everywhere; the engine here also
 decides from HTTP threads (cancellations, deletions), the memory budget and
 files on disk, which the ranks do not share. So rank 0 alone decides and
 tells the others what to run: the commands are the engine's own operations
-(engine.py calls them `_session`, `_trim`, `_insert`, `step`, `end`, `drop`,
-`_prefill`, `_settle`, `park`, `forget`), and a follower runs the same
-methods with the same arguments. A command is a pickled tuple shared with
-one or two all_sums (distributed.share); idle, rank 0 sends a heartbeat
-every half second. Each command is a sync of all ranks, so while every chat
-decodes and nothing waits, one `step` command runs 8 decode steps
-(engine.STEPS_PER_COMMAND; chats that end within them leave after them).
+on the model, the batch and the caches, declared once in commands.py (each
+a class: its arguments and what a follower runs), and a follower replays
+them in order on its own Engine. A command is a short pickled tuple shared
+with one or two all_sums (distributed.share); idle, rank 0 sends a
+heartbeat every half second. Each command is a sync of all ranks, so while
+every chat decodes and nothing waits, one `Step` command runs 8 decode
+steps (scheduler.STEPS_PER_COMMAND; chats that end within them leave after
+them).
 
 What the ranks cannot know alike, they agree on: a conversation's saved
 cache is each rank's own file (followers keep theirs under
@@ -46,6 +47,7 @@ import numpy as np
 from mlx_kvq import distributed, kvplan, shapes, sizing
 from mlx_kvq.models import local_path
 
+from . import commands
 from .errors import RequestError
 
 log = logging.getLogger("mlx_kvq.assistant")
@@ -67,12 +69,12 @@ class Link:
     def leads(self) -> bool:
         return self.shard.rank == 0
 
-    def tell(self, *command):
-        distributed.share(command, self.shard.group)
+    def tell(self, command: commands.Command):
+        distributed.share(command.wire(), self.shard.group)
         self.guard.beat()
 
-    def hear(self) -> tuple:
-        command = distributed.share(None, self.shard.group)
+    def hear(self) -> commands.Command:
+        command = commands.decode(distributed.share(None, self.shard.group))
         self.guard.beat()
         return command
 
@@ -130,87 +132,27 @@ class Link:
 
 
 def follow(engine):
-    """A follower rank: load the model (as rank 0 does), then run rank 0's
-    commands until it says stop. Returns the process exit status."""
+    """A follower rank: load the model (as rank 0 does), then replay rank 0's
+    commands (commands.py) until it says stop. Returns the process exit
+    status."""
     try:
-        engine._load()
+        engine.load()
     except Exception as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     link = engine.link
-    finished = {}  # uid -> (cache, tokens) of chats the batch ended this rank
-
-    def step(size, runs):
-        engine.batch.prefill_step_size = size
-        for _ in range(runs):
-            _, responses = engine.batch.next()
-            for r in responses:
-                if r.finish_reason is not None:
-                    finished[r.uid] = (r.prompt_cache, r.all_tokens)
-
-    def end(uid, cid, removed):
-        session = engine.sessions[cid]
-        if removed:
-            cache, tokens = engine.batch.remove([uid], return_prompt_caches=True)[uid]
-        else:
-            cache, tokens = finished.pop(uid)
-        session.cache, session.tokens = cache, list(tokens)
-
-    def drop(uid, was_finished):
-        if was_finished:
-            finished.pop(uid, None)
-        else:
-            engine.batch.remove([uid])
-
-    def forget(gone):
-        for cid, deleted in gone:
-            engine.sessions.pop(cid, None)
-            if deleted and engine.store.exists(cid):
-                engine.store.delete(cid)
-
-    def settle(cid):
-        session = engine.sessions[cid]
-        engine._settle(cid, session)
-        try:  # this rank's share, for the next time the conversation is loaded
-            engine.store.create(cid=cid, exist_ok=True)
-            engine.store.save_cache(cid, session.cache, session.tokens, engine.fingerprint,
-                                    session.stats)
-        except Exception:
-            log.exception("rank %d: conversation %s: could not save the KV cache",
-                          link.shard.rank, cid)
-
-    def insert(cid, *args):
-        session = engine.sessions[cid]
-        engine._insert(cid, session, *args)
-
-    commands = {
-        "beat": lambda: None,
-        "session": engine._session,
-        "trim": lambda cid, n: engine._trim(cid, engine.sessions[cid], n),
-        "insert": insert,
-        "step": step,
-        "end": end,
-        "drop": drop,
-        "prefill": lambda cid, chunk: engine._prefill(cid, engine.sessions[cid], chunk),
-        "settle": settle,
-        "park": lambda cids: [engine.sessions.pop(c, None) for c in cids],
-        "forget": forget,
-    }
     s = link.shard
     log.info("rank %d of %d (%s): following rank 0", s.rank, s.size, s.describe())
     try:
         with link.guard:
-            while True:
-                name, *args = link.hear()
-                if name == "stop":
-                    break
-                commands[name](*args)
+            while not isinstance(command := link.hear(), commands.Stop):
+                command.replay(engine)
     except Exception as e:  # out of step with rank 0: it cannot go on either
         log.exception("rank %d of %d failed", s.rank, s.size)
         print(f"error: rank {s.rank} of {s.size}: {type(e).__name__}: {e}", file=sys.stderr,
               flush=True)
         return 1
-    engine.batch.close()
+    engine.scheduler.close()
     return 0
 
 
