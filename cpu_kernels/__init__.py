@@ -94,7 +94,7 @@ def threads() -> int:
 
 
 def decode_attention(q: mx.array, segments: Sequence[tuple], sinks: Optional[mx.array] = None,
-                     split_tokens: int = 0) -> mx.array:
+                     split_tokens: int = 0, fault: int = 0) -> mx.array:
     """Attention of q [B, H, R, D] (float32, already scaled; R query heads
     per kv head) over cache segments, normalized: [B, H, R, Dv] float32.
 
@@ -105,7 +105,9 @@ def decode_attention(q: mx.array, segments: Sequence[tuple], sinks: Optional[mx.
     [B, H, T, D/group]); counts/firsts: one int per batch row, row b seeing
     tokens [firsts[b], counts[b]) of the segment's buffers. sinks: [H*R]
     learned attention-sink logits. split_tokens: tokens per part (0: chosen
-    from the threads).
+    from the threads). fault: a deliberately broken variant, for tests (1 a
+    merge without rescaling, 2 every row with the first row's counts, 3 the
+    window ignored, 4 the next group's key scales).
     """
     module, why = _load()
     if module is None:
@@ -117,4 +119,5 @@ def decode_attention(q: mx.array, segments: Sequence[tuple], sinks: Optional[mx.
         layouts.append((k_kind, k_bits or 0, v_kind, v_bits or 0, group))
         counts.extend(cnt)
         firsts.extend(fst)
-    return module.decode_attention(q, arrays, layouts, counts, firsts, sinks, split_tokens)
+    return module.decode_attention(q, arrays, layouts, counts, firsts, sinks, split_tokens,
+                                   fault)

@@ -180,8 +180,13 @@ struct Segment {
   const int* firsts = nullptr;  // [B]
 };
 
+// Deliberate faults, for tests that show broken variants fail: 1 merges
+// parts without rescaling, 2 gives every row the first row's token counts,
+// 3 ignores the window's first tokens, 4 reads the next group's scales.
+enum Fault : int { NONE = 0, MERGE = 1, ROW_COUNT = 2, WINDOW = 3, GROUP_OFFSET = 4 };
+
 struct Step {
-  int B, H, R, D, Dv, split;
+  int B, H, R, D, Dv, split, fault;
   const float* q;
   const float* sinks;
   std::vector<Segment> segs;
@@ -252,7 +257,8 @@ void score_block(const Step& st, const Segment& sg, long bh, int tb, int n,
       for (int gi = 0; gi < ng; ++gi) {
         const int g = g0 + gi;
         const int a0 = std::max(tb, g * G) - tb, a1 = std::min(tb + n, (g + 1) * G) - tb;
-        const float s = half_to_float(srow[g]), b = half_to_float(brow[g]);
+        const int gs = st.fault == GROUP_OFFSET ? std::min(g + 1, k.groups - 1) : g;
+        const float s = half_to_float(srow[gs]), b = half_to_float(brow[gs]);
         for (int r = 0; r < R; ++r) {
           const float qd = q[r * D + d];
           const float a = qd * s;
@@ -342,14 +348,14 @@ struct Work {
 void run_part(const Step& st, const Work& w, float* m, float* l, float* o) {
   thread_local Scratch sc;
   sc.fit(st.R, std::max(st.D, st.Dv));
-  const int b = w.bh / st.H;
+  const int b = st.fault == ROW_COUNT ? 0 : w.bh / st.H;
   const float* q = st.q + long(w.bh) * st.R * st.D;
   std::fill(m, m + st.R, NEG_INF);
   std::fill(l, l + st.R, 0.0f);
   std::fill(o, o + size_t(st.R) * st.Dv, 0.0f);
   long pos = 0;
   for (const Segment& sg : st.segs) {
-    const int first = sg.firsts[b], count = sg.counts[b];
+    const int first = st.fault == WINDOW ? 0 : sg.firsts[b], count = sg.counts[b];
     if (count <= first) {
       continue;
     }
@@ -370,9 +376,9 @@ void compute(Step& st) {
   std::vector<long> visible(BH, 0);
   long total = 0;
   for (int bh = 0; bh < BH; ++bh) {
-    const int b = bh / st.H;
+    const int b = st.fault == ROW_COUNT ? 0 : bh / st.H;
     for (const Segment& sg : st.segs) {
-      visible[bh] += std::max(0, sg.counts[b] - sg.firsts[b]);
+      visible[bh] += std::max(0, sg.counts[b] - (st.fault == WINDOW ? 0 : sg.firsts[b]));
     }
     total += visible[bh];
   }
@@ -419,7 +425,7 @@ void compute(Step& st) {
       }
       float L = st.sinks ? exp_nonpositive(st.sinks[h * R + r] - M) : 0.0f;
       for (int p = first_part[bh]; p < first_part[bh + 1]; ++p) {
-        const float w = exp_nonpositive(pm[size_t(p) * R + r] - M);
+        const float w = st.fault == MERGE ? 1.0f : exp_nonpositive(pm[size_t(p) * R + r] - M);
         L += pl[size_t(p) * R + r] * w;
         const float* op = &po[(size_t(p) * R + r) * Dv];
         for (int d = 0; d < Dv; ++d) {
@@ -467,6 +473,7 @@ mx::array decode_attention(
     const std::vector<int>& firsts,
     const std::optional<mx::array>& sinks,
     int split_tokens,
+    int fault,
     mx::StreamOrDevice s) {
   if (q.ndim() != 4) {
     fail("q must be [B, H, R, D]");
@@ -559,8 +566,11 @@ mx::array decode_attention(
     inputs.push_back(mx::contiguous(mx::astype(mx::reshape(*sinks, {H * R}, s), mx::float32, s),
                                     false, s));
   }
+  if (fault < NONE || fault > GROUP_OFFSET) {
+    fail("unknown fault");
+  }
   auto prim = std::make_shared<DecodeAttention>(mx::to_stream(s, mx::Device::cpu), layouts,
-                                                counts, firsts, bool(sinks), split_tokens);
+                                                counts, firsts, bool(sinks), split_tokens, fault);
   return mx::array({B, H, R, Dv}, mx::float32, prim, inputs);
 }
 
@@ -581,7 +591,7 @@ bool DecodeAttention::is_equivalent(const mx::Primitive& other) const {
     }
   }
   return counts_ == o.counts_ && firsts_ == o.firsts_ && has_sinks_ == o.has_sinks_ &&
-      split_tokens_ == o.split_tokens_;
+      split_tokens_ == o.split_tokens_ && fault_ == o.fault_;
 }
 
 void DecodeAttention::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
@@ -601,7 +611,7 @@ void DecodeAttention::eval_cpu(const std::vector<mx::array>& inputs,
   encoder.set_output_array(out);
   encoder.dispatch([ins = std::move(ins), out = mx::array::unsafe_weak_copy(out),
                     layouts = layouts_, counts = counts_, firsts = firsts_,
-                    has_sinks = has_sinks_, split = split_tokens_]() mutable {
+                    has_sinks = has_sinks_, split = split_tokens_, fault = fault_]() mutable {
     const mx::array& q = ins[0];
     Step st;
     st.B = q.shape(0);
@@ -610,6 +620,7 @@ void DecodeAttention::eval_cpu(const std::vector<mx::array>& inputs,
     st.D = q.shape(3);
     st.Dv = out.shape(3);
     st.split = split;
+    st.fault = fault;
     st.q = q.data<float>();
     st.sinks = has_sinks ? ins.back().data<float>() : nullptr;
     st.out = out.data<float>();

@@ -34,7 +34,7 @@ struct SegmentLayout {
 // holds each segment's key parts then value parts (1 array for FP, 3 for a
 // quantized kind). sinks: [H*R] logits of learned attention sinks or an
 // empty array. split_tokens: tokens per unit of work (0: chosen from the
-// machine's threads).
+// machine's threads). fault: 0, or a deliberate fault for tests (attention.cpp).
 mx::array decode_attention(
     const mx::array& q,
     const std::vector<mx::array>& arrays,
@@ -43,6 +43,7 @@ mx::array decode_attention(
     const std::vector<int>& firsts,
     const std::optional<mx::array>& sinks,
     int split_tokens,
+    int fault = 0,
     mx::StreamOrDevice s = {});
 
 int threads();
@@ -55,13 +56,15 @@ class DecodeAttention : public mx::Primitive {
       std::vector<int> counts,
       std::vector<int> firsts,
       bool has_sinks,
-      int split_tokens)
+      int split_tokens,
+      int fault)
       : mx::Primitive(stream),
         layouts_(std::move(layouts)),
         counts_(std::move(counts)),
         firsts_(std::move(firsts)),
         has_sinks_(has_sinks),
-        split_tokens_(split_tokens) {}
+        split_tokens_(split_tokens),
+        fault_(fault) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
@@ -77,6 +80,7 @@ class DecodeAttention : public mx::Primitive {
   std::vector<int> firsts_;
   bool has_sinks_;
   int split_tokens_;
+  int fault_;
 };
 
 }  // namespace kvq

@@ -18,15 +18,15 @@ NB_MODULE(_native, m) {
       [](const mx::array& q, const std::vector<mx::array>& arrays,
          const std::vector<std::tuple<int, int, int, int, int>>& layouts,
          const std::vector<int>& counts, const std::vector<int>& firsts,
-         const std::optional<mx::array>& sinks, int split_tokens) {
+         const std::optional<mx::array>& sinks, int split_tokens, int fault) {
         std::vector<kvq::SegmentLayout> ls;
         for (const auto& [kk, kb, vk, vb, g] : layouts) {
           ls.push_back({kk, kb, vk, vb, g});
         }
-        return kvq::decode_attention(q, arrays, ls, counts, firsts, sinks, split_tokens);
+        return kvq::decode_attention(q, arrays, ls, counts, firsts, sinks, split_tokens, fault);
       },
       "q"_a, "arrays"_a, "layouts"_a, "counts"_a, "firsts"_a, "sinks"_a = nb::none(),
-      "split_tokens"_a = 0,
+      "split_tokens"_a = 0, "fault"_a = 0,
       "Decode attention over cache segments; see mlx_kvq.cpu_kernels.decode_attention.");
   m.def("threads", &kvq::threads, "Threads of the kernel's pool (MLX_KVQ_THREADS overrides).");
 }
