@@ -142,6 +142,44 @@ void unpack(const uint32_t* row, int start, int n, float* out) {
   }
 }
 
+// 16 codes from code `start` (a multiple of 16) of a row, for widths that
+// divide 32: lane j holds word (j * BITS) / 32 shifted by (j * BITS) % 32.
+// Written with vector extensions, so it compiles to vector shifts (AVX2,
+// NEON) instead of one shift per code.
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+typedef float f32x8 __attribute__((vector_size(32)));
+
+template <int BITS>
+inline void unpack16(const uint32_t* row, int start, float* out) {
+  static_assert(32 % BITS == 0, "widths that divide 32");
+  const uint32_t* w = row + start * BITS / 32;
+  constexpr uint32_t MASK = (1u << BITS) - 1u;
+  for (int half = 0; half < 2; ++half) {
+    u32x8 words, shifts;
+    for (int j = 0; j < 8; ++j) {
+      const int bit = (half * 8 + j) * BITS;
+      words[j] = w[bit / 32];
+      shifts[j] = uint32_t(bit % 32);
+    }
+    const i32x8 codes = (i32x8)((words >> shifts) & MASK);
+    const f32x8 f = __builtin_convertvector(codes, f32x8);
+    std::memcpy(out + half * 8, &f, sizeof(f));
+  }
+}
+
+// Codes [start, start + n): 16 at a time where they are aligned.
+template <int BITS>
+inline void unpack_run(const uint32_t* row, int start, int n, float* out) {
+  if constexpr (32 % BITS == 0) {
+    if (n == 16 && start % 16 == 0) {
+      unpack16<BITS>(row, start, out);
+      return;
+    }
+  }
+  unpack<BITS>(row, start, n, out);
+}
+
 using Unpack = void (*)(const uint32_t*, int, int, float*);
 
 Unpack unpacker(int bits) {
@@ -235,6 +273,119 @@ struct Scratch {
   }
 };
 
+// Rows of q taken together by the inner loops (their accumulators stay in
+// registers); more rows run in several passes over the same bytes, which
+// the caches then hold.
+constexpr int ROWS = 4;
+constexpr int TT = 16;  // tokens of per-channel keys scored together
+constexpr int CC = 16;  // value channels accumulated together (within a group)
+
+// Scores of per-channel keys: RR query rows, tokens [tb, tb + n), a run of at
+// most TT tokens inside one group at a time. Per channel d the run's codes
+// are unpacked once and each row adds (q_d * scale) * code; q_d * bias is
+// summed per row and added once.
+template <int BITS, int RR>
+void score_channel(const Part& k, long bh, int tb, int n, const float* q, int D, int G,
+                   float* S, int fault) {
+  const uint32_t* codes = k.codes + bh * k.head;
+  const uint16_t* scales = k.scales + bh * k.scale_head;
+  const uint16_t* biases = k.biases + bh * k.scale_head;
+  for (int i = 0; i < n;) {
+    const int t = tb + i, g = t / G;
+    const int len = std::min({TT - t % TT, n - i, (g + 1) * G - t});
+    const int gs = fault == GROUP_OFFSET ? std::min(g + 1, k.groups - 1) : g;
+    float acc[RR][TT] = {};
+    float bsum[RR] = {};
+    float c[TT] = {};
+    for (int d = 0; d < D; ++d) {
+      unpack_run<BITS>(codes + long(d) * k.words, t, len, c);
+      const float s = half_to_float(scales[long(d) * k.groups + gs]);
+      const float b = half_to_float(biases[long(d) * k.groups + gs]);
+      for (int r = 0; r < RR; ++r) {
+        const float qd = q[r * D + d];
+        const float a = qd * s;
+        bsum[r] += qd * b;
+        for (int j = 0; j < TT; ++j) {
+          acc[r][j] += a * c[j];
+        }
+      }
+    }
+    for (int r = 0; r < RR; ++r) {
+      for (int j = 0; j < len; ++j) {
+        S[r * BLOCK + i + j] = acc[r][j] + bsum[r];
+      }
+    }
+    i += len;
+  }
+}
+
+// o[r] += sum_i P[r, i] * v_{tb + i} for per-token quantized values: CC
+// channels (inside one group) at a time, the RR rows' sums in registers;
+// p * scale multiplies the codes, p * bias is summed per row and added once.
+template <int BITS, int RR>
+void accumulate_token_values(const Part& v, long bh, int tb, int n, const float* P, int Dv,
+                             int G, float* o) {
+  for (int c0 = 0; c0 < Dv; c0 += CC) {
+    const int g = c0 / G;
+    float acc[RR][CC] = {};
+    float bsum[RR] = {};
+    for (int i = 0; i < n; ++i) {
+      const long row = bh * v.T + tb + i;
+      float c[CC];
+      unpack_run<BITS>(v.codes + row * v.words, c0, CC, c);
+      const float s = half_to_float(v.scales[row * v.groups + g]);
+      const float b = half_to_float(v.biases[row * v.groups + g]);
+      for (int r = 0; r < RR; ++r) {
+        const float p = P[r * BLOCK + i];
+        const float ps = p * s;
+        bsum[r] += p * b;
+        for (int j = 0; j < CC; ++j) {
+          acc[r][j] += ps * c[j];
+        }
+      }
+    }
+    for (int r = 0; r < RR; ++r) {
+      for (int j = 0; j < CC; ++j) {
+        o[r * Dv + c0 + j] += acc[r][j] + bsum[r];
+      }
+    }
+  }
+}
+
+using ScoreChannel = void (*)(const Part&, long, int, int, const float*, int, int, float*, int);
+using AccumulateValues = void (*)(const Part&, long, int, int, const float*, int, int, float*);
+
+template <int BITS>
+struct ForBits {
+  static constexpr ScoreChannel score[ROWS] = {score_channel<BITS, 1>, score_channel<BITS, 2>,
+                                               score_channel<BITS, 3>, score_channel<BITS, 4>};
+  static constexpr AccumulateValues values[ROWS] = {
+      accumulate_token_values<BITS, 1>, accumulate_token_values<BITS, 2>,
+      accumulate_token_values<BITS, 3>, accumulate_token_values<BITS, 4>};
+};
+
+ScoreChannel channel_scorer(int bits, int rows) {
+  switch (bits) {
+    case 2: return ForBits<2>::score[rows - 1];
+    case 3: return ForBits<3>::score[rows - 1];
+    case 4: return ForBits<4>::score[rows - 1];
+    case 5: return ForBits<5>::score[rows - 1];
+    case 6: return ForBits<6>::score[rows - 1];
+    default: return ForBits<8>::score[rows - 1];
+  }
+}
+
+AccumulateValues value_accumulator(int bits, int rows) {
+  switch (bits) {
+    case 2: return ForBits<2>::values[rows - 1];
+    case 3: return ForBits<3>::values[rows - 1];
+    case 4: return ForBits<4>::values[rows - 1];
+    case 5: return ForBits<5>::values[rows - 1];
+    case 6: return ForBits<6>::values[rows - 1];
+    default: return ForBits<8>::values[rows - 1];
+  }
+}
+
 // Scores S[r * BLOCK + i] = q_r . k_{tb + i} for n tokens from tb.
 void score_block(const Step& st, const Segment& sg, long bh, int tb, int n,
                  const float* q, Scratch& sc) {
@@ -242,39 +393,9 @@ void score_block(const Step& st, const Segment& sg, long bh, int tb, int n,
   float* S = sc.S.data();
   const Part& k = sg.k;
   if (k.kind == CHANNEL) {
-    const int g0 = tb / G, ng = (tb + n - 1) / G - g0 + 1;
-    float* cb = sc.bias.data();
-    std::fill(S, S + size_t(R) * BLOCK, 0.0f);
-    std::fill(cb, cb + size_t(R) * ng, 0.0f);
-    const uint32_t* codes = k.codes + bh * k.head;
-    const uint16_t* scales = k.scales + bh * k.scale_head;
-    const uint16_t* biases = k.biases + bh * k.scale_head;
-    float* c = sc.codes.data();
-    for (int d = 0; d < D; ++d) {
-      k.unpack(codes + long(d) * k.words, tb, n, c);
-      const uint16_t* srow = scales + long(d) * k.groups;
-      const uint16_t* brow = biases + long(d) * k.groups;
-      for (int gi = 0; gi < ng; ++gi) {
-        const int g = g0 + gi;
-        const int a0 = std::max(tb, g * G) - tb, a1 = std::min(tb + n, (g + 1) * G) - tb;
-        const int gs = st.fault == GROUP_OFFSET ? std::min(g + 1, k.groups - 1) : g;
-        const float s = half_to_float(srow[gs]), b = half_to_float(brow[gs]);
-        for (int r = 0; r < R; ++r) {
-          const float qd = q[r * D + d];
-          const float a = qd * s;
-          cb[r * ng + gi] += qd * b;
-          float* Sr = S + r * BLOCK;
-          for (int i = a0; i < a1; ++i) {
-            Sr[i] += a * c[i];
-          }
-        }
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      float* Sr = S + r * BLOCK;
-      for (int i = 0; i < n; ++i) {
-        Sr[i] += cb[r * ng + (tb + i) / G - g0];
-      }
+    for (int r0 = 0; r0 < R; r0 += ROWS) {
+      const int rr = std::min(ROWS, R - r0);
+      channel_scorer(k.bits, rr)(k, bh, tb, n, q + r0 * D, D, G, S + r0 * BLOCK, st.fault);
     }
     return;
   }
@@ -322,6 +443,14 @@ void attend_block(const Step& st, const Segment& sg, long bh, int tb, int n, flo
       }
     }
     m[r] = mn;
+  }
+  if (sg.v.kind == TOKEN && Dv % CC == 0 && sg.group % CC == 0) {
+    for (int r0 = 0; r0 < R; r0 += ROWS) {
+      const int rr = std::min(ROWS, R - r0);
+      value_accumulator(sg.v.bits, rr)(sg.v, bh, tb, n, S + r0 * BLOCK, Dv, sg.group,
+                                       o + r0 * Dv);
+    }
+    return;
   }
   float* row = sc.row.data();
   for (int i = 0; i < n; ++i) {
