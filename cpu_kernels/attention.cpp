@@ -573,6 +573,15 @@ int parts_of(int kind) {
   return kind == FP ? 1 : 3;
 }
 
+// The array itself when it is known to be row-contiguous (evaluated cache
+// buffers are), else a contiguous copy node: the kernel indexes rows by shape.
+mx::array rows_contiguous(const mx::array& a, mx::StreamOrDevice s) {
+  if (a.is_available() && a.flags().row_contiguous) {
+    return a;
+  }
+  return mx::contiguous(a, false, s);
+}
+
 [[noreturn]] void fail(const std::string& what) {
   throw std::invalid_argument("[mlx_kvq.cpu_kernels.decode_attention] " + what);
 }
@@ -631,7 +640,7 @@ mx::array decode_attention(
     fail("expected " + std::to_string(need) + " arrays for these segments, got " +
          std::to_string(arrays.size()));
   }
-  std::vector<mx::array> inputs = {mx::contiguous(mx::astype(q, mx::float32, s), false, s)};
+  std::vector<mx::array> inputs = {rows_contiguous(mx::astype(q, mx::float32, s), s)};
   int Dv = -1;
   size_t i = 0;
   for (size_t j = 0; j < n_seg; ++j) {
@@ -678,7 +687,7 @@ mx::array decode_attention(
         Dv = dim;
       }
       for (int p = 0; p < parts_of(kind); ++p) {
-        inputs.push_back(mx::contiguous(a[p], false, s));
+        inputs.push_back(rows_contiguous(a[p], s));
       }
       i += parts_of(kind);
     }
@@ -692,8 +701,8 @@ mx::array decode_attention(
     if (sinks->size() != size_t(H) * R) {
       fail("sinks must hold one logit per query head (H * R)");
     }
-    inputs.push_back(mx::contiguous(mx::astype(mx::reshape(*sinks, {H * R}, s), mx::float32, s),
-                                    false, s));
+    inputs.push_back(rows_contiguous(mx::astype(mx::reshape(*sinks, {H * R}, s), mx::float32, s),
+                                     s));
   }
   if (fault < NONE || fault > GROUP_OFFSET) {
     fail("unknown fault");
