@@ -30,7 +30,8 @@ import numpy as np
 from mlx_lm.models import cache as mlx_cache
 from mlx_lm.models.cache import KVCache
 
-from ..cache import Calibration, KVQCache, window_spec
+from ..cache import Calibration, KVQCache
+from ..spec import window_spec
 from ..integration import sliding_layers
 
 # {layer: (spec, v_smooth or None)}: which layers a configuration quantizes, and how

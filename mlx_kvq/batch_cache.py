@@ -21,6 +21,9 @@ rule as a single cache, so an extracted cache holds exactly what the same
 sequence served alone would hold. Attention (attention.py) masks each row to
 its own tokens and positions; per-row counts are kept on the host, so
 bookkeeping needs no device sync.
+
+It is a sibling of KVQCache over KVQBaseCache (cache_base.py): the buffers,
+limits and byte model are shared, the token counts here are per-row lists.
 """
 
 import functools
@@ -29,8 +32,9 @@ from typing import List, Optional
 
 import mlx.core as mx
 
-from . import quant
-from .cache import FORMAT_VERSION, KVQCache, KVQView, Segment, own_copy
+from .cache import KVQCache
+from .cache_base import FORMAT_VERSION, KVQBaseCache, KVQView, batch_row, round_up
+from .storage import Segment, own_copy
 
 
 # Per-sequence bookkeeping, one list entry per batch row.
@@ -38,13 +42,7 @@ ROW_FIELDS = ("offsets", "n_sink", "n_body", "body_start", "res_len", "skip", "q
               "drift", "drift_checked")
 
 
-def _round_up(n, step):
-    return max(step, -(-n // step) * step)
-
-
-class KVQBatchCache(KVQCache):
-    batched = True
-
+class KVQBatchCache(KVQBaseCache):
     def __init__(self, spec=None, batch_size: int = 0, max_size: Optional[int] = None,
                  calibration=None, window: Optional[int] = None):
         super().__init__(spec, max_size=max_size, calibration=calibration, window=window)
@@ -161,9 +159,6 @@ class KVQBatchCache(KVQCache):
         self.res_k, self.res_v = mx.zeros((B, H, 0, D), fp), mx.zeros((B, H, 0, Dv), fp)
         self.res_cap = 0
 
-    def _fp_dtype(self):
-        return quant.storage_dtype(self.dtype)
-
     # The residual buffer grows and shrinks in whole groups: between flushes
     # a row holds residual..residual+group-1 tokens, so decoding reallocates
     # nothing and no row carries more than a group of slack.
@@ -171,10 +166,10 @@ class KVQBatchCache(KVQCache):
     def _grow_residual(self, need):
         if need <= self.res_cap:
             return
-        self._resize_residual(_round_up(need, self.spec.group_size))
+        self._resize_residual(round_up(need, self.spec.group_size))
 
     def _shrink_residual(self):
-        fit = _round_up(max(self.res_len, default=0) + 1, self.spec.group_size)
+        fit = round_up(max(self.res_len, default=0) + 1, self.spec.group_size)
         if self.res_cap > fit:
             self._resize_residual(fit)
 
@@ -190,7 +185,7 @@ class KVQBatchCache(KVQCache):
         self.res_cap = cap
 
     def _flush_row(self, b):
-        n = self._flush_size(self.res_len[b])
+        n = self.spec.flush_size(self.res_len[b])
         if n <= 0:
             return
         r = self.res_len[b]
@@ -198,35 +193,19 @@ class KVQBatchCache(KVQCache):
         if self.n_body[b] == 0:
             self.body_start[b] = self.offsets[b] - r
         self._grow_body(self.n_body[b] + n)
-        self._count_row_drift(b, k, v)
-        lk, lv = self._layouts()
-        self.body_k = lk.write(self.body_k, lk.encode(k), self.n_body[b], row=b)
-        self.body_v = lv.write(self.body_v, lv.encode(v), self.n_body[b], row=b)
+        out = self._drift_counts(k, v)
+        if out is not None:
+            self.drift[b] = out if self.drift[b] is None else self.drift[b] + out
+            self.drift_checked[b] += k.size
+        self._write_body(k, v, self.n_body[b], row=b)
         self.n_body[b] += n
         self.res_k[b:b + 1, :, :r - n] = self.res_k[b:b + 1, :, n:r]
         self.res_v[b:b + 1, :, :r - n] = self.res_v[b:b + 1, :, n:r]
         self.res_len[b] = r - n
 
-    def _count_row_drift(self, b, k, v):
-        out = self._drift_counts(k, v)
-        if out is not None:
-            self.drift[b] = out if self.drift[b] is None else self.drift[b] + out
-            self.drift_checked[b] += k.size
-
     def _grow_body(self, need):
-        if need <= self.capacity:
-            return
-        cap = _round_up(need, self.step)
-        B, H, D, Dv = self.dims
-        fp = self._fp_dtype()
-        parts = []
-        for lay, old, dim in zip(self._layouts(), (self.body_k, self.body_v), (D, Dv)):
-            new = lay.alloc(B, H, cap, dim, fp)
-            if old is not None and self.capacity:
-                new = lay.write(new, lay.slice(old, 0, self.capacity), 0)
-            parts.append(new)
-        self.body_k, self.body_v = parts
-        self.capacity = cap
+        if need > self.capacity:
+            self._realloc_body(self._capacity(need), 0, self.capacity)
 
     def _evict_row(self, b, L):
         """Drop row b's oldest body tokens (keeping sinks and the L it just
@@ -238,13 +217,8 @@ class KVQBatchCache(KVQCache):
         """Drop row b's `drop` oldest body tokens (the row shifts in place)."""
         if drop <= 0:
             return
-        keep = self.n_body[b] - drop
-        lk, lv = self._layouts()
-        for name, lay in (("body_k", lk), ("body_v", lv)):
-            part = getattr(self, name)
-            row = own_copy(lay.slice(_row(part, b), drop, self.n_body[b]))
-            setattr(self, name, lay.write(part, row, 0, row=b))
-        self.n_body[b] = keep
+        self._shift_body(drop, self.n_body[b], row=b)
+        self.n_body[b] -= drop
         self.body_start[b] += drop
 
     # -- reading ----------------------------------------------------------
@@ -273,7 +247,7 @@ class KVQBatchCache(KVQCache):
             raise ValueError("merge needs at least one cache")
         first = caches[0]
         for c in caches:
-            if not isinstance(c, KVQCache) or c.batched:
+            if not isinstance(c, KVQCache):
                 raise TypeError(f"KVQBatchCache.merge takes KVQCache objects, got "
                                 f"{type(c).__name__}")
             if (c.spec, c.max_size, c.window) != (first.spec, first.max_size, first.window):
@@ -336,7 +310,7 @@ class KVQBatchCache(KVQCache):
         n = self.n_body[idx]
         if n:
             lk, lv = self._layouts()
-            c.body_k, c.body_v = (own_copy(lay.slice(_row(part, idx), 0, n))
+            c.body_k, c.body_v = (own_copy(lay.slice(batch_row(part, idx), 0, n))
                                   for lay, part in ((lk, self.body_k), (lv, self.body_v)))
             c.n_body, c.capacity, c.body_start = n, n, self.body_start[idx]
         return c
@@ -358,12 +332,12 @@ class KVQBatchCache(KVQCache):
         for name in ("sink_k", "sink_v", "res_k", "res_v", "body_k", "body_v"):
             setattr(self, name, take(getattr(self, name)))
         self.dims = (len(keep),) + self.dims[1:]
-        if self.capacity > _round_up(max(self.n_body, default=0), self.step):
+        if self.capacity > self._capacity(max(self.n_body, default=0)):
             self._compact_body()
         self._shrink_residual()
 
     def _compact_body(self):
-        cap = _round_up(max(self.n_body, default=0), self.step)
+        cap = self._capacity(max(self.n_body, default=0))
         lk, lv = self._layouts()
         self.body_k = own_copy(lk.slice(self.body_k, 0, cap))
         self.body_v = own_copy(lv.slice(self.body_v, 0, cap))
@@ -466,14 +440,7 @@ def _ends(res_len, shape):
     return mx.broadcast_to(idx, shape)
 
 
-
 KVQCache.batch_class = KVQBatchCache  # what KVQCache.merge returns
-
-
-def _row(part, b):
-    if isinstance(part, tuple):
-        return tuple(x[b:b + 1] for x in part)
-    return part[b:b + 1]
 
 
 def _ints(x):

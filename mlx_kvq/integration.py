@@ -16,15 +16,16 @@ from mlx_lm.generate import batch_generate as mlx_batch_generate
 from mlx_lm.models.cache import KVCache
 
 from .attention import kvq_attention
-from .cache import SLIDING_DEFAULT, CachedTensorUse, KVQCache, sliding_base, window_spec
-from .spec import HeadDimError, parse_spec
+from .cache import CachedTensorUse, KVQCache
+from .cache_base import KVQBaseCache
+from .spec import SLIDING_DEFAULT, HeadDimError, parse_spec, sliding_base, window_spec
 
 _original = getattr(base.scaled_dot_product_attention, "_kvq_original",
                     base.scaled_dot_product_attention)
 
 
 def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
-    if isinstance(cache, KVQCache):
+    if isinstance(cache, KVQBaseCache):  # one sequence or a batch
         out = kvq_attention(queries, cache, scale=scale, mask=mask, sinks=sinks)
         if cache.v_smooth is not None:  # values were stored divided by it
             rep = queries.shape[1] // cache.v_smooth.shape[0]
@@ -135,7 +136,7 @@ def make_prompt_cache(model, spec=None, max_kv_size=None, sliding_spec=SLIDING_D
     layers (mlx-lm's RotatingKVCache) get a KVQCache of their window with the
     spec's keys at 8 bits or more (`sliding_spec` "auto"), the spec as it is
     ("same"), another spec, or keep mlx-lm's cache in full precision ("keep",
-    or when even no residual fits the window); see cache.sliding_base. Such
+    or when even no residual fits the window); see spec.sliding_base. Such
     a window cache uses window_spec (no sinks, a residual that fits), keeps
     the most recent window plus less than one group, and hides, for every
     query, exactly the keys the model's own window hides. Non-attention caches

@@ -19,6 +19,7 @@ from mlx_lm.utils import _get_classes
 
 from .integration import check_model, head_dim_of, install, model_config, sliding_layers
 from .models import DEFAULT_MODEL, local_path, _safetensors_dtypes
+from .spec import window_spec
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -196,7 +197,6 @@ def baked_plan(model: Optional[str] = None,
     """The per-layer plan mlx_kvq.calibrate baked into the model folder, if
     any; its sliding-window layers as the plan gives them (a plan of the
     full-attention layers only leaves them in full precision)."""
-    from .cache import window_spec
     from .kvplan import load_plan, plan_files
 
     folder = local_path(model)

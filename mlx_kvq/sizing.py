@@ -17,7 +17,7 @@ allocates them (KVQCache.nbytes):
     the fp16 part is fixed, so it dominates short contexts and fades at long
     ones, and the body step adds up to 255 tokens of slack;
   * sliding-window layers: KVQCaches of their window (window_spec of
-    cache.sliding_base: by default the spec with keys at 8 bits or more; no
+    spec.sliding_base: by default the spec with keys at 8 bits or more; no
     sinks, a residual that fits), holding the last window plus less
     than one group, sized as decode steps leave them (a prefill chunk's
     tokens beyond the window wait until the next step); or, kept in full
@@ -38,9 +38,11 @@ from typing import Optional, Sequence
 from mlx_lm.models.cache import RotatingKVCache
 
 from . import attention
-from .cache import SLIDING_DEFAULT, KVQCache, describe_sliding, sliding_base, window_spec
+from .cache import KVQCache
 from .shapes import LayerSpecs, ModelShape, PlanError, model_shape
-from .spec import HeadDimError, KVQuantSpec, parse_spec, short_label
+from .spec import (SLIDING_DEFAULT, HeadDimError, KVQuantSpec, describe_sliding, parse_spec,
+                   short_label, sliding_base, window_spec)
+from .storage import layouts
 from .units import MAX_SEARCH, fmt_bytes, fmt_tokens
 
 PREFILL_STEP = 2048
@@ -101,7 +103,7 @@ def window_bytes(shape: ModelShape, context: int) -> int:
 
 def sliding_specs(shape: ModelShape, spec, sliding=SLIDING_DEFAULT) -> tuple:
     """The spec of each sliding-window layer as make_prompt_cache gives it:
-    window_spec of cache.sliding_base(spec, sliding), or None (mlx-lm's
+    window_spec of spec.sliding_base(spec, sliding), or None (mlx-lm's
     full-precision rotating cache: "keep", or no spec fits the window)."""
     spec = _parse(spec)
     if isinstance(spec, LayerSpecs):  # as made, or a plan made for full layers only
@@ -112,7 +114,7 @@ def sliding_specs(shape: ModelShape, spec, sliding=SLIDING_DEFAULT) -> tuple:
 
 def with_sliding(shape: ModelShape, spec, sliding: str) -> LayerSpecs:
     """`spec` on every full-attention layer, with sliding-window layers as
-    `sliding` says (cache.sliding_base), as one sized row: "k4v4/keep"."""
+    `sliding` says (spec.sliding_base), as one sized row: "k4v4/keep"."""
     spec = parse_spec(spec)
     named = sliding if sliding in ("keep", "same", "auto") else short_label(parse_spec(sliding))
     return LayerSpecs((spec,) * shape.full_layers, str(spec),
@@ -162,7 +164,7 @@ def bits_per_element(spec, head_dim: int) -> float:
     if isinstance(spec, LayerSpecs):
         return sum(bits_per_element(s, head_dim) for s in spec.specs) / len(spec.specs)
     cap = 1 << 16
-    lk, lv = KVQCache(spec)._layouts()
+    lk, lv = layouts(spec)
     return 8 * (lk.nbytes(1, cap, head_dim) + lv.nbytes(1, cap, head_dim)) / (2 * cap * head_dim)
 
 
@@ -198,7 +200,7 @@ def workspace_parts(config, spec, context: int, prefill_step: int = PREFILL_STEP
     H, D, Hq = s.n_kv_heads, s.head_dim, s.n_heads
     qkv = (Hq + 2 * H) * D
     acts = L * a * (3 * s.hidden_size + 3 * s.intermediate_size + 2 * qkv) + L * Hq * D * 4 * 2
-    chunk = s.full_layers * (L + spec.residual + KVQCache(spec)._flush_unit()) * H * D * FP_BYTES * 2
+    chunk = s.full_layers * (L + spec.residual + spec.flush_unit) * H * D * FP_BYTES * 2
     full_scores = Hq * L * context * 4 * 2
     scores = min(attention.SCORE_BUDGET_BYTES, full_scores) * 3 // 2
     scores += 2 * H * min(attention.TILE_TOKENS, context) * D * 4

@@ -1,8 +1,17 @@
-"""KV quantization scheme: what is stored, at which precision, along which axis."""
+"""KV quantization scheme: what is stored, at which precision, along which axis.
+
+The rules a cache follows that depend on the spec alone live here too, so
+that sizing, planning and the caches read the same ones: the flush unit
+(whole groups for per-channel keys), how many residual tokens flush, how a
+sequence's tokens split into sinks, body and residual, and the window policy
+(which spec a sliding-window layer gets). Data flows one way: spec, then
+quantization (quant, storage), then the caches; this module imports none of
+them.
+"""
 
 import re
 from dataclasses import asdict, dataclass, replace
-from typing import Optional
+from typing import Optional, Tuple
 
 VALID_BITS = (2, 3, 4, 5, 6, 8)
 VALID_GROUPS = (32, 64, 128)
@@ -80,6 +89,66 @@ class KVQuantSpec:
     @property
     def quantized(self) -> bool:
         return self.k_bits is not None or self.v_bits is not None
+
+    @property
+    def keys_per_channel(self) -> bool:
+        """Keys quantized per channel, along tokens (stored transposed)."""
+        return self.k_bits is not None and self.key_axis == "channel"
+
+    @property
+    def flush_unit(self) -> int:
+        """Tokens that move from the residual into the body together: whole
+        groups for per-channel keys, else single tokens. Body lengths,
+        evictions and window slides are whole units."""
+        return self.group_size if self.keys_per_channel else 1
+
+    @property
+    def min_window(self) -> int:
+        """The fewest recent tokens a bounded cache keeps besides its sinks:
+        the residual and one flush unit."""
+        return self.residual + self.flush_unit
+
+    def check_max_size(self, max_size: Optional[int]) -> "KVQuantSpec":
+        """Raise ValueError unless a cache of at most `max_size` tokens (None:
+        unbounded) can keep this spec's sinks and its fewest recent tokens."""
+        if max_size is not None and max_size < self.sinks + self.min_window:
+            raise ValueError(
+                f"max_kv_size={max_size} is too small for {self}: it must hold "
+                f"{self.sinks} sinks and {self.min_window} recent tokens"
+            )
+        return self
+
+    def check_window(self, window: Optional[int]) -> "KVQuantSpec":
+        """Raise ValueError unless a sliding-window cache of `window` tokens
+        (None: not a window cache) can use this spec."""
+        if window is not None and (self.sinks or window < self.min_window):
+            raise ValueError(
+                f"a sliding-window cache of {window} tokens with {self} must keep no "
+                f"sinks and a window of at least residual + {self.flush_unit} tokens: "
+                "use sinks=0 and a smaller residual (window_spec() picks them)")
+        return self
+
+    def flush_size(self, n_res: int) -> int:
+        """Residual tokens that flush into the body when n_res wait there:
+        whole units, leaving `residual` (none without quantization)."""
+        keep = self.residual if self.quantized else 0
+        unit = self.flush_unit
+        return max(0, (n_res - keep) // unit * unit)
+
+    def token_split(self, tokens: int, window: Optional[int] = None) -> Tuple[int, int, int]:
+        """(sinks, body, residual) tokens a one-sequence cache holds after
+        `tokens` tokens (no max_size eviction), whatever the chunks they came
+        in: each flush leaves whole units in the body, so the residual ends
+        with `residual` plus fewer than one unit of tokens. With a window, as
+        a decode step leaves it: the body starts at the last whole unit at or
+        before tokens - window."""
+        n_sink = min(self.sinks, tokens)
+        flushed = self.flush_size(tokens - n_sink)
+        start = 0
+        if window is not None:
+            unit = self.flush_unit
+            start = min(flushed, max(0, (tokens - window) // unit * unit))
+        return n_sink, flushed - start, tokens - n_sink - flushed
 
     def validate_for(self, head_dim: int, v_head_dim: Optional[int] = None) -> "KVQuantSpec":
         """Check the spec against a model's key (and value, if they differ)
@@ -227,3 +296,50 @@ def short_label(spec) -> str:
     defaults = str(KVQuantSpec(k_bits=spec.k_bits, v_bits=spec.v_bits)).split("-")
     parts = str(spec).split("-")
     return "-".join(parts[:1] + [p for p in parts[1:] if p not in defaults])
+
+
+# -- the window policy ----------------------------------------------------------
+
+SLIDING_DEFAULT = "auto"
+WINDOW_KEY_BITS = 8  # "auto": keys of sliding-window layers at least this wide
+
+
+def sliding_base(spec, sliding=SLIDING_DEFAULT) -> Optional[KVQuantSpec]:
+    """The spec sliding-window layers start from (window_spec then fits it to
+    each window), or None for mlx-lm's full-precision rotating cache.
+
+    sliding: "auto" (default: `spec` with keys at least WINDOW_KEY_BITS wide:
+    a window layer's bytes are bounded by its window, not the context, and
+    its keys cost most of the quality it loses), "same" (`spec` as it is),
+    "keep", or another spec; None as "auto"."""
+    sliding = SLIDING_DEFAULT if sliding is None else sliding
+    if sliding == "keep":
+        return None
+    spec = parse_spec(spec)
+    if sliding == "same":
+        return spec
+    if sliding == "auto":
+        k_bits = spec.k_bits if spec.k_bits is None else max(spec.k_bits, WINDOW_KEY_BITS)
+        return replace(spec, k_bits=k_bits)
+    return parse_spec(sliding)
+
+
+def describe_sliding(spec, sliding=SLIDING_DEFAULT) -> str:
+    """What sliding-window layers get, for reports: "sliding-window layers at
+    k8v4, without sinks" or "... in full precision"."""
+    base = sliding_base(spec, sliding)
+    how = "in full precision" if base is None else f"at {short_label(base)}, without sinks"
+    return f"sliding-window layers {how}"
+
+
+def window_spec(spec, window: int) -> Optional[KVQuantSpec]:
+    """The spec a sliding-window layer of `window` tokens uses for `spec`: no
+    sinks (the model's window hides the first tokens), and a residual small
+    enough for the window (whole groups for per-channel keys); None when even
+    no residual fits."""
+    spec = parse_spec(spec)
+    unit = spec.flush_unit
+    room = (window - unit) // unit * unit
+    if room < 0:
+        return None
+    return replace(spec, sinks=0, residual=min(spec.residual, room))

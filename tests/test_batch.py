@@ -262,6 +262,9 @@ def test_merge_refuses_mixed_schemes():
         KVQBatchCache.merge([KVQCache("k4v4"), KVQCache("k8v8")])
     with pytest.raises(TypeError, match="KVQCache"):
         KVQBatchCache.merge([KVQCache("k4v4"), object()])
+    batch = KVQBatchCache.merge([KVQCache("k4v4")])  # a sibling, not a single cache
+    with pytest.raises(TypeError, match="got KVQBatchCache"):
+        KVQBatchCache.merge([KVQCache("k4v4"), batch])
 
 
 def test_batch_decode_through_emulated_metal_kernel(monkeypatch, llama_tiny):

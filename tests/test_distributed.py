@@ -294,7 +294,7 @@ def test_generate_cli_under_mlx_launch(folders, tmp_path, capsys):
     generate.main(args)  # one process: this one
     one = capsys.readouterr()
     run = subprocess.run([LAUNCH, "--backend", "ring", "-n", "2", "--starting-port",
-                          str(distributed.free_ports(2)), "--python", PY, "--", "-m", "mlx_kvq.generate",
+                          str(distributed.free_ports(2)), "--python", PY, "--", "-m", "mlx_kvq.commands.generate",
                           *args, "--sharding", "tensor"],
                          capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -319,7 +319,7 @@ def test_bench_ranks_runs_both_sides(folders, tmp_path):
     """mlx_kvq.bench_ranks: one process, then 2 ranks, in one run; each rank
     holds half the one process's KV cache."""
     out = tmp_path / "b.json"
-    run = subprocess.run([PY, "-m", "mlx_kvq.bench_ranks", "--model", str(folders["cli"]),
+    run = subprocess.run([PY, "-m", "mlx_kvq.commands.bench_ranks", "--model", str(folders["cli"]),
                           "--ranks", "2", "--context", "256", "--decode-tokens", "4",
                           "--repeats", "1", "--json", str(out)],
                          capture_output=True, text=True, timeout=400)

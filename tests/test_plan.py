@@ -11,7 +11,7 @@ from mlx_lm.generate import generate_step
 
 from mlx_kvq import attention, make_prompt_cache, models, shapes, sizing, units
 from mlx_kvq.commands import corpus, plan
-from mlx_kvq.cache import window_spec
+from mlx_kvq.spec import window_spec
 from mlx_kvq.spec import short_label
 
 from conftest import TINY, tiny_model

@@ -281,3 +281,20 @@ def test_a_state_of_wrong_shapes_is_refused(entry, make):
     state[entry] = make(state[entry])
     with pytest.raises(ValueError, match="corrupt KVQCache state: .* is "):
         KVQCache.from_state(state)
+
+
+@pytest.mark.parametrize("label", ["k4v4", "k8v4-ktok-r5-s0", "k3v3-g64-r0-s4", "k16v16",
+                                   "k4v16-g128-r128-s1"])
+def test_token_split_is_what_a_cache_holds(label):
+    """spec.token_split, which sizing relies on, gives the sinks, body and
+    residual a cache holds after any chunking of the same tokens, and
+    bytes_for gives its nbytes."""
+    spec = KVQuantSpec.from_string(label)
+    rng = np.random.default_rng(0)
+    k, v = mx.random.normal((1, 2, 900, 64)), mx.random.normal((1, 2, 900, 64))
+    for sizes in ([900], [1] * 40 + [300, 7, 553], [int(x) for x in rng.integers(1, 60, 15)]):
+        cache = KVQCache(spec)
+        n = feed(cache, k, v, sizes)
+        held = (cache._sink_len(), cache.n_body, cache._res_len())
+        assert held == spec.token_split(n), (sizes, held)
+        assert cache.nbytes == KVQCache.bytes_for(spec, n, 2, 64)

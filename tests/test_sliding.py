@@ -12,7 +12,7 @@ from mlx_lm.models.cache import make_prompt_cache as mlx_make_prompt_cache
 import mlx_kvq
 from mlx_kvq import KVQBatchCache, KVQCache
 from mlx_kvq.attention import kvq_attention
-from mlx_kvq.cache import window_spec
+from mlx_kvq.spec import window_spec
 from mlx_kvq.persist import load_prompt_cache, save_prompt_cache
 
 from conftest import tiny_model
@@ -51,9 +51,9 @@ def test_window_attention_equals_the_dequantized_reference(spec, window, H, Hq, 
         exact = mx.fast.scaled_dot_product_attention(q, rk, rv, scale=D ** -0.5, mask=ref_mask)
         bound = 0.05 if spec.startswith("k8") else 1.5
         assert mx.abs(got - exact).max().item() < bound
-        assert held <= window + cache._flush_unit() - 1 + L  # what the chunk's queries need
+        assert held <= window + cache.spec.flush_unit - 1 + L  # what the chunk's queries need
     assert cache.offset == sum(CHUNKS) > 4 * window
-    assert cache.size() <= window + cache._flush_unit()  # after decode steps: bounded
+    assert cache.size() <= window + cache.spec.flush_unit  # after decode steps: bounded
     assert not cache.is_trimmable()
 
 

@@ -41,7 +41,6 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from mlx_kvq import distributed, units
-from mlx_kvq.cache import KVQCache
 from mlx_kvq.commands.cli_types import (add_model, add_prefill_step_size, add_sharding, nonneg_int,
                                         positive_int, seconds)
 from mlx_kvq.models import data_home
@@ -659,7 +658,7 @@ def main(argv=None):
     try:
         spec = parse_spec(args.kv) if args.kv else None
         if args.max_kv_size:  # too small for the spec?
-            KVQCache(spec or DEFAULT_PRESET, max_size=args.max_kv_size)
+            parse_spec(spec or DEFAULT_PRESET).check_max_size(args.max_kv_size)
         memory = units.parse_memory(args.memory) if args.memory else None
     except ValueError as e:
         parser.error(str(e))

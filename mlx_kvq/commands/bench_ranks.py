@@ -97,7 +97,7 @@ def worker(args):
 
 
 def _argv(args, out):
-    argv = ["-m", "mlx_kvq.bench_ranks", "--worker", str(out), "--sharding", args.sharding,
+    argv = ["-m", "mlx_kvq.commands.bench_ranks", "--worker", str(out), "--sharding", args.sharding,
             "--context", str(args.context), "--decode-tokens", str(args.decode_tokens),
             "--prefill-step-size", str(args.prefill_step_size), "--repeats",
             str(args.repeats), "--kv", *args.kv]

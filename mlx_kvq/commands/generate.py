@@ -10,7 +10,8 @@ from mlx_lm.models.cache import RotatingKVCache
 from mlx_lm.sample_utils import make_sampler
 
 from mlx_kvq import distributed, shapes, sizing
-from mlx_kvq.cache import SLIDING_DEFAULT, KVQCache
+from mlx_kvq.cache import KVQCache
+from mlx_kvq.spec import SLIDING_DEFAULT
 from .cli_types import add_model, add_prefill_step_size, add_sharding, positive_int
 from mlx_kvq.integration import make_prompt_cache
 from mlx_kvq.models import ModelNotFoundError, describe_weights, load

@@ -2,7 +2,7 @@
 (mlx-lm's full-precision caches), "mlx<bits>[-g<group>]" (mlx-lm's
 QuantizedKVCache, every layer), "calibrated" (the per-layer plan baked into
 the model folder) or an mlx_kvq spec ("k4v4", "k3v3-rot", ...; after a "/",
-what sliding-window layers use (cache.sliding_base: "auto" by default,
+what sliding-window layers use (spec.sliding_base: "auto" by default,
 "/same", "/keep" for mlx-lm's full-precision cache, or another spec,
 "k4v4/k8v4"). A name is parsed
 once into a Scheme, which makes its caches, checks that it applies to a
@@ -18,9 +18,9 @@ from mlx_lm.models.cache import QuantizedKVCache
 from mlx_lm.models.cache import make_prompt_cache as mlx_make_prompt_cache
 
 from mlx_kvq import sizing
-from mlx_kvq.cache import SLIDING_DEFAULT, describe_sliding
 from mlx_kvq.integration import make_prompt_cache
-from mlx_kvq.spec import VALID_BITS, VALID_GROUPS, KVQuantSpec, parse_spec
+from mlx_kvq.spec import (SLIDING_DEFAULT, VALID_BITS, VALID_GROUPS, KVQuantSpec,
+                          describe_sliding, parse_spec)
 
 MLX_BASELINE = re.compile(r"mlx(\d)(?:-g(\d+))?$")
 

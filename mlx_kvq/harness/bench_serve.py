@@ -31,6 +31,7 @@ from typing import List, Optional
 from mlx_kvq import blas, distributed
 from mlx_kvq.commands.cli_types import positive_int
 from mlx_kvq.models import default_model_path
+from .extras import need
 
 TOPICS = ("a lighthouse keeper", "a lost kitten", "a robot learning to paint",
           "a dragon afraid of fire", "two rival bakers", "a time-travelling mailman",
@@ -130,8 +131,7 @@ def together(client, model, texts, max_tokens):
 
 
 def measure(server: Server, model: str, n: int, max_tokens: int) -> Run:
-    import openai
-
+    openai = need("openai", "the serving benchmark (mlx_kvq.harness.bench_serve)")
     client = openai.OpenAI(base_url=server.url, api_key="none", timeout=3600, max_retries=0)
     texts = prompts(n)
     ask(client, model, "Hello", 4)  # warm-up

@@ -33,6 +33,7 @@ from typing import List, Optional
 from mlx_kvq import distributed
 
 from mlx_kvq.apps.assistant.store import PAUSE_ENV
+from .extras import need
 
 START_TIMEOUT = 180
 SAVE_POINTS = ("conversation-save", "cache-save", "sidecar-save")
@@ -105,8 +106,7 @@ class Assistant:
         return int(re.search(r"Threads:\s+(\d+)", status).group(1))
 
     def client(self):
-        import openai
-
+        openai = need("openai", "an OpenAI client of the assistant (faults.Assistant.client)")
         return openai.OpenAI(base_url=self.url + "v1", api_key="unused", max_retries=0,
                              timeout=120)
 

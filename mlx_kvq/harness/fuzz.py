@@ -28,14 +28,17 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from hypothesis import HealthCheck, given, seed as hyp_seed, settings
-from hypothesis import strategies as st
-from hypothesis.reporting import with_reporter
-from hypothesis.stateful import initialize, run_state_machine_as_test
-
-from . import fuzz_files as files
-from .fuzz_cache import CacheMachine, specs
 from mlx_kvq.spec import PRESETS, KVQuantSpec, parse_spec
+from .extras import need
+
+need("hypothesis", "the fuzz harness (mlx_kvq.harness.fuzz)")
+from hypothesis import HealthCheck, given, seed as hyp_seed, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.reporting import with_reporter  # noqa: E402
+from hypothesis.stateful import initialize, run_state_machine_as_test  # noqa: E402
+
+from . import fuzz_files as files  # noqa: E402
+from .fuzz_cache import CacheMachine, specs  # noqa: E402
 
 
 # -- spec labels -----------------------------------------------------------------

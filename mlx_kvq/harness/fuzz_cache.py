@@ -18,16 +18,20 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from hypothesis import settings
-from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 from mlx_lm.models import cache as mlx_cache
 
 from mlx_kvq import persist, quant
 from mlx_kvq.attention import kvq_attention
-from mlx_kvq.cache import KVQCache, Layout
+from mlx_kvq.cache import KVQCache
+from mlx_kvq.storage import Layout, layouts
 from mlx_kvq.integration import install
 from mlx_kvq.spec import KEY_AXES, VALID_BITS, KVQuantSpec
+from mlx_kvq.harness.extras import need
+
+need("hypothesis", "the cache fuzz target (mlx_kvq.harness.fuzz_cache)")
+from hypothesis import settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule  # noqa: E402
 
 MAX_TOKENS = 1200  # prefill chunks stop once a cache has seen this many tokens
 QUANT_SLACK = 1.02  # mx.quantize: one step of the group's range, fp16 scales a bit more
@@ -55,10 +59,6 @@ def _np(x):
 
 def _hadamard(x):
     return _np(quant.hadamard(mx.array(x)))
-
-
-def flush_unit(spec) -> int:
-    return KVQCache(spec)._flush_unit()
 
 
 def held_positions(cache):
@@ -140,7 +140,7 @@ class CacheMachine(RuleBasedStateMachine):
         H = data.draw(st.integers(1, 2), label="kv_heads")
         self.rep = data.draw(st.sampled_from([1, 2, 4]), label="gqa")
         B = data.draw(st.integers(1, 2), label="batch")
-        unit = flush_unit(spec)
+        unit = spec.flush_unit
         room = spec.sinks + spec.residual + unit
         max_size = window = None
         if kind == "max_size":
@@ -245,7 +245,7 @@ class CacheMachine(RuleBasedStateMachine):
         assert list(pos[:n_sink]) == list(range(n_sink)), "sinks lost"
         if c._res_len():
             assert pos[-1] == T - 1, "the newest token is not held"
-        unit = flush_unit(spec)
+        unit = spec.flush_unit
         if c.max_size is None and c.window is None:
             assert len(pos) == T, f"holds {len(pos)} of {T} tokens"
         if c.max_size is not None and appended:
@@ -275,7 +275,7 @@ class CacheMachine(RuleBasedStateMachine):
         self.in_body[pos[body]] = True
         if not len(new):
             return
-        lk, lv = self.cache._layouts()
+        lk, lv = layouts(spec)
         for ref, err, lay, rot in ((self.ref_k, self.err_k, lk, spec.rotate_keys),
                                    (self.ref_v, self.err_v, lv, spec.rotate_values)):
             x, prev = ref[:, :, new], err[:, :, new]

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from hypothesis import strategies as st
 from mlx_lm.models import cache as mlx_cache
 
 from mlx_kvq import persist
@@ -22,6 +21,10 @@ from mlx_kvq.attention import kvq_attention
 from mlx_kvq.cache import KVQCache
 from mlx_kvq.integration import install
 from mlx_kvq.spec import KVQuantSpec
+from mlx_kvq.harness.extras import need
+
+need("hypothesis", "the file fuzz targets (mlx_kvq.harness.fuzz_files)")
+from hypothesis import strategies as st  # noqa: E402
 
 
 @st.composite

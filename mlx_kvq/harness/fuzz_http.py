@@ -20,6 +20,8 @@ import json
 import socket
 from typing import List, Optional
 
+from .extras import need
+
 EVENT_STREAM = "text/event-stream"
 METHODS = ["GET", "POST", "PATCH", "DELETE", "OPTIONS", "PUT", "HEAD", "TRACE"]
 ROLES = ["system", "developer", "user", "assistant", "tool", "robot", ""]
@@ -27,7 +29,7 @@ ROLES = ["system", "developer", "user", "assistant", "tool", "robot", ""]
 
 def strategies(conversations: List[str]):
     """{target: strategy of (method, path, headers dict, body bytes)}."""
-    from hypothesis import strategies as st
+    st = need("hypothesis.strategies", "the HTTP fuzz harness (mlx_kvq.harness.fuzz_http)")
 
     json_leaf = (st.none() | st.booleans() | st.integers(-2**70, 2**70)
                  | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=20))
@@ -173,6 +175,7 @@ def run(server, examples: int, seed: int = 0, targets=("chat", "api", "http")) -
     """Fuzz a running server (faults.Assistant): per target
     {"target", "examples", "failures", "first"} (the first failure, if any),
     counting "not served afterwards" as a failure too."""
+    need("hypothesis", "the HTTP fuzz harness (mlx_kvq.harness.fuzz_http)")
     from hypothesis import HealthCheck, given, settings
     from hypothesis import seed as fix_seed
 

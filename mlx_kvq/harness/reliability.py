@@ -9,17 +9,19 @@ dict printed as one table line, with "ok" saying whether it passed. The
 harnesses are in faults.py (kill rounds), pressure.py (slow clients, memory
 pressure) and fuzz_http.py (HTTP API fuzzing), each running the embedded
 model in a subprocess on a temporary data dir, and mlx_kvq.harness.fuzz (caches,
-specs and file loaders, in this process). Exits 1 if a row is not ok.
+specs and file loaders, in this process). Sections that need a package of the
+test extra (Hypothesis) say so before anything runs if it is missing. Exits 1
+if a row is not ok.
 """
 
 import argparse
 import tempfile
 from pathlib import Path
 
-from . import fuzz
 from mlx_kvq.commands.cli_types import nonneg_int, positive_int
 
 from . import faults, fuzz_http, pressure
+from .extras import need
 
 
 def kill_section(args, tmp: Path) -> list:
@@ -51,6 +53,8 @@ def fuzz_section(args, tmp: Path) -> list:
 
 
 def runtime_fuzz_section(args, tmp: Path) -> list:
+    from . import fuzz
+
     rows = fuzz.run(args.examples, args.seed)
     return [{"target": r["target"], "examples": r["examples"], "failures": len(r["failures"]),
              "first failure": r["failures"][0].splitlines()[0] if r["failures"] else "",
@@ -91,13 +95,14 @@ def memory_section(args, tmp: Path) -> list:
              and not r["tracebacks"]}]
 
 
+# (name, title, function, test-only packages it needs)
 SECTIONS = [
-    ("kill", "SIGKILL at aimed moments, then restart", kill_section),
-    ("fuzz", "HTTP API fuzzing (Hypothesis)", fuzz_section),
+    ("kill", "SIGKILL at aimed moments, then restart", kill_section, ()),
+    ("fuzz", "HTTP API fuzzing (Hypothesis)", fuzz_section, ("hypothesis",)),
     ("runtime-fuzz", "caches, specs and file loaders fuzzing (Hypothesis, mlx_kvq.harness.fuzz)",
-     runtime_fuzz_section),
-    ("slow", "slow and hostile clients around a good request", slow_section),
-    ("memory", "memory pressure: --memory just above the weights", memory_section),
+     runtime_fuzz_section, ("hypothesis",)),
+    ("slow", "slow and hostile clients around a good request", slow_section, ()),
+    ("memory", "memory pressure: --memory just above the weights", memory_section, ()),
 ]
 
 
@@ -136,10 +141,16 @@ def main(argv=None):
     unknown = sorted(set(only) - set(names))
     if unknown:
         parser.error(f"no section {', '.join(unknown)}; sections are {', '.join(names)}")
+    try:  # before any section runs
+        for name, _, _, packages in SECTIONS:
+            for package in packages if name in only else ():
+                need(package, f"the {name} section")
+    except ImportError as e:
+        parser.error(f"{e} (or leave the section out: --only)")
     ok = True
     with tempfile.TemporaryDirectory() as scratch:
         tmp = Path(args.data_dir or scratch)
-        for name, title, section in SECTIONS:
+        for name, title, section, _ in SECTIONS:
             if name not in only:
                 continue
             rows = section(args, tmp)
