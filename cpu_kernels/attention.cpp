@@ -150,22 +150,29 @@ typedef uint32_t u32x8 __attribute__((vector_size(32)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
 typedef float f32x8 __attribute__((vector_size(32)));
 
+template <int BITS, int HALF>
+inline void unpack8(const uint32_t* w, float* out) {
+  constexpr uint32_t MASK = (1u << BITS) - 1u;
+  // Lanes hold at most two distinct words (8 codes of at most 8 bits).
+  constexpr int lo = HALF * 8 * BITS / 32, hi = (HALF * 8 + 7) * BITS / 32;
+  constexpr int per = 32 / BITS;  // codes per word
+  const u32x8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  const u32x8 shifts = ((lane + HALF * 8) % per) * BITS;
+  u32x8 words = u32x8{} + w[lo];
+  if constexpr (hi != lo) {
+    words = (lane + HALF * 8) / per == uint32_t(hi) ? u32x8{} + w[hi] : words;
+  }
+  const i32x8 codes = (i32x8)((words >> shifts) & MASK);
+  const f32x8 f = __builtin_convertvector(codes, f32x8);
+  std::memcpy(out, &f, sizeof(f));
+}
+
 template <int BITS>
 inline void unpack16(const uint32_t* row, int start, float* out) {
   static_assert(32 % BITS == 0, "widths that divide 32");
   const uint32_t* w = row + start * BITS / 32;
-  constexpr uint32_t MASK = (1u << BITS) - 1u;
-  for (int half = 0; half < 2; ++half) {
-    u32x8 words, shifts;
-    for (int j = 0; j < 8; ++j) {
-      const int bit = (half * 8 + j) * BITS;
-      words[j] = w[bit / 32];
-      shifts[j] = uint32_t(bit % 32);
-    }
-    const i32x8 codes = (i32x8)((words >> shifts) & MASK);
-    const f32x8 f = __builtin_convertvector(codes, f32x8);
-    std::memcpy(out + half * 8, &f, sizeof(f));
-  }
+  unpack8<BITS, 0>(w, out);
+  unpack8<BITS, 1>(w, out + 8);
 }
 
 // Codes [start, start + n): 16 at a time where they are aligned.
@@ -290,6 +297,16 @@ void score_channel(const Part& k, long bh, int tb, int n, const float* q, int D,
   const uint32_t* codes = k.codes + bh * k.head;
   const uint16_t* scales = k.scales + bh * k.scale_head;
   const uint16_t* biases = k.biases + bh * k.scale_head;
+  // Every channel row is a stream of its own, more than a hardware
+  // prefetcher follows: ask for the next block's bytes of each row now.
+  const int next = tb + BLOCK;
+  if (next < k.words * 32 / BITS) {
+    for (int d = 0; d < D; ++d) {
+      __builtin_prefetch(codes + long(d) * k.words + long(next) * BITS / 32);
+      __builtin_prefetch(scales + long(d) * k.groups + next / G);
+      __builtin_prefetch(biases + long(d) * k.groups + next / G);
+    }
+  }
   for (int i = 0; i < n;) {
     const int t = tb + i, g = t / G;
     const int len = std::min({TT - t % TT, n - i, (g + 1) * G - t});
@@ -424,16 +441,39 @@ void attend_block(const Step& st, const Segment& sg, long bh, int tb, int n, flo
   float* S = sc.S.data();
   for (int r = 0; r < R; ++r) {
     float* Sr = S + r * BLOCK;
+    // 8 partial maxima and sums: loops that vectorize (no reassociation asked).
+    float bm8[8], sum8[8];
+    std::fill(bm8, bm8 + 8, NEG_INF);
+    std::fill(sum8, sum8 + 8, 0.0f);
+    const int n8 = n / 8 * 8;
+    for (int i = 0; i < n8; i += 8) {
+      for (int j = 0; j < 8; ++j) {
+        bm8[j] = Sr[i + j] > bm8[j] ? Sr[i + j] : bm8[j];
+      }
+    }
     float bm = NEG_INF;
-    for (int i = 0; i < n; ++i) {
+    for (int i = n8; i < n; ++i) {
       bm = std::max(bm, Sr[i]);
+    }
+    for (int j = 0; j < 8; ++j) {
+      bm = std::max(bm, bm8[j]);
     }
     const float mn = std::max(m[r], bm);
     const float alpha = exp_nonpositive(m[r] - mn);
-    float sum = 0.0f;
     for (int i = 0; i < n; ++i) {
       Sr[i] = exp_nonpositive(Sr[i] - mn);
+    }
+    for (int i = 0; i < n8; i += 8) {
+      for (int j = 0; j < 8; ++j) {
+        sum8[j] += Sr[i + j];
+      }
+    }
+    float sum = 0.0f;
+    for (int i = n8; i < n; ++i) {
       sum += Sr[i];
+    }
+    for (int j = 0; j < 8; ++j) {
+      sum += sum8[j];
     }
     l[r] = l[r] * alpha + sum;
     if (alpha != 1.0f) {
