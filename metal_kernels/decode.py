@@ -31,7 +31,8 @@ Design (split-K flash decoding):
 
 Selection: ``use_metal()`` is true when Metal is available, unless the
 environment variable ``MLX_KVQ_KERNELS`` says otherwise:
-``mlx`` -- always the pure-MLX path; ``metal`` -- always the kernel (error if no
+``mlx`` -- always the pure-MLX path; ``cpu`` -- the native CPU kernel
+(``mlx_kvq.cpu_kernels``), not this one; ``metal`` -- always the kernel (error if no
 Metal); ``emu`` -- the kernel through the CPU emulation (``metal_emu``; slow,
 for tests); ``auto`` or unset -- the default.
 """
@@ -57,7 +58,7 @@ __all__ = [
 ]
 
 ENV_VAR = "MLX_KVQ_KERNELS"
-_MODES = ("auto", "mlx", "metal", "emu")
+_MODES = ("auto", "mlx", "cpu", "metal", "emu")
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
@@ -93,7 +94,7 @@ def _metal_available() -> bool:
 def use_metal() -> bool:
     """Whether decode attention should use the fused kernel."""
     mode = kernel_mode()
-    if mode == "mlx":
+    if mode in ("mlx", "cpu"):
         return False
     if mode == "emu":
         return True

@@ -9,13 +9,24 @@ of the cache is made. Prefill on the CPU, where mx.quantized_matmul is slow
 for many query rows, dequantizes one bounded tile of TILE_TOKENS at a time.
 Queries are grouped per kv head (GQA without repeating K/V) and processed in
 chunks so that no score tensor exceeds SCORE_BUDGET_BYTES.
+
+Paths (``path()`` names the one a decode step takes; ``paths_run()`` counts
+the steps each path ran): on the CPU a decode step runs as one call of the
+native kernel (``mlx_kvq.cpu_kernels``: every segment, the window and a
+ragged batch's counts, on every core) when it is built; on Apple GPUs the
+quantized body goes through the Metal kernel; otherwise, and always for
+prefill, the pure-MLX path above, which is the reference the kernels are held
+equal to. ``MLX_KVQ_KERNELS`` chooses: ``auto`` (default), ``mlx`` (pure MLX),
+``cpu`` (the native kernel; an error when it is not built), ``metal``, ``emu``.
 """
 
+import collections
 import functools
 import os
 
 import mlx.core as mx
 
+from . import cpu_kernels
 from .metal_kernels import decode as kernels
 from . import quant
 from .cache import Layout, Segment
@@ -223,6 +234,44 @@ def _mask_segment(scores, seg, col0, q0, mask, rep, L, decode, window=None):
     return s.reshape(B, H, rep * L, T)
 
 
+PATHS = {"native": "native CPU kernel", "metal": "Metal kernel", "mlx": "pure MLX"}
+_runs = collections.Counter()
+
+
+def _native_wanted() -> bool:
+    """Whether decode steps should take the native CPU kernel."""
+    mode = kernels.kernel_mode()
+    if mode == "cpu":
+        ok, why = cpu_kernels.status()
+        if not ok:
+            raise RuntimeError(f"{kernels.ENV_VAR}=cpu but the native CPU kernel is not "
+                               f"available: {why}; {kernels.ENV_VAR}=mlx runs the pure-MLX path")
+        return True
+    return mode == "auto" and not kernels.use_metal() and cpu_kernels.usable()
+
+
+def path() -> str:
+    """The attention path a decode step takes here: native, metal or mlx."""
+    if _native_wanted():
+        return "native"
+    return "metal" if kernels.use_metal() else "mlx"
+
+
+def describe_path() -> str:
+    """One line for reports: the decode path, and why not native on a CPU."""
+    p = path()
+    if p == "native":
+        return f"{PATHS[p]} ({cpu_kernels.threads()} threads)"
+    if p == "mlx" and kernels.kernel_mode() == "auto" and not kernels.use_metal():
+        return f"{PATHS[p]} (native CPU kernel {cpu_kernels.status()[1]})"
+    return PATHS[p]
+
+
+def paths_run() -> dict:
+    """{path: decode-step layer calls} since the process started."""
+    return dict(_runs)
+
+
 def kvq_attention(queries, cache, scale, mask=None, sinks=None):
     """scaled_dot_product_attention over a KVQCache. queries: [B, Hq, L, D]."""
     B, Hq, L, D = queries.shape
@@ -233,6 +282,13 @@ def kvq_attention(queries, cache, scale, mask=None, sinks=None):
     if spec.rotate_keys:
         q = quant.hadamard(q)
     segs = cache.segments()
+    if L == 1 and segs and _native_wanted():
+        out = _native_step(q.reshape(B, H, rep, D), cache, segs, mask, sinks)
+        if out is not None:
+            _runs["native"] += 1
+            return _finish(out.reshape(B, Hq, 1, -1), spec, queries.dtype)
+    if L == 1:
+        _runs["metal" if kernels.use_metal() else "mlx"] += 1
     n_keys = sum(s.length for s in segs)
     # Rows per chunk so that one segment's scores (and exps) fit the budget.
     per_row = B * Hq * n_keys * 4 * 2
@@ -327,6 +383,45 @@ def _attend_chunk(q, cache, segs, l0, L, mask, rep, sinks, window=None):
         parts.append((m, mx.ones_like(m), None))
     out = _merge(parts)
     return out.reshape(B, Hq, Lc, -1)
+
+
+def _native_segment(seg, q0, mask, window):
+    """The native kernel's view of one segment at a decode step, or None when
+    a mask it cannot express applies (a model-given mask over a non-ragged
+    segment)."""
+    window_step = window is not None and (seg.ragged or mask is None or isinstance(mask, str))
+    if not (seg.ragged and window is None or window_step
+            or not _needs_mask(seg, q0, mask, True, 1, window)):
+        return None
+    lk, lv = seg.k_layout, seg.v_layout
+    if lk.bits is not None and lv.bits is not None and lk.group != lv.group:
+        return None
+    B = len(seg.valid) if seg.ragged else None
+    counts = seg.valid if seg.ragged else None
+    first = _window_first(seg, q0, window) if window_step else 0
+    kind = (lambda lay: cpu_kernels.FP if lay.bits is None
+            else cpu_kernels.CHANNEL if lay.transposed else cpu_kernels.TOKEN)
+    group = lk.group if lk.bits is not None else lv.group
+    return [seg.keys, seg.values, kind(lk), lk.bits, kind(lv), lv.bits, group,
+            counts, first, B]
+
+
+def _native_step(qg, cache, segs, mask, sinks):
+    """A decode step in one native call: [B, H, R, Dv] float32, or None."""
+    B = qg.shape[0]
+    q0 = cache.query_start(1)
+    parts = []
+    for seg in segs:
+        s = _native_segment(seg, q0, mask, cache.window)
+        if s is None:
+            return None
+        counts, first = s[7], s[8]
+        s[7] = tuple(counts) if counts is not None else (seg.length,) * B
+        s[8] = tuple(first) if isinstance(first, tuple) else (first,) * B
+        parts.append(tuple(s[:9]))
+    if sinks is not None:
+        sinks = sinks.astype(mx.float32)
+    return cpu_kernels.decode_attention(qg, parts, sinks)
 
 
 def _use_kernel(seg, head_dim):

@@ -1,6 +1,7 @@
-"""File helpers shared by the package: atomic, durable writes (a reader, or
-a restart after a crash, sees the old file or the new one, never part of
-one), atomic file replacement, and content hashes."""
+"""File helpers shared by the package: where mlx_kvq keeps its files,
+atomic, durable writes (a reader, or a restart after a crash, sees the old
+file or the new one, never part of one), atomic file replacement, and
+content hashes."""
 
 import hashlib
 import json
@@ -8,6 +9,25 @@ import os
 import shutil
 from pathlib import Path
 from typing import Callable
+
+
+def _home(xdg: str, fallback: str) -> Path:
+    if os.environ.get("MLX_KVQ_HOME"):
+        return Path(os.environ["MLX_KVQ_HOME"]).expanduser()
+    base = os.environ.get(xdg) or Path.home() / fallback
+    return Path(base).expanduser() / "mlx_kvq"
+
+
+def cache_home() -> Path:
+    """``$MLX_KVQ_HOME``, else ``$XDG_CACHE_HOME/mlx_kvq``, else ``~/.cache/mlx_kvq``:
+    converted models, corpora, calibration checkpoints."""
+    return _home("XDG_CACHE_HOME", ".cache")
+
+
+def data_home() -> Path:
+    """``$MLX_KVQ_HOME``, else ``$XDG_DATA_HOME/mlx_kvq``, else
+    ``~/.local/share/mlx_kvq``: what users keep (the assistant's conversations)."""
+    return _home("XDG_DATA_HOME", ".local/share")
 
 
 def _fsync_dir(path: Path):

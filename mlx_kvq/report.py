@@ -6,6 +6,7 @@ from typing import Optional
 
 import mlx.core as mx
 
+from . import attention
 from .cache import KVQCache
 
 
@@ -130,6 +131,16 @@ def _mb(n):
     return f"{n / 1e6:.2f} MB"
 
 
+def attention_line() -> str:
+    """Which attention path the decode steps of this process ran."""
+    runs = attention.paths_run()
+    here = attention.path()
+    if set(runs) <= {here}:
+        return f"decode on the {attention.describe_path()}"
+    return "decode on " + ", ".join(f"the {attention.PATHS[p]} ({n} layer steps)"
+                                    for p, n in sorted(runs.items()))
+
+
 def format_report(stats: KVStats, response=None, peak: Optional[float] = None) -> str:
     lines = [
         "==== KV report",
@@ -146,6 +157,7 @@ def format_report(stats: KVStats, response=None, peak: Optional[float] = None) -
         f"({stats.fp16_nbytes / max(stats.nbytes, 1):.2f}x smaller), "
         f"{stats.bits_per_element:.2f} bits per element",
     ]
+    lines.append(f"attention:    {attention_line()}")
     peak = mx.get_peak_memory() if peak is None else peak
     lines.append(f"peak memory:  {peak / 1e9:.3f} GB")
     if response is not None:

@@ -11,6 +11,12 @@ def pytest_addoption(parser):
                      help="also run the long forms of harnesses (tests marked slow)")
 
 
+def pytest_report_header(config):
+    from mlx_kvq import attention
+
+    return f"mlx_kvq attention (decode): {attention.describe_path()}"
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a long harness, run with --slow")
 

@@ -45,7 +45,9 @@ import argparse
 import gc
 import json
 import platform
+import os
 import statistics
+import threading
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
@@ -60,7 +62,7 @@ from tqdm import tqdm
 
 from mlx_kvq import blas, sizing, units
 from . import corpus
-from mlx_kvq.attention import kvq_attention
+from mlx_kvq.attention import describe_path, kvq_attention
 from mlx_kvq.cache import KVQCache
 from .cli_types import (add_model, add_prefill_step_size, int_list, nonneg_int, output_file,
                         positive_int, token_list)
@@ -171,11 +173,40 @@ def bench_model(model, tokens, schemes=DEFAULT_SCHEMES, contexts=(1024, 4096, 81
     return list(best.values())
 
 
-def format_model_table(cases, weights_bytes=0) -> str:
+def stream_bandwidth(mib: int = 256, repeats: int = 5) -> float:
+    """Memory bandwidth in bytes/s by a streaming copy (read + write, as
+    STREAM counts it) on every core: the best of `repeats`."""
+    src = np.ones((mib << 20) // 8)
+    dst = np.empty_like(src)
+    cuts = np.linspace(0, src.size, (os.cpu_count() or 1) + 1).astype(int)
+
+    def copy(a, b):
+        np.copyto(dst[a:b], src[a:b])  # releases the GIL
+
+    best = float("inf")
+    for _ in range(repeats):
+        threads = [threading.Thread(target=copy, args=ab) for ab in zip(cuts[:-1], cuts[1:])]
+        t0 = time.perf_counter()
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.nbytes / best
+
+
+def step_bytes(case, weights_bytes: int) -> int:
+    """Bytes a decode step reads: the weights and the whole KV cache."""
+    return weights_bytes + case.kv_bytes
+
+
+def format_model_table(cases, weights_bytes=0, bandwidth=None) -> str:
+    """With `bandwidth` (bytes/s), the last columns are what a decode step
+    reads (weights + KV) per second, and its fraction of the bandwidth."""
     ref = {c.context: c for c in cases if c.scheme == "fp"}
     head = (f"{'context':>8} {'scheme':<10}{'prefill t/s':>12}{'x fp':>7}{'decode t/s':>12}"
             f"{'x fp':>7}{'peak prefill':>14}{'x fp':>7}{'peak decode':>13}{'x fp':>7}"
-            f"{'KV MiB':>9}{'x fp':>7}")
+            f"{'KV MiB':>9}{'x fp':>7}" + (f"{'read GB/s':>11}{'x bw':>6}" if bandwidth else ""))
     rows = [head, "-" * len(head)]
 
     def above(n):  # peak above the weights, which every case holds alike
@@ -189,6 +220,9 @@ def format_model_table(cases, weights_bytes=0) -> str:
             f"{above(c.prefill_peak) / 2**20:>10.0f} MiB{above(c.prefill_peak) / above(r.prefill_peak):>7.2f}"
             f"{above(c.decode_peak) / 2**20:>9.0f} MiB{above(c.decode_peak) / above(r.decode_peak):>7.2f}"
             f"{c.kv_bytes / 2**20:>9.1f}{c.kv_bytes / r.kv_bytes:>7.2f}"
+            + (f"{step_bytes(c, weights_bytes) * c.decode_tps / 1e9:>11.2f}"
+               f"{step_bytes(c, weights_bytes) * c.decode_tps / bandwidth:>6.2f}"
+               if bandwidth else "")
         )
     return "\n".join(rows)
 
@@ -570,11 +604,15 @@ def _run_model(p, args):
     tokens, _ = _corpus_tokens(tokenizer, max(contexts))
     cases = bench_model(model, tokens, args.kv, contexts, args.decode_tokens,
                         args.prefill_step_size, args.repeats or 1)
+    bandwidth = stream_bandwidth()
     print(f"==== model bench: {_model_name(args)}, weights {weights / 2**20:.0f} MiB "
           f"(peaks below are above the weights); prefill step {args.prefill_step_size}, "
-          f"{args.decode_tokens} decode tokens; fp = mlx-lm KVCache in the model dtype")
-    print(format_model_table(cases, weights))
-    return cases, {"kind": "model", "weights_bytes": weights}
+          f"{args.decode_tokens} decode tokens; fp = mlx-lm KVCache in the model dtype\n"
+          f"attention: {describe_path()}; memory bandwidth {bandwidth / 1e9:.1f} GB/s "
+          f"(streaming copy, this run); read GB/s = (weights + KV) x decode t/s")
+    print(format_model_table(cases, weights, bandwidth))
+    return cases, {"kind": "model", "weights_bytes": weights, "bandwidth": bandwidth,
+                   "attention": describe_path()}
 
 
 def _run_concurrency(p, args):
@@ -590,8 +628,9 @@ def _run_concurrency(p, args):
         "model": _model_name(args), "weights_bytes": weights, "corpus": text,
         "chats": list(ns), "context": ctx, "max_tokens": gen,
         "prefill_step_size": args.prefill_step_size, "fp_peer": fp_peer_name(model)}
+    disclosure["attention"] = describe_path()
     print(f"==== concurrency bench: {disclosure['model']}, weights {weights / 2**20:.0f} "
-          f"MiB (peaks below are above the weights)\n"
+          f"MiB (peaks below are above the weights); attention: {describe_path()}\n"
           f"N chats, each its own {ctx}-token document ({text}), inserted together into "
           f"one mlx-lm BatchGenerator: prefill step size {args.prefill_step_size}, all N "
           f"prefilled as one batch; {gen} greedy tokens each, no stop tokens\n"

@@ -1,0 +1,123 @@
+"""Native CPU kernels: decode attention that reads the quantized store, on
+every core.
+
+MLX runs each CPU primitive (``mx.quantized_matmul`` included) as one task
+on one thread, while full-precision attention's matmuls use multi-threaded
+BLAS. ``decode_attention`` is one MLX primitive (C++, ``attention.cpp``)
+that computes a whole decode step of a layer with its own thread pool:
+
+* work: each (batch row, kv head) sees a run of tokens across the cache's
+  segments (16-bit sinks, the quantized body, the 16-bit residual), each
+  clipped per row to ``[first, count)`` (a ragged batch row holds its own
+  count; a sliding window hides the first tokens); the run is cut into parts
+  of about ``split_tokens`` tokens (automatic: about 4 parts per thread, at
+  least 256 tokens each; a small step runs on the calling thread alone);
+* a part reads only its tokens' bytes: the packed key codes and fp16
+  scales/biases (per-channel keys in their stored layout, each channel row a
+  contiguous stretch of tokens; per-token keys by row), scores all query
+  heads of the GQA group against them, keeps an online softmax per block of
+  128 tokens, and dequantizes each value row once into the outputs;
+* the parts' softmax partials (m, l, o) merge by log-sum-exp with the
+  learned sinks' logits, then o / l (0 for a row that sees no token).
+
+Every width of the spec (2, 3, 4, 5, 6, 8 bits; 16-bit parts in float16,
+bfloat16 or float32), any group dividing the head dim, any head dims
+(values may differ from keys) and GQA ratio. Threads: the machine's cores,
+``MLX_KVQ_THREADS`` overrides. The rotation and calibrated smoothing stay
+outside, as on the pure-MLX path (``mlx_kvq.attention``), which remains the
+reference and the fallback.
+
+The extension is built by ``python -m mlx_kvq.cpu_kernels.build`` (setup.sh
+runs it) against the installed MLX; ``status()`` says whether it loaded and,
+if not, why.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.machinery
+import importlib.util
+import os
+from typing import Optional, Sequence
+
+import mlx.core as mx
+
+__all__ = ["status", "usable", "threads", "decode_attention", "FP", "CHANNEL", "TOKEN"]
+
+FP, CHANNEL, TOKEN = 0, 1, 2
+DISABLE_ENV = "MLX_KVQ_NATIVE"  # "0": never load the extension
+
+
+@functools.lru_cache(maxsize=1)
+def _load():
+    """(module, None) or (None, why it is not available)."""
+    if os.environ.get(DISABLE_ENV, "").strip() == "0":
+        return None, f"disabled by {DISABLE_ENV}=0"
+    from . import build
+
+    try:
+        path = build.library_path()
+    except Exception as e:  # an MLX without what the key reads
+        return None, f"cannot locate it: {e}"
+    if not path.is_file():
+        return None, ("not built for this MLX (run `python -m mlx_kvq.cpu_kernels.build`; "
+                      "setup.sh does)")
+    try:
+        loader = importlib.machinery.ExtensionFileLoader(f"{__name__}._native", str(path))
+        spec = importlib.util.spec_from_file_location(f"{__name__}._native", path,
+                                                      loader=loader)
+        module = importlib.util.module_from_spec(spec)
+        loader.exec_module(module)
+        # Arrays cross only when the extension shares MLX's nanobind ABI.
+        q = mx.zeros((1, 1, 1, 32))
+        k = mx.zeros((1, 1, 1, 32), dtype=mx.float16)
+        mx.eval(module.decode_attention(q, [k, k], [(FP, 0, FP, 0, 32)], [1], [0]))
+    except Exception as e:
+        return None, f"failed to load {path}: {type(e).__name__}: {e}"
+    return module, None
+
+
+def status() -> tuple[bool, Optional[str]]:
+    """(True, None) when the native kernel is loaded, else (False, why)."""
+    module, why = _load()
+    return module is not None, why
+
+
+def usable() -> bool:
+    return _load()[0] is not None
+
+
+def threads() -> int:
+    """Threads the kernel's pool uses (0 when it is not loaded)."""
+    module = _load()[0]
+    return module.threads() if module is not None else 0
+
+
+def decode_attention(q: mx.array, segments: Sequence[tuple], sinks: Optional[mx.array] = None,
+                     split_tokens: int = 0, fault: int = 0) -> mx.array:
+    """Attention of q [B, H, R, D] (float32, already scaled; R query heads
+    per kv head) over cache segments, normalized: [B, H, R, Dv] float32.
+
+    segments: (keys, values, k_kind, k_bits, v_kind, v_bits, group, counts,
+    firsts) per segment, keys/values an array (FP, [B, H, T, D]) or a
+    (codes, scales, biases) triple (CHANNEL: [B, H, D, T*bits/32] codes and
+    [B, H, D, T/group] scales; TOKEN: [B, H, T, D*bits/32] and
+    [B, H, T, D/group]); counts/firsts: one int per batch row, row b seeing
+    tokens [firsts[b], counts[b]) of the segment's buffers. sinks: [H*R]
+    learned attention-sink logits. split_tokens: tokens per part (0: chosen
+    from the threads). fault: a deliberately broken variant, for tests (1 a
+    merge without rescaling, 2 every row with the first row's counts, 3 the
+    window ignored, 4 the next group's key scales).
+    """
+    module, why = _load()
+    if module is None:
+        raise RuntimeError(f"the native CPU kernel is not available: {why}")
+    arrays, layouts, counts, firsts = [], [], [], []
+    for keys, values, k_kind, k_bits, v_kind, v_bits, group, cnt, fst in segments:
+        for kind, part in ((k_kind, keys), (v_kind, values)):
+            arrays.extend([part] if kind == FP else part)
+        layouts.append((k_kind, k_bits or 0, v_kind, v_bits or 0, group))
+        counts.extend(cnt)
+        firsts.extend(fst)
+    return module.decode_attention(q, arrays, layouts, counts, firsts, sinks, split_tokens,
+                                   fault)
