@@ -35,8 +35,6 @@ if not, why.
 from __future__ import annotations
 
 import functools
-import importlib.machinery
-import importlib.util
 import os
 from typing import Optional, Sequence
 
@@ -63,15 +61,7 @@ def _load():
         return None, ("not built for this MLX (run `python -m mlx_kvq.cpu_kernels.build`; "
                       "setup.sh does)")
     try:
-        loader = importlib.machinery.ExtensionFileLoader(f"{__name__}._native", str(path))
-        spec = importlib.util.spec_from_file_location(f"{__name__}._native", path,
-                                                      loader=loader)
-        module = importlib.util.module_from_spec(spec)
-        loader.exec_module(module)
-        # Arrays cross only when the extension shares MLX's nanobind ABI.
-        q = mx.zeros((1, 1, 1, 32))
-        k = mx.zeros((1, 1, 1, 32), dtype=mx.float16)
-        mx.eval(module.decode_attention(q, [k, k], [(FP, 0, FP, 0, 32)], [1], [0]))
+        module = build.load(path)
     except Exception as e:
         return None, f"failed to load {path}: {type(e).__name__}: {e}"
     return module, None

@@ -12,12 +12,13 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 # Source folders and the package names they install as (pyproject.toml).
 PACKAGES = {"mlx_kvq": "mlx_kvq", "metal_kernels": "mlx_kvq.metal_kernels",
+            "cpu_kernels": "mlx_kvq.cpu_kernels",
             "mlx_kvq/commands": "mlx_kvq.commands", "converters": "mlx_kvq.converters",
             "apps": "mlx_kvq.apps", "apps/assistant": "mlx_kvq.apps.assistant",
             "mlx_kvq/harness": "mlx_kvq.harness"}
 # The layers, lowest first: a module imports from its own layer or below.
 # The runtime library is what `import mlx_kvq` and an mlx-lm script need.
-LAYERS = (("library", ("mlx_kvq", "mlx_kvq.metal_kernels")),
+LAYERS = (("library", ("mlx_kvq", "mlx_kvq.metal_kernels", "mlx_kvq.cpu_kernels")),
           ("commands", ("mlx_kvq.commands",)),
           ("converters", ("mlx_kvq.converters",)),
           ("apps", ("mlx_kvq.apps",)),
