@@ -287,6 +287,22 @@ constexpr int ROWS = 4;
 constexpr int TT = 16;  // tokens of per-channel keys scored together
 constexpr int CC = 16;  // value channels accumulated together (within a group)
 
+// acc[r][j] += (w_r * s) * c[j] and bsum[r] += w_r * b for RR rows: one
+// affine-quantized group of codes c (code * s + b) weighted by w_r, the
+// bias term kept as one number per row. w_r is w[r * stride].
+template <int RR, int N>
+inline void add_weighted_codes(float (&acc)[RR][N], float (&bsum)[RR], const float* w,
+                               int stride, float s, float b, const float* c) {
+  for (int r = 0; r < RR; ++r) {
+    const float x = w[r * stride];
+    const float a = x * s;
+    bsum[r] += x * b;
+    for (int j = 0; j < N; ++j) {
+      acc[r][j] += a * c[j];
+    }
+  }
+}
+
 // Scores of per-channel keys: RR query rows, tokens [tb, tb + n), a run of at
 // most TT tokens inside one group at a time. Per channel d the run's codes
 // are unpacked once and each row adds (q_d * scale) * code; q_d * bias is
@@ -318,14 +334,7 @@ void score_channel(const Part& k, long bh, int tb, int n, const float* q, int D,
       unpack_run<BITS>(codes + long(d) * k.words, t, len, c);
       const float s = half_to_float(scales[long(d) * k.groups + gs]);
       const float b = half_to_float(biases[long(d) * k.groups + gs]);
-      for (int r = 0; r < RR; ++r) {
-        const float qd = q[r * D + d];
-        const float a = qd * s;
-        bsum[r] += qd * b;
-        for (int j = 0; j < TT; ++j) {
-          acc[r][j] += a * c[j];
-        }
-      }
+      add_weighted_codes(acc, bsum, q + d, D, s, b, c);
     }
     for (int r = 0; r < RR; ++r) {
       for (int j = 0; j < len; ++j) {
@@ -352,14 +361,7 @@ void accumulate_token_values(const Part& v, long bh, int tb, int n, const float*
       unpack_run<BITS>(v.codes + row * v.words, c0, CC, c);
       const float s = half_to_float(v.scales[row * v.groups + g]);
       const float b = half_to_float(v.biases[row * v.groups + g]);
-      for (int r = 0; r < RR; ++r) {
-        const float p = P[r * BLOCK + i];
-        const float ps = p * s;
-        bsum[r] += p * b;
-        for (int j = 0; j < CC; ++j) {
-          acc[r][j] += ps * c[j];
-        }
-      }
+      add_weighted_codes(acc, bsum, P + i, BLOCK, s, b, c);
     }
     for (int r = 0; r < RR; ++r) {
       for (int j = 0; j < CC; ++j) {
@@ -372,34 +374,27 @@ void accumulate_token_values(const Part& v, long bh, int tb, int n, const float*
 using ScoreChannel = void (*)(const Part&, long, int, int, const float*, int, int, float*, int);
 using AccumulateValues = void (*)(const Part&, long, int, int, const float*, int, int, float*);
 
-template <int BITS>
-struct ForBits {
-  static constexpr ScoreChannel score[ROWS] = {score_channel<BITS, 1>, score_channel<BITS, 2>,
-                                               score_channel<BITS, 3>, score_channel<BITS, 4>};
-  static constexpr AccumulateValues values[ROWS] = {
-      accumulate_token_values<BITS, 1>, accumulate_token_values<BITS, 2>,
-      accumulate_token_values<BITS, 3>, accumulate_token_values<BITS, 4>};
+// The kernels of one code width, for 1 to ROWS rows at a time.
+struct WidthKernels {
+  ScoreChannel score[ROWS];
+  AccumulateValues values[ROWS];
 };
 
-ScoreChannel channel_scorer(int bits, int rows) {
-  switch (bits) {
-    case 2: return ForBits<2>::score[rows - 1];
-    case 3: return ForBits<3>::score[rows - 1];
-    case 4: return ForBits<4>::score[rows - 1];
-    case 5: return ForBits<5>::score[rows - 1];
-    case 6: return ForBits<6>::score[rows - 1];
-    default: return ForBits<8>::score[rows - 1];
-  }
-}
+template <int BITS>
+constexpr WidthKernels width_kernels = {
+    {score_channel<BITS, 1>, score_channel<BITS, 2>, score_channel<BITS, 3>,
+     score_channel<BITS, 4>},
+    {accumulate_token_values<BITS, 1>, accumulate_token_values<BITS, 2>,
+     accumulate_token_values<BITS, 3>, accumulate_token_values<BITS, 4>}};
 
-AccumulateValues value_accumulator(int bits, int rows) {
+const WidthKernels& kernels_for(int bits) {
   switch (bits) {
-    case 2: return ForBits<2>::values[rows - 1];
-    case 3: return ForBits<3>::values[rows - 1];
-    case 4: return ForBits<4>::values[rows - 1];
-    case 5: return ForBits<5>::values[rows - 1];
-    case 6: return ForBits<6>::values[rows - 1];
-    default: return ForBits<8>::values[rows - 1];
+    case 2: return width_kernels<2>;
+    case 3: return width_kernels<3>;
+    case 4: return width_kernels<4>;
+    case 5: return width_kernels<5>;
+    case 6: return width_kernels<6>;
+    default: return width_kernels<8>;
   }
 }
 
@@ -412,7 +407,7 @@ void score_block(const Step& st, const Segment& sg, long bh, int tb, int n,
   if (k.kind == CHANNEL) {
     for (int r0 = 0; r0 < R; r0 += ROWS) {
       const int rr = std::min(ROWS, R - r0);
-      channel_scorer(k.bits, rr)(k, bh, tb, n, q + r0 * D, D, G, S + r0 * BLOCK, st.fault);
+      kernels_for(k.bits).score[rr - 1](k, bh, tb, n, q + r0 * D, D, G, S + r0 * BLOCK, st.fault);
     }
     return;
   }
@@ -487,7 +482,7 @@ void attend_block(const Step& st, const Segment& sg, long bh, int tb, int n, flo
   if (sg.v.kind == TOKEN && Dv % CC == 0 && sg.group % CC == 0) {
     for (int r0 = 0; r0 < R; r0 += ROWS) {
       const int rr = std::min(ROWS, R - r0);
-      value_accumulator(sg.v.bits, rr)(sg.v, bh, tb, n, S + r0 * BLOCK, Dv, sg.group,
+      kernels_for(sg.v.bits).values[rr - 1](sg.v, bh, tb, n, S + r0 * BLOCK, Dv, sg.group,
                                        o + r0 * Dv);
     }
     return;
