@@ -8,7 +8,7 @@ import pytest
 
 import mlx_kvq  # noqa: F401  (loads OpenBLAS before mlx)
 from mlx_kvq.commands import bench, evaluate, schemes
-from mlx_kvq import models, shapes, sizing
+from mlx_kvq import attention, models, shapes, sizing
 
 
 def test_model_bench_structure(tmp_path, capsys):
@@ -17,17 +17,22 @@ def test_model_bench_structure(tmp_path, capsys):
                         "--plot", str(tmp_path)])
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("==== model bench")
-    assert out[1].split()[:6] == ["context", "scheme", "prefill", "t/s", "x", "fp"]
-    rows = [line.split() for line in out[3:9]]
+    assert out[1].startswith("attention: ") and "memory bandwidth" in out[1]
+    assert out[2].split()[:6] == ["context", "scheme", "prefill", "t/s", "x", "fp"]
+    assert out[2].split()[-4:] == ["read", "GB/s", "x", "bw"]
+    rows = [line.split() for line in out[4:10]]
     assert [(r[0], r[1]) for r in rows] == [(c, s) for c in ("40", "72")
                                             for s in ("fp", "k4v4", "mlx4")]
     assert all(r[3] == "1.00" for r in rows if r[1] == "fp")  # ratios to fp
-    assert out[9].startswith("software:")
+    # what a step reads per second, and that over the measured bandwidth
+    assert all(float(r[-2]) > 0 and 0 < float(r[-1]) < 2 for r in rows)
+    assert out[10].startswith("software:")
     assert {(c.scheme, c.context) for c in cases} == {(s, c) for s in ("fp", "k4v4", "mlx4")
                                                       for c in (40, 72)}
     assert all(c.prefill_tps > 0 and c.decode_tps > 0 and c.kv_bytes > 0 for c in cases)
     saved = json.loads((tmp_path / "b.json").read_text())
     assert saved["kind"] == "model" and len(saved["cases"]) == 6
+    assert saved["bandwidth"] > 1e8 and saved["attention"] == attention.describe_path()
     assert (tmp_path / "bench_model.png").stat().st_size > 0
 
 
