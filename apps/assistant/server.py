@@ -8,37 +8,49 @@
     POST /api/conversations/<id>/messages       a turn, as server-sent events
     POST /api/conversations/<id>/documents      add a document (prefilled), as events
 
-Only requests whose Host header names this server are served (DNS
-rebinding), and browser requests only from its own page unless
---allow-origin says otherwise.
+Built on Starlette (routing, requests, JSON and streamed responses, static
+files, exception handlers) served by uvicorn (one event loop, h11, flow
+control, keep-alive, graceful shutdown; transport.py adds the read and write
+deadlines uvicorn lacks). Starlette rather than FastAPI: the API's bodies are
+validated by openai_api.py with OpenAI's error messages and shape, which
+FastAPI's pydantic models and 422 errors would only get in the way of.
 
-Slow and hostile clients cannot hold the server: a request's line, headers
-and body must arrive within --read-timeout seconds in all, however slowly
-they trickle (one that does not gets 408 and is closed), a
-reply write that cannot progress for --write-timeout seconds drops the
-client and cancels its generation, and at most --max-connections
-connections are served at once: more are answered 503 at once and closed.
-A client that disconnects while its reply is generated, streamed or not,
-cancels it; the chat leaves the batch and its turn is saved as far as it got.
+What is the assistant's own: only requests whose Host header names this
+server are served (DNS rebinding), browser requests only from its own page
+unless --allow-origin says otherwise (`Guard`), bodies up to
+--max-body-bytes, at most --max-connections open connections, and the API
+over the engine. The engine's one worker thread runs every MLX operation; a
+request submits a job and reads its events through `job_events` (a thread
+per running job waits on the job's queue and hands each event to the loop),
+so no connection holds a thread. A client that disconnects while its reply
+is generated, streamed or not, or while it waits in the queue, cancels it;
+the chat leaves the batch and its turn is saved as far as it got.
 """
 
 import argparse
-import io
+import asyncio
 import ipaddress
 import json
 import logging
 import os
 import re
-import select
 import signal
 import socket
 import sys
 import threading
 import time
+from contextlib import asynccontextmanager
 from dataclasses import asdict
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from mlx_kvq import distributed, units
 from mlx_kvq.commands.cli_types import (add_model, add_prefill_step_size, add_sharding, nonneg_int,
@@ -46,7 +58,7 @@ from mlx_kvq.commands.cli_types import (add_model, add_prefill_step_size, add_sh
 from mlx_kvq.models import data_home
 from mlx_kvq.spec import DEFAULT_PRESET, PRESETS, parse_spec
 
-from . import openai_api, ranks
+from . import openai_api, ranks, transport
 from .engine import Engine, Job, Settings
 from .errors import RequestError, busy
 from .store import NotFound, Store, clean_title, title_of, validate_id
@@ -54,29 +66,17 @@ from .store import NotFound, Store, clean_title, title_of, validate_id
 log = logging.getLogger("mlx_kvq.assistant")
 
 STATIC = Path(__file__).parent / "static"
-CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8",
-                 ".js": "text/javascript; charset=utf-8", ".svg": "image/svg+xml"}
 PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'",
-                "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer"}
+                "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer",
+                "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
+CORS_HEADERS = {"Vary": "Origin", "Access-Control-Allow-Methods": "GET, POST, PATCH, DELETE",
+                "Access-Control-Allow-Headers": "Authorization, Content-Type, X-Conversation-Id",
+                "Access-Control-Expose-Headers": "X-Conversation-Id"}
 DOCUMENT_SUFFIXES = ("", ".txt", ".md")
 DRAIN_BYTES = 64 << 20  # an oversize body up to this is read so the client sees the 413
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 WILDCARD = {"", "0.0.0.0", "::"}
 HOST_RE = re.compile(r"(\[[0-9a-f:.]+\]|[^:\[\]]+)(?::(\d{1,5}))?")
-
-ROUTES = [
-    (r"/", {"GET": "page"}),
-    (r"/static/([A-Za-z0-9_.-]+)", {"GET": "static"}),
-    (r"/v1/models", {"GET": "models"}),
-    (r"/v1/chat/completions", {"POST": "chat_completions"}),
-    (r"/api/info", {"GET": "info"}),
-    (r"/api/conversations", {"GET": "list_conversations", "POST": "create_conversation"}),
-    (r"/api/conversations/([^/]+)", {"GET": "get_conversation",
-                                     "PATCH": "rename_conversation",
-                                     "DELETE": "delete_conversation"}),
-    (r"/api/conversations/([^/]+)/messages", {"POST": "post_message"}),
-    (r"/api/conversations/([^/]+)/documents", {"POST": "post_document"}),
-]
 
 
 def host_allowed(header: str, bound: str, port: int) -> bool:
@@ -95,269 +95,150 @@ def host_allowed(header: str, bound: str, port: int) -> bool:
     return name in (LOOPBACK if bound in LOOPBACK else {bound.lower()})
 
 
-class Deadline(io.RawIOBase):
-    """A socket's reading side with a deadline for a whole request: each read
-    waits only for what is left of it, so bytes trickling in one at a time
-    cannot hold a connection past it."""
-
-    def __init__(self, sock: socket.socket, write_timeout: float):
-        self.sock, self.write_timeout = sock, write_timeout
-        self.deadline = None  # time.monotonic() by which the request must be in
-        self.received = 0  # bytes of this request so far
-
-    def readable(self) -> bool:
-        return True
-
-    def start(self, seconds: float):
-        self.deadline, self.received = time.monotonic() + seconds, 0
-
-    def readinto(self, buf) -> int:
-        left = None if self.deadline is None else self.deadline - time.monotonic()
-        if left is not None and left <= 0:
-            raise socket.timeout("the request did not arrive in time")
-        self.sock.settimeout(left)
-        try:
-            n = self.sock.recv_into(buf)
-        finally:  # writes get their own timeout
-            self.sock.settimeout(self.write_timeout)
-        self.received += n
-        return n
+def url_of(host: str, port: int) -> str:
+    host = "127.0.0.1" if host in WILDCARD else host
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
 
 
-class Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 128  # listen backlog: a burst of connects is not dropped
+def error_response(e: RequestError, headers=None) -> JSONResponse:
+    if e.status == 503:
+        headers = {**(headers or {}), "Retry-After": "1"}
+    return JSONResponse(e.body(), e.status, headers)
 
-    def __init__(self, host: str, port: int, engine: Engine, store: Store,
-                 allow_origins=(), max_body: int = 4 << 20, max_connections: int = 64,
-                 read_timeout: float = 30.0, write_timeout: float = 30.0):
-        if ":" in host:
-            self.address_family = socket.AF_INET6
-        super().__init__((host, port), Handler)
-        self.host, self.engine, self.store = host, engine, store
+
+class Guard:
+    """ASGI middleware: the Host and Origin checks, the connection cap, and
+    the headers every response carries."""
+
+    def __init__(self, app, host: str, port: int, allow_origins, max_connections: int,
+                 connections):
+        self.app, self.host, self.port = app, host, port
         self.allow_origins = set(allow_origins)
-        self.max_body = max_body
-        self.max_connections = max_connections
-        self.read_timeout, self.write_timeout = read_timeout, write_timeout
-        self.connections = 0  # being served now
-        self.refused = 0  # refused because max_connections were being served
-        self._count = threading.Lock()
-        self.started = int(time.time())
-        self.static = {p.name: (p.read_bytes(), CONTENT_TYPES[p.suffix])
-                       for p in STATIC.iterdir() if p.suffix in CONTENT_TYPES}
+        self.max_connections, self.connections = max_connections, connections
+        self.refused = 0  # requests refused because too many connections were open
 
-    def process_request(self, request, client_address):
-        with self._count:
-            full = self.connections >= self.max_connections
-            self.connections += not full
-            self.refused += full
-        if full:
-            self._refuse(request)
-        else:
-            super().process_request(request, client_address)
-
-    def process_request_thread(self, request, client_address):
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
         try:
-            super().process_request_thread(request, client_address)
-        finally:
-            with self._count:
-                self.connections -= 1
-
-    def _refuse(self, sock: socket.socket):
-        """Answer 503 without waiting for anything (this is the accept loop)."""
-        body = json.dumps(busy(
-            f"the server is serving its limit of {self.max_connections} connections "
-            "(--max-connections); try again shortly").body()).encode()
-        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\nRetry-After: 1\r\n"
-                "Connection: close\r\n\r\n").encode()
-        sock.setblocking(False)
-        try:
-            try:  # what already arrived, so that closing does not reset the reply
-                sock.recv(1 << 16)
-            except (BlockingIOError, InterruptedError):
-                pass
-            sock.send(head + body)
-        except OSError:
-            pass
-        self.shutdown_request(sock)
-
-    @property
-    def url(self) -> str:
-        host = "127.0.0.1" if self.host in WILDCARD else self.host
-        return f"http://{f'[{host}]' if ':' in host else host}:{self.server_port}/"
-
-
-class Handler(BaseHTTPRequestHandler):
-    server_version = "mlx_kvq.assistant"
-
-    def setup(self):
-        super().setup()
-        self.reader = Deadline(self.connection, self.server.write_timeout)
-        self.rfile = io.BufferedReader(self.reader)
-        self.connection.settimeout(self.server.write_timeout)
-
-    def handle_one_request(self):
-        self.reader.start(self.server.read_timeout)
-        self._cors, self._sent = None, False
-        self.requestline, self.request_version, self.command = "", "HTTP/1.0", None
-        super().handle_one_request()  # a read that times out closes the connection
-        if self.close_connection and not self._sent and self.reader.received and (
-                self.reader.deadline <= time.monotonic()):
-            self._fail(RequestError(408, "the request did not arrive within "
-                                    f"{self.server.read_timeout:g} s (--read-timeout)",
-                                    code="request_timeout"))
-
-    def send_error(self, code, message=None, explain=None):
-        """Errors of the HTTP layer (bad request line or headers, unknown
-        method) in the API's JSON shape."""
-        if code == 501:  # a method no route has
-            code, message = 405, f"{self.command} is not allowed"
-        self.close_connection = True
-        self._fail(RequestError(code, message or self.responses.get(code, ("error",))[0]))
-
-    def version_string(self):
-        return self.server_version
-
-    def do_GET(self):
-        self._dispatch("GET")
-
-    def do_POST(self):
-        self._dispatch("POST")
-
-    def do_PATCH(self):
-        self._dispatch("PATCH")
-
-    def do_DELETE(self):
-        self._dispatch("DELETE")
-
-    def do_OPTIONS(self):
-        self._dispatch("OPTIONS")
-
-    def log_message(self, format, *args):
-        log.debug("%s %s", self.address_string(), format % args)
-
-    # -- plumbing ---------------------------------------------------------
-
-    def _dispatch(self, method: str):
-        self._cors, self._sent = None, False
-        try:
-            self._check_host()
-            self._check_origin(method)
-            if method == "OPTIONS":
-                return self._head(204, length=0)
-            name, args = self._route(method)
-            getattr(self, name)(*args)
+            if self.connections() > self.max_connections:
+                self.refused += 1
+                raise busy(f"the server holds its limit of {self.max_connections} "
+                           "connections (--max-connections); try again shortly")
+            self._check_host(headers)
+            cors = self._check_origin(scope["method"], headers)
         except RequestError as e:
-            log.info("%s %s -> %d: %s", method, self.path[:200], e.status, e.message)
-            self._fail(e)
-        except (ConnectionError, socket.timeout):
-            self.close_connection = True
-        except Exception as e:
-            log.exception("%s %s failed", method, self.path[:200])
-            self._fail(RequestError(500, f"internal error: {type(e).__name__}: {e}"))
+            log.info("%s %s -> %d: %s", scope["method"], scope["path"][:200], e.status,
+                     e.message)
+            return await error_response(e, PAGE_HEADERS)(scope, receive, send)
+        extra = {**PAGE_HEADERS, **({"Access-Control-Allow-Origin": cors, **CORS_HEADERS}
+                                    if cors else {})}
+        if scope["method"] == "OPTIONS":
+            return await Response(status_code=204, headers=extra)(scope, receive, send)
 
-    def _fail(self, e: RequestError):
-        if self._sent:  # mid-stream: nothing sensible can follow
-            self.close_connection = True
-            return
-        try:
-            self._send_json(e.status, e.body())
-        except OSError:
-            self.close_connection = True
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message).update(extra)
+            await send(message)
 
-    def _check_host(self):
-        host = self.headers.get("Host")
-        if not host or not host_allowed(host, self.server.host, self.server.server_port):
+        await self.app(scope, receive, send_with_headers)
+
+    def _check_host(self, headers: Headers):
+        host = headers.get("host")
+        if not host or not host_allowed(host, self.host, self.port):
             raise RequestError(403, f"Host {host!r} does not name this server; it answers "
-                               f"at {self.server.url}", code="bad_host")
+                               f"at {url_of(self.host, self.port)}", code="bad_host")
 
-    def _check_origin(self, method: str):
-        origin = self.headers.get("Origin")
-        site = self.headers.get("Sec-Fetch-Site")
-        if origin == f"http://{self.headers['Host']}":
-            return
+    def _check_origin(self, method: str, headers: Headers):
+        """The origin to allow in CORS headers (None: same origin); refuses others."""
+        origin, site = headers.get("origin"), headers.get("sec-fetch-site")
+        if origin == f"http://{headers['host']}":
+            return None
         if origin is None and (site in (None, "same-origin", "none") or (
-                method == "GET" and self.headers.get("Sec-Fetch-Mode") == "navigate")):
-            return
-        allowed = self.server.allow_origins
-        if "*" in allowed or origin in allowed:
-            self._cors = origin or "*"
-            return
+                method == "GET" and headers.get("sec-fetch-mode") == "navigate")):
+            return None
+        if "*" in self.allow_origins or origin in self.allow_origins:
+            return origin or "*"
         raise RequestError(403, f"cross-origin request from {origin or site!r} refused; "
                            "start the server with --allow-origin ORIGIN to allow it",
                            code="cross_origin")
 
-    def _route(self, method: str):
-        path = urlsplit(self.path).path
-        for pattern, methods in ROUTES:
-            m = re.fullmatch(pattern, path)
-            if m:
-                if method not in methods:
-                    raise RequestError(405, f"{method} is not allowed on {path}")
-                return methods[method], [unquote(g) for g in m.groups()]
-        raise RequestError(404, f"no such endpoint: {path}")
 
-    def _head(self, status: int, ctype=None, length=None, extra=None):
-        self.send_response(status)
-        if ctype:
-            self.send_header("Content-Type", ctype)
-        if length is not None:
-            self.send_header("Content-Length", str(length))
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("Cache-Control", "no-store")
-        if self._cors:
-            self.send_header("Access-Control-Allow-Origin", self._cors)
-            self.send_header("Vary", "Origin")
-            self.send_header("Access-Control-Allow-Methods", "GET, POST, PATCH, DELETE")
-            self.send_header("Access-Control-Allow-Headers",
-                             "Authorization, Content-Type, X-Conversation-Id")
-            self.send_header("Access-Control-Expose-Headers", "X-Conversation-Id")
-        for k, v in (extra or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self._sent = True
+async def job_events(engine: Engine, job: Job):
+    """The job's (kind, data) events up to "done" or "error": a thread of its
+    own waits on the job's queue (Job.stream) and hands each event to the
+    event loop. The thread ends with the job (also a cancelled one)."""
+    loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
-    def _send_json(self, status: int, obj, extra=None):
-        body = json.dumps(obj).encode()
-        self._head(status, "application/json", len(body), extra)
-        self.wfile.write(body)
+    def pump():
+        for event in job.stream(engine.alive):
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the loop is closed: nobody reads the reply
+                job.cancelled.set()
 
-    def _write(self, text: str):
-        self.wfile.write(text.encode())
-        self.wfile.flush()
+    threading.Thread(target=pump, name=f"mlx_kvq-job-{job.conversation}",
+                     daemon=True).start()
+    while True:
+        kind, data = await events.get()
+        yield kind, data
+        if kind in ("done", "error"):
+            return
 
-    def _event(self, kind: str, data):
-        self._write(f"event: {kind}\ndata: {json.dumps(data)}\n\n")
 
-    def _read_json(self, optional: bool = False) -> dict:
-        if self.headers.get("Transfer-Encoding"):
-            raise RequestError(411, "send the body with a Content-Length, not chunked")
-        length = self.headers.get("Content-Length")
-        if length is None and optional:
-            return {}
-        if length is None:
+@asynccontextmanager
+async def cancel_on_disconnect(request: Request, job: Job):
+    """Within: a client that disconnects cancels the job (its body is read)."""
+    async def watch():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        log.info("conversation %s: the client left; its %s is cancelled",
+                 job.conversation, job.kind)
+        job.cancelled.set()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        yield
+    finally:
+        watcher.cancel()
+
+
+class Api:
+    """The endpoints, over the engine and the store."""
+
+    def __init__(self, engine: Engine, store: Store, max_body: int):
+        self.engine, self.store, self.max_body = engine, store, max_body
+        self.started = int(time.time())
+        self.guard = None  # set by app(): counts connections and refusals
+
+    # -- plumbing ---------------------------------------------------------
+
+    async def read_json(self, request: Request, optional: bool = False) -> dict:
+        length = request.headers.get("content-length")
+        chunked = "transfer-encoding" in request.headers
+        if length is None and not chunked:
+            if optional:
+                return {}
             raise RequestError(411, "a Content-Length header is required")
-        try:
-            n = int(length)
-            if n < 0:
-                raise ValueError
-        except ValueError:
-            raise RequestError(400, f"bad Content-Length {length!r}") from None
-        if n > self.server.max_body:
-            self._discard(n)
-            raise RequestError(413, f"the request body is {n} bytes, over the limit of "
-                               f"{self.server.max_body} (--max-body-bytes)",
-                               code="request_too_large")
-        try:
-            raw = self.rfile.read(n)
-        except socket.timeout:
-            self.close_connection = True
-            raise RequestError(408, f"the request body did not arrive within "
-                               f"{self.server.read_timeout:g} s (--read-timeout)",
-                               code="request_timeout") from None
-        if len(raw) < n:
-            raise RequestError(400, "the request body is shorter than its Content-Length")
+        if length is not None:
+            try:
+                n = int(length)
+                if n < 0:
+                    raise ValueError
+            except ValueError:
+                raise RequestError(400, f"bad Content-Length {length!r}") from None
+            if n > self.max_body:
+                if n <= DRAIN_BYTES:
+                    await self._drain(request)
+                raise self._too_large(n)
+        raw, size = bytearray(), 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body:
+                await self._drain(request, size)
+                raise self._too_large(size, at_least=True)
+            raw += chunk
         if not raw.strip() and optional:
             return {}
         try:
@@ -370,135 +251,122 @@ class Handler(BaseHTTPRequestHandler):
                                code="invalid_json")
         return body
 
-    def _discard(self, n: int):
-        self.close_connection = True
-        # A client that only sent headers gets its 413 soon.
-        self.reader.deadline = min(self.reader.deadline, time.monotonic() + 2.0)
-        left = min(n, DRAIN_BYTES)
-        try:
-            while left > 0:
-                chunk = self.rfile.read(min(left, 1 << 16))
-                if not chunk:
-                    break
-                left -= len(chunk)
-        except (socket.timeout, ConnectionError):
-            pass
+    def _too_large(self, n: int, at_least: bool = False) -> RequestError:
+        return RequestError(413, f"the request body is {'over ' if at_least else ''}{n} "
+                            f"bytes, over the limit of {self.max_body} (--max-body-bytes)",
+                            code="request_too_large")
 
-    def _conversation(self, cid: str):
+    @staticmethod
+    async def _drain(request: Request, read: int = 0):
+        """Read what is sent of an oversize body (up to DRAIN_BYTES), so that
+        closing the connection does not reset the 413 before the client reads it."""
+        async for chunk in request.stream():
+            read += len(chunk)
+            if read > DRAIN_BYTES:
+                return
+
+    def _conversation(self, request: Request) -> str:
+        cid = request.path_params["cid"]
         try:
             validate_id(cid)
         except ValueError as e:
             raise RequestError(400, str(e), param="conversation") from None
-        if not self.server.store.exists(cid):
+        if not self.store.exists(cid):
             raise RequestError(404, f"no conversation {cid}")
+        return cid
 
-    def _begin(self, job: Job) -> dict:
-        """Queue a job and wait until it starts; its refusal raises here, before
-        any response is sent, so it gets its own status code."""
-        self.server.engine.submit(job)
-        for kind, data in self._events(job):
-            if kind == "error":
-                raise data
-            if kind == "start":
-                return data
+    async def _begin(self, request: Request, job: Job):
+        """Queue a job and wait until it starts: (its start event's data, the
+        rest of its events). Its refusal raises here, before any response is
+        sent, so it gets its own status code."""
+        self.engine.submit(job)
+        events = job_events(self.engine, job)
+        async with cancel_on_disconnect(request, job):
+            async for kind, data in events:
+                if kind == "error":
+                    raise data
+                if kind == "start":
+                    return data, events
+        raise RequestError(500, "the job ended before it started")
 
-    def _pump(self, job: Job, send):
-        """Forward a started job's events; a client that leaves, or does not
-        take a write within --write-timeout, cancels the job."""
-        try:
-            for kind, data in self._events(job):
-                send(kind, data.body()["error"] if kind == "error" else data)
-        except (ConnectionError, socket.timeout) as e:
-            log.info("conversation %s: the client left (%s); its reply is cancelled",
-                     job.conversation, type(e).__name__)
-            job.cancelled.set()
-            self.close_connection = True
-
-    def _events(self, job: Job):
-        """The job's events; a client that disconnects meanwhile cancels it."""
-        return job.stream(self.server.engine.alive, gone=self._gone)
-
-    def _gone(self) -> bool:
-        """Whether the client has closed the connection: it is readable, and
-        there is nothing to read (the request was read whole)."""
-        try:  # poll, not select: any descriptor number; recv waits for nothing then
-            ready = select.poll()
-            ready.register(self.connection, select.POLLIN)
-            return bool(ready.poll(0)) and not self.connection.recv(1, socket.MSG_PEEK)
-        except OSError:
-            return True
+    def _stream(self, job: Job, events, first: list, send) -> StreamingResponse:
+        """Server-sent events: `first`, then `send(kind, data)` of each of the
+        job's events. A client that leaves cancels the job."""
+        async def body():
+            try:
+                for text in first:
+                    yield text
+                async for kind, data in events:
+                    for text in send(kind, data.body()["error"] if kind == "error" else data):
+                        yield text
+            finally:
+                if not job.cancelled.is_set():
+                    job.cancelled.set()  # a no-op once the job is done
+                await events.aclose()
+        return StreamingResponse(body(), media_type="text/event-stream")
 
     # -- page -------------------------------------------------------------
 
-    def page(self):
-        self.static("index.html")
-
-    def static(self, name: str):
-        if name not in self.server.static:
-            raise RequestError(404, f"no such file: {name}")
-        body, ctype = self.server.static[name]
-        self._head(200, ctype, len(body), PAGE_HEADERS)
-        self.wfile.write(body)
-
-    def info(self):
-        engine, b = self.server.engine, self.server.engine.budget
+    async def info(self, request: Request):
+        engine, b = self.engine, self.engine.budget
         s = engine.settings
-        self._send_json(200, {
+        return JSONResponse({
             "model": engine.model_id, "spec": ", ".join(engine.specs),
             "scheme": engine.scheme, "budget": b.memory,
             "weights": b.shape.weight_bytes,
             "max_tokens_per_conversation": engine.token_limit()[0],
             "trained_context": b.shape.trained_context, "max_kv_size": s.max_kv_size,
-            "max_tokens": s.max_tokens, "max_body_bytes": self.server.max_body,
+            "max_tokens": s.max_tokens, "max_body_bytes": self.max_body,
             "queued": engine.queued(), "queue_size": s.queue_size,
-            "running": engine.running(), "connections": self.server.connections,
-            "max_connections": self.server.max_connections,
-            "refused_connections": self.server.refused,
+            "running": engine.running(), "connections": self.guard.connections(),
+            "max_connections": self.guard.max_connections,
+            "refused_connections": self.guard.refused,
+            "threads": threading.active_count(),
             "peak_memory": engine.peak_memory(),
             "sharding": engine.link and {"sharding": engine.link.shard.sharding,
                                          "ranks": engine.link.shard.size},
-            "data_dir": str(self.server.store.root),
+            "data_dir": str(self.store.root),
         })
 
-    def list_conversations(self):
-        convs = [c.summary() for c in self.server.store.list()]
-        self._send_json(200, {"conversations": convs})
+    async def list_conversations(self, request: Request):
+        convs = [c.summary() for c in self.store.list()]
+        return JSONResponse({"conversations": convs})
 
-    def create_conversation(self):
-        body = self._read_json(optional=True)
+    async def create_conversation(self, request: Request):
+        body = await self.read_json(request, optional=True)
         try:
-            conv = self.server.store.create(body.get("title"))
+            conv = self.store.create(body.get("title"))
         except ValueError as e:
             raise RequestError(400, str(e), param="title") from None
-        self._send_json(201, {"conversation": asdict(conv)})
+        return JSONResponse({"conversation": asdict(conv)}, 201)
 
-    def get_conversation(self, cid: str):
-        self._conversation(cid)
-        conv = self.server.store.get(cid)
-        self._send_json(200, {"conversation": asdict(conv),
-                              "memory": self.server.engine.memory(cid)})
+    async def get_conversation(self, request: Request):
+        cid = self._conversation(request)
+        conv = self.store.get(cid)
+        memory = await asyncio.to_thread(self.engine.memory, cid)  # may hash the cache file
+        return JSONResponse({"conversation": asdict(conv), "memory": memory})
 
-    def rename_conversation(self, cid: str):
-        self._conversation(cid)
+    async def rename_conversation(self, request: Request):
+        cid = self._conversation(request)
         try:
-            title = clean_title(self._read_json().get("title"))
+            title = clean_title((await self.read_json(request)).get("title"))
         except ValueError as e:
             raise RequestError(400, str(e), param="title") from None
-        conv = self.server.store.update(cid, lambda c: setattr(c, "title", title))
-        self._send_json(200, {"conversation": conv.summary()})
+        conv = self.store.update(cid, lambda c: setattr(c, "title", title))
+        return JSONResponse({"conversation": conv.summary()})
 
-    def delete_conversation(self, cid: str):
-        self._conversation(cid)
+    async def delete_conversation(self, request: Request):
+        cid = self._conversation(request)
         try:
-            self.server.store.delete(cid)
+            self.store.delete(cid)
         except NotFound:
             raise RequestError(404, f"no conversation {cid}") from None
-        self.server.engine.forget(cid, deleted=True)
-        self._send_json(200, {"deleted": cid})
+        self.engine.forget(cid, deleted=True)
+        return JSONResponse({"deleted": cid})
 
-    def post_message(self, cid: str):
-        self._conversation(cid)
-        body, s = self._read_json(), self.server.engine.settings
+    async def post_message(self, request: Request):
+        cid = self._conversation(request)
+        body, s = await self.read_json(request), self.engine.settings
         content = body.get("content")
         if not isinstance(content, str) or not content.strip():
             raise RequestError(400, "content must be a non-empty string", param="content")
@@ -506,11 +374,11 @@ class Handler(BaseHTTPRequestHandler):
                   max_tokens=openai_api.integer(body, "max_tokens", s.max_tokens, 1),
                   temperature=openai_api.number(body, "temperature", s.temp, 0.0, 2.0),
                   top_p=s.top_p)
-        self._page_stream(job)
+        return await self._page_stream(request, job)
 
-    def post_document(self, cid: str):
-        self._conversation(cid)
-        body = self._read_json()
+    async def post_document(self, request: Request):
+        cid = self._conversation(request)
+        body = await self.read_json(request)
         name, text = body.get("name") or "pasted text", body.get("text")
         if not isinstance(name, str) or len(name) > 200:
             raise RequestError(400, "name must be a string of at most 200 characters",
@@ -522,63 +390,112 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestError(400, "text must be a non-empty string", param="text")
         message = {"role": "user", "content": f'Document "{name}":\n\n{text}',
                    "document": {"name": name, "chars": len(text)}}
-        self._page_stream(Job("document", cid, [message]))
+        return await self._page_stream(request, Job("document", cid, [message]))
 
-    def _page_stream(self, job: Job):
-        start = self._begin(job)
-        self._head(200, "text/event-stream")
-        self._event("start", start)
-        self._pump(job, self._event)
+    async def _page_stream(self, request: Request, job: Job):
+        start, events = await self._begin(request, job)
+
+        def event(kind, data):
+            yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+        return self._stream(job, events, list(event("start", start)), event)
 
     # -- OpenAI API -------------------------------------------------------
 
-    def models(self):
-        self._send_json(200, openai_api.models_body(self.server.engine.model_id,
-                                                    self.server.started))
+    async def models(self, request: Request):
+        return JSONResponse(openai_api.models_body(self.engine.model_id, self.started))
 
-    def chat_completions(self):
-        engine = self.server.engine
-        req = openai_api.parse_chat(self._read_json(), self.headers.get("X-Conversation-Id"),
-                                    engine.settings)
-        cid, messages, new = openai_api.resolve_conversation(self.server.store, req)
+    async def chat_completions(self, request: Request):
+        engine = self.engine
+        req = openai_api.parse_chat(await self.read_json(request),
+                                    request.headers.get("x-conversation-id"), engine.settings)
+        cid, messages, new = openai_api.resolve_conversation(self.store, req)
         job = Job("chat", cid, messages, max_tokens=req.max_tokens,
                   temperature=req.temperature, top_p=req.top_p, stop=req.stop,
                   seed=req.seed, title=title_of(messages) if new else None)
-        start = self._begin(job)
+        start, events = await self._begin(request, job)
         reply = openai_api.Reply(engine.model_id, cid)
         headers = {"X-Conversation-Id": cid}
         if not req.stream:
             text, done = [], None
-            for kind, data in self._events(job):
-                if kind == "error":
-                    raise data
-                if kind == "text":
-                    text.append(data)
-                done = data if kind == "done" else done
-            self._send_json(200, reply.completion("".join(text), done["finish_reason"],
-                                                  done["usage"], start["notice"]), headers)
-            return
-        self._head(200, "text/event-stream", extra=headers)
+            async with cancel_on_disconnect(request, job):
+                async for kind, data in events:
+                    if kind == "error":
+                        raise data
+                    if kind == "text":
+                        text.append(data)
+                    done = data if kind == "done" else done
+            return JSONResponse(reply.completion("".join(text), done["finish_reason"],
+                                                 done["usage"], start["notice"]),
+                                headers=headers)
         first = reply.chunk({"role": "assistant", "content": ""})
         if start["notice"]:
             first["notice"] = start["notice"]
-        self._write(f"data: {json.dumps(first)}\n\n")
 
         def send(kind, data):
             if kind == "progress":  # keeps the connection alive through a long prefill
-                self._write(f": prefill {data['done']}/{data['total']}\n\n")
+                yield f": prefill {data['done']}/{data['total']}\n\n"
             elif kind == "text":
-                self._write(f"data: {json.dumps(reply.chunk({'content': data}))}\n\n")
+                yield f"data: {json.dumps(reply.chunk({'content': data}))}\n\n"
             elif kind == "error":
-                self._write(f"data: {json.dumps({'error': data})}\n\n")
+                yield f"data: {json.dumps({'error': data})}\n\n"
             elif kind == "done":
-                last = reply.chunk({}, data["finish_reason"])
-                self._write(f"data: {json.dumps(last)}\n\n")
+                yield f"data: {json.dumps(reply.chunk({}, data['finish_reason']))}\n\n"
                 if req.include_usage:
-                    self._write(f"data: {json.dumps(reply.usage_chunk(data['usage']))}\n\n")
-                self._write("data: [DONE]\n\n")
+                    yield f"data: {json.dumps(reply.usage_chunk(data['usage']))}\n\n"
+                yield "data: [DONE]\n\n"
 
-        self._pump(job, send)
+        response = self._stream(job, events, [f"data: {json.dumps(first)}\n\n"], send)
+        response.headers.update(headers)
+        return response
+
+
+async def request_error(request: Request, e: RequestError):
+    log.info("%s %s -> %d: %s", request.method, request.url.path[:200], e.status, e.message)
+    return error_response(e)
+
+
+async def http_error(request: Request, e: HTTPException):
+    """Starlette's own refusals (no route, a method the route does not take)
+    in the API's shape."""
+    path = request.url.path[:200]
+    message = {404: f"no such endpoint: {path}",
+               405: f"{request.method} is not allowed on {path}"}.get(e.status_code, e.detail)
+    return error_response(RequestError(e.status_code, message), e.headers)
+
+
+async def internal_error(request: Request, e: Exception):
+    log.exception("%s %s failed", request.method, request.url.path[:200])
+    return error_response(RequestError(500, f"internal error: {type(e).__name__}: {e}"))
+
+
+async def client_left(request: Request, e: ClientDisconnect):
+    return Response(status_code=400)  # nobody reads it
+
+
+def app(api: Api, host: str, port: int, allow_origins=(), max_connections: int = 1000,
+        connections=lambda: 0):
+    """The ASGI application: Guard around Starlette's routes."""
+    c = "/api/conversations"
+    routes = [
+        Route("/", lambda request: FileResponse(STATIC / "index.html")),
+        Mount("/static", StaticFiles(directory=STATIC)),
+        Route("/v1/models", api.models),
+        Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
+        Route("/api/info", api.info),
+        Route(c, api.list_conversations),
+        Route(c, api.create_conversation, methods=["POST"]),
+        Route(c + "/{cid}/messages", api.post_message, methods=["POST"]),
+        Route(c + "/{cid}/documents", api.post_document, methods=["POST"]),
+        # :path, so that an id with a slash in it (sent as %2F) is refused as an id
+        Route(c + "/{cid:path}", api.get_conversation),
+        Route(c + "/{cid:path}", api.rename_conversation, methods=["PATCH"]),
+        Route(c + "/{cid:path}", api.delete_conversation, methods=["DELETE"]),
+    ]
+    star = Starlette(routes=routes, exception_handlers={
+        RequestError: request_error, HTTPException: http_error,
+        ClientDisconnect: client_left, Exception: internal_error})
+    api.guard = Guard(star, host, port, allow_origins, max_connections, connections)
+    return api.guard
 
 
 # -- CLI ----------------------------------------------------------------------
@@ -635,15 +552,16 @@ def setup_arg_parser():
                    "--prefill-step-size workspace")
     p.add_argument("--max-body-bytes", type=positive_int, default=4 << 20,
                    help="Largest request body, documents included; larger ones get 413")
-    p.add_argument("--max-connections", type=positive_int, default=64,
-                   help="Connections served at once (each holds a thread); more are "
-                   "answered 503 at once")
+    p.add_argument("--max-connections", type=positive_int, default=1000,
+                   help="Open connections (idle ones too; none holds a thread); a request "
+                   "that arrives while more are open is answered 503")
     p.add_argument("--read-timeout", type=seconds, default=30.0,
                    help="Seconds a request's line, headers and body may take to arrive, "
-                   "in all; a slower one gets 408 and is closed")
+                   "in all (from the connection's start or the previous reply); a late one "
+                   "gets 408 and is closed")
     p.add_argument("--write-timeout", type=seconds, default=30.0,
-                   help="Seconds a reply write may wait for a client that does not read; "
-                   "then the client is dropped and its generation cancelled")
+                   help="Seconds a reply may wait for a client that does not read; then "
+                   "the client is dropped and its generation cancelled")
     add_sharding(p, "Rank 0 serves")
     p.add_argument("--log-level", default="INFO",
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -684,14 +602,25 @@ def main(argv=None):
         print(f"mlx_kvq.assistant: error: rank 0: {e}", file=sys.stderr, flush=True)
         os._exit(2)  # see the end of main
     try:
-        server = Server(args.host, args.port, engine, store, args.allow_origin,
-                        args.max_body_bytes, args.max_connections, args.read_timeout,
-                        args.write_timeout)
+        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+        sock = socket.create_server((args.host, args.port), family=family, backlog=128)
     except OSError as e:  # port in use, host not on this machine
         engine.stop()
         parser.exit(2, f"mlx_kvq.assistant: error: cannot listen on {args.host}:{args.port}: "
                     f"{e}\n")
+    port = sock.getsockname()[1]
+    api = Api(engine, store, args.max_body_bytes)
+    server = None
+    config = uvicorn.Config(
+        app(api, args.host, port, args.allow_origin, args.max_connections,
+            lambda: server.connections),
+        http=lambda **kw: transport.Protocol(read_timeout=args.read_timeout,
+                                             write_timeout=args.write_timeout, **kw),
+        lifespan="off", log_config=None, access_log=False, server_header=False,
+        timeout_graceful_shutdown=5)
+    server = transport.Server(config, engine)
     limit, limited_by = engine.token_limit()
+    url = url_of(args.host, port)
     print(f"mlx_kvq.assistant: {engine.model_id}, KV cache {', '.join(engine.specs)} "
           f"({engine.scheme})\n"
           f"memory budget {units.fmt_bytes(engine.budget.memory)}: up to {limit} tokens in "
@@ -699,20 +628,21 @@ def main(argv=None):
           f"{store.root}\n"
           + (f"sharded ({args.sharding}) over {engine.link.shard.size} ranks: this rank holds "
              f"{engine.link.shard.describe().split(': ', 1)[1]}\n" if engine.link else "") +
-          f"serving {server.url} (OpenAI API: {server.url}v1)", flush=True)
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
+          f"serving {url} (OpenAI API: {url}v1)", flush=True)
+    # uvicorn handles SIGINT and SIGTERM while it serves (a graceful shutdown
+    # that first stops the engine) and raises them again after; by then
+    # they have nothing left to interrupt.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: None)
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        server.run(sockets=[sock])
     finally:
-        server.server_close()
-        engine.stop()
+        engine.stop()  # the worker is joined: no MLX work is left when Python exits
         log.info("stopped")
+    if engine.alive():
+        log.error("the generation worker did not stop; exiting without it")
+        logging.shutdown()
+        os._exit(1)
     if engine.link is not None:
         # MLX's ring group, used from the worker thread, can abort in its
         # static destructors ("terminate called without an active
