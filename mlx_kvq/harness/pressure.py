@@ -4,6 +4,9 @@ mlx_kvq.reliability, on a server in a subprocess (faults.Assistant).
     slow_clients     half-open and slow-byte connections, a streamer that never
                      reads, clients that disconnect mid-reply, more connections
                      than --max-connections, around a good request
+    half_requests    many connections that send half a request and stop, around
+                     a good request: its latency, the server's threads, and when
+                     the read deadline closes them
     memory_pressure  documents and turns against a budget just above the
                      weights: served or refused with the budget message, peak
                      memory within the budget
@@ -124,14 +127,16 @@ def slow_clients(server: Assistant, half_open: int = 50, slow: int = 3,
         status = type(e).__name__
     out["good_status"], out["good_latency_s"] = status, time.monotonic() - t
 
-    # Beyond --max-connections: answered 503 at once, not held.
+    # Beyond --max-connections: a request is answered 503 at once.
     info = server.info()
     # The info request was one of the connections it counted.
     room = info.get("max_connections", 0) - info.get("connections", 1) + 1
     over = []
-    for _ in range(max(0, room) + extra):
+    for i in range(max(0, room) + extra):
         s = server.connect()
-        s.sendall(_partial_headers(server))
+        s.sendall(_partial_headers(server) if i < room else (
+            f"GET /api/info HTTP/1.1\r\nHost: {server.host}:{server.port}\r\n"
+            "Connection: close\r\n\r\n").encode())
         over.append((s, time.monotonic()))
     refusals = []
     for s, sent in over[-extra:]:
@@ -165,6 +170,38 @@ def slow_clients(server: Assistant, half_open: int = 50, slow: int = 3,
     out["stalled_generated"] = _generated(log, f"stalled-{tag}")
     out["stream_tokens"] = stream_tokens
     out["running_after"] = server.info().get("running")
+    return out
+
+
+def half_requests(server: Assistant, count: int = 300, settle: float = 30.0) -> dict:
+    """`count` connections that send half a request's headers and stop, then a
+    good chat request. Figures: the good request's status and latency, the
+    server's threads while they are held (beyond those before), how many the
+    server closed within `settle` s and how many of those got 408."""
+    good = {"messages": [{"role": "user", "content": "Name a fruit."}], "max_tokens": 4}
+    server.request("POST", "/v1/chat/completions", good)
+    base_threads = server.threads()
+    t0 = time.monotonic()
+    held = []
+    for _ in range(count):
+        s = server.connect()
+        s.sendall(_partial_headers(server))
+        held.append(s)
+    out = {"connect_s": time.monotonic() - t0, "threads_held": server.threads() - base_threads}
+    t = time.monotonic()
+    try:
+        status, _ = server.request("POST", "/v1/chat/completions", good, timeout=120)
+    except OSError as e:
+        status = type(e).__name__
+    out["good_status"], out["good_latency_s"] = status, time.monotonic() - t
+    out["open_connections"] = server.info()["connections"]
+    deadline = time.monotonic() + settle
+    got = [_closed_by_server(s, max(0.01, deadline - time.monotonic())) for s in held]
+    out["closed"] = sum(g is not None for g in got)
+    out["answered_408"] = sum(bool(g) and g.startswith(b"HTTP/1.1 408") for g in got)
+    out["closed_s"] = time.monotonic() - t0
+    for s in held:
+        s.close()
     return out
 
 
