@@ -16,7 +16,7 @@ from mlx_kvq.apps.assistant import commands
 from mlx_kvq.apps.assistant.budget import to_park
 from mlx_kvq.harness.faults import Assistant
 from mlx_kvq.apps.assistant.engine import StopText, common_prefix
-from mlx_kvq.apps.assistant.server import host_allowed
+from mlx_kvq.apps.assistant.guard import host_allowed
 from mlx_kvq.apps.assistant.store import Store, validate_id
 from mlx_kvq.commands.corpus import sample_text
 
