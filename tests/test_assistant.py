@@ -161,6 +161,24 @@ def test_refusals_then_good_request(server):
     assert "Traceback" not in server.log()
 
 
+def test_chunked_bodies(server):
+    """A chunked body is read as one; over --max-body-bytes it is 413."""
+    def chunked(body: bytes):
+        conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
+        try:
+            conn.request("POST", "/api/conversations", body=iter([body[:5], body[5:]]),
+                         encode_chunked=True, headers={"Transfer-Encoding": "chunked"})
+            resp = conn.getresponse()
+            return resp.status, json.loads(resp.read())
+        finally:
+            conn.close()
+
+    status, reply = chunked(json.dumps({"title": "In chunks"}).encode())
+    assert status == 201 and reply["conversation"]["title"] == "In chunks"
+    status, reply = chunked(json.dumps({"title": "x" * 300_000}).encode())
+    assert status == 413 and "max-body-bytes" in reply["error"]["message"]
+
+
 def test_queue_full_answers_503(server):
     """--queue-size 1: one running, one waiting, the next refused."""
     conn = http.client.HTTPConnection(server.host, server.port, timeout=120)

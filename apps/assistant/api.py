@@ -54,15 +54,19 @@ async def job_events(engine: Engine, job: Job):
             return
 
 
+def cancel(job: Job):
+    log.info("conversation %s: the client left; its %s is cancelled",
+             job.conversation, job.kind)
+    job.cancelled.set()
+
+
 @asynccontextmanager
 async def cancel_on_disconnect(request: Request, job: Job):
     """Within: a client that disconnects cancels the job (its body is read)."""
     async def watch():
         while (await request.receive())["type"] != "http.disconnect":
             pass
-        log.info("conversation %s: the client left; its %s is cancelled",
-                 job.conversation, job.kind)
-        job.cancelled.set()
+        cancel(job)
 
     watcher = asyncio.create_task(watch())
     try:
@@ -87,7 +91,8 @@ class Api:
         if length is None and not chunked:
             if optional:
                 return {}
-            raise RequestError(411, "a Content-Length header is required")
+            raise RequestError(411, "send the body with a Content-Length header (or "
+                               "chunked)")
         if length is not None:
             try:
                 n = int(length)
@@ -97,13 +102,13 @@ class Api:
                 raise RequestError(400, f"bad Content-Length {length!r}") from None
             if n > self.max_body:
                 if n <= DRAIN_BYTES:
-                    await self._drain(request)
+                    await self._drain(request.stream())
                 raise self._too_large(n)
-        raw, size = bytearray(), 0
-        async for chunk in request.stream():
+        raw, size, stream = bytearray(), 0, request.stream()
+        async for chunk in stream:
             size += len(chunk)
             if size > self.max_body:
-                await self._drain(request, size)
+                await self._drain(stream, size)
                 raise self._too_large(size, at_least=True)
             raw += chunk
         if not raw.strip() and optional:
@@ -124,10 +129,10 @@ class Api:
                             code="request_too_large")
 
     @staticmethod
-    async def _drain(request: Request, read: int = 0):
+    async def _drain(stream, read: int = 0):
         """Read what is sent of an oversize body (up to DRAIN_BYTES), so that
         closing the connection does not reset the 413 before the client reads it."""
-        async for chunk in request.stream():
+        async for chunk in stream:
             read += len(chunk)
             if read > DRAIN_BYTES:
                 return
@@ -160,15 +165,17 @@ class Api:
         """Server-sent events: `first`, then `send(kind, data)` of each of the
         job's events. A client that leaves cancels the job."""
         async def body():
+            ended = False
             try:
                 for text in first:
                     yield text
                 async for kind, data in events:
                     for text in send(kind, data.body()["error"] if kind == "error" else data):
                         yield text
+                ended = True
             finally:
-                if not job.cancelled.is_set():
-                    job.cancelled.set()  # a no-op once the job is done
+                if not ended:  # the client left (Starlette ends the stream then)
+                    cancel(job)
                 await events.aclose()
         return StreamingResponse(body(), media_type="text/event-stream")
 
