@@ -33,6 +33,29 @@ def _partial_headers(server: Assistant) -> bytes:
             "Content-Type: application/json\r\nContent-Length: 100\r\n").encode()
 
 
+GOOD = {"messages": [{"role": "user", "content": "Name a fruit."}], "max_tokens": 4}
+
+
+def _half_open(server: Assistant, count: int) -> list:
+    """`count` connections that sent half a request's headers."""
+    held = []
+    for _ in range(count):
+        s = server.connect()
+        s.sendall(_partial_headers(server))
+        held.append(s)
+    return held
+
+
+def _good_request(server: Assistant):
+    """(status or the error's name, seconds) of a good chat request."""
+    t = time.monotonic()
+    try:
+        status, _ = server.request("POST", "/v1/chat/completions", GOOD, timeout=120)
+    except OSError as e:
+        status = type(e).__name__
+    return status, time.monotonic() - t
+
+
 def _generated(log: str, cid: str) -> Optional[int]:
     m = re.findall(rf"conversation {cid}: \d+ prompt tokens \(\d+ cached\), (\d+) generated",
                    log)
@@ -65,18 +88,12 @@ def slow_clients(server: Assistant, half_open: int = 50, slow: int = 3,
     server released within `settle` s, generations stopped."""
     tag = f"{random.randrange(1 << 30):08x}"
     out = {}
-    good = {"messages": [{"role": "user", "content": "Name a fruit."}], "max_tokens": 4}
-    t = time.monotonic()  # alone (this also starts the threads a generation uses)
-    server.request("POST", "/v1/chat/completions", good)
-    out["idle_latency_s"] = time.monotonic() - t
+    # alone (this also starts the threads a generation uses)
+    out["idle_latency_s"] = _good_request(server)[1]
     base_threads = server.threads()
     stop = threading.Event()
     t0 = time.monotonic()
-    held = []
-    for _ in range(half_open):
-        s = server.connect()
-        s.sendall(_partial_headers(server))
-        held.append(s)
+    held = _half_open(server, half_open)
     out["connect_s"] = time.monotonic() - t0
 
     def trickle(data: bytes, sent_first: bytes = b""):
@@ -120,12 +137,7 @@ def slow_clients(server: Assistant, half_open: int = 50, slow: int = 3,
     quiet.close()
     out["threads_held"] = server.threads() - base_threads
 
-    t = time.monotonic()
-    try:
-        status, _ = server.request("POST", "/v1/chat/completions", good, timeout=120)
-    except OSError as e:
-        status = type(e).__name__
-    out["good_status"], out["good_latency_s"] = status, time.monotonic() - t
+    out["good_status"], out["good_latency_s"] = _good_request(server)
 
     # Beyond --max-connections: a request is answered 503 at once.
     info = server.info()
@@ -178,22 +190,12 @@ def half_requests(server: Assistant, count: int = 300, settle: float = 30.0) -> 
     good chat request. Figures: the good request's status and latency, the
     server's threads while they are held (beyond those before), how many the
     server closed within `settle` s and how many of those got 408."""
-    good = {"messages": [{"role": "user", "content": "Name a fruit."}], "max_tokens": 4}
-    server.request("POST", "/v1/chat/completions", good)
+    _good_request(server)
     base_threads = server.threads()
     t0 = time.monotonic()
-    held = []
-    for _ in range(count):
-        s = server.connect()
-        s.sendall(_partial_headers(server))
-        held.append(s)
+    held = _half_open(server, count)
     out = {"connect_s": time.monotonic() - t0, "threads_held": server.threads() - base_threads}
-    t = time.monotonic()
-    try:
-        status, _ = server.request("POST", "/v1/chat/completions", good, timeout=120)
-    except OSError as e:
-        status = type(e).__name__
-    out["good_status"], out["good_latency_s"] = status, time.monotonic() - t
+    out["good_status"], out["good_latency_s"] = _good_request(server)
     out["open_connections"] = server.info()["connections"]
     deadline = time.monotonic() + settle
     got = [_closed_by_server(s, max(0.01, deadline - time.monotonic())) for s in held]
