@@ -161,7 +161,7 @@ class Api:
                     return data, events
         raise RequestError(500, "the job ended before it started")
 
-    def _stream(self, job: Job, events, first: list, send) -> StreamingResponse:
+    def _stream(self, job: Job, events, first: list, send, headers=None) -> StreamingResponse:
         """Server-sent events: `first`, then `send(kind, data)` of each of the
         job's events. A client that leaves cancels the job."""
         async def body():
@@ -177,7 +177,7 @@ class Api:
                 if not ended:  # the client left (Starlette ends the stream then)
                     cancel(job)
                 await events.aclose()
-        return StreamingResponse(body(), media_type="text/event-stream")
+        return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
 
     # -- page -------------------------------------------------------------
 
@@ -318,9 +318,7 @@ class Api:
                     yield f"data: {json.dumps(reply.usage_chunk(data['usage']))}\n\n"
                 yield "data: [DONE]\n\n"
 
-        response = self._stream(job, events, [f"data: {json.dumps(first)}\n\n"], send)
-        response.headers.update(headers)
-        return response
+        return self._stream(job, events, [f"data: {json.dumps(first)}\n\n"], send, headers)
 
 
 async def request_error(request: Request, e: RequestError):

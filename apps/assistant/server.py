@@ -60,9 +60,9 @@ log = logging.getLogger("mlx_kvq.assistant")
 STATIC = Path(__file__).parent / "static"
 
 
-def app(api: Api, host: str, port: int, allow_origins=(), max_connections: int = 1000,
-        connections=lambda: 0):
-    """The ASGI application: Guard around Starlette's routes."""
+def app(api: Api, host: str, port: int, allow_origins, max_connections: int, connections):
+    """The ASGI application: Guard around Starlette's routes; `connections()`
+    counts the open connections."""
     c = "/api/conversations"
     routes = [
         Route("/", lambda request: FileResponse(STATIC / "index.html")),
@@ -196,11 +196,11 @@ def main(argv=None):
         engine.stop()
         parser.exit(2, f"mlx_kvq.assistant: error: cannot listen on {args.host}:{args.port}: "
                     f"{e}\n")
-    port = sock.getsockname()[1]
+    bound = sock.getsockname()[1]
     api = Api(engine, store, args.max_body_bytes)
     server = None
     config = uvicorn.Config(
-        app(api, args.host, port, args.allow_origin, args.max_connections,
+        app(api, args.host, bound, args.allow_origin, args.max_connections,
             lambda: server.connections),
         http=lambda **kw: transport.Protocol(read_timeout=args.read_timeout,
                                              write_timeout=args.write_timeout, **kw),
@@ -208,7 +208,7 @@ def main(argv=None):
         timeout_graceful_shutdown=5)
     server = transport.Server(config, engine)
     limit, limited_by = engine.token_limit()
-    url = url_of(args.host, port)
+    url = url_of(args.host, bound)
     print(f"mlx_kvq.assistant: {engine.model_id}, KV cache {', '.join(engine.specs)} "
           f"({engine.scheme})\n"
           f"memory budget {units.fmt_bytes(engine.budget.memory)}: up to {limit} tokens in "
