@@ -37,8 +37,12 @@ def served():
     async def echo(request):
         return PlainTextResponse((await request.body()).decode())
 
-    app = Starlette(routes=[Route("/endless", endless), Route("/echo", echo,
-                                                              methods=["POST"])])
+    async def slow(request):
+        await asyncio.sleep(READ + 0.5)
+        return PlainTextResponse("late")
+
+    app = Starlette(routes=[Route("/endless", endless), Route("/slow", slow),
+                            Route("/echo", echo, methods=["POST"])])
     sock = socket.create_server(("127.0.0.1", 0))
     config = uvicorn.Config(app, lifespan="off", log_config=None, http=lambda **kw: Protocol(
         read_timeout=READ, write_timeout=WRITE, **kw))
@@ -84,6 +88,16 @@ def test_a_request_that_does_not_arrive_in_time_gets_408(served):
     assert head.startswith(b"HTTP/1.1 408 ")
     assert json.loads(body)["error"]["code"] == "request_timeout"
     assert whole.recv(4096).startswith(b"HTTP/1.1 200 ")  # in time: answered
+
+
+def test_the_deadline_is_for_arriving_not_answering(served):
+    """A pipelined request that is in is answered however long it takes."""
+    port, _ = served
+    s = connect(port)
+    s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi"
+              b"GET /slow HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    replies = read_all(s)
+    assert replies.count(b"HTTP/1.1 200 ") == 2 and replies.endswith(b"late"), replies
 
 
 def test_what_h11_cannot_parse_gets_the_json_error(served):

@@ -64,8 +64,8 @@ class Protocol(H11Protocol):
             self._reading = None
 
     def on_response_complete(self):
+        self._await_request()  # first: a pipelined request in already is handled next
         super().on_response_complete()
-        self._await_request()
 
     def _await_request(self):
         if self._reading is not None:
