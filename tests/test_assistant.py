@@ -16,7 +16,7 @@ from mlx_kvq.apps.assistant import commands
 from mlx_kvq.apps.assistant.budget import to_park
 from mlx_kvq.harness.faults import Assistant
 from mlx_kvq.apps.assistant.engine import StopText, common_prefix
-from mlx_kvq.apps.assistant.server import host_allowed
+from mlx_kvq.apps.assistant.guard import host_allowed
 from mlx_kvq.apps.assistant.store import Store, validate_id
 from mlx_kvq.commands.corpus import sample_text
 
@@ -159,6 +159,24 @@ def test_refusals_then_good_request(server):
     r = ask(client, [{"role": "user", "content": "Count: one, two,"}], max_tokens=2)
     assert r.usage.completion_tokens > 0
     assert "Traceback" not in server.log()
+
+
+def test_chunked_bodies(server):
+    """A chunked body is read as one; over --max-body-bytes it is 413."""
+    def chunked(body: bytes):
+        conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
+        try:
+            conn.request("POST", "/api/conversations", body=iter([body[:5], body[5:]]),
+                         encode_chunked=True, headers={"Transfer-Encoding": "chunked"})
+            resp = conn.getresponse()
+            return resp.status, json.loads(resp.read())
+        finally:
+            conn.close()
+
+    status, reply = chunked(json.dumps({"title": "In chunks"}).encode())
+    assert status == 201 and reply["conversation"]["title"] == "In chunks"
+    status, reply = chunked(json.dumps({"title": "x" * 300_000}).encode())
+    assert status == 413 and "max-body-bytes" in reply["error"]["message"]
 
 
 def test_queue_full_answers_503(server):

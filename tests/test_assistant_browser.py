@@ -146,8 +146,9 @@ def test_memory_panel_of_a_sharded_server(browser, tmp_path):
         assert status == 200, body
         wait = WebDriverWait(browser, 120, poll_frequency=0.05)
         browser.get(server.url)
-        wait.until(lambda _: browser.find_elements(By.CSS_SELECTOR, "#conv-list li"))
-        browser.find_element(By.CSS_SELECTOR, "#conv-list li").click()
+        # The page opens the newest conversation, then lists them again (marked active).
+        wait.until(lambda _: browser.find_elements(By.CSS_SELECTOR, "#conv-list li.active"))
+        browser.find_element(By.CSS_SELECTOR, "#conv-list li.active").click()
         ranks = browser.find_element(By.ID, "mem-ranks")
         wait.until(lambda _: ranks.is_displayed() and ranks.text)
         lines = ranks.text.splitlines()

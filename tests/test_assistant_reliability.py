@@ -16,7 +16,7 @@ def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reliability")
     s = faults.Assistant(tmp / "data", "--max-tokens", "4",
                          "--read-timeout", str(READ_TIMEOUT), "--write-timeout", "20",
-                         "--max-connections", "64", log_file=tmp / "server.log")
+                         "--max-connections", "400", log_file=tmp / "server.log")
     yield s
     s.stop()
 
@@ -24,13 +24,14 @@ def server(tmp_path_factory):
 def test_slow_and_hostile_clients(server):
     """50 half-open connections, 3 slow-byte clients, a streamer that never
     reads and two clients that leave mid-reply, then a good request: it is
-    answered promptly; connections beyond --max-connections get 503 at once;
-    the server lets go of every connection after --read-timeout, its threads
-    return to where they were, and the generations of the clients that left stop."""
+    answered promptly; requests beyond --max-connections get 503 at once;
+    the server lets go of every connection after --read-timeout, no connection
+    holds a thread (only the running generations do, one each), and the
+    generations of the clients that left stop."""
     r = pressure.slow_clients(server, half_open=50, slow=3, stream_tokens=400, extra=5,
                             settle=READ_TIMEOUT + 12)
     assert r["connect_s"] < 5, r  # no connect waits for a full listen backlog
-    assert r["threads_held"] >= 50, r
+    assert r["threads_held"] <= 3, r  # the stalled streamer, the leaver, the quiet one
     # Neither waits for a timeout (--write-timeout is 20 s here).
     assert r["idle_latency_s"] < 15, r
     assert r["good_status"] == 200 and r["good_latency_s"] < 15, r
@@ -40,6 +41,18 @@ def test_slow_and_hostile_clients(server):
     assert r["leaver_generated"] < r["stream_tokens"], r
     assert r["quiet_generated"] < r["stream_tokens"], r
     assert "Traceback" not in server.log()
+
+
+def test_half_requests_hold_no_thread(server):
+    """300 connections send half a request and stop: a good chat request is
+    answered promptly, the server holds no thread for them, and each is closed
+    by the read deadline, with 408."""
+    r = pressure.half_requests(server, count=300, settle=READ_TIMEOUT + 10)
+    assert r["good_status"] == 200 and r["good_latency_s"] < 10, r
+    assert r["threads_held"] <= 0, r
+    assert r["open_connections"] >= 300, r  # they were still open when it was answered
+    assert r["closed"] == r["answered_408"] == 300, r
+    assert r["closed_s"] < READ_TIMEOUT + 10, r
 
 
 def test_http_fuzz(server):

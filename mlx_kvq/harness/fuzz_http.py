@@ -16,6 +16,7 @@ each target a good request must still be served. Replies are kept tiny
 (max_tokens at most a few), so a few hundred examples take seconds.
 """
 
+import http.client
 import json
 import socket
 from typing import List, Optional
@@ -113,8 +114,10 @@ def strategies(conversations: List[str]):
 
 def send(host: str, port: int, method: str, path: str, headers: dict, body: bytes,
          timeout: float = 60.0):
-    """(status, headers, body bytes) of one raw request; status None if the
-    connection was closed without a response."""
+    """(status, headers, body bytes) of one raw request, its reply read as
+    http.client reads one; status None if the connection was closed without
+    a response. The connection stays open for writing: a client that closes
+    its side counts as gone (its reply is cancelled)."""
     lines = [f"{method} {path} HTTP/1.1"]
     if not any(k.lower() == "host" for k in headers):
         lines.append(f"Host: {host}:{port}")
@@ -126,24 +129,20 @@ def send(host: str, port: int, method: str, path: str, headers: dict, body: byte
     with socket.create_connection((host, port), timeout=timeout) as s:
         try:
             s.sendall(raw)
-            s.shutdown(socket.SHUT_WR)  # nothing more comes: no wait for a body
         except OSError:
             pass  # answered and closed before reading it all
-        data = b""
+        reply = http.client.HTTPResponse(s, method=method)
         try:
-            while chunk := s.recv(1 << 16):
-                data += chunk
+            reply.begin()
+        except (http.client.RemoteDisconnected, ConnectionResetError):
+            return None, {}, b""
+        try:
+            data = reply.read()
+        except http.client.IncompleteRead as e:
+            data = e.partial
         except ConnectionResetError:
-            pass
-    head, _, payload = data.partition(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1."):
-        return None, {}, data
-    first, *rest = head.decode("latin-1").split("\r\n")
-    out = {}
-    for line in rest:
-        k, _, v = line.partition(":")
-        out[k.strip().lower()] = v.strip()
-    return int(first.split()[1]), out, payload
+            data = b""
+    return reply.status, {k.lower(): v for k, v in reply.getheaders()}, data
 
 
 def problem(status, headers: dict, body: bytes, method: str) -> Optional[str]:

@@ -4,6 +4,9 @@ mlx_kvq.reliability, on a server in a subprocess (faults.Assistant).
     slow_clients     half-open and slow-byte connections, a streamer that never
                      reads, clients that disconnect mid-reply, more connections
                      than --max-connections, around a good request
+    half_requests    many connections that send half a request and stop, around
+                     a good request: its latency, the server's threads, and when
+                     the read deadline closes them
     memory_pressure  documents and turns against a budget just above the
                      weights: served or refused with the budget message, peak
                      memory within the budget
@@ -28,6 +31,29 @@ from .faults import Assistant, one_chat_memory
 def _partial_headers(server: Assistant) -> bytes:
     return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {server.host}:{server.port}\r\n"
             "Content-Type: application/json\r\nContent-Length: 100\r\n").encode()
+
+
+GOOD = {"messages": [{"role": "user", "content": "Name a fruit."}], "max_tokens": 4}
+
+
+def _half_open(server: Assistant, count: int) -> list:
+    """`count` connections that sent half a request's headers."""
+    held = []
+    for _ in range(count):
+        s = server.connect()
+        s.sendall(_partial_headers(server))
+        held.append(s)
+    return held
+
+
+def _good_request(server: Assistant):
+    """(status or the error's name, seconds) of a good chat request."""
+    t = time.monotonic()
+    try:
+        status, _ = server.request("POST", "/v1/chat/completions", GOOD, timeout=120)
+    except OSError as e:
+        status = type(e).__name__
+    return status, time.monotonic() - t
 
 
 def _generated(log: str, cid: str) -> Optional[int]:
@@ -62,18 +88,12 @@ def slow_clients(server: Assistant, half_open: int = 50, slow: int = 3,
     server released within `settle` s, generations stopped."""
     tag = f"{random.randrange(1 << 30):08x}"
     out = {}
-    good = {"messages": [{"role": "user", "content": "Name a fruit."}], "max_tokens": 4}
-    t = time.monotonic()  # alone (this also starts the threads a generation uses)
-    server.request("POST", "/v1/chat/completions", good)
-    out["idle_latency_s"] = time.monotonic() - t
+    # alone (this also starts the threads a generation uses)
+    out["idle_latency_s"] = _good_request(server)[1]
     base_threads = server.threads()
     stop = threading.Event()
     t0 = time.monotonic()
-    held = []
-    for _ in range(half_open):
-        s = server.connect()
-        s.sendall(_partial_headers(server))
-        held.append(s)
+    held = _half_open(server, half_open)
     out["connect_s"] = time.monotonic() - t0
 
     def trickle(data: bytes, sent_first: bytes = b""):
@@ -117,21 +137,18 @@ def slow_clients(server: Assistant, half_open: int = 50, slow: int = 3,
     quiet.close()
     out["threads_held"] = server.threads() - base_threads
 
-    t = time.monotonic()
-    try:
-        status, _ = server.request("POST", "/v1/chat/completions", good, timeout=120)
-    except OSError as e:
-        status = type(e).__name__
-    out["good_status"], out["good_latency_s"] = status, time.monotonic() - t
+    out["good_status"], out["good_latency_s"] = _good_request(server)
 
-    # Beyond --max-connections: answered 503 at once, not held.
+    # Beyond --max-connections: a request is answered 503 at once.
     info = server.info()
     # The info request was one of the connections it counted.
     room = info.get("max_connections", 0) - info.get("connections", 1) + 1
     over = []
-    for _ in range(max(0, room) + extra):
+    for i in range(max(0, room) + extra):
         s = server.connect()
-        s.sendall(_partial_headers(server))
+        s.sendall(_partial_headers(server) if i < room else (
+            f"GET /api/info HTTP/1.1\r\nHost: {server.host}:{server.port}\r\n"
+            "Connection: close\r\n\r\n").encode())
         over.append((s, time.monotonic()))
     refusals = []
     for s, sent in over[-extra:]:
@@ -165,6 +182,28 @@ def slow_clients(server: Assistant, half_open: int = 50, slow: int = 3,
     out["stalled_generated"] = _generated(log, f"stalled-{tag}")
     out["stream_tokens"] = stream_tokens
     out["running_after"] = server.info().get("running")
+    return out
+
+
+def half_requests(server: Assistant, count: int = 300, settle: float = 30.0) -> dict:
+    """`count` connections that send half a request's headers and stop, then a
+    good chat request. Figures: the good request's status and latency, the
+    server's threads while they are held (beyond those before), how many the
+    server closed within `settle` s and how many of those got 408."""
+    _good_request(server)
+    base_threads = server.threads()
+    t0 = time.monotonic()
+    held = _half_open(server, count)
+    out = {"connect_s": time.monotonic() - t0, "threads_held": server.threads() - base_threads}
+    out["good_status"], out["good_latency_s"] = _good_request(server)
+    out["open_connections"] = server.info()["connections"]
+    deadline = time.monotonic() + settle
+    got = [_closed_by_server(s, max(0.01, deadline - time.monotonic())) for s in held]
+    out["closed"] = sum(g is not None for g in got)
+    out["answered_408"] = sum(bool(g) and g.startswith(b"HTTP/1.1 408") for g in got)
+    out["closed_s"] = time.monotonic() - t0
+    for s in held:
+        s.close()
     return out
 
 

@@ -38,7 +38,7 @@ def kill_section(args, tmp: Path) -> list:
 
 def _server(tmp: Path, name: str) -> faults.Assistant:
     return faults.Assistant(tmp / name / "data", "--max-tokens", "4", "--read-timeout", "3",
-                            "--write-timeout", "20", "--max-connections", "64",
+                            "--write-timeout", "20", "--max-connections", "400",
                             log_file=tmp / f"{name}.log")
 
 
@@ -66,6 +66,7 @@ def slow_section(args, tmp: Path) -> list:
     try:
         r = pressure.slow_clients(server, half_open=50, slow=3, stream_tokens=400, extra=5,
                                 settle=15)
+        h = pressure.half_requests(server, count=300, settle=15)
     finally:
         server.stop()
     stopped = (r["leaver_generated"] or 0) < r["stream_tokens"] and \
@@ -79,7 +80,13 @@ def slow_section(args, tmp: Path) -> list:
              "left mid-reply: tokens": f"{r['leaver_generated']}, {r['quiet_generated']} "
                                        f"of {r['stream_tokens']}",
              "ok": r["good_status"] == 200 and r["refused"] == 5
-             and r["released"] == r["held"] and r["threads_after"] <= 0 and stopped}]
+             and r["released"] == r["held"] and r["threads_after"] <= 0 and stopped},
+            {"half-open": 300, "connect s": f"{h['connect_s']:.2f}",
+             "threads held": h["threads_held"], "good request": h["good_status"],
+             "good latency s": f"{h['good_latency_s']:.2f}",
+             "released": f"{h['closed']}/300 ({h['answered_408']} with 408)",
+             "ok": h["good_status"] == 200 and h["threads_held"] <= 0
+             and h["closed"] == 300}]
 
 
 def memory_section(args, tmp: Path) -> list:
