@@ -50,6 +50,11 @@ def test_models_and_completion(server):
     r = ask(client, [{"role": "user", "content": "Describe the sea in a sentence."}],
             max_tokens=6, stop=[" "])
     assert r.choices[0].finish_reason == "stop" and " " not in r.choices[0].message.content
+    # /api/info says which attention path the decode steps ran
+    from mlx_kvq import attention
+
+    info = server.request("GET", "/api/info")[1]
+    assert info["attention"] == f"decode on the {attention.describe_path()}"
 
 
 def test_streaming_extends_conversation_from_cache(server):

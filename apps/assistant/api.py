@@ -20,6 +20,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from mlx_kvq.report import attention_line
+
 from . import openai_api
 from .engine import Engine, Job
 from .errors import RequestError
@@ -197,6 +199,7 @@ class Api:
             "refused_connections": self.guard.refused,
             "threads": threading.active_count(),
             "peak_memory": engine.peak_memory(),
+            "attention": attention_line(),
             "sharding": engine.link and {"sharding": engine.link.shard.sharding,
                                          "ranks": engine.link.shard.size},
             "data_dir": str(self.store.root),
