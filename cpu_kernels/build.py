@@ -29,7 +29,8 @@ import tempfile
 from pathlib import Path
 
 SOURCE_DIR = Path(__file__).resolve().parent
-SOURCES = ("CMakeLists.txt", "attention.h", "attention.cpp", "pool.h", "bindings.cpp")
+SOURCES = ("CMakeLists.txt", "attention.h", "attention.cpp", "codes.h", "decode.h", "decode.cpp",
+           "pool.h", "bindings.cpp")
 MODULE = "_native"
 
 

@@ -1,0 +1,169 @@
+// Number formats the CPU kernel reads: fp16 and bf16 values, mx.quantize's
+// packed codes (a little-endian bit stream per row), and exp of non-positive
+// arguments, written so that the loops using them vectorize.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+namespace kvq {
+
+inline float half_to_float(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#elif defined(__aarch64__)
+  __fp16 f;
+  std::memcpy(&f, &h, 2);
+  return float(f);
+#else
+  uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  uint32_t e = (h >> 10) & 0x1fu, m = h & 0x3ffu, u;
+  if (e == 0) {
+    if (m == 0) {
+      u = sign;
+    } else {
+      e = 113;
+      while (!(m & 0x400u)) {
+        m <<= 1;
+        --e;
+      }
+      u = sign | (e << 23) | ((m & 0x3ffu) << 13);
+    }
+  } else if (e == 31) {
+    u = sign | 0x7f800000u | (m << 13);
+  } else {
+    u = sign | ((e + 112) << 23) | (m << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+#endif
+}
+
+inline float bf16_to_float(uint16_t b) {
+  uint32_t u = uint32_t(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// exp(x) for x <= 0 (scores minus their running max; merge weights), within
+// 2 ulp of expf; 0 below -87 (and for -inf). Branch-free, so loops over it
+// vectorize.
+inline float exp_nonpositive(float x) {
+  const float xc = std::max(x, -87.0f);
+  const float n = std::nearbyint(xc * 1.44269504088896341f);
+  float r = xc - n * 0.693145751953125f;
+  r = r - n * 1.428606765330187045e-06f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const uint32_t bits = uint32_t(int32_t(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return x < -87.0f ? 0.0f : p * scale;
+}
+
+// Codes [start, start + n) of one row packed by mx.quantize: a little-endian
+// bit stream, element i at bits [BITS*i, BITS*i + BITS) of the row's words.
+template <int BITS>
+void unpack(const uint32_t* row, int start, int n, float* out) {
+  constexpr uint32_t MASK = (1u << BITS) - 1u;
+  if constexpr (32 % BITS == 0) {
+    constexpr int PER = 32 / BITS;
+    int i = 0, idx = start;
+    for (; i < n && idx % PER; ++i, ++idx) {
+      out[i] = float((row[idx / PER] >> ((idx % PER) * BITS)) & MASK);
+    }
+    for (; i + PER <= n; i += PER, idx += PER) {
+      const uint32_t w = row[idx / PER];
+      for (int j = 0; j < PER; ++j) {
+        out[i + j] = float((w >> (j * BITS)) & MASK);
+      }
+    }
+    for (; i < n; ++i, ++idx) {
+      out[i] = float((row[idx / PER] >> ((idx % PER) * BITS)) & MASK);
+    }
+  } else {
+    for (int i = 0; i < n; ++i) {
+      const uint64_t bit = uint64_t(start + i) * BITS;
+      const uint32_t word = uint32_t(bit >> 5), shift = uint32_t(bit & 31);
+      uint64_t v = row[word];
+      if (shift + BITS > 32) {
+        v |= uint64_t(row[word + 1]) << 32;
+      }
+      out[i] = float((v >> shift) & MASK);
+    }
+  }
+}
+
+// 16 codes from code `start` (a multiple of 16) of a row, for widths that
+// divide 32: lane j holds word (j * BITS) / 32 shifted by (j * BITS) % 32.
+// Written with vector extensions, so it compiles to vector shifts (AVX2,
+// NEON) instead of one shift per code.
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+typedef float f32x8 __attribute__((vector_size(32)));
+
+template <int BITS, int HALF>
+inline void unpack8(const uint32_t* w, float* out) {
+  constexpr uint32_t MASK = (1u << BITS) - 1u;
+  // Lanes hold at most two distinct words (8 codes of at most 8 bits).
+  constexpr int lo = HALF * 8 * BITS / 32, hi = (HALF * 8 + 7) * BITS / 32;
+  constexpr int per = 32 / BITS;  // codes per word
+  const u32x8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  const u32x8 shifts = ((lane + HALF * 8) % per) * BITS;
+  u32x8 words = u32x8{} + w[lo];
+  if constexpr (hi != lo) {
+    words = (lane + HALF * 8) / per == uint32_t(hi) ? u32x8{} + w[hi] : words;
+  }
+  const i32x8 codes = (i32x8)((words >> shifts) & MASK);
+  const f32x8 f = __builtin_convertvector(codes, f32x8);
+  std::memcpy(out, &f, sizeof(f));
+}
+
+template <int BITS>
+inline void unpack16(const uint32_t* row, int start, float* out) {
+  static_assert(32 % BITS == 0, "widths that divide 32");
+  const uint32_t* w = row + start * BITS / 32;
+  unpack8<BITS, 0>(w, out);
+  unpack8<BITS, 1>(w, out + 8);
+}
+
+// Codes [start, start + n): 16 at a time where they are aligned.
+template <int BITS>
+inline void unpack_run(const uint32_t* row, int start, int n, float* out) {
+  if constexpr (32 % BITS == 0) {
+    if (n == 16 && start % 16 == 0) {
+      unpack16<BITS>(row, start, out);
+      return;
+    }
+  }
+  unpack<BITS>(row, start, n, out);
+}
+
+using Unpack = void (*)(const uint32_t*, int, int, float*);
+
+inline Unpack unpacker(int bits) {
+  switch (bits) {
+    case 2: return unpack<2>;
+    case 3: return unpack<3>;
+    case 4: return unpack<4>;
+    case 5: return unpack<5>;
+    case 6: return unpack<6>;
+    case 8: return unpack<8>;
+    default: return nullptr;
+  }
+}
+
+}  // namespace kvq
