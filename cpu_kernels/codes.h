@@ -154,16 +154,4 @@ inline void unpack_run(const uint32_t* row, int start, int n, float* out) {
 
 using Unpack = void (*)(const uint32_t*, int, int, float*);
 
-inline Unpack unpacker(int bits) {
-  switch (bits) {
-    case 2: return unpack<2>;
-    case 3: return unpack<3>;
-    case 4: return unpack<4>;
-    case 5: return unpack<5>;
-    case 6: return unpack<6>;
-    case 8: return unpack<8>;
-    default: return nullptr;
-  }
-}
-
 }  // namespace kvq

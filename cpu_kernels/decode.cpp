@@ -144,12 +144,14 @@ using AccumulateValues = void (*)(const Part&, long, int, int, const float*, int
 
 // The kernels of one code width, for 1 to ROWS rows at a time.
 struct WidthKernels {
+  Unpack unpack;
   ScoreChannel score[ROWS];
   AccumulateValues values[ROWS];
 };
 
 template <int BITS>
 constexpr WidthKernels width_kernels = {
+    unpack<BITS>,
     {score_channel<BITS, 1>, score_channel<BITS, 2>, score_channel<BITS, 3>,
      score_channel<BITS, 4>},
     {accumulate_token_values<BITS, 1>, accumulate_token_values<BITS, 2>,
@@ -165,6 +167,15 @@ const WidthKernels& kernels_for(int bits) {
     default: return width_kernels<8>;
   }
 }
+
+}  // namespace
+
+Unpack unpacker(int bits) {
+  const bool known = bits >= 2 && bits <= 8 && bits != 7;
+  return known ? kernels_for(bits).unpack : nullptr;
+}
+
+namespace {
 
 // Scores S[r * BLOCK + i] = q_r . k_{tb + i} for n tokens from tb.
 void score_block(const Step& st, const Segment& sg, long bh, int tb, int n,

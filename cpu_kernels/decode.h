@@ -77,6 +77,9 @@ struct Step {
   float* out;
 };
 
+// The unpacker of a code width the kernel has (2, 3, 4, 5, 6, 8), else nullptr.
+Unpack unpacker(int bits);
+
 // Attention of every (row, head) of a step over its segments, written to
 // st.out: parts on the pool's threads, then the merge.
 void compute(Step& st);
