@@ -7,11 +7,7 @@ as the reference) prefills the same tokens as mlx-lm does (chunks of
 decode tokens/s and the peak memory of each phase (reset per phase) are
 measured. Cases are interleaved, so drift in machine speed hits all alike.
 
---attention: one decode step of attention at synthetic shapes: kvq_attention
-over a filled KVQCache vs mx.fast.scaled_dot_product_attention over float32
-and float16 K/V vs mlx-lm's quantized_scaled_dot_product_attention; the
-achieved bandwidth counts the cache bytes a step must read
-(sizing.decode_bytes_read for mlx_kvq, the arrays' sizes for the others).
+--attention: the decode attention microbenchmark (bench_attention.py).
 
 --concurrency 1,4,8,16: N concurrent chats through mlx-lm's own batch
 machinery. For each N, each scheme in turn (every --kv mlx_kvq spec, and
@@ -57,13 +53,12 @@ import mlx_lm
 import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.generate import BatchGenerator
-from mlx_lm.models.base import quantized_scaled_dot_product_attention
 from tqdm import tqdm
 
 from mlx_kvq import blas, sizing, units
 from . import corpus
-from mlx_kvq.attention import describe_path, kvq_attention
-from mlx_kvq.cache import KVQCache
+from mlx_kvq.attention import describe_path
+from .bench_attention import _dtype_name, bench_attention, format_attention_table
 from .cli_types import (add_model, add_prefill_step_size, int_list, nonneg_int, output_file,
                         positive_int, token_list)
 from .cli_types import tokens as token_count
@@ -100,18 +95,6 @@ class ConcurrencyCase:
     ttft_p95: float
     peak: int  # bytes above the weights
     kv_bytes_per_chat: float  # mean nbytes of the chats' final caches
-
-
-@dataclass
-class AttentionCase:
-    kind: str
-    context: int
-    seconds: float  # median of the repeats
-    bytes_read: int
-
-    @property
-    def gbps(self) -> float:
-        return self.bytes_read / self.seconds / 1e9
 
 
 def _cache_bytes(cache) -> int:
@@ -374,99 +357,6 @@ def format_concurrency_ratios(cases) -> str:
     lines += [f"    {s:<{w - 2}}" + "".join(f"{r['vs_fp'][n]:>8.2f}" for n in ns)
               for s, r in ratios.items() if not _is_fp(s)]
     return "\n".join(lines)
-
-
-# -- attention microbenchmark ---------------------------------------------------
-
-
-def _time(fn, repeats):
-    mx.eval(fn())  # warm up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        mx.eval(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def _filled_kvq(spec, keys, values, step=4096):
-    cache = KVQCache(spec)
-    for a in range(0, keys.shape[2], step):
-        cache.update_and_fetch(keys[:, :, a:a + step], values[:, :, a:a + step])
-        mx.eval(cache.state)
-    return cache
-
-
-def bench_attention(contexts=(1024, 4096, 16384, 32768), specs=("k4v4", "k4v2", "k8v8"),
-                    mlx_bits=(4, 8), n_heads=32, n_kv_heads=8, head_dim=128,
-                    repeats=20, group_size=64, mlx_dtype=None, progress=True):
-    """AttentionCases for one decode step (one query per q head) per context.
-
-    mlx_dtype: of the queries and K/V mlx-lm's quantized attention gets;
-    default float16 on the GPU, float32 on the CPU (which has no float16
-    arithmetic: measured 50x slower there)."""
-    if mlx_dtype is None:
-        mlx_dtype = mx.float32 if mx.default_device() == mx.cpu else mx.float16
-    H, D = n_kv_heads, head_dim
-    scale = D ** -0.5
-    cases = []
-    bar = tqdm(total=len(contexts) * (2 + len(specs) + len(mlx_bits)),
-               disable=not progress, desc="attention")
-    for T in contexts:
-        mx.random.seed(0)
-        q = mx.random.normal((1, n_heads, 1, D))
-        k = mx.random.normal((1, H, T, D))
-        v = mx.random.normal((1, H, T, D))
-        mx.eval(q, k, v)
-        for dtype in (mx.float32, mx.float16):
-            qd, kd, vd = q.astype(dtype), k.astype(dtype), v.astype(dtype)
-            mx.eval(qd, kd, vd)
-            sec = _time(lambda: mx.fast.scaled_dot_product_attention(
-                qd, kd, vd, scale=scale, mask=None), repeats)
-            cases.append(AttentionCase(f"sdpa {_dtype_name(dtype)}", T, sec,
-                                       kd.nbytes + vd.nbytes))
-            bar.update(1)
-        for spec in map(parse_spec, specs):
-            cache = _filled_kvq(spec, k, v)
-            sec = _time(lambda c=cache: kvq_attention(q, c, scale=scale), repeats)
-            nbytes = sizing.decode_bytes_read(spec, head_dim=D, n_tokens=T, n_kv_heads=H)
-            label = next((s for s in specs if parse_spec(s) == spec), str(spec))
-            cases.append(AttentionCase(f"kvq {label}", T, sec, nbytes))
-            del cache
-            bar.update(1)
-        qd = q.astype(mlx_dtype)
-        for bits in mlx_bits:
-            qk = mx.quantize(k.astype(mlx_dtype), group_size=group_size, bits=bits)
-            qv = mx.quantize(v.astype(mlx_dtype), group_size=group_size, bits=bits)
-            mx.eval(qd, qk, qv)
-            sec = _time(lambda: quantized_scaled_dot_product_attention(
-                qd, qk, qv, scale=scale, mask=None, group_size=group_size, bits=bits),
-                repeats)
-            cases.append(AttentionCase(f"mlx-lm q{bits} {_dtype_name(mlx_dtype)}", T, sec,
-                                       sum(a.nbytes for a in (*qk, *qv))))
-            bar.update(1)
-        del k, v
-        _clear()
-    bar.close()
-    return cases
-
-
-def _dtype_name(dtype) -> str:
-    return str(dtype).split(".")[-1]
-
-
-def format_attention_table(cases) -> str:
-    """Time per step, and as a ratio to sdpa over float32 and float16 K/V."""
-    ref = {(c.kind, c.context): c.seconds for c in cases if c.kind.startswith("sdpa")}
-    head = (f"{'context':>8} {'attention':<22}{'µs/step':>10}{'x sdpa32':>10}{'x sdpa16':>10}"
-            f"{'MiB read':>10}{'GB/s':>8}")
-    rows = [head, "-" * len(head)]
-    for c in sorted(cases, key=lambda c: c.context):
-        rows.append(f"{c.context:>8} {c.kind:<22}{c.seconds * 1e6:>10.0f}"
-                    f"{c.seconds / ref['sdpa float32', c.context]:>10.2f}"
-                    f"{c.seconds / ref['sdpa float16', c.context]:>10.2f}"
-                    f"{c.bytes_read / 2**20:>10.1f}{c.gbps:>8.2f}")
-    return "\n".join(rows)
 
 
 def _environment() -> str:
