@@ -358,14 +358,8 @@ def _attend_chunk(q, cache, segs, l0, L, mask, rep, sinks, window=None):
             col = c0 if seg.ragged else c0 + t.start - seg.start
             return _mask_segment(scores, t, col, q0, mask, rep, Lc, L == 1, window)
 
-        # The kernel takes each row's token count and first visible token, so
-        # a decode step (every cached token precedes the query; a window
-        # hides only the oldest) needs no mask, ragged or not.
-        window_step = window is not None and L == 1 and (
-            seg.ragged or mask is None or isinstance(mask, str))
-        if (Lc == 1 and (seg.ragged and L == 1 and window is None or window_step
-                         or not _needs_mask(seg, q0, mask, L == 1, Lc, window))
-                and seg.k_layout.transposed
+        unmasked, window_step = _unmasked_step(seg, q0, mask, window, L, Lc)
+        if (unmasked and seg.k_layout.transposed
                 and cache.dims[2] == cache.dims[3] and _use_kernel(seg, D)):
             first = _window_first(seg, q0, window) if window_step else 0
             parts.append(_kernel_partials(qg, seg, first))
@@ -385,40 +379,42 @@ def _attend_chunk(q, cache, segs, l0, L, mask, rep, sinks, window=None):
     return out.reshape(B, Hq, Lc, -1)
 
 
-def _native_segment(seg, q0, mask, window):
+def _unmasked_step(seg, q0, mask, window, L=1, Lc=1):
+    """(Whether a kernel that takes each row's token count and first visible
+    token reads this segment for these Lc of L queries with no mask, whether
+    the window then sets those first tokens.) A decode step needs no mask,
+    ragged or not: every cached token precedes the query, and a window hides
+    only the oldest."""
+    window_step = window is not None and L == 1 and (
+        seg.ragged or mask is None or isinstance(mask, str))
+    unmasked = Lc == 1 and (seg.ragged and L == 1 and window is None or window_step
+                            or not _needs_mask(seg, q0, mask, L == 1, Lc, window))
+    return unmasked, window_step
+
+
+def _native_segment(seg, q0, mask, window, B):
     """The native kernel's view of one segment at a decode step, or None when
     a mask it cannot express applies (a model-given mask over a non-ragged
     segment)."""
-    window_step = window is not None and (seg.ragged or mask is None or isinstance(mask, str))
-    if not (seg.ragged and window is None or window_step
-            or not _needs_mask(seg, q0, mask, True, 1, window)):
-        return None
+    unmasked, window_step = _unmasked_step(seg, q0, mask, window)
     lk, lv = seg.k_layout, seg.v_layout
-    if lk.bits is not None and lv.bits is not None and lk.group != lv.group:
+    if not unmasked or lk.bits is not None and lv.bits is not None and lk.group != lv.group:
         return None
-    B = len(seg.valid) if seg.ragged else None
-    counts = seg.valid if seg.ragged else None
+    counts = tuple(seg.valid) if seg.ragged else (seg.length,) * B
     first = _window_first(seg, q0, window) if window_step else 0
+    firsts = tuple(first) if isinstance(first, tuple) else (first,) * B
     kind = (lambda lay: cpu_kernels.FP if lay.bits is None
             else cpu_kernels.CHANNEL if lay.transposed else cpu_kernels.TOKEN)
     group = lk.group if lk.bits is not None else lv.group
-    return [seg.keys, seg.values, kind(lk), lk.bits, kind(lv), lv.bits, group,
-            counts, first, B]
+    return (seg.keys, seg.values, kind(lk), lk.bits, kind(lv), lv.bits, group, counts, firsts)
 
 
 def _native_step(qg, cache, segs, mask, sinks):
     """A decode step in one native call: [B, H, R, Dv] float32, or None."""
-    B = qg.shape[0]
     q0 = cache.query_start(1)
-    parts = []
-    for seg in segs:
-        s = _native_segment(seg, q0, mask, cache.window)
-        if s is None:
-            return None
-        counts, first = s[7], s[8]
-        s[7] = tuple(counts) if counts is not None else (seg.length,) * B
-        s[8] = tuple(first) if isinstance(first, tuple) else (first,) * B
-        parts.append(tuple(s[:9]))
+    parts = [_native_segment(seg, q0, mask, cache.window, qg.shape[0]) for seg in segs]
+    if any(p is None for p in parts):
+        return None
     if sinks is not None:
         sinks = sinks.astype(mx.float32)
     return cpu_kernels.decode_attention(qg, parts, sinks)
