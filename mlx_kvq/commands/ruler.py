@@ -173,7 +173,7 @@ def estimate_seconds(model, shape, prompts, n_schemes: int, chunk: int) -> float
     at context c costs its weights' share plus attention over c tokens
     (attention's flops per context token over the weights' per token for
     prefill, the cache's bytes per token over the weights' for decode)."""
-    n = min(chunk, 256)
+    n = min(chunk, 128)
     toks = list(range(100, 100 + n))
     cache = Scheme("fp").make(model)
     _prefill(model, toks[:16], cache, chunk)  # warm up
