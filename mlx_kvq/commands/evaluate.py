@@ -11,6 +11,10 @@ asked, through its chat template, to repeat the key (its answer is started
 with "The pass key is"), and greedy decoding must produce the digits. The
 full-precision cache runs the same grid: a small model fails long contexts on
 its own, and the gap to fp is what the quantization costs.
+
+--ruler: RULER's synthetic long-context tasks at chosen lengths, every
+scheme against fp on the same questions (ruler.py, ruler_tasks.py); it runs
+on its own, without the KLD windows or the passkey grid.
 """
 
 import argparse

@@ -122,9 +122,11 @@ def build_prompt(tokenizer, counts: dict, length: int, seed: str, essay: list,
                          f"in one context: their items alone take {size(0) + tail} tokens; "
                          "use fewer --ruler-questions, more --ruler-contexts or longer "
                          "--ruler-lengths")
-    lo, hi = 0, max(1, budget // 8)
+    per_unit = max(1.0, (size(64) - size(0)) / 64)
+    step = int((budget - size(0)) / per_unit * 0.01) + 4  # overshoot the length little
+    lo, hi = 0, int((budget - size(0)) / per_unit) + step
     while size(hi) <= budget:
-        lo, hi = hi, 2 * hi
+        lo, hi, step = hi, hi + step, 2 * step
     while hi - lo > 1:  # size(lo) fits, size(hi) does not
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if size(mid) <= budget else (lo, mid)
