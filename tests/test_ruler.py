@@ -105,6 +105,7 @@ def test_prompts_fill_the_length_and_split_at_the_context():
         assert full == p.context + suffix
         assert tokenizer.decode(suffix).endswith(q.answer_prefix)
         assert parts[1].strip() in tokenizer.decode(suffix)
+    assert all(0 <= d < 1 for d in p.depths) and max(p.depths) - min(p.depths) > 0.5
     again = ruler.build_prompts(tokenizer, tuple(TASKS), [4096], 11, 1, 0, ESSAY)[0]
     assert again.context == p.context and again.suffixes == p.suffixes
     with pytest.raises(ValueError, match="too few for 11 questions"):

@@ -66,6 +66,7 @@ class Prompt:
     context: list
     questions: list  # ruler_tasks.Question
     suffixes: list  # token lists
+    depths: list  # where each question's first answer first occurs, 0..1 of the context
 
     @property
     def longest(self) -> int:
@@ -132,7 +133,8 @@ def build_prompt(tokenizer, counts: dict, length: int, seed: str, essay: list,
         lo, hi = (mid, hi) if size(mid) <= budget else (lo, mid)
     text = plan.render(lo)
     splits = [split_prompt(tokenizer, text, q, parts) for q in plan.questions]
-    return Prompt(length, seed, splits[0][0], plan.questions, [s for _, s in splits])
+    depths = [round(text.find(q.answers[0]) / len(text), 3) for q in plan.questions]
+    return Prompt(length, seed, splits[0][0], plan.questions, [s for _, s in splits], depths)
 
 
 def build_prompts(tokenizer, tasks, lengths, questions, contexts, seed, essay) -> list:
@@ -231,10 +233,10 @@ def run_prompts(model, tokenizer, prompts, schemes, chunk: int, progress=True) -
             for i in range(0, len(p.context), chunk):
                 _prefill(model, p.context[i:i + chunk], cache, chunk)
                 bar.update(1)
-            for q, suffix in zip(p.questions, p.suffixes):
+            for q, suffix, depth in zip(p.questions, p.suffixes, p.depths):
                 out = answer(model, tokenizer, copy.deepcopy(cache), suffix, q)
                 records.append({"length": p.length, "seed": p.seed, "task": q.task,
-                                "scheme": s, "context_tokens": len(p.context),
+                                "scheme": s, "context_tokens": len(p.context), "depth": depth,
                                 "answers": q.answers, "output": out, "score": q.score(out)})
                 bar.update(1)
             del cache
