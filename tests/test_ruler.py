@@ -112,6 +112,16 @@ def test_prompts_fill_the_length_and_split_at_the_context():
         ruler.build_prompts(tokenizer, tuple(TASKS), [1024], 11, 1, 0, ESSAY)
 
 
+def test_questions_spread_over_tasks_and_contexts():
+    _, tokenizer = models.load()
+    prompts = ruler.build_prompts(tokenizer, tuple(TASKS), [2048], 15, 3, 0, ESSAY)
+    assert [p.seed for p in prompts] == ["0:2048:0", "0:2048:1", "0:2048:2"]
+    assert [len(p.questions) for p in prompts] == [5, 5, 5]
+    per_task = Counter(q.task for p in prompts for q in p.questions)
+    assert set(per_task) == set(TASKS) and set(per_task.values()) == {1, 2}
+    assert len({tuple(p.context) for p in prompts}) == 3
+
+
 def test_planner_refuses_what_does_not_fit():
     shape = shapes.load_shape()
     assert shape.trained_context == 8192

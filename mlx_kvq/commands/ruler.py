@@ -138,9 +138,18 @@ def build_prompt(tokenizer, counts: dict, length: int, seed: str, essay: list,
 
 
 def build_prompts(tokenizer, tasks, lengths, questions, contexts, seed, essay) -> list:
+    """`questions` per length over `contexts` shared contexts; when they do
+    not divide evenly over the tasks, each context starts where the last
+    left off."""
     parts = chat_parts(tokenizer)
     per_context = -(-questions // contexts)
-    return [build_prompt(tokenizer, ruler_tasks.spread(per_context, tasks), length,
+    tasks = list(tasks)
+
+    def turn(c):
+        k = c * per_context % len(tasks)
+        return tasks[k:] + tasks[:k]
+
+    return [build_prompt(tokenizer, ruler_tasks.spread(per_context, turn(c)), length,
                          f"{seed}:{length}:{c}", essay, parts)
             for length in lengths for c in range(contexts)]
 
