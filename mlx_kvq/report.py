@@ -1,4 +1,12 @@
-"""What a cache holds and costs, for the CLI's KV report and other tools."""
+"""What a cache holds and costs, for the CLI's KV report and other tools.
+
+Besides what the cache holds now, the report says from which length it
+starts quantizing (the spec's sinks, residual and one flush unit stay
+16-bit until then: a short chat is all fp16) and what the same caches would
+hold at longer contexts (PROJECTED: 8K and 32K tokens), from the caches' own
+layout rules (KVQCache.bytes_for, which the sizing uses) against mlx-lm's
+fp16 caches of the same layers.
+"""
 
 from collections import Counter
 from dataclasses import dataclass
@@ -6,8 +14,12 @@ from typing import Optional
 
 import mlx.core as mx
 
+from mlx_lm.models.cache import RotatingKVCache
+
 from . import attention
 from .cache import KVQCache
+
+PROJECTED = (8192, 32768)  # contexts the report projects the cache's bytes to
 
 
 @dataclass
@@ -21,6 +33,9 @@ class KVStats:
     fp16_nbytes: int  # the same tokens in a 16-bit KVCache
     calibration: str = "dynamic, none"
     drift: Optional[str] = None  # flushed values beyond the calibrated range
+    quantizes_from: Optional[int] = None  # tokens from which a full layer holds codes
+    quantized_tokens: int = 0  # of `tokens`, held as codes in the full layers
+    projection: tuple = ()  # (context, nbytes, fp16 nbytes) at PROJECTED contexts
 
     @property
     def bits_per_element(self) -> float:
@@ -64,7 +79,42 @@ def kv_stats(cache) -> KVStats:
         fp16_nbytes=fp16 + other_bytes,
         calibration=calibrated[0] if calibrated else "dynamic, none",
         drift=drift_summary(cache),
+        quantizes_from=quantizes_from(full),
+        quantized_tokens=full[0].spec.token_split(full[0].offset)[1] if full[0].spec.quantized
+        else 0,
+        projection=tuple((n, *projected_bytes(cache, n)) for n in PROJECTED),
     )
+
+
+def quantizes_from(caches) -> Optional[int]:
+    """The fewest tokens after which a full-attention layer holds quantized
+    codes (spec rules: its sinks, its residual, then one flush unit), or None
+    if no layer quantizes."""
+    starts = [c.spec.sinks + c.spec.residual + c.spec.flush_unit for c in caches
+              if c.spec.quantized]
+    return min(starts, default=None)
+
+
+def projected_bytes(cache, context: int) -> tuple:
+    """(bytes, fp16 bytes) these caches would hold after `context` tokens of
+    one sequence: each KVQCache by its spec's layout rules (a window cache
+    bounded by its window), mlx-lm's rotating caches by their size; fp16: a
+    16-bit cache of the same tokens per layer."""
+    total = fp16 = 0
+    for c in cache:
+        if isinstance(c, KVQCache) and c.dims is not None:
+            _, H, D, Dv = c.dims
+            total += KVQCache.bytes_for(c.spec, context, H, D, Dv, window=c.window)
+            fp16 += min(context, c.window or context) * H * (D + Dv) * 2
+        elif isinstance(c, RotatingKVCache) and c.keys is not None:
+            _, H, _, D = c.keys.shape
+            per_token = H * (D + c.values.shape[-1])
+            total += min(context, c.max_size) * per_token * c.keys.dtype.size
+            fp16 += min(context, c.max_size) * per_token * 2
+        else:  # state that does not grow with the context
+            total += _nbytes(c)
+            fp16 += _nbytes(c)
+    return total, fp16
 
 
 def layer_key(spec, smoothed=False) -> str:
@@ -157,6 +207,7 @@ def format_report(stats: KVStats, response=None, peak: Optional[float] = None) -
         f"({stats.fp16_nbytes / max(stats.nbytes, 1):.2f}x smaller), "
         f"{stats.bits_per_element:.2f} bits per element",
     ]
+    lines += _quantizing_lines(stats)
     lines.append(f"attention:    {attention_line()}")
     peak = mx.get_peak_memory() if peak is None else peak
     lines.append(f"peak memory:  {peak / 1e9:.3f} GB")
@@ -167,6 +218,21 @@ def format_report(stats: KVStats, response=None, peak: Optional[float] = None) -
             f"{response.generation_tokens} tokens at {response.generation_tps:.1f} tokens/s"
         )
     return "\n".join(lines)
+
+
+def _quantizing_lines(stats: KVStats) -> list:
+    if stats.quantizes_from is None:
+        return []
+    now = (f"{stats.quantized_tokens} of these {stats.tokens} tokens are quantized"
+           if stats.quantized_tokens else
+           f"these {stats.tokens} tokens are all still 16-bit")
+    lines = [f"quantizes:    from {stats.quantizes_from} tokens on (until then its sinks, "
+             f"residual and one flush unit are all 16-bit); {now}"]
+    if stats.projection:
+        lines.append("at length:    " + "; ".join(
+            f"{n // 1024}K tokens {_mb(b)} vs {_mb(f)} in fp16 ({f / max(b, 1):.2f}x smaller)"
+            for n, b, f in stats.projection) + " for this model")
+    return lines
 
 
 def format_ranks(rows) -> str:

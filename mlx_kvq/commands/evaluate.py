@@ -11,6 +11,10 @@ asked, through its chat template, to repeat the key (its answer is started
 with "The pass key is"), and greedy decoding must produce the digits. The
 full-precision cache runs the same grid: a small model fails long contexts on
 its own, and the gap to fp is what the quantization costs.
+
+--ruler: RULER's synthetic long-context tasks at chosen lengths, every
+scheme against fp on the same questions (ruler.py, ruler_tasks.py); it runs
+on its own, without the KLD windows or the passkey grid.
 """
 
 import argparse
@@ -31,7 +35,10 @@ from mlx_kvq import blas, shapes, sizing, units
 from .cli_types import add_model, fraction_list, nonneg_int, output_file, positive_int, token_list
 from mlx_kvq.integration import model_config, sliding_layers
 from mlx_kvq.report import kv_stats
+from . import ruler, ruler_tasks
 from .schemes import Scheme
+
+KLD_SCHEMES = ("k8v8", "k4v4", "k4v2", "k2v2", "mlx8", "mlx4", "mlx4-g32", "mlx2", "mlx2-g32")
 
 @dataclass
 class Result:
@@ -290,14 +297,15 @@ def run(argv=None):
 
     p = argparse.ArgumentParser(description="KV cache quality vs the full-precision cache")
     add_model(p, windowed=True)
-    p.add_argument("--kv", nargs="+", default=["k8v8", "k4v4", "k4v2", "k2v2",
-                                               "mlx8", "mlx4", "mlx4-g32", "mlx2", "mlx2-g32"],
-                   help="mlx_kvq specs/presets, and mlx-lm baselines as mlx<bits>[-g<group>]")
+    p.add_argument("--kv", nargs="+", default=None,
+                   help="mlx_kvq specs/presets, and mlx-lm baselines as mlx<bits>[-g<group>] "
+                   f"(default {' '.join(KLD_SCHEMES)})")
     p.add_argument("--text", nargs="*", default=None,
                    help=".txt / .jsonl files (default: Jane Austen's novels, else the bundled sample)")
     p.add_argument("--window", type=positive_int, default=2048)
     p.add_argument("--chunk", type=positive_int, default=256)
-    p.add_argument("--windows", type=nonneg_int, default=4, help="0 skips the KLD evaluation")
+    p.add_argument("--windows", type=nonneg_int, default=None,
+                   help="0 skips the KLD evaluation (default 4, 0 with --ruler)")
     p.add_argument("--needle", action="store_true", help="Also run passkey retrieval")
     p.add_argument("--needle-contexts", type=token_list, default=(512, 1024),
                    help="Comma-separated prompt lengths in tokens")
@@ -307,8 +315,14 @@ def run(argv=None):
     p.add_argument("--json", type=output_file, default=None,
                    help="Write results and the disclosure as JSON here")
     p.add_argument("--plot", default=None, help="Write PNG plots into this folder")
+    ruler.add_arguments(p)
     args = p.parse_args(argv)
+    args.kv = args.kv or list(ruler.DEFAULT_SCHEMES if args.ruler else KLD_SCHEMES)
+    if args.ruler and (args.windows or args.needle):
+        p.error("--ruler runs on its own: run --windows / --needle in another mlx_kvq.eval")
+    args.windows = (0 if args.ruler else 4) if args.windows is None else args.windows
     try:
+        ruler_tasks.parse_tasks(args.ruler_tasks)
         for name in args.kv:
             Scheme(name).validate()
     except ValueError as e:
@@ -317,6 +331,9 @@ def run(argv=None):
     model, tokenizer, shape = load_for_schemes(p, args.model, args.kv, args.sliding_window,
                                                args.full_every)
     problem = memory_problem(shape, args, sizing.total_memory())
+    if args.ruler:
+        problem = problem or ruler.length_problem(shape, args.kv, args.ruler_lengths,
+                                                  args.chunk, sizing.total_memory())
     if problem:
         p.error(problem)
     try:
@@ -324,6 +341,8 @@ def run(argv=None):
             text, source = corpora.load_texts(args.text), ", ".join(args.text)
         else:
             text, source = default_text(corpora)
+        if args.ruler:
+            return run_ruler(p, args, model, tokenizer, shape, text, source)
         tokens = tokenizer.encode(text)
         if args.windows > 0 and len(tokens) < args.window:
             raise ValueError(f"the text has {len(tokens)} tokens, fewer than one "
@@ -369,6 +388,24 @@ def run(argv=None):
         for path in plots.eval_plots(results, grid, args.plot):
             print(f"plot:         {path}")
     return results, grid
+
+
+def run_ruler(p, args, model, tokenizer, shape, text, source):
+    """--ruler: the RULER-style suite (ruler.py); its prompts are built
+    (and refused if they do not fit) before anything runs."""
+    from mlx_kvq.models import DEFAULT_MODEL, describe_weights
+
+    kv_plan = getattr(model, "kvq_plan", None)
+    d = disclosure_dict(args.model or f"{DEFAULT_MODEL} (embedded)",
+                        describe_weights(args.model), source, 0, 0, 0, 0, args.kv,
+                        calibration=kv_plan and f"{kv_plan.source}: {kv_plan.label()}",
+                        windowed=bool(shape.windows))
+    del d["windows"]
+    d["corpus"] = source
+    try:
+        return ruler.run(args, model, tokenizer, shape, text, source, d)
+    except ValueError as e:
+        p.error(str(e))
 
 
 def load_for_schemes(p, model_ref, schemes, sliding_window=None, full_every=6):

@@ -94,6 +94,39 @@ def eval_plots(results, grid, out_dir, title="") -> list:
     return paths
 
 
+def ruler_plot(rows, out_dir) -> str:
+    """RULER suite: the mean score over all tasks per length and scheme
+    (left), and each scheme's agreement with fp (right)."""
+    from .schemes import Scheme
+
+    plt = _plt()
+    rows = [r for r in rows if r["task"] == "all"]
+    schemes = list(dict.fromkeys(r["scheme"] for r in rows))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    for s in schemes:
+        pts = sorted((r["length"], r["score"], r["agree"]) for r in rows if r["scheme"] == s)
+        x = [p[0] for p in pts]
+        style = dict(marker="s" if s != "fp" and Scheme(s).baseline else "o",
+                     color="black" if s == "fp" else None, label=s)
+        left.plot(x, [p[1] for p in pts], **style)
+        if s != "fp":
+            right.plot(x, [p[2] for p in pts], **style)
+    n = max((r["questions"] for r in rows), default=0)
+    for ax, label in ((left, "mean score (RULER string match)"),
+                      (right, "share of questions scored as fp scores them")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({r["length"] for r in rows}),
+                      [str(x) for x in sorted({r["length"] for r in rows})])
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_xlabel("sequence length (tokens)")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    left.set_title(f"RULER tasks, all together (up to {n} questions per length)")
+    right.set_title("agreement with the fp cache")
+    return _save(fig, out_dir, "ruler.png")
+
+
 def memory_vs_context(plan, out_dir) -> str:
     """Per precision vs context: the KV cache of one chat (left), and all the
     memory one chat needs, weights and workspace included, against the
@@ -235,8 +268,11 @@ def main(argv=None):
     paths = []
     if args.eval:
         d = json.loads(Path(args.eval).read_text())
-        paths += eval_plots(d.get("results"), d.get("needle"), args.out,
-                            title=f"{d['disclosure']['model']}: KV cache quality vs size")
+        if "rows" in d:  # --ruler
+            paths.append(ruler_plot(d["rows"], args.out))
+        else:
+            paths += eval_plots(d.get("results"), d.get("needle"), args.out,
+                                title=f"{d['disclosure']['model']}: KV cache quality vs size")
     if args.bench:
         paths += bench_plots(json.loads(Path(args.bench).read_text())["cases"], args.out)
     for path in paths:

@@ -1,0 +1,347 @@
+"""The RULER-style long-context suite of `mlx_kvq.eval --ruler`: prompts,
+planner, runner, table, JSON and plot (the tasks and scorer: ruler_tasks.py).
+
+A length costs about one prefill per scheme: for each (length, seed) one
+shared context (ruler_tasks.plan_context) is rendered into the user turn of
+the model's chat template and fitted to the length with the model's
+tokenizer (a length counts every token: template, context, the longest
+question and its answer cap, as RULER's max_seq_length does). Each question's
+prompt is template(user: context + "\\n" + question) followed by its answer
+prefix; its tokens are split where the context's end, and the split is
+checked to be a true prefix (tokenization does not merge across it). Every
+scheme ("fp" first) prefills the context once; each question is then
+answered greedily from a `copy.deepcopy` of that cache, so all schemes
+answer the same questions on the same samples, and a question agrees with
+fp when its score equals fp's.
+
+The planner refuses, before the model runs, lengths beyond the model's
+trained context (config max_position_embeddings) or whose cache, its copy,
+the weights and a prefill chunk's workspace exceed the machine's memory.
+The run time is estimated from a short prefill and a few decode steps timed
+before the run, extrapolated with the attention's growth over the context.
+"""
+
+import copy
+import time
+from dataclasses import dataclass
+
+import mlx.core as mx
+from mlx_lm.generate import generate_step
+from tqdm import tqdm
+
+from mlx_kvq import sizing, units
+from . import ruler_tasks
+from .cli_types import nonneg_int, positive_int, token_list
+from .schemes import Scheme
+
+DEFAULT_SCHEMES = ("k4v4", "k3v3", "k2v2", "mlx4")
+
+
+def add_arguments(p):
+    g = p.add_argument_group("RULER suite (--ruler)")
+    g.add_argument("--ruler", action="store_true",
+                   help="Run RULER's synthetic long-context tasks for every --kv scheme "
+                   f"against fp (default schemes {' '.join(DEFAULT_SCHEMES)}) instead of "
+                   "the KLD windows")
+    g.add_argument("--ruler-lengths", type=token_list, default=(4096, 8192),
+                   help="Comma-separated sequence lengths in tokens (4K,8K,16K,32K)")
+    g.add_argument("--ruler-tasks", default="all",
+                   help="Comma-separated tasks: all, niah, or any of "
+                   + ", ".join(ruler_tasks.TASKS))
+    g.add_argument("--ruler-questions", type=positive_int, default=22,
+                   help="Questions per length, spread over the tasks and contexts")
+    g.add_argument("--ruler-contexts", type=positive_int, default=1,
+                   help="Shared contexts per length (each: one prefill per scheme)")
+    g.add_argument("--seed", type=nonneg_int, default=0)
+
+
+# -- prompts -----------------------------------------------------------------------
+
+@dataclass
+class Prompt:
+    """A shared context's tokens and, for each question, the tokens after it."""
+
+    length: int
+    seed: str
+    context: list
+    questions: list  # ruler_tasks.Question
+    suffixes: list  # token lists
+    depths: list  # where each question's first answer first occurs, 0..1 of the context
+
+    @property
+    def longest(self) -> int:
+        return len(self.context) + max(len(s) + q.max_tokens
+                                       for s, q in zip(self.suffixes, self.questions))
+
+
+def chat_parts(tokenizer) -> tuple:
+    """The chat template's text before and after a user message (with the
+    assistant's turn started)."""
+    if not getattr(tokenizer, "has_chat_template", False):
+        return "", "\n"
+    marker = "<<CONTEXT>>"
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": marker}],
+                                             tokenize=False, add_generation_prompt=True)
+    pre, post = rendered.split(marker)
+    return pre, post
+
+
+def _encode(tokenizer, text):
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def split_prompt(tokenizer, context_text: str, question, parts) -> tuple:
+    """(context tokens, question tokens) of one question's prompt, the first
+    a true prefix of the prompt's tokens."""
+    pre, post = parts
+    head = pre + context_text
+    full = _encode(tokenizer, head + "\n" + question.text + post + question.answer_prefix)
+    ctx = _encode(tokenizer, head)
+    if full[:len(ctx)] != ctx:
+        raise ValueError(f"the tokenizer merges tokens across the end of the shared context "
+                         f"({question.task}): its tokens are not a prefix of the question's "
+                         "prompt")
+    return ctx, full[len(ctx):]
+
+
+def build_prompt(tokenizer, counts: dict, length: int, seed: str, essay: list,
+                 parts=None) -> Prompt:
+    """The shared context of `length` tokens (questions and answers included)
+    with as much haystack as fits."""
+    parts = parts or chat_parts(tokenizer)
+    plan = ruler_tasks.plan_context(seed, counts, essay, blocks_per_kind=max(1, length // 2048))
+    empty = plan.render(0)
+    tail = max(len(split_prompt(tokenizer, empty, q, parts)[1]) + q.max_tokens
+               for q in plan.questions)
+    budget = length - tail
+
+    def size(n):
+        return len(_encode(tokenizer, parts[0] + plan.render(n)))
+
+    if size(0) > budget:
+        raise ValueError(f"{length} tokens are too few for {len(plan.questions)} questions "
+                         f"in one context: their items alone take {size(0) + tail} tokens; "
+                         "use fewer --ruler-questions, more --ruler-contexts or longer "
+                         "--ruler-lengths")
+    per_unit = max(1.0, (size(64) - size(0)) / 64)
+    step = int((budget - size(0)) / per_unit * 0.01) + 4  # overshoot the length little
+    lo, hi = 0, int((budget - size(0)) / per_unit) + step
+    while size(hi) <= budget:
+        lo, hi, step = hi, hi + step, 2 * step
+    while hi - lo > 1:  # size(lo) fits, size(hi) does not
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if size(mid) <= budget else (lo, mid)
+    text = plan.render(lo)
+    splits = [split_prompt(tokenizer, text, q, parts) for q in plan.questions]
+    depths = [round(text.find(q.answers[0]) / len(text), 3) for q in plan.questions]
+    return Prompt(length, seed, splits[0][0], plan.questions, [s for _, s in splits], depths)
+
+
+def build_prompts(tokenizer, tasks, lengths, questions, contexts, seed, essay) -> list:
+    """`questions` per length over `contexts` shared contexts; when they do
+    not divide evenly over the tasks, each context starts where the last
+    left off."""
+    parts = chat_parts(tokenizer)
+    per_context = -(-questions // contexts)
+    tasks = list(tasks)
+
+    def turn(c):
+        k = c * per_context % len(tasks)
+        return tasks[k:] + tasks[:k]
+
+    return [build_prompt(tokenizer, ruler_tasks.spread(per_context, turn(c)), length,
+                         f"{seed}:{length}:{c}", essay, parts)
+            for length in lengths for c in range(contexts)]
+
+
+# -- planner and estimate ------------------------------------------------------------
+
+def length_problem(shape, schemes, lengths, chunk: int, memory: int):
+    """Why a length cannot run, or None: beyond the model's trained context,
+    or the cache of the largest scheme, its copy, the weights and a chunk's
+    workspace exceed `memory`."""
+    trained = shape.trained_context
+    for length in lengths:
+        if trained and length > trained:
+            return (f"--ruler-lengths {length}: more than the model's trained context of "
+                    f"{trained} tokens (config max_position_embeddings); use lengths up to "
+                    f"{trained}")
+        kv = max(Scheme(s).kv_bytes(shape, length) for s in ["fp", *schemes])
+        need = shape.weight_bytes + sizing.workspace_bytes(shape, "fp16", length, chunk) + 2 * kv
+        if need > memory:
+            return (f"--ruler-lengths {length}: the weights, the largest cache and its copy "
+                    f"need {units.fmt_bytes(need)}, more than {units.fmt_bytes(memory)}; use "
+                    "shorter lengths")
+    return None
+
+
+def _prefill(model, tokens, cache, chunk):
+    for i in range(0, len(tokens), chunk):
+        model(mx.array(tokens[i:i + chunk])[None], cache=cache)
+        mx.eval([c.state for c in cache])
+
+
+def estimate_seconds(model, shape, prompts, n_schemes: int, chunk: int) -> float:
+    """The run time, from a short prefill and decode steps timed now: a token
+    at context c costs its weights' share plus attention over c tokens
+    (attention's flops per context token over the weights' per token for
+    prefill, the cache's bytes per token over the weights' for decode)."""
+    n = min(chunk, 128)
+    toks = list(range(100, 100 + n))
+    cache = Scheme("fp").make(model)
+    _prefill(model, toks[:16], cache, chunk)  # warm up
+    cache = Scheme("fp").make(model)
+    t0 = time.perf_counter()
+    _prefill(model, toks, cache, chunk)
+    per_token = (time.perf_counter() - t0) / n
+    t0 = time.perf_counter()
+    for _ in range(4):
+        mx.eval(model(mx.array([[7]]), cache=cache))
+    per_step = (time.perf_counter() - t0) / 4
+    attn = 4 * shape.n_layers * shape.n_heads * shape.head_dim
+    dense = 2 * max(shape.weight_bytes / shape.dtype_bytes, 1)
+    grow_prefill = attn / dense
+    grow_decode = Scheme("fp").kv_bytes(shape, 1024) / 1024 / max(shape.weight_bytes, 1)
+    total = 0.0
+    for p in prompts:
+        L = len(p.context)
+        prefill = per_token * (L + grow_prefill * L * L / 2)
+        answers = sum(per_token * len(s) * (1 + grow_prefill * L)
+                      + q.max_tokens * per_step * (1 + grow_decode * L)
+                      for q, s in zip(p.questions, p.suffixes))
+        total += n_schemes * (prefill + answers)
+    return total
+
+
+# -- running -------------------------------------------------------------------------
+
+def answer(model, tokenizer, cache, suffix, question) -> str:
+    """Greedy answer to one question, from a cache holding the context; stops
+    at end of turn, at the cap, or once the score cannot change (all found)."""
+    out, text = [], ""
+    for tok, _ in generate_step(mx.array(suffix), model, max_tokens=question.max_tokens,
+                                prompt_cache=cache):
+        if tok in tokenizer.eos_token_ids:
+            break
+        out.append(tok)
+        text = tokenizer.decode(out)
+        if question.metric == "all" and question.score(text) == 1.0:
+            break
+    return text
+
+
+def run_prompts(model, tokenizer, prompts, schemes, chunk: int, progress=True) -> list:
+    """Every scheme ("fp" first) answers every question: one record each."""
+    schemes = ["fp"] + [s for s in schemes if s != "fp"]
+    steps = sum(-(-len(p.context) // chunk) + len(p.questions) for p in prompts)
+    bar = tqdm(total=steps * len(schemes), disable=not progress, desc="ruler", unit="step")
+    records = []
+    for p in prompts:
+        for s in schemes:
+            cache = Scheme(s).make(model)
+            for i in range(0, len(p.context), chunk):
+                _prefill(model, p.context[i:i + chunk], cache, chunk)
+                bar.update(1)
+            for q, suffix, depth in zip(p.questions, p.suffixes, p.depths):
+                out = answer(model, tokenizer, copy.deepcopy(cache), suffix, q)
+                records.append({"length": p.length, "seed": p.seed, "task": q.task,
+                                "scheme": s, "context_tokens": len(p.context), "depth": depth,
+                                "answers": q.answers, "output": out, "score": q.score(out)})
+                bar.update(1)
+            del cache
+    bar.close()
+    return records
+
+
+def summarize(records) -> list:
+    """One row per (task, length, scheme), plus task "all" per length: mean
+    score, and agreement = share of questions scored as fp scores them."""
+    fp = {(r["length"], r["seed"], r["task"], i): r["score"]
+          for i, r in _numbered(records) if r["scheme"] == "fp"}
+    groups = {}
+    for i, r in _numbered(records):
+        same = r["score"] == fp[(r["length"], r["seed"], r["task"], i)]
+        for task in (r["task"], "all"):
+            groups.setdefault((task, r["length"], r["scheme"]), []).append((r["score"], same))
+    return [{"task": t, "length": n, "scheme": s, "questions": len(v),
+             "score": sum(x for x, _ in v) / len(v), "agree": sum(a for _, a in v) / len(v)}
+            for (t, n, s), v in groups.items()]
+
+
+def _numbered(records):
+    """(index of the question within its context and task, record)."""
+    seen = {}
+    for r in records:
+        k = (r["length"], r["seed"], r["task"], r["scheme"])
+        seen[k] = seen.get(k, -1) + 1
+        yield seen[k], r
+
+
+def format_table(rows) -> str:
+    schemes = list(dict.fromkeys(r["scheme"] for r in rows))
+    tasks = list(dict.fromkeys(r["task"] for r in rows if r["task"] != "all")) + ["all"]
+    lengths = sorted({r["length"] for r in rows})
+    cell = {(r["task"], r["length"], r["scheme"]): r for r in rows}
+    head = f"{'task':<17}{'length':>7}{'n':>4} |" + "".join(
+        f"{s:>10}" if s == "fp" else f"{s:>17}" for s in schemes)
+    lines = ["==== RULER (score: mean string match; agree: share of questions scored as "
+             "fp scores them)", head,
+             f"{'':<28} |" + "".join(f"{'score':>10}" if s == "fp" else
+                                     f"{'score':>10}{'agree':>7}" for s in schemes),
+             "-" * len(head)]
+    for t in tasks:
+        for n in lengths:
+            row = [cell.get((t, n, s)) for s in schemes]
+            if row[0] is None:
+                continue
+            text = f"{t:<17}{n:>7}{row[0]['questions']:>4} |"
+            for s, r in zip(schemes, row):
+                text += f"{r['score']:>10.2f}" if s == "fp" else \
+                    f"{r['score']:>10.2f}{r['agree']:>7.2f}"
+            lines.append(text)
+    return "\n".join(lines)
+
+
+def run(args, model, tokenizer, shape, essay_text: str, source: str, disclosure: dict):
+    """The --ruler mode of mlx_kvq.eval; returns (rows, records)."""
+    import json
+    import sys
+
+    tasks = ruler_tasks.parse_tasks(args.ruler_tasks)
+    schemes = list(args.kv)
+    prompts = build_prompts(tokenizer, tasks, args.ruler_lengths, args.ruler_questions,
+                            args.ruler_contexts, args.seed, ruler_tasks.sentences(essay_text))
+    est = estimate_seconds(model, shape, prompts, 1 + len(schemes), args.chunk)
+    n_q = sum(len(p.questions) for p in prompts)
+    print(f"RULER: {len(prompts)} shared context(s), {n_q} questions, {len(schemes) + 1} "
+          f"schemes; estimated run time {_minutes(est)} "
+          "(an estimate: a short prefill and decode steps timed now, extrapolated over the "
+          "context, every scheme as fast as fp, every answer at its token cap)",
+          file=sys.stderr)
+    t0 = time.perf_counter()
+    records = run_prompts(model, tokenizer, prompts, schemes, args.chunk)
+    took = time.perf_counter() - t0
+    rows = summarize(records)
+    print(format_table(rows))
+    disclosure = dict(disclosure, ruler=(
+        f"tasks {', '.join(tasks)}; lengths {list(args.ruler_lengths)} tokens (template, "
+        f"context, question and answer cap); {args.ruler_contexts} shared context(s) and "
+        f"{n_q // len(args.ruler_lengths)} questions per length, seed {args.seed}; haystack "
+        f"prose: {source}; greedy answers, scored by RULER's string match"),
+        estimate=f"{est:.0f} s", time=f"{took:.0f} s")
+    for k, v in disclosure.items():
+        if k != "schemes":
+            print(f"{k + ':':<14}{v}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"disclosure": disclosure, "rows": rows, "records": records}, f,
+                      indent=1)
+    if args.plot:
+        from . import plots
+
+        print(f"plot:         {plots.ruler_plot(rows, args.plot)}")
+    return rows, records
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
