@@ -1,5 +1,5 @@
-"""Native CPU kernels: decode attention that reads the quantized store, on
-every core.
+"""Native CPU kernels: decode and prefill attention that read the quantized
+store, on every core.
 
 MLX runs each CPU primitive (``mx.quantized_matmul`` included) as one task
 on one thread, while full-precision attention's matmuls use multi-threaded
@@ -19,6 +19,16 @@ that computes a whole decode step of a layer with its own thread pool:
   128 tokens, and dequantizes each value row once into the outputs;
 * the parts' softmax partials (m, l, o) merge by log-sum-exp with the
   learned sinks' logits, then o / l (0 for a row that sees no token).
+
+``prefill_attention`` (``prefill.cpp``) computes a prefill chunk of a layer
+the same way on other work: the queries of each (row, kv head) cut into
+blocks of positions, every query head of the GQA group in one block (rows
+that read the same bytes), the blocks spread over the pool's threads; a
+block walks the tokens its rows may see (the causal rule and the window by
+absolute positions, each row its own limits), dequantizing KB tokens of keys
+into a [D, KB] tile and of values into a [KB, Dv] tile once for all its
+rows, scores and accumulates with register-tiled products, and keeps an
+online softmax per row (no score matrix is ever held).
 
 Every width of the spec (2, 3, 4, 5, 6, 8 bits; 16-bit parts in float16,
 bfloat16 or float32), any group dividing the head dim, any head dims
@@ -40,7 +50,8 @@ from typing import Optional, Sequence
 
 import mlx.core as mx
 
-__all__ = ["status", "usable", "threads", "decode_attention", "FP", "CHANNEL", "TOKEN"]
+__all__ = ["status", "usable", "threads", "decode_attention", "prefill_attention", "FP",
+           "CHANNEL", "TOKEN"]
 
 FP, CHANNEL, TOKEN = 0, 1, 2
 DISABLE_ENV = "MLX_KVQ_NATIVE"  # "0": never load the extension
@@ -99,9 +110,40 @@ def decode_attention(q: mx.array, segments: Sequence[tuple], sinks: Optional[mx.
     merge without rescaling, 2 every row with the first row's counts, 3 the
     window ignored, 4 the next group's key scales).
     """
+    module = _module()
+    return module.decode_attention(q, *_flat(segments), sinks, split_tokens, fault)
+
+
+def prefill_attention(q: mx.array, segments: Sequence[tuple], starts: Sequence[Sequence[int]],
+                      q0: Sequence[int], causal: bool = True, window: int = 0,
+                      sinks: Optional[mx.array] = None, fault: int = 0) -> mx.array:
+    """Attention of a prefill chunk q [B, H, R, L, D] (float32, already
+    scaled; R query heads per kv head, L positions) over cache segments,
+    normalized: [B, H, R, L, Dv] float32.
+
+    segments: as decode_attention takes them; starts: per segment, the
+    absolute position of its token 0 in each batch row; q0: each row's
+    position of its first query (query i at q0[b] + i). causal: a query sees
+    no later token; window: nor one `window` or more positions before its
+    own (0: no window). fault: as decode_attention's 1-4 (1 skips the online
+    softmax's rescaling), or 5 a query that also sees the token after it.
+    """
+    module = _module()
+    arrays, layouts, counts, firsts = _flat(segments)
+    flat_starts = [int(s) for per_row in starts for s in per_row]
+    return module.prefill_attention(q, arrays, layouts, counts, firsts, flat_starts,
+                                    [int(x) for x in q0], causal, window, sinks, fault)
+
+
+def _module():
     module, why = _load()
     if module is None:
         raise RuntimeError(f"the native CPU kernel is not available: {why}")
+    return module
+
+
+def _flat(segments):
+    """(arrays, layouts, counts, firsts) of segments, as the extension takes them."""
     arrays, layouts, counts, firsts = [], [], [], []
     for keys, values, k_kind, k_bits, v_kind, v_bits, group, cnt, fst in segments:
         for kind, part in ((k_kind, keys), (v_kind, values)):
@@ -109,5 +151,4 @@ def decode_attention(q: mx.array, segments: Sequence[tuple], sinks: Optional[mx.
         layouts.append((k_kind, k_bits or 0, v_kind, v_bits or 0, group))
         counts.extend(cnt)
         firsts.extend(fst)
-    return module.decode_attention(q, arrays, layouts, counts, firsts, sinks, split_tokens,
-                                   fault)
+    return arrays, layouts, counts, firsts

@@ -27,7 +27,7 @@ mx::array rows_contiguous(const mx::array& a, mx::StreamOrDevice s) {
 }
 
 [[noreturn]] void fail(const std::string& what) {
-  throw std::invalid_argument("[mlx_kvq.cpu_kernels.decode_attention] " + what);
+  throw std::invalid_argument("[mlx_kvq.cpu_kernels] " + what);
 }
 
 // The head dim of a part (D for keys, Dv for values).
@@ -42,6 +42,45 @@ int part_dim(int kind, int bits, const mx::array* a) {
 }
 
 }  // namespace
+
+std::vector<Segment> segments_of(const std::vector<mx::array>& ins, size_t i,
+                                 const std::vector<SegmentLayout>& layouts, const int* counts,
+                                 const int* firsts, int B, int H) {
+  const long BH = long(B) * H;
+  std::vector<Segment> segs;
+  for (size_t j = 0; j < layouts.size(); ++j) {
+    const auto& L = layouts[j];
+    Segment sg;
+    sg.group = L.group;
+    sg.counts = counts + j * B;
+    sg.firsts = firsts + j * B;
+    for (int side = 0; side < 2; ++side) {
+      Part& p = side == 0 ? sg.k : sg.v;
+      p.kind = side == 0 ? L.k_kind : L.v_kind;
+      p.bits = side == 0 ? L.k_bits : L.v_bits;
+      const mx::array& a = ins[i];
+      if (p.kind == FP) {
+        p.dtype = a.dtype();
+        p.fp = a.data<void>();
+        p.head = long(a.size() / BH);
+        p.T = a.shape(2);
+      } else {
+        p.unpack = unpacker(p.bits);
+        p.codes = a.data<uint32_t>();
+        p.scales = ins[i + 1].data<uint16_t>();
+        p.biases = ins[i + 2].data<uint16_t>();
+        p.head = long(a.size() / BH);
+        p.scale_head = long(ins[i + 1].size() / BH);
+        p.words = a.shape(3);
+        p.groups = ins[i + 1].shape(3);
+        p.T = a.shape(2);
+      }
+      i += parts_of(p.kind);
+    }
+    segs.push_back(sg);
+  }
+  return segs;
+}
 
 int threads() {
   return Pool::get().threads();
@@ -61,6 +100,34 @@ mx::array decode_attention(
     fail("q must be [B, H, R, D]");
   }
   const int B = q.shape(0), H = q.shape(1), R = q.shape(2), D = q.shape(3);
+  std::vector<mx::array> inputs = {rows_contiguous(mx::astype(q, mx::float32, s), s)};
+  int Dv = -1;
+  for (auto& a : segment_inputs(B, H, D, arrays, layouts, counts, firsts, s, Dv)) {
+    inputs.push_back(std::move(a));
+  }
+  if (sinks) {
+    if (sinks->size() != size_t(H) * R) {
+      fail("sinks must hold one logit per query head (H * R)");
+    }
+    inputs.push_back(rows_contiguous(mx::astype(mx::reshape(*sinks, {H * R}, s), mx::float32, s),
+                                     s));
+  }
+  if (fault < NONE || fault > GROUP_OFFSET) {
+    fail("unknown fault");
+  }
+  auto prim = std::make_shared<DecodeAttention>(mx::to_stream(s, mx::Device::cpu), layouts,
+                                                counts, firsts, bool(sinks), split_tokens, fault);
+  return mx::array({B, H, R, Dv}, mx::float32, prim, inputs);
+}
+
+std::vector<mx::array> segment_inputs(
+    int B, int H, int D,
+    const std::vector<mx::array>& arrays,
+    const std::vector<SegmentLayout>& layouts,
+    const std::vector<int>& counts,
+    const std::vector<int>& firsts,
+    mx::StreamOrDevice s,
+    int& Dv) {
   const size_t n_seg = layouts.size();
   if (n_seg == 0) {
     fail("no segments");
@@ -84,8 +151,8 @@ mx::array decode_attention(
     fail("expected " + std::to_string(need) + " arrays for these segments, got " +
          std::to_string(arrays.size()));
   }
-  std::vector<mx::array> inputs = {rows_contiguous(mx::astype(q, mx::float32, s), s)};
-  int Dv = -1;
+  std::vector<mx::array> inputs;
+  Dv = -1;
   size_t i = 0;
   for (size_t j = 0; j < n_seg; ++j) {
     const auto& L = layouts[j];
@@ -141,19 +208,7 @@ mx::array decode_attention(
       fail("token counts and first tokens must be >= 0");
     }
   }
-  if (sinks) {
-    if (sinks->size() != size_t(H) * R) {
-      fail("sinks must hold one logit per query head (H * R)");
-    }
-    inputs.push_back(rows_contiguous(mx::astype(mx::reshape(*sinks, {H * R}, s), mx::float32, s),
-                                     s));
-  }
-  if (fault < NONE || fault > GROUP_OFFSET) {
-    fail("unknown fault");
-  }
-  auto prim = std::make_shared<DecodeAttention>(mx::to_stream(s, mx::Device::cpu), layouts,
-                                                counts, firsts, bool(sinks), split_tokens, fault);
-  return mx::array({B, H, R, Dv}, mx::float32, prim, inputs);
+  return inputs;
 }
 
 std::vector<mx::Shape> DecodeAttention::output_shapes(const std::vector<mx::array>& inputs) {
@@ -206,39 +261,7 @@ void DecodeAttention::eval_cpu(const std::vector<mx::array>& inputs,
     st.q = q.data<float>();
     st.sinks = has_sinks ? ins.back().data<float>() : nullptr;
     st.out = out.data<float>();
-    const long BH = long(st.B) * st.H;
-    size_t i = 1;
-    for (size_t j = 0; j < layouts.size(); ++j) {
-      const auto& L = layouts[j];
-      Segment sg;
-      sg.group = L.group;
-      sg.counts = counts.data() + j * st.B;
-      sg.firsts = firsts.data() + j * st.B;
-      for (int side = 0; side < 2; ++side) {
-        Part& p = side == 0 ? sg.k : sg.v;
-        p.kind = side == 0 ? L.k_kind : L.v_kind;
-        p.bits = side == 0 ? L.k_bits : L.v_bits;
-        const mx::array& a = ins[i];
-        if (p.kind == FP) {
-          p.dtype = a.dtype();
-          p.fp = a.data<void>();
-          p.head = long(a.size() / BH);
-          p.T = a.shape(2);
-        } else {
-          p.unpack = unpacker(p.bits);
-          p.codes = a.data<uint32_t>();
-          p.scales = ins[i + 1].data<uint16_t>();
-          p.biases = ins[i + 2].data<uint16_t>();
-          p.head = long(a.size() / BH);
-          p.scale_head = long(ins[i + 1].size() / BH);
-          p.words = a.shape(3);
-          p.groups = ins[i + 1].shape(3);
-          p.T = a.shape(2);
-        }
-        i += parts_of(p.kind);
-      }
-      st.segs.push_back(sg);
-    }
+    st.segs = segments_of(ins, 1, layouts, counts.data(), firsts.data(), st.B, st.H);
     compute(st);
   });
 }

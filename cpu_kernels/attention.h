@@ -48,6 +48,18 @@ mx::array decode_attention(
 
 int threads();
 
+// The checked, row-contiguous input arrays of cache segments read by queries
+// of batch B, kv heads H and key head dim D (the value head dim goes to Dv):
+// shared by the decode and prefill primitives.
+std::vector<mx::array> segment_inputs(
+    int B, int H, int D,
+    const std::vector<mx::array>& arrays,
+    const std::vector<SegmentLayout>& layouts,
+    const std::vector<int>& counts,
+    const std::vector<int>& firsts,
+    mx::StreamOrDevice s,
+    int& Dv);
+
 class DecodeAttention : public mx::Primitive {
  public:
   DecodeAttention(

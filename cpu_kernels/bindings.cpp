@@ -6,13 +6,14 @@
 #include <nanobind/stl/vector.h>
 
 #include "attention.h"
+#include "prefill.h"
 
 namespace nb = nanobind;
 namespace mx = mlx::core;
 using namespace nb::literals;
 
 NB_MODULE(_native, m) {
-  m.doc() = "mlx_kvq's native CPU kernels: decode attention over the quantized cache.";
+  m.doc() = "mlx_kvq's native CPU kernels: decode and prefill attention over the quantized cache.";
   m.def(
       "decode_attention",
       [](const mx::array& q, const std::vector<mx::array>& arrays,
@@ -28,5 +29,22 @@ NB_MODULE(_native, m) {
       "q"_a, "arrays"_a, "layouts"_a, "counts"_a, "firsts"_a, "sinks"_a = nb::none(),
       "split_tokens"_a = 0, "fault"_a = 0,
       "Decode attention over cache segments; see mlx_kvq.cpu_kernels.decode_attention.");
+  m.def(
+      "prefill_attention",
+      [](const mx::array& q, const std::vector<mx::array>& arrays,
+         const std::vector<std::tuple<int, int, int, int, int>>& layouts,
+         const std::vector<int>& counts, const std::vector<int>& firsts,
+         const std::vector<int>& starts, const std::vector<int>& q0, bool causal, int window,
+         const std::optional<mx::array>& sinks, int fault) {
+        std::vector<kvq::SegmentLayout> ls;
+        for (const auto& [kk, kb, vk, vb, g] : layouts) {
+          ls.push_back({kk, kb, vk, vb, g});
+        }
+        return kvq::prefill_attention(q, arrays, ls, counts, firsts, starts, q0, causal, window,
+                                      sinks, fault);
+      },
+      "q"_a, "arrays"_a, "layouts"_a, "counts"_a, "firsts"_a, "starts"_a, "q0"_a,
+      "causal"_a = true, "window"_a = 0, "sinks"_a = nb::none(), "fault"_a = 0,
+      "Prefill attention over cache segments; see mlx_kvq.cpu_kernels.prefill_attention.");
   m.def("threads", &kvq::threads, "Threads of the kernel's pool (MLX_KVQ_THREADS overrides).");
 }

@@ -30,7 +30,7 @@ from pathlib import Path
 
 SOURCE_DIR = Path(__file__).resolve().parent
 SOURCES = ("CMakeLists.txt", "attention.h", "attention.cpp", "codes.h", "decode.h", "decode.cpp",
-           "pool.h", "bindings.cpp")
+           "prefill.h", "prefill.cpp", "pool.h", "bindings.cpp")
 MODULE = "_native"
 
 

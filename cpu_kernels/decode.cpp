@@ -4,7 +4,6 @@
 #include "pool.h"
 
 namespace kvq {
-namespace {
 
 // A row of D values of an FP part as float32.
 void fp_row(const Part& p, long bh, int t, int D, float* out) {
@@ -37,6 +36,8 @@ void token_row(const Part& p, long bh, int t, int D, int G, float* out) {
     }
   }
 }
+
+namespace {
 
 struct Scratch {
   std::vector<float> S, codes, row, bias;

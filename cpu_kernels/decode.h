@@ -77,8 +77,19 @@ struct Step {
   float* out;
 };
 
+// Token t of (row, head) bh of an FP part as D float32 values.
+void fp_row(const Part& p, long bh, int t, int D, float* out);
+// Token t of (row, head) bh of a TOKEN part, dequantized (group G): D values.
+void token_row(const Part& p, long bh, int t, int D, int G, float* out);
+
 // The unpacker of a code width the kernel has (2, 3, 4, 5, 6, 8), else nullptr.
 Unpack unpacker(int bits);
+
+// The kernel's view of the segments whose arrays are ins[i], ins[i + 1], ...
+// (as segment_inputs made them), with counts/firsts [n_seg * B].
+std::vector<Segment> segments_of(const std::vector<mx::array>& ins, size_t i,
+                                 const std::vector<SegmentLayout>& layouts, const int* counts,
+                                 const int* firsts, int B, int H);
 
 // Attention of every (row, head) of a step over its segments, written to
 // st.out: parts on the pool's threads, then the merge.

@@ -13,9 +13,12 @@ chunks so that no score tensor exceeds SCORE_BUDGET_BYTES.
 Paths (``path()`` names the one a decode step takes; ``paths_run()`` counts
 the steps each path ran): on the CPU a decode step runs as one call of the
 native kernel (``mlx_kvq.cpu_kernels``: every segment, the window and a
-ragged batch's counts, on every core) when it is built; on Apple GPUs the
-quantized body goes through the Metal kernel; otherwise, and always for
-prefill, the pure-MLX path above, which is the reference the kernels are held
+ragged batch's counts, on every core) when it is built, and so does a
+prefill chunk under the causal rule (the native prefill kernel: blocks of
+queries against dequantized tiles, each row's causal limit and window by
+positions, no score matrix held); on Apple GPUs the quantized body goes
+through the Metal kernel; otherwise, and for prefill under a model-given
+mask, the pure-MLX path above, which is the reference the kernels are held
 equal to. ``MLX_KVQ_KERNELS`` chooses: ``auto`` (default), ``mlx`` (pure MLX),
 ``cpu`` (the native kernel; an error when it is not built), ``metal``, ``emu``.
 """
@@ -236,6 +239,7 @@ def _mask_segment(scores, seg, col0, q0, mask, rep, L, decode, window=None):
 
 PATHS = {"native": "native CPU kernel", "metal": "Metal kernel", "mlx": "pure MLX"}
 _runs = collections.Counter()
+_prefill_runs = collections.Counter()
 
 
 def _native_wanted() -> bool:
@@ -272,6 +276,11 @@ def paths_run() -> dict:
     return dict(_runs)
 
 
+def prefill_paths_run() -> dict:
+    """{path: prefill-chunk layer calls} since the process started."""
+    return dict(_prefill_runs)
+
+
 def kvq_attention(queries, cache, scale, mask=None, sinks=None):
     """scaled_dot_product_attention over a KVQCache. queries: [B, Hq, L, D]."""
     B, Hq, L, D = queries.shape
@@ -287,8 +296,15 @@ def kvq_attention(queries, cache, scale, mask=None, sinks=None):
         if out is not None:
             _runs["native"] += 1
             return _finish(out.reshape(B, Hq, 1, -1), spec, queries.dtype)
+    if L > 1 and segs and _native_wanted() and (segs[0].ragged or isinstance(mask, str)):
+        out = _native_prefill(q.reshape(B, H, rep, L, D), cache, segs, L, sinks)
+        if out is not None:
+            _prefill_runs["native"] += 1
+            return _finish(out.reshape(B, Hq, L, -1), spec, queries.dtype)
     if L == 1:
         _runs["metal" if kernels.use_metal() else "mlx"] += 1
+    else:
+        _prefill_runs["metal" if kernels.use_metal() else "mlx"] += 1
     n_keys = sum(s.length for s in segs)
     # Rows per chunk so that one segment's scores (and exps) fit the budget.
     per_row = B * Hq * n_keys * 4 * 2
@@ -403,10 +419,38 @@ def _native_segment(seg, q0, mask, window, B):
     counts = tuple(seg.valid) if seg.ragged else (seg.length,) * B
     first = _window_first(seg, q0, window) if window_step else 0
     firsts = tuple(first) if isinstance(first, tuple) else (first,) * B
-    kind = (lambda lay: cpu_kernels.FP if lay.bits is None
-            else cpu_kernels.CHANNEL if lay.transposed else cpu_kernels.TOKEN)
     group = lk.group if lk.bits is not None else lv.group
-    return (seg.keys, seg.values, kind(lk), lk.bits, kind(lv), lv.bits, group, counts, firsts)
+    return (seg.keys, seg.values, _native_kind(lk), lk.bits, _native_kind(lv), lv.bits, group,
+            counts, firsts)
+
+
+def _native_prefill(q, cache, segs, L, sinks):
+    """A prefill chunk in one native call: [B, H, R, L, Dv] float32, or None
+    when a segment's layout is one the kernel does not read. Every segment
+    is read whole (each row its count); the causal rule and the window apply
+    by positions, as _mask_segment applies them."""
+    B = q.shape[0]
+    q0 = cache.query_start(L)
+    q0 = q0.tolist() if hasattr(q0, "tolist") else [q0] * B
+    parts, starts = [], []
+    for seg in segs:
+        lk, lv = seg.k_layout, seg.v_layout
+        if lk.bits is not None and lv.bits is not None and lk.group != lv.group:
+            return None
+        counts = tuple(seg.valid) if seg.ragged else (seg.length,) * B
+        parts.append((seg.keys, seg.values, _native_kind(lk), lk.bits, _native_kind(lv), lv.bits,
+                      lk.group if lk.bits is not None else lv.group, counts, (0,) * B))
+        starts.append(tuple(seg.start) if seg.ragged else (seg.start,) * B)
+    if sinks is not None:
+        sinks = sinks.astype(mx.float32)
+    return cpu_kernels.prefill_attention(q, parts, starts, q0, causal=True,
+                                         window=cache.window or 0, sinks=sinks)
+
+
+def _native_kind(layout):
+    if layout.bits is None:
+        return cpu_kernels.FP
+    return cpu_kernels.CHANNEL if layout.transposed else cpu_kernels.TOKEN
 
 
 def _native_step(qg, cache, segs, mask, sinks):

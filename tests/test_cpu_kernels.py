@@ -343,8 +343,8 @@ def test_disabled_extension_leaves_a_working_install():
 def test_models_generate_the_same_tokens_on_both_paths(monkeypatch, arch):
     """At temperature 0, random-weight models of every architecture in the
     matrix (sliding-window layers, learned sinks, MLA value dims, GQA 1-4)
-    generate through the native kernel what they generate through the
-    pure-MLX path, alone and batched (rows joining at different steps), or
+    generate through the native kernels (prefill and decode) what they
+    generate through the pure-MLX path, alone and batched (rows joining at different steps), or
     differ first at a step whose top-2 log-probs are within 1e-3."""
     from conftest import tiny_model
     from test_batch import SPEC, assert_same_or_near_tie, prompts_of, run_batch, solo
@@ -355,10 +355,13 @@ def test_models_generate_the_same_tokens_on_both_paths(monkeypatch, arch):
     for mode in ("mlx", "cpu"):
         monkeypatch.setenv(kernels.ENV_VAR, mode)
         before = attention.paths_run().get("native", 0)
+        before_prefill = attention.prefill_paths_run().get("native", 0)
         alone = [solo(model, p, 10, SPEC) for p in prompts]
         batched, _ = run_batch(model, prompts, [10] * 3, [0, 0, 3])
         runs[mode] = alone, batched
         assert (attention.paths_run().get("native", 0) > before) == (mode == "cpu")
+        assert (attention.prefill_paths_run().get("native", 0) > before_prefill) == (
+            mode == "cpu")
     for i in range(len(prompts)):
         want, gaps, _ = runs["mlx"][0][i]
         assert_same_or_near_tie(runs["cpu"][0][i][0], want, gaps, f"{arch} prompt {i} alone")
