@@ -16,7 +16,7 @@ import mlx_kvq  # noqa: F401  (loads OpenBLAS before mlx)
 import mlx.core as mx
 import mlx_lm
 from gguf import GGMLQuantizationType, GGUFWriter
-from gguf.quants import dequantize, quantize
+from gguf.quants import dequantize, quant_shape_to_byte_shape, quantize
 
 from mlx_kvq import gguf, models
 from mlx_kvq.converters import gguf_to_mlx
@@ -47,6 +47,23 @@ def quantizable_types():
 
 
 TYPES = quantizable_types()
+
+
+def dequantize_only_types():
+    """The ggml types gguf.quants.dequantize reads but quantize does not write."""
+    out = []
+    for t in GGMLQuantizationType:
+        if t in TYPES:
+            continue
+        try:
+            dequantize(np.zeros(quant_shape_to_byte_shape((1, 256), t), np.uint8), t)
+        except (NotImplementedError, ValueError, KeyError):
+            continue
+        out.append(t)
+    return out
+
+
+READ_ONLY = dequantize_only_types()
 
 
 def test_quantizable_types_are_the_known_set():
@@ -106,7 +123,10 @@ def write_gguf(path, arch, qtype, seed=0, tied=None, **change):
         if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
             x = permute(x, HEADS if "attn_q" in name else KV_HEADS)
         t = qtype if len(shape) == 2 else GGMLQuantizationType.F32
-        data = quantize(x, t)
+        if t in TYPES:
+            data = quantize(x, t)
+        else:  # random blocks: the package reads them, it cannot write them
+            data = rng.integers(0, 256, quant_shape_to_byte_shape(shape, t), dtype=np.uint8)
         w.add_tensor(name, data, raw_dtype=t if data.dtype == np.uint8 else None)
         stored[name] = np.asarray(dequantize(data, t), np.float32).reshape(shape)
     w.write_header_to_file()
@@ -185,6 +205,20 @@ def test_every_quant_type_converts_to_the_packages_dequantization(tmp_path, arch
     assert tokenizer.eos_token_id == 7
     assert tokenizer.apply_chat_template([{"role": "user", "content": "a"}],
                                          tokenize=False) == "<s>a</s>"
+
+
+def test_read_only_types_convert_to_the_packages_dequantization(tmp_path):
+    """K-quants, I-quants, NVFP4: random blocks (the package writes none of
+    these types) convert to exactly what the package dequantizes them to."""
+    assert {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS",
+            "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL", "IQ4_XS"} <= {t.name for t in READ_ONLY}
+    for qtype in READ_ONLY:
+        src = tmp_path / f"{qtype.name}.gguf"
+        stored = write_gguf(src, "qwen2", qtype)
+        got = mx.load(str(gguf.convert(src, tmp_path / qtype.name) / "model.safetensors"))
+        for name, x in stored.items():
+            assert np.array_equal(np.array(got[mlx_name("qwen2", name)]), x, equal_nan=True), \
+                f"{qtype.name} {name}"
 
 
 def test_configs_mlx_lm_expects(tmp_path):
