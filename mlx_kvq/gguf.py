@@ -129,6 +129,10 @@ def config_of(gf: GGUFFile) -> dict:
 def check_tensors(gf: GGUFFile, config: dict) -> dict:
     """{GGUF name: (mlx-lm name, shape)}: every tensor the config needs is in
     the file with that shape, and the file holds no other."""
+    layers = {n.split(".")[1] for n in gf.tensors if n.startswith("blk.")}
+    if len(layers) != config["num_hidden_layers"]:
+        raise GGUFError(f"{gf.path}: the metadata says {config['num_hidden_layers']} layers, "
+                        f"the file holds tensors of {len(layers)}")
     want = tensor_map(gf.meta, config)
     have = set(gf.tensors) - {"rope_freqs.weight"}
     missing, extra = sorted(set(want) - have), sorted(have - set(want))

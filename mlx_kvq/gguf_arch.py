@@ -138,7 +138,10 @@ def rope_scaling(meta: dict, arch: str, head_dim: int, theta: float, rope_freqs)
 def _llama3_scaling(freqs, head_dim: int, theta: float, ctx) -> dict:
     """The llama 3 rope_scaling whose per-frequency factors (as
     convert_hf_to_gguf computes them) equal the file's rope_freqs."""
-    factor = float(freqs.max()) if freqs.size else 0.0
+    if freqs.shape != (head_dim // 2,):
+        raise GGUFError(f"the GGUF rope_freqs tensor has shape {freqs.shape}, not "
+                        f"(head_dim / 2,) = ({head_dim // 2},)")
+    factor = float(freqs.max())
     for orig in dict.fromkeys(([int(ctx)] if ctx else []) + [8192]):
         low, high = 1.0, 4.0
         want = []
@@ -151,7 +154,7 @@ def _llama3_scaling(freqs, head_dim: int, theta: float, ctx) -> dict:
             else:
                 smooth = (orig / wavelen - low) / (high - low)
                 want.append(1 / ((1 - smooth) / factor + smooth))
-        if freqs.shape == (head_dim // 2,) and np.allclose(freqs, want, rtol=1e-3):
+        if np.allclose(freqs, want, rtol=1e-3):
             return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
                     "high_freq_factor": high, "original_max_position_embeddings": orig}
     raise GGUFError("the GGUF rope_freqs tensor matches no llama 3 rope scaling "

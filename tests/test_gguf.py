@@ -115,6 +115,7 @@ def write_gguf(path, arch, qtype, seed=0, tied=None, **change):
             for n in ("attn_q", "attn_k", "attn_v"):
                 shapes[f"blk.{i}.{n}.bias"] = LAYER_SHAPES[n][:1]
     shapes.update({k: v for k, v in change.items() if k.endswith((".weight", ".bias"))})
+    shapes = {k: v for k, v in shapes.items() if v is not None}
     stored = {}
     for name, shape in shapes.items():
         x = rng.standard_normal(shape).astype(np.float32) * (0.5 if len(shape) == 2 else 0.1)
@@ -263,7 +264,9 @@ def test_requantized_with_mlx_lm(tmp_path):
     ({"arch_name": "mamba"}, "architecture 'mamba' is not supported"),
     ({"blk.1.attn_k.weight": (KV_HEADS * HEAD_DIM * 2, HIDDEN)}, r"blk.1.attn_k.weight has shape"),
     ({"attention.head_count": 8}, r"has shape .* the metadata"),
-    ({"block_count": 3}, "lacks the tensor"),
+    ({"block_count": 3}, "metadata says 3 layers, the file holds tensors of 2"),
+    ({"block_count": 1 << 30}, "metadata says 1073741824 layers"),
+    ({"blk.1.attn_v.weight": None}, "lacks the tensor"),
     ({"blk.0.ffn_gate_inp.weight": (4, HIDDEN)}, "unexpected tensor"),
 ])
 def test_wrong_files_are_gguf_errors(tmp_path, change, msg):
