@@ -39,13 +39,35 @@ from .gguf_tokenizer import build_tokenizer, tokenizer_config
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
+def _checked_reader(path):
+    """gguf.GGUFReader with each metadata array's item count checked against
+    the bytes left, and nested arrays refused, before the reader loops over
+    the items: on a damaged count it loops (and allocates) without end, as
+    a read past the end of the file yields empty items that do not advance."""
+    import gguf
+
+    class Reader(gguf.GGUFReader):
+        def _get_field_parts(self, orig_offs, raw_type):
+            if raw_type == gguf.GGUFValueType.ARRAY:
+                item = int(self._get(orig_offs, np.uint32)[0])
+                count = int(self._get(orig_offs + 4, np.uint64)[0])
+                scalar = self.gguf_scalar_to_np.get(item)
+                size = np.dtype(scalar).itemsize if scalar is not None else 8
+                if item == gguf.GGUFValueType.ARRAY:
+                    raise ValueError(f"nested arrays at byte {orig_offs}")
+                if count * size > len(self.data) - orig_offs - 12:
+                    raise ValueError(f"an array of {count} items at byte {orig_offs} reaches "
+                                     f"past the end of the file")
+            return super()._get_field_parts(orig_offs, raw_type)
+
+    return Reader(path)
+
+
 class GGUFFile:
     """A GGUF file as the ``gguf`` package reads it: ``meta`` (key -> value,
     arrays as lists) and ``tensors`` (name -> gguf.ReaderTensor)."""
 
     def __init__(self, path):
-        import gguf
-
         self.path = path = Path(path)
         if not path.is_file():
             raise GGUFError(f"GGUF file not found: {path}")
@@ -54,8 +76,8 @@ class GGUFFile:
         if magic != b"GGUF":
             raise GGUFError(f"{path} is not a GGUF file (magic bytes {magic!r})")
         try:
-            reader = gguf.GGUFReader(path)
-            self.meta = {k: _value(f) for k, f in reader.fields.items()
+            reader = _checked_reader(path)
+            self.meta = {k: f.contents() for k, f in reader.fields.items()
                          if not k.startswith("GGUF.")}
         except Exception as e:  # the reader raises whatever numpy raises on damage
             raise GGUFError(f"{path} is truncated or damaged: the gguf reader failed "
@@ -92,16 +114,6 @@ class GGUFFile:
         except (TypeError, ValueError):
             return "/".join(sorted(self.types()))
         return name.removeprefix("MOSTLY_").removeprefix("ALL_")
-
-
-def _value(field):
-    from gguf import GGUFValueType
-
-    if field.types and field.types[0] == GGUFValueType.ARRAY:
-        if len(field.types) > 1 and field.types[-1] == GGUFValueType.ARRAY:
-            raise GGUFError(f"nested arrays in {field.name}")
-        return field.contents()
-    return field.contents()
 
 
 def read_gguf(path) -> GGUFFile:

@@ -292,6 +292,26 @@ def test_damaged_files_are_gguf_errors(tmp_path):
         gguf.convert(tmp_path / "missing.gguf", tmp_path / "out")
 
 
+def test_damaged_array_headers_are_refused_before_the_reader_loops(tmp_path):
+    """Found by fuzzing: the gguf package's reader loops over a metadata
+    array's items one by one, and past the end of the file the items are
+    empty, so a damaged count (or an item type turned ARRAY) looped and
+    allocated without end."""
+    import struct
+
+    write_gguf(tmp_path / "m.gguf", "qwen2", GGMLQuantizationType.F16)
+    good = (tmp_path / "m.gguf").read_bytes()
+    key = b"tokenizer.ggml.token_type"
+    at = good.index(key) + len(key) + 4  # the value type (ARRAY) read, then item type, count
+    for what, patch, offset in (("nested arrays", struct.pack("<I", 9), 0),
+                                ("reaches past the end", struct.pack("<Q", 1 << 40), 4)):
+        b = bytearray(good)
+        b[at + offset:at + offset + len(patch)] = patch
+        (tmp_path / "d.gguf").write_bytes(bytes(b))
+        with pytest.raises(gguf.GGUFError, match=what):
+            gguf.convert(tmp_path / "d.gguf", tmp_path / "out")
+
+
 def test_named_model_not_fetched_says_the_command(monkeypatch, tmp_path):
     monkeypatch.setenv("MLX_KVQ_HOME", str(tmp_path))
     with pytest.raises(models.ModelNotFoundError,
