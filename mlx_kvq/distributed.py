@@ -36,7 +36,7 @@ import mlx.core as mx
 import numpy as np
 
 from .kvplan import KVPlan, KVPlanError, load_plan, plan_files
-from .models import default_model_path, local_path, not_found
+from .models import default_model_path, local_path, not_found, resolve
 from .shapes import ModelShape, PlanError, model_shape
 
 SHARDINGS = ("tensor", "pipeline")
@@ -173,6 +173,7 @@ def load(path_or_hf_repo=None, sharding: str = "tensor", group=None, tokenizer_c
               "this process holds the whole model", file=sys.stderr)
     if path_or_hf_repo is None:
         path_or_hf_repo = default_model_path()
+    path_or_hf_repo = resolve(path_or_hf_repo)
     folder = local_path(path_or_hf_repo)
     if folder is None:
         from huggingface_hub import snapshot_download

