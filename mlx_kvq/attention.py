@@ -109,7 +109,11 @@ def _scores(qg, t):
     lk = t.k_layout
     if lk.bits is None:
         return qg @ t.keys.astype(qg.dtype).swapaxes(-1, -2)
-    return _qmm(qg, t.keys, lk.bits, lk.group, transpose=not lk.transposed)
+    if not lk.hi:
+        return _qmm(qg, t.keys, lk.bits, lk.group, transpose=not lk.transposed)
+    # Outlier channels: each piece scores its own channels; the scores add.
+    return sum(_qmm(qg[..., d0:d1], q, bits, lk.group, transpose=False)
+               for q, (bits, d0, d1) in zip(lk.split(t.keys), lk.pieces(qg.shape[-1])))
 
 
 def _joint_partials(qg, segs):
@@ -398,7 +402,8 @@ def _native_segment(seg, q0, mask, window, B):
     segment)."""
     unmasked, window_step = _unmasked_step(seg, q0, mask, window)
     lk, lv = seg.k_layout, seg.v_layout
-    if not unmasked or lk.bits is not None and lv.bits is not None and lk.group != lv.group:
+    if not unmasked or lk.hi or lk.bits is not None and lv.bits is not None and \
+            lk.group != lv.group:
         return None
     counts = tuple(seg.valid) if seg.ragged else (seg.length,) * B
     first = _window_first(seg, q0, window) if window_step else 0
@@ -421,6 +426,8 @@ def _native_step(qg, cache, segs, mask, sinks):
 
 
 def _use_kernel(seg, head_dim):
+    if seg.k_layout.hi or seg.k_layout.group != seg.v_layout.group:
+        return False
     return kernels.use_metal() and kernels.supports(
         seg.k_layout.bits, seg.v_layout.bits, head_dim=head_dim,
         group_size=seg.k_layout.group,

@@ -258,6 +258,11 @@ class KVQBatchCache(KVQBaseCache):
                     "with the same spec")
             if (c.calibration is None) != (first.calibration is None):
                 raise ValueError("cannot batch a calibrated cache with an uncalibrated one")
+            ko, kf = c.k_order, first.k_order
+            if (ko is None) != (kf is None) or ko is not None and not mx.array_equal(ko, kf):
+                raise ValueError("cannot batch caches whose keys are stored in different "
+                                 "channel orders (outlier channels chosen from different "
+                                 "first tokens): make them with one calibration's order")
         out = cls(first.spec, len(caches), first.max_size, first.calibration, first.window)
         full = [c for c in caches if not c.empty()]
         for c in full:
