@@ -30,6 +30,7 @@ from . import cpu_kernels
 from .metal_kernels import decode as kernels
 from . import quant
 from .cache import Layout, Segment
+from .cache_base import permute_channels
 
 SCORE_BUDGET_BYTES = int(os.environ.get("MLX_KVQ_SCORE_BUDGET", 64 << 20))
 # mx.quantized_matmul is fast for few query rows everywhere and for many rows
@@ -285,6 +286,8 @@ def kvq_attention(queries, cache, scale, mask=None, sinks=None):
     q = (queries * scale).astype(mx.float32)
     if spec.rotate_keys:
         q = quant.hadamard(q)
+    if cache.k_order is not None:  # keys are stored in this channel order
+        q = permute_channels(q, cache.k_order)
     segs = cache.segments()
     if L == 1 and segs and _native_wanted():
         out = _native_step(q.reshape(B, H, rep, D), cache, segs, mask, sinks)

@@ -17,7 +17,7 @@ from mlx_lm.models.cache import KVCache
 
 from .attention import kvq_attention
 from .cache import CachedTensorUse, KVQCache
-from .cache_base import KVQBaseCache, permute_channels
+from .cache_base import KVQBaseCache
 from .spec import SLIDING_DEFAULT, HeadDimError, parse_spec, sliding_base, window_spec
 
 _original = getattr(base.scaled_dot_product_attention, "_kvq_original",
@@ -26,8 +26,6 @@ _original = getattr(base.scaled_dot_product_attention, "_kvq_original",
 
 def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
     if isinstance(cache, KVQBaseCache):  # one sequence or a batch
-        if cache.k_order is not None:  # keys were stored in this channel order
-            queries = permute_channels(queries, cache.k_order)
         out = kvq_attention(queries, cache, scale=scale, mask=mask, sinks=sinks)
         if cache.v_smooth is not None:  # values were stored divided by it
             rep = queries.shape[1] // cache.v_smooth.shape[0]

@@ -182,9 +182,10 @@ class KVQuantSpec:
         Dv = v_head_dim or head_dim
         grouped = []  # dims that quantization groups split
         if self.k_bits is not None and self.key_axis == "token":
-            grouped.append(("head_dim", head_dim, self.group_size))
+            grouped.append(("head_dim", head_dim, f"group_size={self.group_size}"))
         if self.v_bits is not None:
-            grouped.append((v_name, Dv, self.value_group))
+            grouped.append((v_name, Dv, f"v_group={self.v_group}" if self.v_group
+                            else f"group_size={self.group_size}"))
         if self.k_outliers >= head_dim:
             raise HeadDimError(f"k_outliers={self.k_outliers} must be fewer than "
                                f"head_dim={head_dim} channels")
@@ -192,8 +193,8 @@ class KVQuantSpec:
         if self.rotate_keys:
             rotated.append(("head_dim", head_dim))
         for name, d, g in grouped:
-            if d % g:
-                raise HeadDimError(f"group size {g} does not divide {name}={d}")
+            if d % int(g.split("=")[1]):
+                raise HeadDimError(f"{g} does not divide {name}={d}")
         for name, d in rotated:
             if d & (d - 1):
                 raise HeadDimError(f"rotate=True needs a power-of-two {name}, got {name}={d}")
