@@ -24,8 +24,11 @@ enum Kind : int {
                    // scales/biases [B, H, T, D/group]
 };
 
+// group: of the keys; v_group: of the values; k_hi: per-channel keys whose
+// first k_hi channels are a part of their own at k_bits + 1 (outlier
+// channels; 6 arrays: that part, then the other channels at k_bits).
 struct SegmentLayout {
-  int k_kind, k_bits, v_kind, v_bits, group;
+  int k_kind, k_bits, v_kind, v_bits, group, v_group, k_hi;
 };
 
 // out [B, H, R, Dv] float32 = softmax attention of q [B, H, R, D] (float32,

@@ -16,12 +16,16 @@ NB_MODULE(_native, m) {
   m.def(
       "decode_attention",
       [](const mx::array& q, const std::vector<mx::array>& arrays,
-         const std::vector<std::tuple<int, int, int, int, int>>& layouts,
+         const std::vector<std::vector<int>>& layouts,
          const std::vector<int>& counts, const std::vector<int>& firsts,
          const std::optional<mx::array>& sinks, int split_tokens, int fault) {
         std::vector<kvq::SegmentLayout> ls;
-        for (const auto& [kk, kb, vk, vb, g] : layouts) {
-          ls.push_back({kk, kb, vk, vb, g});
+        for (const auto& l : layouts) {  // (k_kind, k_bits, v_kind, v_bits, group[, v_group, k_hi])
+          if (l.size() != 5 && l.size() != 7) {
+            throw std::invalid_argument("a segment layout has 5 or 7 entries");
+          }
+          ls.push_back({l[0], l[1], l[2], l[3], l[4], l.size() == 7 ? l[5] : l[4],
+                        l.size() == 7 ? l[6] : 0});
         }
         return kvq::decode_attention(q, arrays, ls, counts, firsts, sinks, split_tokens, fault);
       },

@@ -405,16 +405,15 @@ def _native_segment(seg, q0, mask, window, B):
     segment)."""
     unmasked, window_step = _unmasked_step(seg, q0, mask, window)
     lk, lv = seg.k_layout, seg.v_layout
-    if not unmasked or lk.hi or lk.bits is not None and lv.bits is not None and \
-            lk.group != lv.group:
+    if not unmasked:
         return None
     counts = tuple(seg.valid) if seg.ragged else (seg.length,) * B
     first = _window_first(seg, q0, window) if window_step else 0
     firsts = tuple(first) if isinstance(first, tuple) else (first,) * B
     kind = (lambda lay: cpu_kernels.FP if lay.bits is None
             else cpu_kernels.CHANNEL if lay.transposed else cpu_kernels.TOKEN)
-    group = lk.group if lk.bits is not None else lv.group
-    return (seg.keys, seg.values, kind(lk), lk.bits, kind(lv), lv.bits, group, counts, firsts)
+    return (seg.keys, seg.values, kind(lk), lk.bits, kind(lv), lv.bits, (lk.group, lv.group),
+            counts, firsts, lk.hi)
 
 
 def _native_step(qg, cache, segs, mask, sinks):
