@@ -13,7 +13,9 @@ Everything runs the model's own attention path, in three phases:
     are, divided by calibrated per-channel factors, or rotated), estimated
     from one gradient pass by default or measured per option; the sink
     count is measured;
-  * a greedy allocation of K and V bits per layer under the target average,
+  * a greedy allocation per layer under the target average (choose.py):
+    key width and outlier channels (k_outliers, in a key channel order
+    ranked by range and gradient sensitivity), value width and value group,
     then measured: kept only if it beats the best uniform spec of the same
     average.
 
@@ -48,49 +50,18 @@ from mlx_kvq.commands.corpus import source_text
 from ..integration import check_model, head_dim_of
 from ..kvplan import TRANSFORMS, KVPlan, LayerPlan, bake, model_identity, smoothing
 from ..spec import VALID_BITS, KVQuantSpec, parse_spec
+from .choose import (OUTLIER_COUNTS, TIE, V_GROUPS, allocate, key_cost, key_options,  # noqa: F401
+                     key_order, smallest_tied as _smallest_tied, stat_range, uniform_splits,
+                     value_cost, value_groups)
 from .passes import Runner, StatsCollector, Workload, load_workload
 from .sensitivity import Fisher, Measured, squared_gradients, windows_of
 
 SINK_COUNTS = (0, 4, 16)
 SMOOTH_ALPHAS = (0.5, 1.0)
-TIE = 0.02  # KLDs within 2% count as equal: the cheaper option wins
 QUICK_TOKENS = 2048  # --quick: statistics from at most this many tokens
 
 
 # -- measuring and choosing ---------------------------------------------------------
-
-
-def uniform_splits(target: float, options) -> list:
-    """(k_bits, v_bits) pairs from `options` whose average is the target."""
-    return [(k, v) for k in sorted(options, reverse=True) for v in options
-            if abs((k + v) / 2 - target) < 1e-9]
-
-
-def allocate(sens: dict, options, target: float) -> dict:
-    """Greedy: every tensor (layer, "k" | "v") starts at the fewest bits; the
-    upgrade with the largest measured KLD drop per added bit is taken while
-    the average stays within the target."""
-    bits = {t: min(options) for t in sens}
-    budget = target * len(sens) - sum(bits.values())
-    while True:
-        best = None
-        for t, b in bits.items():
-            for nb in options:
-                if b < nb and nb - b <= budget + 1e-9:
-                    gain = (sens[t][b] - sens[t][nb]) / (nb - b)
-                    if best is None or gain > best[0]:
-                        best = (gain, t, nb)
-        if best is None or best[0] <= 0:
-            return bits
-        _, t, nb = best
-        budget -= nb - bits[t]
-        bits[t] = nb
-
-
-def _smallest_tied(results: dict):
-    """The first key (cheapest) whose KLD is within TIE of the best."""
-    best = min(results.values())
-    return next(k for k, v in results.items() if v <= best * (1 + TIE))
 
 
 def check_options(target_bits, bits, base, transforms):
@@ -214,14 +185,17 @@ def _fisher(model, picks, kvs, chunk, bar, checkpoint) -> Fisher:
 def calibrate(model, windows, *, target_bits=3.0, bits=(2, 3, 4), base=None,
               transforms=TRANSFORMS, chunk=256, sensitivity_windows=1,
               sensitivity="fisher", verify_uniform="all", progress=True,
-              checkpoint=None) -> KVPlan:
+              checkpoint=None, outliers=OUTLIER_COUNTS, v_groups=V_GROUPS) -> KVPlan:
     """Measure and choose a per-layer plan for `model` on token windows.
 
     sensitivity: "fisher" (estimated from one gradient pass per window) or
     "measured" (a forward pass per layer and option). verify_uniform: "all"
     uniform specs of the target average are measured against the plan, or
     only the "best" one by the sensitivity. checkpoint: a folder where
-    finished phases are kept, and from which a run resumes."""
+    finished phases are kept, and from which a run resumes. outliers: key
+    channel counts per kv head at one more bit to choose among per layer;
+    v_groups: value group sizes to choose among ((0,) and (base group,):
+    neither option)."""
     if sensitivity not in ("fisher", "measured"):
         raise ValueError(f"sensitivity {sensitivity!r}: use fisher or measured")
     base, bits, transforms = check_options(target_bits, bits, base, transforms)
@@ -231,7 +205,10 @@ def calibrate(model, windows, *, target_bits=3.0, bits=(2, 3, 4), base=None,
     splits = uniform_splits(target_bits, bits)
     n_sens = min(sensitivity_windows, len(windows))
     picks = [windows[(2 * j + 1) * len(windows) // (2 * n_sens)] for j in range(n_sens)]
-    choose = len(bits) > 1 or len(transforms) > 1
+    D = head_dim_of(model)
+    k_opts = key_options(base, bits, outliers, D)
+    v_grps = value_groups(base, v_groups, D)
+    choose = len(k_opts) > 1 or len(v_grps) > 1 or len(transforms) > 1
     fisher = sensitivity == "fisher"
 
     runner = Runner(model, chunk)
@@ -244,7 +221,8 @@ def calibrate(model, windows, *, target_bits=3.0, bits=(2, 3, 4), base=None,
     measured = Measured(model, runner, refs)
     n_est = (len(splits) + len({*SINK_COUNTS, base.sinks})
              + ("smooth" in transforms) * (1 + len(SMOOTH_ALPHAS))
-             + choose * len(layers) * (len(bits) * 2 - 1 + len(transforms)))
+             + choose * len(layers) * (len(k_opts) + len(bits) * len(v_grps) - 1
+                                       + len(transforms)))
     bar = tqdm(total=n_est + fisher * n_sens, disable=not progress, desc="sensitivity")
     est = _fisher(model, picks, kvs, chunk, bar, checkpoint) if fisher else measured
     m = {"windows": f"{len(refs)} x {len(windows[0])} tokens of the calibration windows, in "
@@ -256,9 +234,9 @@ def calibrate(model, windows, *, target_bits=3.0, bits=(2, 3, 4), base=None,
         return est.kld({i: (spec, None if alpha is None else
                             smoothing(stats[i]["v_absmax"], alpha)) for i in layers})
 
-    def layer(i, spec, s=None):
+    def layer(i, spec, s=None, order=None):
         bar.update(1)
-        return est.layer(i, spec, s)
+        return est.layer(i, spec, s, order)
 
     # Uniform specs of the target average, then sinks and smoothing with the best.
     u_est = {str(replace(base, k_bits=k, v_bits=v)): everywhere(replace(base, k_bits=k, v_bits=v))
@@ -285,34 +263,52 @@ def calibrate(model, windows, *, target_bits=3.0, bits=(2, 3, 4), base=None,
 
     # Each layer alone: keys at each width (values fp), values at the fewest
     # bits with each transform, then at the other widths with the best one.
+    # Key options are read in the key channel order the plan bakes: per kv
+    # head, channels by range and (estimated) sensitivity.
     plan_layers = {i: LayerPlan(uniform.k_bits, uniform.v_bits) for i in layers}
+    orders = {i: key_order(stat_range(stats[i]), est.channel_weight(i)) for i in layers} \
+        if any(o.k_outliers for o in k_opts) else {}
     if choose:
-        sens, per_layer = {}, []
+        sens, per_layer, specs = {}, [], {}
         for i in layers:
             s = smoothing(stats[i]["v_absmax"], alpha)
-            k = {b: layer(i, replace(base, k_bits=b, v_bits=None)) for b in bits}
+            k = {}
+            for o in k_opts:
+                specs[(i, "k", str(o))] = o
+                k[str(o)] = layer(i, o, None, orders.get(i))
 
-            def v_spec(b, t):
-                return replace(base, k_bits=None, v_bits=b, rotate=t == "rotate")
+            def v_spec(b, t, g=None):
+                return replace(base, k_bits=None, v_bits=b, rotate=t == "rotate", v_group=g)
 
             first = {t: layer(i, v_spec(bits[0], t), s if t == "smooth" else None)
                      for t in transforms}
             t = _smallest_tied(first)
-            v = {bits[0]: first[t]}
-            v.update({b: layer(i, v_spec(b, t), s if t == "smooth" else None)
-                      for b in bits[1:]})
+            v = {}
+            for b in bits:
+                for g in v_grps:
+                    o = v_spec(b, t, g)
+                    specs[(i, "v", str(o))] = o
+                    v[str(o)] = first[t] if (b, g) == (bits[0], None) else \
+                        layer(i, o, s if t == "smooth" else None)
             sens[(i, "k")], sens[(i, "v")] = k, v
             plan_layers[i] = LayerPlan(None, None, t)
             per_layer.append({"layer": i, "k": k, "v": v, "values_at_fewest_bits": first,
                               "values": t})
-        chosen = allocate(sens, bits, target_bits)
+
+        def cost(t, o):
+            spec = specs[(*t, o)]
+            return key_cost(base, spec, D) if t[1] == "k" else value_cost(base, spec)
+
+        chosen = allocate(sens, None, target_bits, cost)
         for i in layers:
-            plan_layers[i].k_bits, plan_layers[i].v_bits = chosen[(i, "k")], chosen[(i, "v")]
+            ks, vs = specs[(i, "k", chosen[(i, "k")])], specs[(i, "v", chosen[(i, "v")])]
+            plan_layers[i] = replace(plan_layers[i], k_bits=ks.k_bits, v_bits=vs.v_bits,
+                                     k_outliers=ks.k_outliers, v_group=vs.v_group)
         m["layers"] = per_layer
     bar.close()
 
     plan = KVPlan(base, plan_layers, stats, model_identity(model), alpha, target_bits,
-                  measurements=m)
+                  measurements=m, k_order=orders)
     # Measured: the uniform specs of the same average (with the chosen sinks)
     # and the plan, which is kept only if it beats the best of them.
     candidates = [replace(base, k_bits=k, v_bits=v) for k, v in splits]
@@ -330,12 +326,13 @@ def calibrate(model, windows, *, target_bits=3.0, bits=(2, 3, 4), base=None,
         m["plan_kld"] = m["uniform_kld"]
         m["kept"] = "uniform: nothing to choose"
         if choose:
-            m["plan_kld"] = measured.kld({i: (plan.spec(i), plan.v_smooth(i)) for i in layers})
+            m["plan_kld"] = measured.kld({i: plan.layer_config(i) for i in layers})
             bar.update(1)
             m["kept"] = "plan"
             if splits and m["plan_kld"] >= m["uniform_kld"]:
                 best = parse_spec(best)
                 plan.layers = {i: LayerPlan(best.k_bits, best.v_bits) for i in layers}
+                plan.k_order = {}
                 m["kept"] = "uniform: the per-layer plan did not beat it"
     return plan
 
@@ -412,6 +409,12 @@ def run(argv=None) -> KVPlan:
     p.add_argument("--target-bits", type=float, default=3.0,
                    help="Average K/V code bits per element (3.0: as k4v2)")
     p.add_argument("--bits", type=int_list, default=(2, 3, 4), help="Widths to choose from")
+    p.add_argument("--outliers", type=int_list, default=OUTLIER_COUNTS,
+                   help="Outlier key channels per kv head (at one more bit) to choose "
+                   "among per layer; 0 alone: none")
+    p.add_argument("--v-groups", type=int_list, default=V_GROUPS,
+                   help="Value group sizes to choose among per layer (the base's group "
+                   "alone: none)")
     p.add_argument("--transforms", default=",".join(TRANSFORMS),
                    help="Value preparations to try per layer: none,smooth,rotate")
     p.add_argument("--kv", default=None,
@@ -470,7 +473,8 @@ def run(argv=None) -> KVPlan:
                          base=args.kv, transforms=args.transforms.split(","), chunk=args.chunk,
                          sensitivity_windows=args.sensitivity_windows,
                          sensitivity=args.sensitivity,
-                         verify_uniform="best" if args.quick else "all", checkpoint=checkpoint)
+                         verify_uniform="best" if args.quick else "all", checkpoint=checkpoint,
+                         outliers=args.outliers, v_groups=args.v_groups)
     except KeyboardInterrupt:
         print(f"\ninterrupted: {out} is as it was; finished phases are kept in {checkpoint} "
               "and the same command resumes from them", file=sys.stderr)

@@ -251,4 +251,5 @@ def channel_stats(x: np.ndarray) -> Dict[str, np.ndarray]:
         "p999": p999,
         "absmax_rot": rot.max(axis=1),
         "outliers": (a > OUTLIER_SIGMAS * rms).sum(axis=1).astype(np.int32),
+        "range": x.max(axis=1) - x.min(axis=1),
     }

@@ -16,7 +16,8 @@ to every stored key and value element. One forward and backward pass per
 window gives F for every layer at once; delta for any spec, sink count,
 rotation or smoothing comes from pushing the recorded keys and values
 through a KVQCache of that spec and reading back what it stores
-(`KVQCache.dequantized`), which costs no model pass. The estimate of
+(`KVQCache.dequantized`), which costs no model pass. A spec with outlier
+key channels is given the key channel order the plan would bake. The estimate of
 several layers together is the sum of theirs. Estimates are in the
 measured unit (mean KLD per position) but only their ranking is used to
 choose; the plan chosen is then measured.
@@ -34,12 +35,29 @@ from ..cache import Calibration, KVQCache
 from ..spec import window_spec
 from ..integration import sliding_layers
 
-# {layer: (spec, v_smooth or None)}: which layers a configuration quantizes, and how
-LayerConfig = Dict[int, Tuple[object, Optional[np.ndarray]]]
+# {layer: (spec, v_smooth or None[, k_order or None])}: which layers a
+# configuration quantizes, and how
+LayerConfig = Dict[int, Tuple]
 
 
-def _calibration(s: Optional[np.ndarray]) -> Optional[Calibration]:
-    return None if s is None else Calibration(v_smooth=mx.array(s))
+def _calibration(s: Optional[np.ndarray], order: Optional[np.ndarray] = None
+                 ) -> Optional[Calibration]:
+    if s is None and order is None:
+        return None
+    return Calibration(v_smooth=None if s is None else mx.array(s),
+                       k_order=None if order is None else mx.array(order, dtype=mx.int32))
+
+
+def _parts(entry):
+    """(spec, v_smooth, k_order) of a LayerConfig entry; the order only
+    when the spec has outlier channels."""
+    spec, s, order = (tuple(entry) + (None,))[:3]
+    return spec, s, order if getattr(spec, "k_outliers", 0) else None
+
+
+def _key(i, spec, s, order):
+    return (i, str(spec), None if s is None else s.tobytes(),
+            None if order is None else np.asarray(order).tobytes())
 
 
 def windows_of(model) -> Dict[int, int]:
@@ -48,14 +66,17 @@ def windows_of(model) -> Dict[int, int]:
     return {i: caches[i].max_size for i in sliding_layers(caches)}
 
 
-def quantized_cache(spec, s, window: Optional[int]):
+def quantized_cache(spec, s, window: Optional[int], order=None):
     """The cache a layer gets in a calibration pass: as make_prompt_cache makes
     it for a full-attention or a sliding-window layer (None: no spec fits the
     window, the layer stays in full precision)."""
     if window is None:
-        return KVQCache(spec, calibration=_calibration(s))
+        return KVQCache(spec, calibration=_calibration(s, order))
     ws = window_spec(spec, window)
-    return None if ws is None else KVQCache(ws, calibration=_calibration(s), window=window)
+    if ws is None:
+        return None
+    order = order if ws.k_outliers else None
+    return KVQCache(ws, calibration=_calibration(s, order), window=window)
 
 
 class Measured:
@@ -71,20 +92,25 @@ class Measured:
     def kld(self, config: LayerConfig, start: int = 0) -> float:
         """Mean KLD with the layers in `config` quantized, the others in full
         precision; layers before `start` are replayed, not run."""
-        key = tuple((i, str(spec), None if s is None else s.tobytes())
-                    for i, (spec, s) in sorted(config.items()))
+        parts = {i: _parts(e) for i, e in config.items()}
+        key = tuple(_key(i, *p) for i, p in sorted(parts.items()))
         if key not in self.memo:
             total = 0.0
             for ref in self.refs:
                 caches = mlx_cache.make_prompt_cache(self.model)
-                for i, (spec, s) in config.items():
-                    caches[i] = quantized_cache(spec, s, self.windows.get(i)) or caches[i]
+                for i, (spec, s, order) in parts.items():
+                    caches[i] = quantized_cache(spec, s, self.windows.get(i), order) or caches[i]
                 total += self.runner.kld(ref, caches, start)
             self.memo[key] = total / len(self.refs)
         return self.memo[key]
 
-    def layer(self, i: int, spec, s=None) -> float:
-        return self.kld({i: (spec, s)}, start=i)
+    def layer(self, i: int, spec, s=None, order=None) -> float:
+        return self.kld({i: (spec, s, order)}, start=i)
+
+    def channel_weight(self, i: int) -> Optional[np.ndarray]:
+        """No per-channel sensitivity without gradients: key channels are
+        ordered by range alone."""
+        return None
 
 
 class _Probe(KVCache):
@@ -140,8 +166,8 @@ class Fisher:
         self.positions = sum(next(iter(f.values()))[0].shape[2] for _, f in windows)
         self.memo = {}
 
-    def _error(self, i: int, spec, s) -> float:
-        key = (i, str(spec), None if s is None else s.tobytes())
+    def _error(self, i: int, spec, s, order=None) -> float:
+        key = _key(i, spec, s, order)
         if key not in self.memo:
             total = 0.0
             if i in self.sliding:
@@ -149,9 +175,10 @@ class Fisher:
                 if spec is None:  # the layer stays in full precision
                     self.memo[key] = 0.0
                     return 0.0
+                order = order if spec.k_outliers else None
             for kv, f in self.windows:
                 keys, values = kv[i]
-                cache = KVQCache(spec, calibration=_calibration(s))
+                cache = KVQCache(spec, calibration=_calibration(s, order))
                 for a in range(0, keys.shape[2], self.chunk):
                     cache.update_and_fetch(keys[..., a:a + self.chunk, :],
                                            values[..., a:a + self.chunk, :])
@@ -165,7 +192,12 @@ class Fisher:
         return self.memo[key]
 
     def kld(self, config: LayerConfig, start: int = 0) -> float:
-        return sum(self._error(i, spec, s) for i, (spec, s) in config.items())
+        return sum(self._error(i, *_parts(e)) for i, e in config.items())
 
-    def layer(self, i: int, spec, s=None) -> float:
-        return self.kld({i: (spec, s)})
+    def layer(self, i: int, spec, s=None, order=None) -> float:
+        return self.kld({i: (spec, s, order)})
+
+    def channel_weight(self, i: int) -> np.ndarray:
+        """[H, D] squared gradients of layer i's stored keys, summed over
+        the windows' tokens: how much each key channel's error costs."""
+        return sum(np.array(f[i][0].sum(axis=(0, 2))) for _, f in self.windows)

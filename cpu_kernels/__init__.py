@@ -100,15 +100,19 @@ def decode_attention(q: mx.array, segments: Sequence[tuple], sinks: Optional[mx.
     per kv head) over cache segments, normalized: [B, H, R, Dv] float32.
 
     segments: (keys, values, k_kind, k_bits, v_kind, v_bits, group, counts,
-    firsts) per segment, keys/values an array (FP, [B, H, T, D]) or a
+    firsts[, k_hi]) per segment, keys/values an array (FP, [B, H, T, D]) or a
     (codes, scales, biases) triple (CHANNEL: [B, H, D, T*bits/32] codes and
     [B, H, D, T/group] scales; TOKEN: [B, H, T, D*bits/32] and
-    [B, H, T, D/group]); counts/firsts: one int per batch row, row b seeing
+    [B, H, T, D/group]); group: one size, or (keys', values'); k_hi: per-channel
+    keys split by width, six arrays: the triple of their first k_hi channels at
+    k_bits + 1, then the other channels' at k_bits (outlier channels, whose
+    scores add); counts/firsts: one int per batch row, row b seeing
     tokens [firsts[b], counts[b]) of the segment's buffers. sinks: [H*R]
     learned attention-sink logits. split_tokens: tokens per part (0: chosen
     from the threads). fault: a deliberately broken variant, for tests (1 a
     merge without rescaling, 2 every row with the first row's counts, 3 the
-    window ignored, 4 the next group's key scales).
+    window ignored, 4 the next group's key scales, 5 split keys' second part
+    overwriting the first's scores).
     """
     module = _module()
     return module.decode_attention(q, *_flat(segments), sinks, split_tokens, fault)
@@ -121,7 +125,9 @@ def prefill_attention(q: mx.array, segments: Sequence[tuple], starts: Sequence[S
     scaled; R query heads per kv head, L positions) over cache segments,
     normalized: [B, H, R, L, Dv] float32.
 
-    segments: as decode_attention takes them; starts: per segment, the
+    segments: as decode_attention takes them, except keys split by width
+    (k_hi) and quantized values whose group differs from the keys' (both
+    refused: attend such chunks with MLX ops); starts: per segment, the
     absolute position of its token 0 in each batch row; q0: each row's
     position of its first query (query i at q0[b] + i). causal: a query sees
     no later token; window: nor one `window` or more positions before its
@@ -145,10 +151,12 @@ def _module():
 def _flat(segments):
     """(arrays, layouts, counts, firsts) of segments, as the extension takes them."""
     arrays, layouts, counts, firsts = [], [], [], []
-    for keys, values, k_kind, k_bits, v_kind, v_bits, group, cnt, fst in segments:
+    for keys, values, k_kind, k_bits, v_kind, v_bits, group, cnt, fst, *hi in segments:
         for kind, part in ((k_kind, keys), (v_kind, values)):
             arrays.extend([part] if kind == FP else part)
-        layouts.append((k_kind, k_bits or 0, v_kind, v_bits or 0, group))
+        k_group, v_group = group if isinstance(group, tuple) else (group, group)
+        layouts.append((k_kind, k_bits or 0, v_kind, v_bits or 0, k_group, v_group,
+                        hi[0] if hi else 0))
         counts.extend(cnt)
         firsts.extend(fst)
     return arrays, layouts, counts, firsts

@@ -30,13 +30,18 @@ mx::array rows_contiguous(const mx::array& a, mx::StreamOrDevice s) {
   throw std::invalid_argument("[mlx_kvq.cpu_kernels] " + what);
 }
 
+// Arrays of one side of a segment: 1 (FP), 3, or 6 (keys split by width).
+int parts_of(int kind, int hi) {
+  return parts_of(kind) * (hi ? 2 : 1);
+}
+
 // The head dim of a part (D for keys, Dv for values).
-int part_dim(int kind, int bits, const mx::array* a) {
+int part_dim(int kind, int bits, const mx::array* a, int hi = 0) {
   if (kind == FP) {
     return a[0].shape(3);
   }
   if (kind == CHANNEL) {
-    return a[0].shape(2);
+    return a[0].shape(2) + (hi ? a[3].shape(2) : 0);
   }
   return a[0].shape(3) * 32 / bits;
 }
@@ -51,7 +56,9 @@ std::vector<Segment> segments_of(const std::vector<mx::array>& ins, size_t i,
   for (size_t j = 0; j < layouts.size(); ++j) {
     const auto& L = layouts[j];
     Segment sg;
-    sg.group = L.group;
+    sg.k_group = L.group;
+    sg.v_group = L.v_group;
+    sg.k_hi = L.k_hi;
     sg.counts = counts + j * B;
     sg.firsts = firsts + j * B;
     for (int side = 0; side < 2; ++side) {
@@ -65,17 +72,27 @@ std::vector<Segment> segments_of(const std::vector<mx::array>& ins, size_t i,
         p.head = long(a.size() / BH);
         p.T = a.shape(2);
       } else {
-        p.unpack = unpacker(p.bits);
-        p.codes = a.data<uint32_t>();
-        p.scales = ins[i + 1].data<uint16_t>();
-        p.biases = ins[i + 2].data<uint16_t>();
-        p.head = long(a.size() / BH);
-        p.scale_head = long(ins[i + 1].size() / BH);
-        p.words = a.shape(3);
-        p.groups = ins[i + 1].shape(3);
-        p.T = a.shape(2);
+        auto quantized = [&](Part& part, size_t at, int bits) {
+          part.kind = p.kind;
+          part.bits = bits;
+          part.unpack = unpacker(bits);
+          part.codes = ins[at].data<uint32_t>();
+          part.scales = ins[at + 1].data<uint16_t>();
+          part.biases = ins[at + 2].data<uint16_t>();
+          part.head = long(ins[at].size() / BH);
+          part.scale_head = long(ins[at + 1].size() / BH);
+          part.words = ins[at].shape(3);
+          part.groups = ins[at + 1].shape(3);
+          part.T = ins[at].shape(2);
+        };
+        const bool split = side == 0 && L.k_hi;
+        const int bits = p.bits;
+        quantized(p, i, split ? bits + 1 : bits);
+        if (split) {  // the other channels, one bit narrower
+          quantized(sg.k_lo, i + 3, bits);
+        }
       }
-      i += parts_of(p.kind);
+      i += parts_of(p.kind, side == 0 ? L.k_hi : 0);
     }
     segs.push_back(sg);
   }
@@ -112,7 +129,7 @@ mx::array decode_attention(
     inputs.push_back(rows_contiguous(mx::astype(mx::reshape(*sinks, {H * R}, s), mx::float32, s),
                                      s));
   }
-  if (fault < NONE || fault > GROUP_OFFSET) {
+  if (fault < NONE || fault > SPLIT_OVERWRITE) {
     fail("unknown fault");
   }
   auto prim = std::make_shared<DecodeAttention>(mx::to_stream(s, mx::Device::cpu), layouts,
@@ -140,12 +157,16 @@ std::vector<mx::array> segment_inputs(
     if (L.k_kind < FP || L.k_kind > TOKEN || (L.v_kind != FP && L.v_kind != TOKEN)) {
       fail("unknown segment layout kind");
     }
-    for (int kind_bits : {L.k_kind == FP ? 0 : L.k_bits, L.v_kind == FP ? 0 : L.v_bits}) {
+    if (L.k_hi < 0 || (L.k_hi && L.k_kind != CHANNEL)) {
+      fail("only per-channel keys split their channels by width (k_hi)");
+    }
+    for (int kind_bits : {L.k_kind == FP ? 0 : L.k_bits, L.v_kind == FP ? 0 : L.v_bits,
+                          L.k_hi ? L.k_bits + 1 : 0}) {
       if (kind_bits && !unpacker(kind_bits)) {
         fail("bits must be 2, 3, 4, 5, 6 or 8, got " + std::to_string(kind_bits));
       }
     }
-    need += parts_of(L.k_kind) + parts_of(L.v_kind);
+    need += parts_of(L.k_kind, L.k_hi) + parts_of(L.v_kind);
   }
   if (arrays.size() != need) {
     fail("expected " + std::to_string(need) + " arrays for these segments, got " +
@@ -159,8 +180,11 @@ std::vector<mx::array> segment_inputs(
     for (int side = 0; side < 2; ++side) {
       const int kind = side == 0 ? L.k_kind : L.v_kind;
       const int bits = side == 0 ? L.k_bits : L.v_bits;
+      const int group = side == 0 ? L.group : L.v_group;
+      const int hi = side == 0 ? L.k_hi : 0;
+      const int n_parts = parts_of(kind, hi);
       const mx::array* a = &arrays[i];
-      for (int p = 0; p < parts_of(kind); ++p) {
+      for (int p = 0; p < n_parts; ++p) {
         if (a[p].ndim() != 4 || a[p].shape(0) != B || a[p].shape(1) != H) {
           fail("every cache array must be [B, H, ., .] with q's B and H");
         }
@@ -170,18 +194,26 @@ std::vector<mx::array> segment_inputs(
         fail("16-bit parts must be float16, bfloat16 or float32");
       }
       if (kind != FP) {
-        if (a[0].dtype() != mx::uint32 || a[1].dtype() != mx::float16 ||
-            a[2].dtype() != mx::float16) {
-          fail("quantized parts are (uint32 codes, float16 scales, float16 biases)");
+        for (int p = 0; p < n_parts; p += 3) {
+          if (a[p].dtype() != mx::uint32 || a[p + 1].dtype() != mx::float16 ||
+              a[p + 2].dtype() != mx::float16) {
+            fail("quantized parts are (uint32 codes, float16 scales, float16 biases)");
+          }
         }
-        if (L.group <= 0 || (kind == TOKEN && part_dim(kind, bits, a) % L.group)) {
+        if (group <= 0 || (kind == TOKEN && part_dim(kind, bits, a) % group)) {
           fail("the group must divide the head dim of per-token parts");
         }
+        if (hi && a[0].shape(2) != hi) {
+          fail("the first part of split keys must hold k_hi channels");
+        }
       }
-      const int dim = part_dim(kind, bits, a);
-      const long cap = kind == CHANNEL ? std::min<long>(long(a[0].shape(3)) * 32 / bits,
-                                                         long(a[1].shape(3)) * L.group)
-                                       : a[0].shape(2);
+      const int dim = part_dim(kind, bits, a, hi);
+      long cap = kind == CHANNEL ? std::min<long>(long(a[0].shape(3)) * 32 / (bits + (hi > 0)),
+                                                   long(a[1].shape(3)) * group)
+                                 : a[0].shape(2);
+      if (hi) {
+        cap = std::min<long>({cap, long(a[3].shape(3)) * 32 / bits, long(a[4].shape(3)) * group});
+      }
       for (int b = 0; b < B; ++b) {
         if (counts[j * B + b] > cap) {
           fail("a row's token count exceeds its segment's buffer (" +
@@ -197,10 +229,10 @@ std::vector<mx::array> segment_inputs(
         }
         Dv = dim;
       }
-      for (int p = 0; p < parts_of(kind); ++p) {
+      for (int p = 0; p < n_parts; ++p) {
         inputs.push_back(rows_contiguous(a[p], s));
       }
-      i += parts_of(kind);
+      i += n_parts;
     }
   }
   for (size_t j = 0; j < counts.size(); ++j) {
@@ -223,7 +255,8 @@ bool DecodeAttention::is_equivalent(const mx::Primitive& other) const {
   for (size_t j = 0; j < layouts_.size(); ++j) {
     const auto &a = layouts_[j], &b = o.layouts_[j];
     if (a.k_kind != b.k_kind || a.k_bits != b.k_bits || a.v_kind != b.v_kind ||
-        a.v_bits != b.v_bits || a.group != b.group) {
+        a.v_bits != b.v_bits || a.group != b.group || a.v_group != b.v_group ||
+        a.k_hi != b.k_hi) {
       return false;
     }
   }

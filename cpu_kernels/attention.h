@@ -24,15 +24,18 @@ enum Kind : int {
                    // scales/biases [B, H, T, D/group]
 };
 
+// group: of the keys; v_group: of the values; k_hi: per-channel keys whose
+// first k_hi channels are a part of their own at k_bits + 1 (outlier
+// channels; 6 arrays: that part, then the other channels at k_bits).
 struct SegmentLayout {
-  int k_kind, k_bits, v_kind, v_bits, group;
+  int k_kind, k_bits, v_kind, v_bits, group, v_group, k_hi;
 };
 
 // out [B, H, R, Dv] float32 = softmax attention of q [B, H, R, D] (float32,
 // already scaled) over, for each segment s and batch row b, the tokens
 // [firsts[s*B + b], counts[s*B + b]) of the segment's buffers. `arrays`
 // holds each segment's key parts then value parts (1 array for FP, 3 for a
-// quantized kind). sinks: [H*R] logits of learned attention sinks or an
+// quantized kind, 6 for keys split by width). sinks: [H*R] logits of learned attention sinks or an
 // empty array. split_tokens: tokens per unit of work (0: chosen from the
 // machine's threads). fault: 0, or a deliberate fault for tests (attention.cpp).
 mx::array decode_attention(

@@ -76,9 +76,11 @@ inline void add_weighted_codes(float (&acc)[RR][N], float (&bsum)[RR], const flo
 // most TT tokens inside one group at a time. Per channel d the run's codes
 // are unpacked once and each row adds (q_d * scale) * code; q_d * bias is
 // summed per row and added once.
+// nd channels of the part, q rows D apart; add: add to S instead of writing
+// it (the second part of keys split by width).
 template <int BITS, int RR>
-void score_channel(const Part& k, long bh, int tb, int n, const float* q, int D, int G,
-                   float* S, int fault) {
+void score_channel(const Part& k, long bh, int tb, int n, const float* q, int D, int nd,
+                   int G, float* S, int fault, bool add) {
   const uint32_t* codes = k.codes + bh * k.head;
   const uint16_t* scales = k.scales + bh * k.scale_head;
   const uint16_t* biases = k.biases + bh * k.scale_head;
@@ -86,7 +88,7 @@ void score_channel(const Part& k, long bh, int tb, int n, const float* q, int D,
   // prefetcher follows: ask for the next block's bytes of each row now.
   const int next = tb + BLOCK;
   if (next < k.words * 32 / BITS) {
-    for (int d = 0; d < D; ++d) {
+    for (int d = 0; d < nd; ++d) {
       __builtin_prefetch(codes + long(d) * k.words + long(next) * BITS / 32);
       __builtin_prefetch(scales + long(d) * k.groups + next / G);
       __builtin_prefetch(biases + long(d) * k.groups + next / G);
@@ -99,15 +101,16 @@ void score_channel(const Part& k, long bh, int tb, int n, const float* q, int D,
     float acc[RR][TT] = {};
     float bsum[RR] = {};
     float c[TT] = {};
-    for (int d = 0; d < D; ++d) {
+    for (int d = 0; d < nd; ++d) {
       unpack_run<BITS>(codes + long(d) * k.words, t, len, c);
       const float s = half_to_float(scales[long(d) * k.groups + gs]);
       const float b = half_to_float(biases[long(d) * k.groups + gs]);
       add_weighted_codes(acc, bsum, q + d, D, s, b, c);
     }
     for (int r = 0; r < RR; ++r) {
+      float* Sr = S + r * BLOCK + i;
       for (int j = 0; j < len; ++j) {
-        S[r * BLOCK + i + j] = acc[r][j] + bsum[r];
+        Sr[j] = (add ? Sr[j] : 0.0f) + acc[r][j] + bsum[r];
       }
     }
     i += len;
@@ -140,7 +143,8 @@ void accumulate_token_values(const Part& v, long bh, int tb, int n, const float*
   }
 }
 
-using ScoreChannel = void (*)(const Part&, long, int, int, const float*, int, int, float*, int);
+using ScoreChannel = void (*)(const Part&, long, int, int, const float*, int, int, int, float*,
+                              int, bool);
 using AccumulateValues = void (*)(const Part&, long, int, int, const float*, int, int, float*);
 
 // The kernels of one code width, for 1 to ROWS rows at a time.
@@ -181,13 +185,21 @@ namespace {
 // Scores S[r * BLOCK + i] = q_r . k_{tb + i} for n tokens from tb.
 void score_block(const Step& st, const Segment& sg, long bh, int tb, int n,
                  const float* q, Scratch& sc) {
-  const int R = st.R, D = st.D, G = sg.group;
+  const int R = st.R, D = st.D, G = sg.k_group;
   float* S = sc.S.data();
   const Part& k = sg.k;
   if (k.kind == CHANNEL) {
+    const int hi = sg.k_hi;
     for (int r0 = 0; r0 < R; r0 += ROWS) {
       const int rr = std::min(ROWS, R - r0);
-      kernels_for(k.bits).score[rr - 1](k, bh, tb, n, q + r0 * D, D, G, S + r0 * BLOCK, st.fault);
+      const float* qr = q + r0 * D;
+      float* Sr = S + r0 * BLOCK;
+      kernels_for(k.bits).score[rr - 1](k, bh, tb, n, qr, D, hi ? hi : D, G, Sr, st.fault,
+                                        false);
+      if (hi) {  // the other channels, one bit narrower: their scores add
+        kernels_for(sg.k_lo.bits).score[rr - 1](sg.k_lo, bh, tb, n, qr + hi, D, D - hi, G, Sr,
+                                                st.fault, st.fault != SPLIT_OVERWRITE);
+      }
     }
     return;
   }
@@ -259,10 +271,10 @@ void attend_block(const Step& st, const Segment& sg, long bh, int tb, int n, flo
     }
     m[r] = mn;
   }
-  if (sg.v.kind == TOKEN && Dv % CC == 0 && sg.group % CC == 0) {
+  if (sg.v.kind == TOKEN && Dv % CC == 0 && sg.v_group % CC == 0) {
     for (int r0 = 0; r0 < R; r0 += ROWS) {
       const int rr = std::min(ROWS, R - r0);
-      kernels_for(sg.v.bits).values[rr - 1](sg.v, bh, tb, n, S + r0 * BLOCK, Dv, sg.group,
+      kernels_for(sg.v.bits).values[rr - 1](sg.v, bh, tb, n, S + r0 * BLOCK, Dv, sg.v_group,
                                        o + r0 * Dv);
     }
     return;
@@ -272,7 +284,7 @@ void attend_block(const Step& st, const Segment& sg, long bh, int tb, int n, flo
     if (sg.v.kind == FP) {
       fp_row(sg.v, bh, tb + i, Dv, row);
     } else {
-      token_row(sg.v, bh, tb + i, Dv, sg.group, row);
+      token_row(sg.v, bh, tb + i, Dv, sg.v_group, row);
     }
     for (int r = 0; r < R; ++r) {
       const float p = S[r * BLOCK + i];

@@ -59,15 +59,20 @@ struct Part {
 
 struct Segment {
   Part k, v;
-  int group = 32;
+  Part k_lo;      // with k_hi: channels [k_hi, D) of per-channel keys (k: [0, k_hi))
+  int k_hi = 0;
+  int k_group = 32, v_group = 32;
   const int* counts = nullptr;  // [B]
   const int* firsts = nullptr;  // [B]
 };
 
 // Deliberate faults, for tests that show broken variants fail: 1 merges
 // parts without rescaling, 2 gives every row the first row's token counts,
-// 3 ignores the window's first tokens, 4 reads the next group's scales.
-enum Fault : int { NONE = 0, MERGE = 1, ROW_COUNT = 2, WINDOW = 3, GROUP_OFFSET = 4 };
+// 3 ignores the window's first tokens, 4 reads the next group's scales, 5
+// lets the second part of split keys overwrite the first's scores.
+enum Fault : int {
+  NONE = 0, MERGE = 1, ROW_COUNT = 2, WINDOW = 3, GROUP_OFFSET = 4, SPLIT_OVERWRITE = 5
+};
 
 struct Step {
   int B, H, R, D, Dv, split, fault;

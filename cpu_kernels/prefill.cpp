@@ -260,10 +260,10 @@ void run_block(const Prefill& st, const Block& blk) {
     }
     for (long a = lo / KB * KB; a < hi; a += KB) {
       const int tb = int(std::max(a, lo)), n = int(std::min(a + KB, hi) - tb);
-      load_keys(sg.k, blk.bh, tb, n, D, sg.group, st.fault, t);
+      load_keys(sg.k, blk.bh, tb, n, D, sg.k_group, st.fault, t);
       score_tiles(t.q.data(), rows, D, t.kt.data(), (n + NC - 1) / NC * NC, t.s.data());
       softmax_update(st, rows, real, start, tb, n, t);
-      load_values(sg.v, blk.bh, tb, n, Dv, sg.group, t);
+      load_values(sg.v, blk.bh, tb, n, Dv, sg.v_group, t);
       accumulate_tiles(t.s.data(), rows, t.v.data(), n, Dv, t.o.data());
     }
   }
@@ -338,6 +338,17 @@ mx::array prefill_attention(const mx::array& q, const std::vector<mx::array>& ar
   if (fault < NONE || fault > CAUSAL) {
     fail("unknown fault");
   }
+  for (const auto& L : layouts) {
+    if (L.k_hi) {
+      fail("keys split by width (k_hi > 0, outlier channels) are read by decode_attention "
+           "only; attend such a chunk with MLX ops (mlx_kvq.attention does)");
+    }
+    if (L.k_kind != FP && L.v_kind != FP && L.v_group != L.group) {
+      fail("values with a group of their own (v_group " + std::to_string(L.v_group) +
+           " != the keys' " + std::to_string(L.group) + ") are read by decode_attention "
+           "only; attend such a chunk with MLX ops (mlx_kvq.attention does)");
+    }
+  }
   auto cpu = mx::to_stream(s, mx::Device::cpu);
   auto qf = mx::astype(q, mx::float32, cpu);
   std::vector<mx::array> inputs = {qf.flags().row_contiguous && qf.is_available()
@@ -371,7 +382,8 @@ bool PrefillAttention::is_equivalent(const mx::Primitive& other) const {
   for (size_t j = 0; j < layouts_.size(); ++j) {
     const auto &a = layouts_[j], &b = o.layouts_[j];
     if (a.k_kind != b.k_kind || a.k_bits != b.k_bits || a.v_kind != b.v_kind ||
-        a.v_bits != b.v_bits || a.group != b.group) {
+        a.v_bits != b.v_bits || a.group != b.group || a.v_group != b.v_group ||
+        a.k_hi != b.k_hi) {
       return false;
     }
   }

@@ -33,6 +33,7 @@ from . import cpu_kernels
 from .metal_kernels import decode as kernels
 from . import quant
 from .cache import Layout, Segment
+from .cache_base import permute_channels
 
 SCORE_BUDGET_BYTES = int(os.environ.get("MLX_KVQ_SCORE_BUDGET", 64 << 20))
 # mx.quantized_matmul is fast for few query rows everywhere and for many rows
@@ -112,7 +113,11 @@ def _scores(qg, t):
     lk = t.k_layout
     if lk.bits is None:
         return qg @ t.keys.astype(qg.dtype).swapaxes(-1, -2)
-    return _qmm(qg, t.keys, lk.bits, lk.group, transpose=not lk.transposed)
+    if not lk.hi:
+        return _qmm(qg, t.keys, lk.bits, lk.group, transpose=not lk.transposed)
+    # Outlier channels: each piece scores its own channels; the scores add.
+    return sum(_qmm(qg[..., d0:d1], q, bits, lk.group, transpose=False)
+               for q, (bits, d0, d1) in zip(lk.split(t.keys), lk.pieces(qg.shape[-1])))
 
 
 def _joint_partials(qg, segs):
@@ -290,6 +295,8 @@ def kvq_attention(queries, cache, scale, mask=None, sinks=None):
     q = (queries * scale).astype(mx.float32)
     if spec.rotate_keys:
         q = quant.hadamard(q)
+    if cache.k_order is not None:  # keys are stored in this channel order
+        q = permute_channels(q, cache.k_order)
     segs = cache.segments()
     if L == 1 and segs and _native_wanted():
         out = _native_step(q.reshape(B, H, rep, D), cache, segs, mask, sinks)
@@ -414,19 +421,19 @@ def _native_segment(seg, q0, mask, window, B):
     segment)."""
     unmasked, window_step = _unmasked_step(seg, q0, mask, window)
     lk, lv = seg.k_layout, seg.v_layout
-    if not unmasked or lk.bits is not None and lv.bits is not None and lk.group != lv.group:
+    if not unmasked:
         return None
     counts = tuple(seg.valid) if seg.ragged else (seg.length,) * B
     first = _window_first(seg, q0, window) if window_step else 0
     firsts = tuple(first) if isinstance(first, tuple) else (first,) * B
-    group = lk.group if lk.bits is not None else lv.group
-    return (seg.keys, seg.values, _native_kind(lk), lk.bits, _native_kind(lv), lv.bits, group,
-            counts, firsts)
+    return (seg.keys, seg.values, _native_kind(lk), lk.bits, _native_kind(lv), lv.bits,
+            (lk.group, lv.group), counts, firsts, lk.hi)
 
 
 def _native_prefill(q, cache, segs, L, sinks):
     """A prefill chunk in one native call: [B, H, R, L, Dv] float32, or None
-    when a segment's layout is one the kernel does not read. Every segment
+    when a segment's layout is one the kernel does not read (keys split by
+    width, or quantized values with a group of their own). Every segment
     is read whole (each row its count); the causal rule and the window apply
     by positions, as _mask_segment applies them."""
     B = q.shape[0]
@@ -435,11 +442,11 @@ def _native_prefill(q, cache, segs, L, sinks):
     parts, starts = [], []
     for seg in segs:
         lk, lv = seg.k_layout, seg.v_layout
-        if lk.bits is not None and lv.bits is not None and lk.group != lv.group:
+        if lk.hi or lk.bits is not None and lv.bits is not None and lk.group != lv.group:
             return None
         counts = tuple(seg.valid) if seg.ragged else (seg.length,) * B
         parts.append((seg.keys, seg.values, _native_kind(lk), lk.bits, _native_kind(lv), lv.bits,
-                      lk.group if lk.bits is not None else lv.group, counts, (0,) * B))
+                      (lk.group, lv.group), counts, (0,) * B))
         starts.append(tuple(seg.start) if seg.ragged else (seg.start,) * B)
     if sinks is not None:
         sinks = sinks.astype(mx.float32)
@@ -465,6 +472,8 @@ def _native_step(qg, cache, segs, mask, sinks):
 
 
 def _use_kernel(seg, head_dim):
+    if seg.k_layout.hi or seg.k_layout.group != seg.v_layout.group:
+        return False
     return kernels.use_metal() and kernels.supports(
         seg.k_layout.bits, seg.v_layout.bits, head_dim=head_dim,
         group_size=seg.k_layout.group,

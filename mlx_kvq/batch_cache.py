@@ -256,9 +256,21 @@ class KVQBatchCache(KVQBaseCache):
                     f"(max_kv_size {c.max_size}, window {c.window}) and {first.spec} "
                     f"(max_kv_size {first.max_size}, window {first.window}); make them "
                     "with the same spec")
-            if (c.calibration is None) != (first.calibration is None):
+        # An empty cache of a spec with outlier channels has no key order yet
+        # (it would choose one from its first tokens): it takes the batch's.
+        ordered = [c for c in caches if c.k_order is not None]
+        lead = ordered[0] if ordered else first
+        for c in caches:
+            if c.spec.k_outliers and c.k_order is None and c.empty():
+                continue
+            if (c.calibration is None) != (lead.calibration is None):
                 raise ValueError("cannot batch a calibrated cache with an uncalibrated one")
-        out = cls(first.spec, len(caches), first.max_size, first.calibration, first.window)
+            ko, kf = c.k_order, lead.k_order
+            if (ko is None) != (kf is None) or ko is not None and not mx.array_equal(ko, kf):
+                raise ValueError("cannot batch caches whose keys are stored in different "
+                                 "channel orders (outlier channels chosen from different "
+                                 "first tokens): make them with one calibration's order")
+        out = cls(first.spec, len(caches), first.max_size, lead.calibration, first.window)
         full = [c for c in caches if not c.empty()]
         for c in full:
             if c.dims[1:] != full[0].dims[1:]:

@@ -26,7 +26,7 @@ from mlx_lm.models.cache import create_attention_mask
 
 from . import quant
 from .cache_base import (FORMAT_VERSION, CachedTensorUse, Calibration,  # noqa: F401
-                         KVQBaseCache, KVQView)
+                         KVQBaseCache, KVQView, permute_channels)
 from .spec import KVQuantSpec
 from .storage import Layout, Segment, own_copy  # noqa: F401
 
@@ -157,6 +157,8 @@ class KVQCache(KVQBaseCache):
                   s.v_layout.decode(s.v_layout.slice(s.values, 0, s.length))]
                  for s in self.segments()]
         keys, values = (mx.concatenate(x, axis=2) for x in zip(*parts))
+        if self.k_order is not None:
+            keys = permute_channels(keys, mx.argsort(self.k_order, axis=-1))
         if self.v_smooth is not None:
             values = values * self.v_smooth[:, None, :].astype(mx.float32)
         if self.spec.rotate_values:
@@ -248,7 +250,7 @@ class KVQCache(KVQBaseCache):
             body_v = lv.slice(self.body_v, 0, self.n_body)
         c = self.calibration or Calibration()
         arrays = [self.sink_k, self.sink_v, self.res_k, self.res_v,
-                  body_k, body_v, c.v_smooth, c.k_limit, c.v_limit, self.drift]
+                  body_k, body_v, c.v_smooth, c.k_limit, c.v_limit, self.drift, c.k_order]
         return [self.meta_state] + arrays
 
     @state.setter
@@ -267,8 +269,8 @@ class KVQCache(KVQBaseCache):
             raise ValueError(f"unknown KVQCache format "
                              f"{meta.get('format') if isinstance(meta, dict) else meta!r}")
         v = [tuple(p) if isinstance(p, list) else p for p in v]
-        if len(v) not in (7, 11):
-            raise ValueError(f"{len(v)} state entries, not 11")
+        if len(v) not in (7, 11, 12):
+            raise ValueError(f"{len(v)} state entries, not 12")
         self.spec = KVQuantSpec.from_dict(meta["spec"])
         self.max_size = meta["max_size"]
         self.window = meta.get("window")
@@ -279,9 +281,9 @@ class KVQCache(KVQBaseCache):
         self.body_k, self.body_v = v[5:7]
         self.capacity = self.n_body
         calib = meta.get("calibration")
-        extra = (list(v[7:11]) + [None] * 4)[:4]
+        extra = (list(v[7:12]) + [None] * 5)[:5]
         self.calibration = None if calib is None else Calibration(
-            *extra[:3], source=calib.get("source", ""))
+            *extra[:3], source=calib.get("source", ""), k_order=extra[4])
         self.drift = extra[3]
         self.drift_checked = 0 if calib is None else calib.get("drift_checked", 0)
         if self.dims is not None:

@@ -15,10 +15,11 @@ provides; the keys/values a model gets back are KVQViews.
 """
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.models.cache import _BaseCache
 
 from . import quant
@@ -40,6 +41,10 @@ class Calibration:
         stored (after rotation or smoothing). Flushed tokens beyond it are
         counted as drift; they are still quantized with their own dynamic
         per-group scales, never clipped.
+    k_order: [H, D] int32 key channel order of a spec with outlier channels
+        (spec.k_outliers): keys are stored with their channels in this order,
+        the outliers first, and queries are read in it (exact: a score is a
+        sum over channels).
     source: one line saying where the calibration came from, for reports.
     """
 
@@ -47,10 +52,16 @@ class Calibration:
     k_limit: Optional[mx.array] = None
     v_limit: Optional[mx.array] = None
     source: str = ""
+    k_order: Optional[mx.array] = None
 
     def check(self, spec, H, D, Dv):
         if self.v_smooth is not None and spec.rotate_values:
             raise ValueError("a layer cannot both rotate and smooth its values")
+        if self.k_order is not None:
+            o = np.asarray(self.k_order)
+            if o.shape != (H, D) or (np.sort(o, axis=-1) != np.arange(D)).any():
+                raise ValueError(f"calibration k_order must order the {D} key channels of "
+                                 f"each of {H} kv heads; got shape {o.shape}")
         for name, d in (("v_smooth", Dv), ("k_limit", D), ("v_limit", Dv)):
             x = getattr(self, name)
             if x is not None and tuple(x.shape) != (H, d):
@@ -88,6 +99,23 @@ class KVQView:
         )
 
 
+def key_order(keys: mx.array, n_outliers: int) -> mx.array:
+    """[H, D] channel order, the `n_outliers` channels of widest range over
+    `keys` [B, H, T, D] (all rows) first: what a cache with outlier channels
+    uses when no order was given."""
+    k = keys.astype(mx.float32)
+    width = (k.max(axis=2) - k.min(axis=2)).max(axis=0)  # [H, D]
+    return mx.argsort(-width, axis=-1).astype(mx.int32)
+
+
+def permute_channels(x: mx.array, order: mx.array) -> mx.array:
+    """x [B, Hx, L, D] with each head's channels in `order` [H, D] (Hx a
+    multiple of H: query heads of a group share their kv head's order)."""
+    rep = x.shape[1] // order.shape[0]
+    o = mx.repeat(order, rep, axis=0) if rep > 1 else order
+    return mx.take_along_axis(x, o[None, :, None, :], axis=-1)
+
+
 def round_up(n: int, step: int) -> int:
     """n rounded up to whole steps, at least one step."""
     return max(step, -(-n // step) * step)
@@ -118,6 +146,10 @@ class KVQBaseCache(_BaseCache):
         dims = (B, H, D, values.shape[-1])
         if self.dims is None:
             self.spec.validate_for(D, values.shape[-1])
+            if self.spec.k_outliers and self.k_order is None:
+                self.calibration = replace(
+                    self.calibration or Calibration(source="key channel order: first tokens"),
+                    k_order=key_order(keys, self.spec.k_outliers))
             if self.calibration is not None:
                 self.calibration.check(self.spec, *dims[1:])
             self.dims = dims
@@ -129,6 +161,8 @@ class KVQBaseCache(_BaseCache):
             )
         if self.spec.rotate_keys:
             keys = quant.hadamard(keys)
+        if self.k_order is not None:
+            keys = permute_channels(keys, self.k_order)
         if self.spec.rotate_values:
             values = quant.hadamard(values)
         if self.v_smooth is not None:
@@ -142,6 +176,12 @@ class KVQBaseCache(_BaseCache):
     @property
     def v_smooth(self):
         return None if self.calibration is None else self.calibration.v_smooth
+
+    @property
+    def k_order(self):
+        """The key channel order keys are stored in (outlier channels), or None."""
+        c = self.calibration
+        return None if c is None or not self.spec.k_outliers else c.k_order
 
     def empty(self):
         return self.dims is None

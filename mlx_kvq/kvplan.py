@@ -1,10 +1,13 @@
 """The calibrated KV plan format: what `mlx_kvq.calibrate` bakes into a model
 folder and `mlx_kvq.load` attaches to the model.
 
-A plan gives every full-attention layer its K and V bits and how its values
-are prepared (as they are, smoothed by per-channel factors, or rotated), on
-a shared base spec (group size, residual, sinks, key axis), with the
-per-channel statistics the calibration measured and its disclosure. Files:
+A plan gives every full-attention layer its K and V bits, its outlier key
+channels (k_outliers, with the layer's key channel order) and value group,
+and how its values are prepared (as they are, smoothed by per-channel
+factors, or rotated), on a shared base spec (group size, residual, sinks,
+key axis), with the per-channel statistics the calibration measured and its
+disclosure. Plans without outlier channels or value groups (all plans made
+before these options) carry no tensors for them and load as they did. Files:
 
   kv_plan.json           scheme, per-layer plan, measurements, disclosure,
                          the sha256 of the scales file;
@@ -80,6 +83,8 @@ class LayerPlan:
     k_bits: Optional[int]
     v_bits: Optional[int]
     values: str = "none"  # how values are prepared: none, smooth, rotate
+    k_outliers: int = 0  # key channels at k_bits + 1, first in the layer's k_order
+    v_group: Optional[int] = None  # the values' group size, if not the base's
 
 
 @dataclass
@@ -94,11 +99,19 @@ class KVPlan:
     target_bits: Optional[float] = None
     disclosure: dict = field(default_factory=dict)
     measurements: dict = field(default_factory=dict)
+    k_order: Dict[int, np.ndarray] = field(default_factory=dict)  # [H, D] per layer
 
     def spec(self, layer: int) -> KVQuantSpec:
         p = self.layers[layer]
         return replace(self.base, k_bits=p.k_bits, v_bits=p.v_bits,
-                       rotate=p.values == "rotate")
+                       rotate=p.values == "rotate", k_outliers=p.k_outliers,
+                       v_group=p.v_group)
+
+    def layer_config(self, layer: int) -> tuple:
+        """(spec, value smoothing factors or None, key channel order or None)
+        of one layer, as a calibration pass reads them."""
+        order = self.k_order.get(layer) if self.layers[layer].k_outliers else None
+        return self.spec(layer), self.v_smooth(layer), order
 
     def v_smooth(self, layer: int) -> Optional[np.ndarray]:
         if self.layers[layer].values != "smooth":
@@ -113,16 +126,31 @@ class KVPlan:
         if s is not None:
             v_lim = v_lim / s
         margin = 1 + LIMIT_MARGIN
+        order = self.k_order.get(layer) if spec.k_outliers else None
+        if order is not None:  # limits in the order the keys are stored in
+            k_lim = np.take_along_axis(k_lim, order, axis=-1)
         return Calibration(
             v_smooth=None if s is None else mx.array(s),
             k_limit=mx.array(k_lim * margin, dtype=mx.float32),
             v_limit=mx.array(v_lim * margin, dtype=mx.float32),
             source=self.source,
+            k_order=None if order is None else mx.array(order, dtype=mx.int32),
         )
 
     @property
     def average_bits(self) -> float:
-        bits = [16 if b is None else b for p in self.layers.values() for b in (p.k_bits, p.v_bits)]
+        """Code bits per element, averaged over layers' keys and values; an
+        outlier key channel adds one bit on 1/head_dim of the keys, a value
+        group of its own the difference of its scales' bits from the base's
+        (32 bits of fp16 scale and bias per group)."""
+        D = self.model.get("head_dim") or 0
+        g = self.base.group_size
+        bits = []
+        for p in self.layers.values():
+            bits.append(16 if p.k_bits is None else
+                        p.k_bits + (p.k_outliers / D if D and p.k_outliers else 0))
+            bits.append(16 if p.v_bits is None else
+                        p.v_bits + (32 / p.v_group - 32 / g if p.v_group else 0))
         return sum(bits) / len(bits)
 
     @property
@@ -152,6 +180,14 @@ class KVPlan:
             "plan.v_bits": mx.array([self.layers[i].v_bits or 16 for i in layers], dtype=mx.int32),
             "plan.values": mx.array([codes[self.layers[i].values] for i in layers], dtype=mx.int32),
         }
+        if any(self.layers[i].k_outliers or self.layers[i].v_group for i in layers):
+            out["plan.k_outliers"] = mx.array([self.layers[i].k_outliers for i in layers],
+                                              dtype=mx.int32)
+            out["plan.v_group"] = mx.array([self.layers[i].v_group or 0 for i in layers],
+                                           dtype=mx.int32)
+        for i in layers:
+            if self.layers[i].k_outliers:
+                out[f"layers.{i}.k_order"] = mx.array(self.k_order[i], dtype=mx.int32)
         for i in layers:
             for name, a in self.stats[i].items():
                 out[f"layers.{i}.{name}"] = mx.array(a)
@@ -176,7 +212,8 @@ class KVPlan:
             },
             "layers": [
                 {"layer": i, "spec": str(self.spec(i)), "k_bits": p.k_bits, "v_bits": p.v_bits,
-                 "values": p.values, "stats": summarize(self.stats[i])}
+                 "values": p.values, "k_outliers": p.k_outliers, "v_group": p.v_group,
+                 "stats": summarize(self.stats[i])}
                 for i, p in sorted(self.layers.items())
             ],
             "calibration": self.disclosure,
@@ -278,12 +315,19 @@ def load_plan(folder, model=None) -> KVPlan:
                             "damaged, or from another calibration; calibrate again")
         arrays = mx.load(str(scales_path))
         scheme = d["scheme"]
-        layers = {e["layer"]: LayerPlan(e["k_bits"], e["v_bits"], e["values"]) for e in d["layers"]}
+        layers = {e["layer"]: LayerPlan(e["k_bits"], e["v_bits"], e["values"],
+                                        e.get("k_outliers", 0), e.get("v_group"))
+                  for e in d["layers"]}
         stats = {i: {n: np.array(arrays[f"layers.{i}.{n}"]) for kind in "kv"
                      for n in (f"{kind}_{s}" for s in STATS)} for i in layers}
+        k_order = {i: np.array(arrays[f"layers.{i}.k_order"]).astype(np.int32)
+                   for i, p in layers.items() if p.k_outliers}
         plan = KVPlan(KVQuantSpec.from_string(scheme["base"]), layers, stats, d["model"],
                       alpha=scheme["smoothing_alpha"], target_bits=scheme.get("target_bits"),
-                      disclosure=d["calibration"], measurements=d["measurements"])
+                      disclosure=d["calibration"], measurements=d["measurements"],
+                      k_order=k_order)
+        for i in layers:
+            plan.spec(i)  # outlier counts and value groups a spec takes
         _check_tensors(plan, arrays)
     except KVPlanError:
         raise
@@ -323,7 +367,7 @@ def _check_json(d: dict, path: Path):
             bad("layers[]", e)
         if type(e.get("layer")) is not int or e["layer"] < 0:
             bad("layers[].layer", e.get("layer"))
-        for key in ("k_bits", "v_bits"):
+        for key in ("k_bits", "v_bits", "k_outliers", "v_group"):
             if e.get(key) is not None and type(e[key]) is not int:
                 bad(f"layers[{e['layer']}].{key}", e[key])
         if e.get("values") not in TRANSFORMS:
@@ -355,6 +399,11 @@ def _check_tensors(plan: KVPlan, arrays):
         if s is not None and not np.allclose(np.array(arrays[f"layers.{i}.v_smooth"]), s,
                                              rtol=1e-4):
             raise KVPlanError(f"{SCALES_FILE}: layers.{i}.v_smooth disagrees with the statistics")
+        order = plan.k_order.get(i)
+        if order is not None and (order.shape != plan.stats[i]["k_absmax"].shape or (
+                np.sort(order, axis=-1) != np.arange(order.shape[-1])).any()):
+            raise KVPlanError(f"{SCALES_FILE}: layers.{i}.k_order is not an order of each "
+                              "kv head's key channels")
         for name, a in plan.stats[i].items():
             if a.shape != plan.stats[i]["k_absmax"].shape:
                 raise KVPlanError(f"{SCALES_FILE}: layers.{i}.{name} has shape {a.shape}")

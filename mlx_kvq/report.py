@@ -118,9 +118,12 @@ def projected_bytes(cache, context: int) -> tuple:
 
 
 def layer_key(spec, smoothed=False) -> str:
-    """A layer's bits and value preparation: k4v2, k2v4-rot, k4v2-sm (smoothed)."""
-    return (f"k{spec.k_bits or 16}v{spec.v_bits or 16}" + ("-rot" if spec.rotate else "")
-            + ("-sm" if smoothed else ""))
+    """A layer's bits, outlier key channels, value group and value
+    preparation: k4v2, k2v4-rot, k3v3-o16-vg64-rot, k4v2-sm (smoothed)."""
+    return (f"k{spec.k_bits or 16}v{spec.v_bits or 16}"
+            + (f"-o{spec.k_outliers}" if spec.k_outliers else "")
+            + (f"-vg{spec.v_group}" if spec.v_group else "")
+            + ("-rot" if spec.rotate else "") + ("-sm" if smoothed else ""))
 
 
 def count_label(keys) -> str:

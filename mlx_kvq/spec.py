@@ -37,6 +37,13 @@ class KVQuantSpec:
     sinks: first tokens kept in full precision (attention sinks).
     rotate: Hadamard rotation of head_dim before quantizing values (and keys
         when they are quantized per token), spreading outliers across a group.
+    k_outliers: key channels per kv head kept at k_bits + 1 (outlier
+        channels; per-channel keys only). Which channels: the layer's key
+        channel order (Calibration.k_order: baked by calibration, else
+        derived from the model's key and query projections); keys are stored
+        in that order, the outliers first, and queries are read in it.
+    v_group: elements of a value group sharing one scale and bias, if not
+        group_size (values need fewer scales than per-channel keys).
     """
 
     k_bits: Optional[int] = 4
@@ -46,6 +53,8 @@ class KVQuantSpec:
     residual: int = 64
     sinks: int = 4
     rotate: bool = False
+    k_outliers: int = 0
+    v_group: Optional[int] = None
 
     def __post_init__(self):
         for name in ("k_bits", "v_bits"):
@@ -62,7 +71,10 @@ class KVQuantSpec:
             raise ValueError(
                 f"group_size={self.group_size!r}; use one of {VALID_GROUPS}"
             )
-        for name in ("residual", "sinks"):
+        if self.v_group is not None and (type(self.v_group) is not int
+                                         or self.v_group not in VALID_GROUPS):
+            raise ValueError(f"v_group={self.v_group!r}; use one of {VALID_GROUPS} or None")
+        for name in ("residual", "sinks", "k_outliers"):
             v = getattr(self, name)
             if type(v) is not int or v < 0:
                 raise ValueError(f"{name}={v!r} must be a non-negative integer")
@@ -75,6 +87,19 @@ class KVQuantSpec:
                 f"residual={self.residual} must be a multiple of group_size="
                 f"{self.group_size} when keys are quantized per channel"
             )
+
+        if self.k_outliers:
+            if not self.keys_per_channel:
+                raise ValueError(f"k_outliers={self.k_outliers} needs keys quantized per "
+                                 "channel (key_axis='channel' and k_bits set)")
+            if self.k_bits + 1 not in VALID_BITS:
+                raise ValueError(f"k_outliers keeps channels at k_bits + 1 = {self.k_bits + 1} "
+                                 f"bits, not a supported width: use k_bits of at most 5")
+
+    @property
+    def value_group(self) -> int:
+        """Elements per value group."""
+        return self.v_group or self.group_size
 
     @property
     def rotate_keys(self) -> bool:
@@ -157,15 +182,19 @@ class KVQuantSpec:
         Dv = v_head_dim or head_dim
         grouped = []  # dims that quantization groups split
         if self.k_bits is not None and self.key_axis == "token":
-            grouped.append(("head_dim", head_dim))
+            grouped.append(("head_dim", head_dim, f"group_size={self.group_size}"))
         if self.v_bits is not None:
-            grouped.append((v_name, Dv))
+            grouped.append((v_name, Dv, f"v_group={self.v_group}" if self.v_group
+                            else f"group_size={self.group_size}"))
+        if self.k_outliers >= head_dim:
+            raise HeadDimError(f"k_outliers={self.k_outliers} must be fewer than "
+                               f"head_dim={head_dim} channels")
         rotated = [(v_name, Dv)] if self.rotate_values else []
         if self.rotate_keys:
             rotated.append(("head_dim", head_dim))
-        for name, d in grouped:
-            if d % self.group_size:
-                raise HeadDimError(f"group_size={self.group_size} does not divide {name}={d}")
+        for name, d, g in grouped:
+            if d % int(g.split("=")[1]):
+                raise HeadDimError(f"{g} does not divide {name}={d}")
         for name, d in rotated:
             if d & (d - 1):
                 raise HeadDimError(f"rotate=True needs a power-of-two {name}, got {name}={d}")
@@ -183,6 +212,10 @@ class KVQuantSpec:
             label += "-ktok"
         if self.rotate:
             label += "-rot"
+        if self.k_outliers:
+            label += f"-o{self.k_outliers}"
+        if self.v_group is not None:
+            label += f"-vg{self.v_group}"
         return label
 
     def describe(self) -> str:
@@ -194,7 +227,11 @@ class KVQuantSpec:
             if self.k_bits is None
             else f"{self.k_bits}-bit per-{self.key_axis}"
         )
+        if self.k_outliers:
+            k += f" ({self.k_outliers} outlier channels per head at {self.k_bits + 1}-bit)"
         v = "16-bit" if self.v_bits is None else f"{self.v_bits}-bit per-token"
+        if self.v_bits is not None and self.v_group is not None:
+            v += f" (group {self.v_group})"
         return (
             f"K {k}, V {v}, group {self.group_size}, residual {self.residual} "
             f"fp16 tokens, sinks {self.sinks}, rotation "
@@ -222,7 +259,7 @@ class KVQuantSpec:
         if not m:
             raise ValueError(
                 f"cannot parse KV spec {s!r}: use a preset ({', '.join(PRESETS)}) "
-                "or a label like k4v2, k4v4-g64-r128-s4-rot"
+                "or a label like k4v2, k4v4-g64-r128-s4-rot, k3v3-o8-vg64"
             )
         def number(name, raw):
             if len(raw) > 6:
@@ -251,7 +288,8 @@ class KVQuantSpec:
         return cls(**fields)
 
 
-_NUMERIC_OPTS = {"g": "group_size", "r": "residual", "s": "sinks"}
+_NUMERIC_OPTS = {"g": "group_size", "r": "residual", "s": "sinks", "o": "k_outliers",
+                 "vg": "v_group"}
 
 # Named presets; labels like "k4v4" parse to the defaults above.
 PRESETS = {
@@ -320,7 +358,8 @@ def sliding_base(spec, sliding=SLIDING_DEFAULT) -> Optional[KVQuantSpec]:
         return spec
     if sliding == "auto":
         k_bits = spec.k_bits if spec.k_bits is None else max(spec.k_bits, WINDOW_KEY_BITS)
-        return replace(spec, k_bits=k_bits)
+        outliers = spec.k_outliers if k_bits == spec.k_bits else 0  # all keys at 8 bits
+        return replace(spec, k_bits=k_bits, k_outliers=outliers)
     return parse_spec(sliding)
 
 

@@ -21,23 +21,42 @@ from . import quant
 @dataclass(frozen=True)
 class Layout:
     """Where tokens sit in one body part: fp [B, H, T, D], or a quantized
-    triple along the last axis (per-token) or transposed (per-channel keys)."""
+    triple along the last axis (per-token) or transposed (per-channel keys).
+
+    hi: per-channel keys only: the first `hi` channels (the outlier channels,
+    stored first) are a triple of their own at bits + 1, the other D - hi at
+    `bits`; the part is then the two triples flattened into six arrays.
+    """
 
     bits: Optional[int]
     group: int
     transposed: bool
+    hi: int = 0
+
+    def pieces(self, D):
+        """(bits, first channel, end channel) of each quantized triple."""
+        if self.hi:
+            return [(self.bits + 1, 0, self.hi), (self.bits, self.hi, D)]
+        return [(self.bits, 0, D)]
+
+    def split(self, part):
+        """A quantized part as its triples, one per piece."""
+        return [tuple(part[i:i + 3]) for i in range(0, len(part), 3)]
 
     def shapes(self, B, H, cap, D):
         """Shapes and dtypes of the arrays holding `cap` tokens (fp: None dtype,
         the storage dtype)."""
         if self.bits is None:
             return [((B, H, cap, D), None)]
-        G = self.group
-        if self.transposed:  # codes [B, H, D, T]
-            codes, scales = (B, H, D, quant.packed_width(cap, self.bits)), (B, H, D, cap // G)
-        else:
-            codes, scales = (B, H, cap, quant.packed_width(D, self.bits)), (B, H, cap, D // G)
-        return [(codes, mx.uint32), (scales, quant.SCALE_DTYPE), (scales, quant.SCALE_DTYPE)]
+        G, out = self.group, []
+        for bits, d0, d1 in self.pieces(D):
+            if self.transposed:  # codes [B, H, D, T]
+                codes = (B, H, d1 - d0, quant.packed_width(cap, bits))
+                scales = (B, H, d1 - d0, cap // G)
+            else:
+                codes, scales = (B, H, cap, quant.packed_width(D, bits)), (B, H, cap, D // G)
+            out += [(codes, mx.uint32), (scales, quant.SCALE_DTYPE), (scales, quant.SCALE_DTYPE)]
+        return out
 
     def alloc(self, B, H, cap, D, fp):
         parts = [mx.zeros(shape, dtype or fp) for shape, dtype in self.shapes(B, H, cap, D)]
@@ -48,18 +67,22 @@ class Layout:
         return sum(math.prod(shape) * (dtype or quant.FP_DTYPE).size
                    for shape, dtype in self.shapes(1, H, cap, D))
 
-    def _ranges(self, a, b):
-        """Index ranges of tokens [a, b) in (codes, scales, biases)."""
+    def _ranges(self, part, a, b):
+        """Index ranges of tokens [a, b) in each array of a quantized part."""
         if not self.transposed:
-            return [(a, b)] * 3
+            return [(a, b)] * len(part)
         G, w = self.group, quant.packed_width
-        return [(w(a, self.bits), w(b, self.bits)), (a // G, b // G), (a // G, b // G)]
+        widths = (self.bits + 1, self.bits) if self.hi else (self.bits,)
+        out = []
+        for bits in widths[:len(part) // 3]:
+            out += [(w(a, bits), w(b, bits)), (a // G, b // G), (a // G, b // G)]
+        return out
 
     def slice(self, part, a, b):
         if self.bits is None:
             return part[..., a:b, :]
         if self.transposed:
-            return tuple(x[..., i:j] for x, (i, j) in zip(part, self._ranges(a, b)))
+            return tuple(x[..., i:j] for x, (i, j) in zip(part, self._ranges(part, a, b)))
         return tuple(x[..., a:b, :] for x in part)
 
     def write(self, dst, src, a, row=None):
@@ -69,7 +92,7 @@ class Layout:
         if self.bits is None:
             dst[r, :, a:b, :] = src
             return dst
-        for x, y, (i, j) in zip(dst, src, self._ranges(a, b)):
+        for x, y, (i, j) in zip(dst, src, self._ranges(dst, a, b)):
             if self.transposed:
                 x[r, :, :, i:j] = y
             else:
@@ -80,15 +103,25 @@ class Layout:
         """[B, H, T, D] tokens into this layout's storage form."""
         if self.bits is None:
             return x
-        return quant.quantize(x.swapaxes(-1, -2) if self.transposed else x, self.bits,
-                              self.group)
+        if not self.transposed:
+            return quant.quantize(x, self.bits, self.group)
+        xt = x.swapaxes(-1, -2)
+        out = ()
+        for bits, d0, d1 in self.pieces(x.shape[-1]):
+            out += quant.quantize(xt[..., d0:d1, :], bits, self.group)
+        return out
 
     def decode(self, part, dtype=mx.float32):
         """Tokens as a [B, H, T, D] array (dequantized if quantized)."""
         if self.bits is None:
             return part.astype(dtype)
-        x = quant.dequantize(part, self.bits, self.group, dtype)
-        return x.swapaxes(-1, -2) if self.transposed else x
+        if not self.transposed:
+            return quant.dequantize(part, self.bits, self.group, dtype)
+        widths = (self.bits + 1, self.bits) if self.hi else (self.bits,)
+        xs = [quant.dequantize(q, bits, self.group, dtype)
+              for q, bits in zip(self.split(part), widths)]
+        x = xs[0] if len(xs) == 1 else mx.concatenate(xs, axis=-2)
+        return x.swapaxes(-1, -2)
 
     def _count(self, part):
         return part[1].shape[-1] * self.group if self.transposed else part[0].shape[2]
@@ -130,8 +163,8 @@ class Segment:
 
 def layouts(spec) -> Tuple[Layout, Layout]:
     """The (keys, values) layouts of a spec's quantized body."""
-    return (Layout(spec.k_bits, spec.group_size, spec.keys_per_channel),
-            Layout(spec.v_bits, spec.group_size, False))
+    return (Layout(spec.k_bits, spec.group_size, spec.keys_per_channel, spec.k_outliers),
+            Layout(spec.v_bits, spec.value_group, False))
 
 
 def fp_layout(spec) -> Layout:

@@ -25,7 +25,7 @@ import pytest
 
 from mlx_kvq import attention, cpu_kernels
 from mlx_kvq.batch_cache import KVQBatchCache
-from mlx_kvq.cache import KVQCache
+from mlx_kvq.cache import Calibration, KVQCache
 from mlx_kvq.cpu_kernels import CHANNEL, FP, TOKEN, build
 from mlx_kvq.metal_kernels import decode as kernels
 
@@ -57,10 +57,13 @@ def deq(part, bits, G):
 
 
 def make_step(rng, B, H, R, D, Dv, G, kb, vb, counts, firsts, k_kind=CHANNEL,
-              sinks=0, res=0, fp_dtype=np.float16):
+              sinks=0, res=0, fp_dtype=np.float16, hi=0, Gv=None):
     """A decode step over [sinks (fp), body, residual (fp)] segments: native
     segments, and the float64 keys/values each row sees. Body tokens past a
-    row's count are NaN; tokens before its first are large."""
+    row's count are NaN; tokens before its first are large. hi: per-channel
+    keys split by width (the first hi channels at kb + 1); Gv: the values'
+    group, if not G."""
+    Gv = Gv or G
     counts, firsts = list(counts), list(firsts)
     cap = (max(counts) // G + 2) * G
     k = rng.standard_normal((B, H, cap, D)) + rng.standard_normal((1, 1, 1, D))
@@ -88,20 +91,25 @@ def make_step(rng, B, H, R, D, Dv, G, kb, vb, counts, firsts, k_kind=CHANNEL,
 
     if sinks:
         fp_segment([min(sinks, c + 1) for c in counts])
-    if k_kind == CHANNEL:
+    if k_kind == CHANNEL and hi:
+        kt = k.swapaxes(-1, -2)
+        top, rest = quantized(kt[:, :, :hi], kb + 1, G), quantized(kt[:, :, hi:], kb, G)
+        kp = top + rest
+        kd = np.concatenate([deq(top, kb + 1, G), deq(rest, kb, G)], axis=-2).swapaxes(-1, -2)
+    elif k_kind == CHANNEL:
         kp = quantized(k.swapaxes(-1, -2), kb, G) if kb else None
         kd = deq(kp, kb, G).swapaxes(-1, -2) if kb else None
     else:
         kp = quantized(k, kb, G) if kb else None
         kd = deq(kp, kb, G) if kb else None
-    vp = quantized(v, vb, G) if vb else None
-    vd = deq(vp, vb, G) if vb else None
+    vp = quantized(v, vb, Gv) if vb else None
+    vd = deq(vp, vb, Gv) if vb else None
     if not kb:
         kp, kd = mx.array(k.astype(fp_dtype)), k.astype(fp_dtype).astype(np.float64)
     if not vb:
         vp, vd = mx.array(v.astype(fp_dtype)), v.astype(fp_dtype).astype(np.float64)
-    segs.append((kp, vp, k_kind if kb else FP, kb, TOKEN if vb else FP, vb, G, tuple(counts),
-                 tuple(firsts)))
+    segs.append((kp, vp, k_kind if kb else FP, kb, TOKEN if vb else FP, vb, (G, Gv),
+                 tuple(counts), tuple(firsts), hi))
     for b in range(B):
         for h in range(H):
             seen[b][h].append((kd[b, h, firsts[b]:counts[b]], vd[b, h, firsts[b]:counts[b]]))
@@ -159,7 +167,8 @@ def cases():
 def run_case(c, fault=0):
     rng = np.random.default_rng(c["seed"])
     segs, seen = make_step(rng, c["B"], c["H"], c["R"], c["D"], c["Dv"], c["G"], c["kb"],
-                           c["vb"], c["counts"], c["firsts"], c["k_kind"], c["sinks"], c["res"])
+                           c["vb"], c["counts"], c["firsts"], c["k_kind"], c["sinks"], c["res"],
+                           hi=c.get("hi", 0), Gv=c.get("Gv"))
     q = (rng.standard_normal((c["B"], c["H"], c["R"], c["D"])) / np.sqrt(c["D"])).astype(
         np.float32)
     sl = rng.standard_normal(c["H"] * c["R"]).astype(np.float32) if c["learned"] else None
@@ -212,6 +221,41 @@ def test_broken_variants_fail(fault):
     assert not np.allclose(bad, want, rtol=RTOL, atol=ATOL, equal_nan=False)
 
 
+def split_cases():
+    """Outlier-channel keys (split by width: every narrow width, 8 to 32
+    channels at one bit more) and value groups other than the keys'."""
+    rng = np.random.default_rng(24)
+    out = []
+    for i, (kb, vb) in enumerate([(2, 2), (2, 3), (3, 3), (4, 3), (5, 4), (3, None), (2, 8)]):
+        B, D = int(rng.integers(1, 4)), (64, 128, 256)[i % 3]
+        counts = [int(rng.integers(1, 700)) for _ in range(B)]
+        firsts = [int(rng.integers(0, c)) if i % 2 else 0 for c in counts]
+        G, Gv = ((32, 64), (64, 32), (32, 128), (64, 64))[i % 4]
+        Gv = min(Gv, D)
+        out.append(dict(B=B, H=2, R=(1, 3, 4, 8)[i % 4], D=D, Dv=D, G=G, Gv=Gv, kb=kb, vb=vb,
+                        hi=(8, 16, 32)[i % 3], counts=counts, firsts=firsts, k_kind=CHANNEL,
+                        sinks=i % 5, res=(0, 31, 64)[i % 3], split=(0, 100, 37)[i % 3],
+                        learned=i % 3 == 1, seed=100 + i))
+    return out
+
+
+@pytest.mark.parametrize("case", split_cases(), ids=lambda c: f"hi{c['hi']}-" + _id(c))
+def test_split_keys_and_value_groups_equal_the_float64_oracle(case):
+    out, want = run_case(case)
+    np.testing.assert_allclose(out, want, rtol=RTOL, atol=ATOL)
+
+
+def test_split_keys_broken_variants_fail():
+    """Split keys whose second part overwrote the first's scores, or read the
+    next group's scales, must not pass."""
+    case = dict(BROKEN, kb=3, hi=16, Gv=64)
+    out, want = run_case(case)
+    np.testing.assert_allclose(out, want, rtol=RTOL, atol=ATOL)
+    for fault in (4, 5):
+        bad, _ = run_case(case, fault=fault)
+        assert not np.allclose(bad, want, rtol=RTOL, atol=ATOL, equal_nan=False), fault
+
+
 def test_threads_one_two_three():
     """The same steps with pools of 1, 2 and 3 threads (a fresh process each:
     the pool is sized once), automatic and forced splits."""
@@ -260,7 +304,8 @@ def _both_paths(monkeypatch, fn):
 
 
 @pytest.mark.parametrize("spec", ["k4v4", "k2v2-rot", "k3v5-g64", "k8v6", "k6v16", "k16v3",
-                                  "k4v4-ktok-rot", "k5v2-r32-s0", "fp16"])
+                                  "k4v4-ktok-rot", "k5v2-r32-s0", "fp16", "k3v3-o8-vg64-rot",
+                                  "k2v4-o16-g64-vg32"])
 def test_caches_decode_like_the_mlx_path(monkeypatch, spec):
     """A decode step over real caches (one sequence; a ragged batch with an
     empty row; every group of the body and fill of the residual) equals the
@@ -273,8 +318,11 @@ def test_caches_decode_like_the_mlx_path(monkeypatch, spec):
         out = _both_paths(monkeypatch, lambda: attention.kvq_attention(q, cache, 0.125))
         assert float(mx.abs(out["cpu"] - out["mlx"]).max()) < 1e-4, (spec, n)
     rows = []
+    # Rows batched together store keys in one channel order (outlier channels).
+    order = mx.array(np.tile(np.random.default_rng(1).permutation(64), (2, 1)).astype(np.int32))
+    calibration = Calibration(k_order=order) if "-o" in spec else None
     for n in (0, 40, 333):
-        c = KVQCache(spec)
+        c = KVQCache(spec, calibration=calibration)
         if n:
             _fill(c, n, mx.random.key(100 + n))
         rows.append(c)

@@ -11,7 +11,9 @@ large values, so a kernel that reads or keeps what it must not fails.
 Broken variants (no online rescaling, every row with the first row's counts,
 the window ignored, a group offset off by one, a query seeing its next
 token) must fail the same checks. Then the kernel against the pure-MLX path
-through real caches (single, batched, windows, every spec width).
+through real caches (single, batched, windows, every spec width), and
+caches it does not read (outlier key channels, value groups of their own)
+refused by it and prefilled on the pure-MLX path.
 """
 
 import os
@@ -239,6 +241,31 @@ def test_bad_input_is_refused_with_what_would_work():
                                       [(0,)], [4])
 
 
+def test_split_keys_and_value_groups_are_refused():
+    """The prefill kernel reads neither keys split by width nor values with
+    a group of their own (decode_attention reads both): it says so."""
+    q = mx.zeros((1, 1, 1, 4, 64))
+
+    def triple(rows, words, groups):
+        return (mx.zeros((1, 1, rows, words), dtype=mx.uint32),
+                mx.zeros((1, 1, rows, groups), dtype=mx.float16),
+                mx.zeros((1, 1, rows, groups), dtype=mx.float16))
+
+    vals = triple(64, 64 * 4 // 32, 1)  # 64 tokens, 4-bit per-token values, group 64
+    split = triple(16, 64 * 4 // 32, 2) + triple(48, 64 * 3 // 32, 2)  # 16 channels at 4 bits
+    with pytest.raises(ValueError, match="split by width.*decode_attention only"):
+        cpu_kernels.prefill_attention(
+            q, [(split, vals, CHANNEL, 3, TOKEN, 4, (32, 64), (64,), (0,), 16)], [(0,)], [60])
+    keys = triple(64, 64 * 4 // 32, 2)
+    with pytest.raises(ValueError, match="group of their own.*decode_attention only"):
+        cpu_kernels.prefill_attention(
+            q, [(keys, vals, CHANNEL, 4, TOKEN, 4, (32, 64), (64,), (0,))], [(0,)], [60])
+    # The same segments read by the decode kernel.
+    out = cpu_kernels.decode_attention(
+        mx.zeros((1, 1, 1, 64)), [(split, vals, CHANNEL, 3, TOKEN, 4, (32, 64), (64,), (0,), 16)])
+    assert out.shape == (1, 1, 1, 64)
+
+
 # ---------------------------------------------------------------- real caches
 def _fill(cache, n, key, H=2, D=64, B=1):
     k1, k2 = mx.random.split(key)
@@ -283,6 +310,31 @@ def test_cache_chunks_equal_the_mlx_path(monkeypatch, spec):
     q = mx.random.normal((3, 6, 9, 64), key=mx.random.key(10))
     assert _both_paths(monkeypatch, lambda: attention.kvq_attention(q, batch, 0.125,
                                                                     mask="causal")) < 1e-4
+
+
+def test_split_key_caches_prefill_on_the_mlx_path(monkeypatch):
+    """Caches with outlier key channels and a value group of their own:
+    prefill chunks take the pure-MLX path (the native prefill kernel does not
+    read them), decode steps the native one, and both equal the MLX path."""
+    for mode in ("mlx", "cpu"):
+        monkeypatch.setenv(kernels.ENV_VAR, mode)
+        cache = KVQCache("k3v3-o16-vg64")
+        _fill(cache, 200, mx.random.key(3))
+        q = mx.random.normal((1, 4, 200, 64), key=mx.random.key(4))
+        before = (attention.prefill_paths_run().get("native", 0),
+                  attention.paths_run().get("native", 0))
+        prefill = attention.kvq_attention(q, cache, 0.125, mask="causal")
+        _fill(cache, 1, mx.random.key(5))
+        step = attention.kvq_attention(q[:, :, :1], cache, 0.125)
+        mx.eval(prefill, step)
+        after = (attention.prefill_paths_run().get("native", 0),
+                 attention.paths_run().get("native", 0))
+        assert after[0] == before[0]
+        assert (after[1] > before[1]) == (mode == "cpu")
+        if mode == "mlx":
+            ref = (prefill, step)
+    assert float(mx.abs(prefill - ref[0]).max()) < 1e-5
+    assert float(mx.abs(step - ref[1]).max()) < 1e-4
 
 
 def test_window_cache_chunks_equal_the_mlx_path(monkeypatch):

@@ -55,7 +55,8 @@ def test_default_model_shape(shape):
 
 
 @pytest.mark.parametrize("spec", ["fp16", "k8v8", "k8v4", "k4v4", "k4v2", "k2v2",
-                                  "k4v4-ktok", "k3v3-g64-r128-s0"])
+                                  "k4v4-ktok", "k3v3-g64-r128-s0", "k3v3-o8-vg64",
+                                  "k2v2-o16-vg64-rot"])
 def test_kv_bytes_match_cache_nbytes(model_and_tokenizer, shape, spec):
     for context in (3, 67, 1000, 4099):
         cache = make_prompt_cache(model_and_tokenizer[0], spec)
@@ -65,7 +66,8 @@ def test_kv_bytes_match_cache_nbytes(model_and_tokenizer, shape, spec):
 
 
 @pytest.mark.parametrize("arch", sorted(TINY))
-@pytest.mark.parametrize("spec", ["fp16", "k8v8", "k4v2", "k2v2-ktok", "k4v16"])
+@pytest.mark.parametrize("spec", ["fp16", "k8v8", "k4v2", "k2v2-ktok", "k4v16",
+                                  "k3v3-o8-vg64", "k2v3-o16-g64-vg128-rot"])
 @pytest.mark.parametrize("sliding", ["auto", "same", "keep"])
 def test_kv_bytes_equal_nbytes_on_every_architecture(arch, spec, sliding):
     """The sizing's bytes are the caches' own, for every architecture of the

@@ -5,7 +5,7 @@ import pytest
 from mlx_kvq import KVQCache, KVQuantSpec
 from mlx_kvq import quant
 from mlx_kvq.attention import kvq_attention
-from mlx_kvq.cache import Layout
+from mlx_kvq.cache import Calibration, Layout
 from mlx_kvq.harness.fuzz_cache import quantization_bound
 
 
@@ -17,6 +17,9 @@ def cached_kv(cache):
         ks.append(seg.k_layout.decode(t.keys))
         vs.append(seg.v_layout.decode(t.values))
     k, v = mx.concatenate(ks, axis=2), mx.concatenate(vs, axis=2)
+    if cache.k_order is not None:  # stored in this channel order: back to the model's
+        inverse = mx.argsort(cache.k_order, axis=-1)
+        k = mx.take_along_axis(k, inverse[None, :, None, :], axis=-1)
     if cache.spec.rotate_keys:
         k = quant.hadamard(k)
     if cache.spec.rotate_values:
@@ -54,7 +57,7 @@ def feed(cache, k, v, sizes):
 
 @pytest.mark.parametrize("label", ["k4v4", "k2v8-g64-r64-s2", "k8v4-ktok-r5-s0",
                                    "k3v3-g32-r0-s4", "k16v2", "k4v16-g128-r128-s1",
-                                   "k4v4-rot", "k16v16"])
+                                   "k4v4-rot", "k16v16", "k3v3-o8-vg64", "k2v4-o16-g64-vg64-rot"])
 def test_append_across_groups(label):
     spec = KVQuantSpec.from_string(label)
     k = mx.random.normal((2, 3, 700, 128))
@@ -90,7 +93,8 @@ def reference_attention(q, cache, scale, L):
 
 
 @pytest.mark.parametrize("label", ["k4v4", "k2v2-g64-r64-s0", "k8v4-ktok-r3",
-                                   "k4v4-rot", "k4v2-ktok-r0-rot", "k3v16", "k16v16"])
+                                   "k4v4-rot", "k4v2-ktok-r0-rot", "k3v16", "k16v16",
+                                   "k3v3-o8-vg64-rot", "k2v16-o16-g64"])
 @pytest.mark.parametrize("L", [1, 37])
 def test_attention_equals_dequantized_reference(label, L, monkeypatch):
     import mlx_kvq.attention as att
@@ -124,7 +128,7 @@ def test_attention_sinks_logit_matches_extra_key():
     assert float(mx.abs(out - ref).max()) < 1e-4
 
 
-@pytest.mark.parametrize("label", ["k4v4", "k2v4-ktok-r3-s2", "k16v16"])
+@pytest.mark.parametrize("label", ["k4v4", "k2v4-ktok-r3-s2", "k16v16", "k3v3-o8-vg64"])
 def test_trim_and_state_round_trip(label):
     spec = KVQuantSpec.from_string(label)
     k, v = mx.random.normal((1, 2, 300, 64)), mx.random.normal((1, 2, 300, 64))
@@ -298,3 +302,41 @@ def test_token_split_is_what_a_cache_holds(label):
         held = (cache._sink_len(), cache.n_body, cache._res_len())
         assert held == spec.token_split(n), (sizes, held)
         assert cache.nbytes == KVQCache.bytes_for(spec, n, 2, 64)
+
+
+def test_outlier_channels_are_the_widest_and_one_bit_finer():
+    """k_outliers: the channels of widest range over the first tokens are
+    stored first at one more bit; their error halves, and a cache given the
+    order (a calibration's) stores keys in it."""
+    mx.random.seed(3)
+    k = mx.random.normal((1, 2, 256, 64))
+    wide = [5, 17, 40, 63]
+    k[..., wide] = k[..., wide] * 30
+    v = mx.random.normal((1, 2, 256, 64))
+    errs = {}
+    for label in ("k3v3-r0", "k3v3-o4-r0"):
+        cache = KVQCache(label)
+        cache.update_and_fetch(k, v)
+        errs[label] = mx.abs(cache.dequantized()[0] - k)[..., wide].max()
+    order = KVQCache("k3v3-o4").k_order
+    assert order is None  # chosen from the first tokens
+    cache = KVQCache("k3v3-o4-r0")
+    cache.update_and_fetch(k, v)
+    assert sorted(np.array(cache.k_order)[:, :4].tolist()[0]) == wide
+    assert float(errs["k3v3-o4-r0"]) < 0.6 * float(errs["k3v3-r0"])
+    given = mx.array(np.tile(np.arange(64)[::-1], (2, 1)).astype(np.int32))
+    cal = KVQCache("k3v3-o4-r0", calibration=Calibration(k_order=given))
+    cal.update_and_fetch(k, v)
+    assert mx.array_equal(cal.k_order, given)
+    body = cal.segments()[1]
+    hi = cal.spec.k_bits + 1
+    assert body.keys[0].shape[-2] == 4 and body.keys[0].shape[-1] == 256 * hi // 32
+    assert float(mx.abs(cal.dequantized()[0] - k).max()) < float(errs["k3v3-r0"]) * 1.01
+
+
+def test_outlier_and_value_group_options_count_their_bytes():
+    cache = KVQCache("k3v3-o16-vg64-r0-s0")
+    cache.update_and_fetch(mx.zeros((1, 1, 256, 64)), mx.zeros((1, 1, 256, 64)))
+    keys = 256 * (16 * 4 + 48 * 3) // 8 + 64 * (256 // 32) * 4  # codes, fp16 scale+bias
+    values = 256 * 64 * 3 // 8 + 256 * (64 // 64) * 4
+    assert cache.nbytes == keys + values

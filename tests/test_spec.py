@@ -74,3 +74,23 @@ def test_16_bit_specs_keep_their_options_in_the_label():
         KVQuantSpec(k_bits=4.0)
     with pytest.raises(ValueError, match="rotate"):
         KVQuantSpec(rotate=1)
+
+
+def test_outlier_channels_and_value_groups_in_labels():
+    s = KVQuantSpec.from_string("k3v3-o8-vg64-rot")
+    assert (s.k_outliers, s.v_group, s.value_group, s.group_size) == (8, 64, 64, 32)
+    assert str(s) == "k3v3-g32-r64-s4-rot-o8-vg64"
+    assert KVQuantSpec.from_string(str(s)) == s == KVQuantSpec.from_dict(s.to_dict())
+    assert "8 outlier channels per head at 4-bit" in s.describe() and "(group 64)" in s.describe()
+    old = {k: v for k, v in s.to_dict().items() if k not in ("k_outliers", "v_group")}
+    assert KVQuantSpec.from_dict(old) == KVQuantSpec.from_string("k3v3-rot")  # older specs load
+    with pytest.raises(ValueError, match="k_bits of at most 5"):
+        KVQuantSpec.from_string("k6v4-o8")
+    with pytest.raises(ValueError, match="per channel"):
+        KVQuantSpec.from_string("k3v3-ktok-o8")
+    with pytest.raises(ValueError, match="v_group=48"):
+        KVQuantSpec(v_group=48)
+    with pytest.raises(ValueError, match="v_group=128 does not divide head_dim=64"):
+        KVQuantSpec.from_string("k4v4-vg128").validate_for(64)
+    with pytest.raises(ValueError, match="fewer than head_dim=64"):
+        KVQuantSpec.from_string("k4v4-o64").validate_for(64)

@@ -20,7 +20,7 @@ from mlx_kvq.shapes import PlanError
 from mlx_kvq.report import format_ranks, format_report, kv_stats
 from mlx_kvq.spec import DEFAULT_PRESET, PRESETS, KVQuantSpec
 
-SPEC_FLAGS = ("k_bits", "v_bits", "group_size", "residual", "sinks")
+SPEC_FLAGS = ("k_bits", "v_bits", "group_size", "residual", "sinks", "k_outliers", "v_group")
 
 
 def _bits(text):
@@ -67,6 +67,10 @@ def setup_arg_parser():
     g.add_argument("--residual", type=int, default=None)
     g.add_argument("--sinks", type=int, default=None)
     g.add_argument("--rotate", action="store_true", default=None)
+    g.add_argument("--k-outliers", type=int, default=None, metavar="N",
+                   help="key channels per kv head kept at one bit more (outlier channels)")
+    g.add_argument("--v-group", type=int, default=None, metavar="G",
+                   help="value group size, if not --group-size")
     return p
 
 

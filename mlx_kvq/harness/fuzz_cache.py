@@ -50,7 +50,11 @@ def specs(draw, window=False):
     else:
         residual = draw(st.integers(0, 80))
     sinks = 0 if window else draw(st.integers(0, 8))
-    return KVQuantSpec(k_bits, v_bits, axis, group, residual, sinks, draw(st.booleans()))
+    outliers = 0
+    if k_bits is not None and k_bits <= 5 and axis == "channel":
+        outliers = draw(st.sampled_from([0, 8, 16]))  # at one bit more: within the bound
+    return KVQuantSpec(k_bits, v_bits, axis, group, residual, sinks, draw(st.booleans()),
+                       outliers, draw(st.sampled_from([None, 32, 64])))
 
 
 def _np(x):
