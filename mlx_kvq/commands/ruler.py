@@ -308,17 +308,24 @@ def run_prompts(model, tokenizer, prompts, schemes, chunk: int, batch: int = 1,
 
 def summarize(records) -> list:
     """One row per (task, length, scheme), plus task "all" per length: mean
-    score, and agreement = share of questions scored as fp scores them."""
+    score, agreement = share of questions scored as fp scores them, fp_solved =
+    questions fp scores 1, kept = share of those the scheme also scores 1."""
     fp = {(r["length"], r["seed"], r["task"], i): r["score"]
           for i, r in _numbered(records) if r["scheme"] == "fp"}
     groups = {}
     for i, r in _numbered(records):
-        same = r["score"] == fp[(r["length"], r["seed"], r["task"], i)]
+        base = fp[(r["length"], r["seed"], r["task"], i)]
         for task in (r["task"], "all"):
-            groups.setdefault((task, r["length"], r["scheme"]), []).append((r["score"], same))
-    return [{"task": t, "length": n, "scheme": s, "questions": len(v),
-             "score": sum(x for x, _ in v) / len(v), "agree": sum(a for _, a in v) / len(v)}
-            for (t, n, s), v in groups.items()]
+            groups.setdefault((task, r["length"], r["scheme"]), []).append(
+                (r["score"], r["score"] == base, base == 1.0))
+    rows = []
+    for (t, n, s), v in groups.items():
+        solved = [x for x, _, b in v if b]
+        rows.append({"task": t, "length": n, "scheme": s, "questions": len(v),
+                     "score": sum(x for x, _, _ in v) / len(v),
+                     "agree": sum(a for _, a, _ in v) / len(v), "fp_solved": len(solved),
+                     "kept": sum(x == 1.0 for x in solved) / len(solved) if solved else None})
+    return rows
 
 
 def _numbered(records):
@@ -352,6 +359,10 @@ def format_table(rows) -> str:
                 text += f"{r['score']:>10.2f}" if s == "fp" else \
                     f"{r['score']:>10.2f}{r['agree']:>7.2f}"
             lines.append(text)
+    lines.append("fp solved (score 1) / share of those each scheme also solves, all tasks: "
+                 + ", ".join(
+        f"{n}: {cell[('all', n, schemes[0])]['fp_solved']} / " + " ".join(
+            f"{s} {_share(cell[('all', n, s)]['kept'])}" for s in schemes[1:]) for n in lengths))
     return "\n".join(lines)
 
 
@@ -394,6 +405,10 @@ def run(args, model, tokenizer, shape, essay_text: str, source: str, disclosure:
 
         print(f"plot:         {plots.ruler_plot(rows, args.plot)}")
     return rows, records
+
+
+def _share(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
 
 
 def _minutes(seconds: float) -> str:
