@@ -186,6 +186,7 @@ def test_summary_counts_agreement_per_question():
     rows = {(r["task"], r["scheme"]): r for r in ruler.summarize(rec)}
     assert rows[("vt", "k2v2")]["score"] == 1.0 and rows[("vt", "k2v2")]["agree"] == 0.5
     assert rows[("all", "fp")]["agree"] == 1.0 and rows[("vt", "fp")]["questions"] == 2
+    assert rows[("vt", "k2v2")]["fp_solved"] == 1 and rows[("vt", "k2v2")]["kept"] == 1.0
     assert "vt" in ruler.format_table(list(rows.values()))
 
 

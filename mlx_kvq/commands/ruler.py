@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 
 import mlx.core as mx
-from mlx_lm.generate import generate_step
+from mlx_lm.generate import BatchGenerator, generate_step
 from tqdm import tqdm
 
 from mlx_kvq import sizing, units
@@ -52,6 +52,9 @@ def add_arguments(p):
                    help="Questions per length, spread over the tasks and contexts")
     g.add_argument("--ruler-contexts", type=positive_int, default=1,
                    help="Shared contexts per length (each: one prefill per scheme)")
+    g.add_argument("--ruler-batch", type=positive_int, default=8,
+                   help="Questions of one context answered together (mlx-lm's batch "
+                   "machinery; 1: one at a time; the mlxN baselines always one at a time)")
     g.add_argument("--seed", type=nonneg_int, default=0)
 
 
@@ -230,7 +233,57 @@ def answer(model, tokenizer, cache, suffix, question) -> str:
     return text
 
 
-def run_prompts(model, tokenizer, prompts, schemes, chunk: int, progress=True) -> list:
+def batchable(cache) -> bool:
+    """Whether mlx-lm's batch machinery can merge copies of `cache` (every
+    layer's class has a `merge`; mlx-lm's QuantizedKVCache has none)."""
+    return all(hasattr(c, "merge") for c in cache)
+
+
+def answer_batch(model, tokenizer, cache, suffixes, questions, chunk: int) -> list:
+    """Greedy answers to several questions, each from its own copy of a cache
+    holding the context, decoded together by mlx-lm's BatchGenerator (the
+    machinery of batch_generate, which merges the copies through the cache
+    class's `merge`). Each answer stops as `answer`'s does: at end of turn,
+    at its cap, or once its score cannot change (then it leaves the batch)."""
+    gen = BatchGenerator(model, stop_tokens=[[t] for t in tokenizer.eos_token_ids],
+                         prefill_batch_size=len(suffixes),
+                         completion_batch_size=len(suffixes), prefill_step_size=chunk)
+    try:
+        uids = gen.insert([list(s) for s in suffixes], [q.max_tokens for q in questions],
+                          caches=[copy.deepcopy(cache) for _ in suffixes])
+        question = dict(zip(uids, questions))
+        tokens = {u: [] for u in uids}
+        while responses := gen.next_generated():
+            done = []
+            for r in responses:
+                if r.finish_reason == "stop":
+                    continue
+                tokens[r.uid].append(r.token)
+                q = question[r.uid]
+                if r.finish_reason is None and q.metric == "all" and \
+                        q.score(tokenizer.decode(tokens[r.uid])) == 1.0:
+                    done.append(r.uid)
+            if done:
+                gen.remove(done)
+    finally:
+        gen.close()
+    return [tokenizer.decode(tokens[u]) for u in uids]
+
+
+def answers(model, tokenizer, cache, prompt, batch: int, chunk: int):
+    """Every question of `prompt` answered from copies of `cache`: in batches
+    of at most `batch` when the cache can be merged, else one at a time."""
+    qs, sx = prompt.questions, prompt.suffixes
+    if batch <= 1 or not batchable(cache):
+        for q, s in zip(qs, sx):
+            yield answer(model, tokenizer, copy.deepcopy(cache), s, q)
+        return
+    for i in range(0, len(qs), batch):
+        yield from answer_batch(model, tokenizer, cache, sx[i:i + batch], qs[i:i + batch], chunk)
+
+
+def run_prompts(model, tokenizer, prompts, schemes, chunk: int, batch: int = 1,
+                progress=True) -> list:
     """Every scheme ("fp" first) answers every question: one record each."""
     schemes = ["fp"] + [s for s in schemes if s != "fp"]
     steps = sum(-(-len(p.context) // chunk) + len(p.questions) for p in prompts)
@@ -242,8 +295,8 @@ def run_prompts(model, tokenizer, prompts, schemes, chunk: int, progress=True) -
             for i in range(0, len(p.context), chunk):
                 _prefill(model, p.context[i:i + chunk], cache, chunk)
                 bar.update(1)
-            for q, suffix, depth in zip(p.questions, p.suffixes, p.depths):
-                out = answer(model, tokenizer, copy.deepcopy(cache), suffix, q)
+            for q, depth, out in zip(p.questions, p.depths,
+                                     answers(model, tokenizer, cache, p, batch, chunk)):
                 records.append({"length": p.length, "seed": p.seed, "task": q.task,
                                 "scheme": s, "context_tokens": len(p.context), "depth": depth,
                                 "answers": q.answers, "output": out, "score": q.score(out)})
@@ -255,17 +308,24 @@ def run_prompts(model, tokenizer, prompts, schemes, chunk: int, progress=True) -
 
 def summarize(records) -> list:
     """One row per (task, length, scheme), plus task "all" per length: mean
-    score, and agreement = share of questions scored as fp scores them."""
+    score, agreement = share of questions scored as fp scores them, fp_solved =
+    questions fp scores 1, kept = share of those the scheme also scores 1."""
     fp = {(r["length"], r["seed"], r["task"], i): r["score"]
           for i, r in _numbered(records) if r["scheme"] == "fp"}
     groups = {}
     for i, r in _numbered(records):
-        same = r["score"] == fp[(r["length"], r["seed"], r["task"], i)]
+        base = fp[(r["length"], r["seed"], r["task"], i)]
         for task in (r["task"], "all"):
-            groups.setdefault((task, r["length"], r["scheme"]), []).append((r["score"], same))
-    return [{"task": t, "length": n, "scheme": s, "questions": len(v),
-             "score": sum(x for x, _ in v) / len(v), "agree": sum(a for _, a in v) / len(v)}
-            for (t, n, s), v in groups.items()]
+            groups.setdefault((task, r["length"], r["scheme"]), []).append(
+                (r["score"], r["score"] == base, base == 1.0))
+    rows = []
+    for (t, n, s), v in groups.items():
+        solved = [x for x, _, b in v if b]
+        rows.append({"task": t, "length": n, "scheme": s, "questions": len(v),
+                     "score": sum(x for x, _, _ in v) / len(v),
+                     "agree": sum(a for _, a, _ in v) / len(v), "fp_solved": len(solved),
+                     "kept": sum(x == 1.0 for x in solved) / len(solved) if solved else None})
+    return rows
 
 
 def _numbered(records):
@@ -299,6 +359,10 @@ def format_table(rows) -> str:
                 text += f"{r['score']:>10.2f}" if s == "fp" else \
                     f"{r['score']:>10.2f}{r['agree']:>7.2f}"
             lines.append(text)
+    lines.append("fp solved (score 1) / share of those each scheme also solves, all tasks: "
+                 + ", ".join(
+        f"{n}: {cell[('all', n, schemes[0])]['fp_solved']} / " + " ".join(
+            f"{s} {_share(cell[('all', n, s)]['kept'])}" for s in schemes[1:]) for n in lengths))
     return "\n".join(lines)
 
 
@@ -319,7 +383,7 @@ def run(args, model, tokenizer, shape, essay_text: str, source: str, disclosure:
           "context, every scheme as fast as fp, every answer at its token cap)",
           file=sys.stderr)
     t0 = time.perf_counter()
-    records = run_prompts(model, tokenizer, prompts, schemes, args.chunk)
+    records = run_prompts(model, tokenizer, prompts, schemes, args.chunk, args.ruler_batch)
     took = time.perf_counter() - t0
     rows = summarize(records)
     print(format_table(rows))
@@ -341,6 +405,10 @@ def run(args, model, tokenizer, shape, essay_text: str, source: str, disclosure:
 
         print(f"plot:         {plots.ruler_plot(rows, args.plot)}")
     return rows, records
+
+
+def _share(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
 
 
 def _minutes(seconds: float) -> str:
