@@ -9,8 +9,9 @@ import pytest
 
 import mlx_kvq
 import mlx_kvq.commands.corpus
-from mlx_kvq import models, shapes
+from mlx_kvq import models, shapes, sizing
 from mlx_kvq.commands import evaluate, ruler, ruler_tasks
+from mlx_kvq.commands.schemes import Scheme
 from mlx_kvq.commands.ruler_tasks import TASKS, plan_context, spread
 
 ESSAY = ruler_tasks.sentences(mlx_kvq.commands.corpus.sample_text())
@@ -129,7 +130,13 @@ def test_planner_refuses_what_does_not_fit():
     msg = ruler.length_problem(shape, ["k4v4"], [4096, 16384], 256, 1 << 40)
     assert "--ruler-lengths 16384: more than the model's trained context of 8192" in msg
     msg = ruler.length_problem(shape, ["k4v4"], [8192], 256, shape.weight_bytes)
-    assert "--ruler-lengths 8192: the weights, the largest cache and its copy need" in msg
+    assert "--ruler-lengths 8192: the weights and 3 caches of the largest scheme" in msg
+    # a batch of questions holds a copy of the cache per question and their batch cache
+    kv = Scheme("fp").kv_bytes(shape, 8192)
+    fits_one = shape.weight_bytes + sizing.workspace_bytes(shape, "fp16", 8192, 256) + 3 * kv
+    assert ruler.length_problem(shape, ["k4v4"], [8192], 256, fits_one, batch=1) is None
+    msg = ruler.length_problem(shape, ["k4v4"], [8192], 256, fits_one, batch=8)
+    assert "17 caches of the largest scheme" in msg and "smaller --ruler-batch" in msg
 
 
 @pytest.mark.parametrize("argv, msg", [

@@ -333,7 +333,8 @@ def run(argv=None):
     problem = memory_problem(shape, args, sizing.total_memory())
     if args.ruler:
         problem = problem or ruler.length_problem(shape, args.kv, args.ruler_lengths,
-                                                  args.chunk, sizing.total_memory())
+                                                  args.chunk, sizing.total_memory(),
+                                                  args.ruler_batch)
     if problem:
         p.error(problem)
     try:

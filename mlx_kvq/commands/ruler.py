@@ -159,10 +159,11 @@ def build_prompts(tokenizer, tasks, lengths, questions, contexts, seed, essay) -
 
 # -- planner and estimate ------------------------------------------------------------
 
-def length_problem(shape, schemes, lengths, chunk: int, memory: int):
+def length_problem(shape, schemes, lengths, chunk: int, memory: int, batch: int = 1):
     """Why a length cannot run, or None: beyond the model's trained context,
-    or the cache of the largest scheme, its copy, the weights and a chunk's
-    workspace exceed `memory`."""
+    or the weights, a chunk's workspace and the caches of the largest scheme
+    exceed `memory`: the prefilled cache, one copy per question of a batch,
+    and the batch cache they merge into (1 + 2 x batch caches)."""
     trained = shape.trained_context
     for length in lengths:
         if trained and length > trained:
@@ -170,11 +171,14 @@ def length_problem(shape, schemes, lengths, chunk: int, memory: int):
                     f"{trained} tokens (config max_position_embeddings); use lengths up to "
                     f"{trained}")
         kv = max(Scheme(s).kv_bytes(shape, length) for s in ["fp", *schemes])
-        need = shape.weight_bytes + sizing.workspace_bytes(shape, "fp16", length, chunk) + 2 * kv
+        copies = 1 + 2 * batch
+        need = (shape.weight_bytes + sizing.workspace_bytes(shape, "fp16", length, chunk)
+                + copies * kv)
         if need > memory:
-            return (f"--ruler-lengths {length}: the weights, the largest cache and its copy "
-                    f"need {units.fmt_bytes(need)}, more than {units.fmt_bytes(memory)}; use "
-                    "shorter lengths")
+            return (f"--ruler-lengths {length}: the weights and {copies} caches of the largest "
+                    f"scheme (the prefilled one, a copy per question of a batch of {batch} and "
+                    f"their batch) need {units.fmt_bytes(need)}, more than "
+                    f"{units.fmt_bytes(memory)}; use shorter lengths or a smaller --ruler-batch")
     return None
 
 
