@@ -1,8 +1,12 @@
 """mlx_kvq.assistant persistence: conversations continue after a restart from
 their saved quantized caches; damaged or foreign cache files are refused with
-a message, and their conversations keep their messages."""
+a message, and their conversations keep their messages; a reply goes out
+before its cache is saved."""
 
 import json
+
+from mlx_kvq.apps.assistant.store import PAUSE_ENV
+from mlx_kvq.harness import faults
 
 from test_assistant import Assistant, ask
 
@@ -26,6 +30,31 @@ def damage(data):
     info = json.loads(path.read_text())
     info["model"] = "0123456789abcdef"
     path.write_text(json.dumps(info))
+
+
+def test_reply_is_sent_before_its_cache_is_saved(tmp_path):
+    """A reply goes out once its messages are saved: with the worker held at the
+    cache save, the client has its answer; killed there, the restart has the
+    turn, no temporary file, and the conversation goes on."""
+    data, log, pause = tmp_path / "data", tmp_path / "server.log", tmp_path / "pause"
+    pause.write_text("cache-save")
+    server = faults.Assistant(data, log_file=log, env={PAUSE_ENV: str(pause)})
+    try:
+        body = faults.chat(server, "held", "Tell me about owls.", max_tokens=3)
+        assert server.wait_log("paused at cache-save", 30)
+    finally:
+        server.kill()
+    reply = body["choices"][0]["message"]["content"]
+
+    server = Assistant(data, log_file=log)
+    try:
+        _, saved = server.request("GET", "/api/conversations/held")
+        assert [(m["role"], m["content"]) for m in saved["conversation"]["messages"]] == [
+            ("user", "Tell me about owls."), ("assistant", reply)]
+        assert faults.temp_files(data) == []
+        assert turn(server, "held", "And then?").usage.prompt_tokens > 0
+    finally:
+        server.stop()
 
 
 def test_restart_resumes_and_refuses_damaged_caches(tmp_path):

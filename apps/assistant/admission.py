@@ -90,8 +90,8 @@ class Admission:
         need = b.need([max([kv_context, *running.values()])] * (len(running) + 1))
         if need > b.memory:
             return None
-        self.sessions.make_room(need, b.memory, keep={cid, *running})
-        mx.clear_cache()
+        if self.sessions.make_room(need, b.memory, keep={cid, *running}):
+            mx.clear_cache()  # the parked caches' buffers go back to the system
         return notice, kv_context
 
     def token_limit(self) -> Tuple[int, str]:

@@ -8,8 +8,11 @@ prompts are prefilled in chunks (the ones prefilled together share one
 with one decode step for every chat, up to --decode-concurrency chats. Each
 new token is streamed through the chat's detokenizer and stop strings. A
 chat that ends (length, stop token or string, client gone) leaves the batch
-with its cache, which becomes the conversation's and is saved with the
-turn; then the client gets "done".
+with its cache, which becomes the conversation's; its messages are saved,
+then the client gets "done", and the caches of the chats that ended in a
+step are saved after all of them got theirs (before the worker takes any
+other work, so the conversation's next turn finds its cache on disk as in
+memory): the clients do not wait for each other's cache files.
 
 Sharded, each step is a command the other ranks replay (commands.py);
 while every chat decodes and nothing waits, one command runs
@@ -32,6 +35,7 @@ from .commands import Drop, End, Insert, Step
 from .jobs import Job, StopText, fail
 from .ranks import OutOfStep
 from .sessions import Session
+from .store import NotFound
 
 log = logging.getLogger("mlx_kvq.assistant")
 # Sharded: decode steps run per command while no chat prefills and nothing
@@ -63,6 +67,7 @@ class Scheduler:
         self.turns: Dict[int, Turn] = {}  # batch uid -> chat being answered
         self.batch: Optional[BatchGenerator] = None  # made by `open`, once loaded
         self.finished = {}  # a follower: uid -> (cache, tokens) of chats the batch ended
+        self.unsaved: List[tuple] = []  # (conversation, session): turns whose cache is not saved
 
     def open(self):
         s, loaded = self.loaded.settings, self.loaded
@@ -170,6 +175,7 @@ class Scheduler:
             self.end(self.turns[uid], finish, cache, tokens)
         for turn in [t for t in self.turns.values() if t.job.cancelled.is_set()]:
             self.end(turn, "cancelled")
+        self.save_caches()
 
     def drop(self, uid: int, finished: bool):
         """A chat that failed leaves the batch (if the batch has not ended it)."""
@@ -198,7 +204,8 @@ class Scheduler:
 
     def end(self, turn: Turn, finish: str, cache=None, tokens=None):
         """A chat leaves the batch: its cache becomes the conversation's, the
-        turn is saved, the client gets "done"."""
+        turn's messages are saved, the client gets "done" (`save_caches`
+        saves the cache next)."""
         uid = next(u for u, t in self.turns.items() if t is turn)
         job, session = turn.job, turn.session
         try:
@@ -207,13 +214,14 @@ class Scheduler:
                 cache, tokens = self._remove(uid)
             del self.turns[uid]
             session.cache, session.tokens = cache, list(tokens)
-            self.sessions.save(job, job.messages + [{"role": "assistant",
-                                                     "content": "".join(turn.reply)}],
-                               session)
+            self.sessions.save_turn(job, job.messages + [{"role": "assistant",
+                                                          "content": "".join(turn.reply)}],
+                                    session)
         except Exception as e:
             self.turns.pop(uid, None)
             self._fail(job, e)
             return
+        self.unsaved.append((job.conversation, session))
         log.info("conversation %s: %d prompt tokens (%d cached), %d generated, first "
                  "token after %.2f s", job.conversation, len(turn.prompt), turn.cached,
                  turn.generated, turn.first_token or 0.0)
@@ -225,6 +233,15 @@ class Scheduler:
             "memory": self.admission.panel(job.conversation),
         })
 
+    def save_caches(self):
+        """Save the caches of the turns that ended (their messages are saved)."""
+        unsaved, self.unsaved = self.unsaved, []
+        for cid, session in unsaved:
+            try:
+                self.sessions.save_cache(cid, session)
+            except NotFound:  # deleted after its turn was saved: nothing to keep
+                log.info("conversation %s: deleted before its KV cache was saved", cid)
+
     def _remove(self, uid: int):
         """(cache, tokens) of a chat taken out of the batch."""
         return self.batch.remove([uid], return_prompt_caches=True)[uid]
@@ -234,6 +251,7 @@ class Scheduler:
         for turn in list(self.turns.values()):
             turn.job.cancelled.set()
             self.end(turn, "cancelled")
+        self.save_caches()
 
     # -- a follower rank (commands.py) --------------------------------------
 

@@ -5,7 +5,8 @@ A `Session` is a conversation's prompt cache and the token ids it holds.
 conversation's cache from memory, else from its saved file (refused or
 unreadable: a new one, and a note for the reply), else new; `reuse` trims it
 to the longest common prefix with the next prompt; `save` writes a finished
-turn, messages first and then the cache, so the messages are never lost;
+turn, messages first (`save_turn`) and then the cache (`save_cache`), so the
+messages are never lost;
 `make_room` parks the least recently used idle caches (they are saved after
 every turn, so parking only drops them from memory).
 
@@ -191,11 +192,23 @@ class Sessions:
 
     def save(self, job, new_messages: List[dict], session: Session):
         """Save the turn: the messages, then the cache (the messages are never lost)."""
+        self.save_turn(job, new_messages, session)
+        self.save_cache(job.conversation, session)
+
+    def save_turn(self, job, new_messages: List[dict], session: Session):
+        """Settle the turn's cache and save its messages: once this returns the
+        turn survives a crash (its cache is saved by `save_cache`, after)."""
         cid = job.conversation
         self.settle(cid, session)
         if job.title is not None:
             self.store.create(job.title, cid=cid, source="api", exist_ok=True)
         self.store.update(cid, lambda c: _extend(c, new_messages))
+
+    def save_cache(self, cid: str, session: Session):
+        """Save the conversation's cache (after its messages: a crash before
+        it leaves the old cache, which resumes the next turn in part or is
+        refused and rebuilt). A cache that cannot be saved gets a note; a
+        conversation deleted meanwhile raises NotFound."""
         try:
             self._save_cache(cid, session)
             self.notes.pop(cid, None)
