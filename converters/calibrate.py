@@ -272,10 +272,9 @@ def calibrate(model, windows, *, target_bits=3.0, bits=(2, 3, 4), base=None,
         sens, per_layer, specs = {}, [], {}
         for i in layers:
             s = smoothing(stats[i]["v_absmax"], alpha)
-            k = {}
-            for o in k_opts:
-                specs[(i, "k", str(o))] = o
-                k[str(o)] = layer(i, o, None, orders.get(i))
+            specs.update({(i, "k", str(o)): o for o in k_opts})
+            k = est.key_options(i, k_opts, orders.get(i))
+            bar.update(len(k_opts))
 
             def v_spec(b, t, g=None):
                 return replace(base, k_bits=None, v_bits=b, rotate=t == "rotate", v_group=g)

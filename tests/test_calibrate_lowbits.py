@@ -176,3 +176,28 @@ def test_no_new_options_when_asked_for_none():
                        chunk=64, progress=False, outliers=(0,), v_groups=(32,))
     assert all(p.k_outliers == 0 and p.v_group is None for p in plan.layers.values())
     assert plan.k_order == {}
+
+
+def test_key_options_from_channel_errors_equal_a_cache_of_each():
+    """Keys per channel are quantized channel by channel: an outlier
+    option's estimate from the per-channel errors at two widths equals the
+    estimate through a cache of that spec with the order."""
+    from mlx_kvq.converters.sensitivity import Fisher, squared_gradients
+
+    model = tiny_model("llama", num_hidden_layers=2)
+    tokens = np.random.default_rng(3).integers(0, 512, 200)
+    kv = {}
+    from mlx_kvq.converters.passes import RecordingCache
+
+    caches = [RecordingCache(lambda k, v, i=i: kv.setdefault(i, []).append((k, v)))
+              for i in range(2)]
+    model(mx.array(tokens)[None], cache=caches)
+    kv = {i: tuple(mx.concatenate(x, axis=2) for x in zip(*parts)) for i, parts in kv.items()}
+    fisher = Fisher([(kv, squared_gradients(model, mx.array(tokens), kv))], 64)
+    order = choose.key_order(np.random.default_rng(4).random((2, 64)))
+    specs = choose.key_options(parse_spec("k4v4-r0"), (2, 3), (0, 8, 32), 64)
+    fast = fisher.key_options(1, specs, order)
+    for k in specs:
+        direct = fisher.layer(1, k, None, order)
+        assert fast[str(k)] == pytest.approx(direct, rel=1e-4), k
+    assert fast[str(specs[1])] < fast[str(specs[0])]  # outliers lower the error
