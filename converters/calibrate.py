@@ -50,9 +50,9 @@ from mlx_kvq.commands.corpus import source_text
 from ..integration import check_model, head_dim_of
 from ..kvplan import TRANSFORMS, KVPlan, LayerPlan, bake, model_identity, smoothing
 from ..spec import VALID_BITS, KVQuantSpec, parse_spec
-from .choose import (OUTLIER_COUNTS, TIE, V_GROUPS, allocate, key_cost, key_options,  # noqa: F401
-                     key_order, smallest_tied as _smallest_tied, stat_range, uniform_splits,
-                     value_cost, value_groups)
+from .choose import (OUTLIER_COUNTS, V_GROUPS, allocate, check_choices, key_cost,  # noqa: F401
+                     key_options, key_order, smallest_tied as _smallest_tied, stat_range,
+                     uniform_splits, value_cost, value_groups)
 from .passes import Runner, StatsCollector, Workload, load_workload
 from .sensitivity import Fisher, Measured, squared_gradients, windows_of
 
@@ -199,6 +199,7 @@ def calibrate(model, windows, *, target_bits=3.0, bits=(2, 3, 4), base=None,
     if sensitivity not in ("fisher", "measured"):
         raise ValueError(f"sensitivity {sensitivity!r}: use fisher or measured")
     base, bits, transforms = check_options(target_bits, bits, base, transforms)
+    check_choices(outliers, v_groups)
     if head_dim_of(model) & (head_dim_of(model) - 1):
         transforms = [t for t in transforms if t != "rotate"]  # Hadamard needs 2^n
     checkpoint = Checkpoint(checkpoint)
@@ -272,10 +273,9 @@ def calibrate(model, windows, *, target_bits=3.0, bits=(2, 3, 4), base=None,
         sens, per_layer, specs = {}, [], {}
         for i in layers:
             s = smoothing(stats[i]["v_absmax"], alpha)
-            k = {}
-            for o in k_opts:
-                specs[(i, "k", str(o))] = o
-                k[str(o)] = layer(i, o, None, orders.get(i))
+            specs.update({(i, "k", str(o)): o for o in k_opts})
+            k = est.key_options(i, k_opts, orders.get(i))
+            bar.update(len(k_opts))
 
             def v_spec(b, t, g=None):
                 return replace(base, k_bits=None, v_bits=b, rotate=t == "rotate", v_group=g)
@@ -425,6 +425,7 @@ def run(argv=None) -> KVPlan:
     try:
         base, _, _ = check_options(args.target_bits, args.bits, args.kv,
                                    args.transforms.split(","))
+        check_choices(args.outliers, args.v_groups)
     except ValueError as e:
         p.error(str(e))
 

@@ -15,7 +15,7 @@ from typing import Callable, Dict, Optional
 
 import numpy as np
 
-from ..spec import VALID_BITS
+from ..spec import VALID_BITS, VALID_GROUPS
 
 TIE = 0.02  # KLDs within 2% count as equal: the cheaper option wins
 OUTLIER_COUNTS = (0, 8, 16, 32)  # key channels per kv head at one more bit
@@ -62,6 +62,17 @@ def allocate(sens: dict, options, target: float, cost: Optional[Callable] = None
         _, t, no, add = best
         budget -= add
         chosen[t] = no
+
+
+def check_choices(outliers, v_groups):
+    """ValueError naming an outlier count or value group that cannot be."""
+    bad = [n for n in outliers if type(n) is not int or n < 0]
+    if bad:
+        raise ValueError(f"outlier counts {bad}: each must be a non-negative integer "
+                         "(0 alone: no outlier channels)")
+    bad = [g for g in v_groups if g not in VALID_GROUPS]
+    if bad:
+        raise ValueError(f"value groups {bad}: each must be one of {VALID_GROUPS}")
 
 
 def key_options(base, bits, outliers, head_dim: int) -> list:

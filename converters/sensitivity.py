@@ -17,12 +17,17 @@ window gives F for every layer at once; delta for any spec, sink count,
 rotation or smoothing comes from pushing the recorded keys and values
 through a KVQCache of that spec and reading back what it stores
 (`KVQCache.dequantized`), which costs no model pass. A spec with outlier
-key channels is given the key channel order the plan would bake. The estimate of
+key channels is given the key channel order the plan would bake. Keys
+quantized per channel are quantized channel by channel, so their error
+splits exactly over channels: every outlier count of a width is read from
+the per-channel errors at that width and one more (`Fisher.key_options`),
+not pushed through a cache of its own. The estimate of
 several layers together is the sum of theirs. Estimates are in the
 measured unit (mean KLD per position) but only their ranking is used to
 choose; the plan chosen is then measured.
 """
 
+from dataclasses import replace
 from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
@@ -112,6 +117,10 @@ class Measured:
         ordered by range alone."""
         return None
 
+    def key_options(self, i: int, specs, order=None) -> dict:
+        """{str(spec): KLD} of key-only specs of layer i, each measured."""
+        return {str(k): self.layer(i, k, None, order) for k in specs}
+
 
 class _Probe(KVCache):
     """A full-precision cache that adds (zero) perturbations to what its layer
@@ -196,6 +205,44 @@ class Fisher:
 
     def layer(self, i: int, spec, s=None, order=None) -> float:
         return self.kld({i: (spec, s, order)})
+
+    def _channel_errors(self, i: int, spec) -> np.ndarray:
+        """[H, D] 1/2 sum(F delta^2) per position of layer i's keys under
+        `spec` (keys per channel, values full precision), per key channel."""
+        key = (i, str(spec), "channels")
+        if key not in self.memo:
+            total = 0.0
+            for kv, f in self.windows:
+                keys, values = kv[i]
+                cache = KVQCache(spec)
+                for a in range(0, keys.shape[2], self.chunk):
+                    cache.update_and_fetch(keys[..., a:a + self.chunk, :],
+                                           values[..., a:a + self.chunk, :])
+                kq, _ = cache.dequantized()
+                T = f[i][0].shape[2]
+                e = f[i][0] * mx.square(kq[..., :T, :] - keys[..., :T, :])
+                total = total + np.array(e.sum(axis=(0, 2)), dtype=np.float64)
+            self.memo[key] = 0.5 * total / self.positions
+        return self.memo[key]
+
+    def key_options(self, i: int, specs, order=None) -> dict:
+        """{str(spec): KLD} of key-only specs of layer i; with outlier
+        channels (the first k_outliers of `order` at k_bits + 1), summed
+        from the per-channel errors at both widths."""
+        out = {}
+        for k in specs:
+            if i in self.sliding or k.key_axis != "channel" or k.v_bits is not None:
+                out[str(k)] = self.layer(i, k, None, order)
+                continue
+            plain = replace(k, k_outliers=0)
+            e = self._channel_errors(i, plain)
+            if k.k_outliers:
+                wide = self._channel_errors(i, replace(plain, k_bits=k.k_bits + 1))
+                first = np.zeros(e.shape, bool)
+                np.put_along_axis(first, np.asarray(order)[:, :k.k_outliers], True, axis=-1)
+                e = np.where(first, wide, e)
+            out[str(k)] = float(e.sum())
+        return out
 
     def channel_weight(self, i: int) -> np.ndarray:
         """[H, D] squared gradients of layer i's stored keys, summed over

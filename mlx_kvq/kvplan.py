@@ -326,9 +326,9 @@ def load_plan(folder, model=None) -> KVPlan:
                       alpha=scheme["smoothing_alpha"], target_bits=scheme.get("target_bits"),
                       disclosure=d["calibration"], measurements=d["measurements"],
                       k_order=k_order)
+        _check_tensors(plan, arrays)
         for i in layers:
             plan.spec(i)  # outlier counts and value groups a spec takes
-        _check_tensors(plan, arrays)
     except KVPlanError:
         raise
     except FileNotFoundError as e:

@@ -359,6 +359,7 @@ def test_sliding_window_layers_are_calibrated_too():
     (["--target-bits", "9"], "target 9.0 bits is outside the options [2, 3, 4]"),
     (["--bits", "7"], "bits [7]: each must be one of"),
     (["--transforms", "none,bogus"], "transforms ['bogus']: use some of"),
+    (["--v-groups", "32,48"], "value groups [48]: each must be one of"),
     (["--kv", "k4v4-g48"], "group_size=48"),
     (["--model", "/nonexistent/model"], "no model folder at /nonexistent/model"),
     (["--model", "not-a-user/not-a-model-xyz"], "neither a local model folder"),
