@@ -143,15 +143,19 @@ def test_ring_backend_sums_between_local_processes(tmp_path):
     if LAUNCH is None:
         pytest.skip("mlx.launch not on PATH")
     script = tmp_path / "sum.py"
-    script.write_text("import mlx.core as mx\n"
+    # each rank writes its own file: the launcher relays the ranks' stdout
+    # in chunks that may interleave within a line
+    script.write_text("import sys, mlx.core as mx\n"
                       "g = mx.distributed.init(strict=True, backend='ring')\n"
                       "x = mx.distributed.all_sum(mx.array([g.rank() + 1.0]), stream=mx.cpu)\n"
-                      "print('rank', g.rank(), 'of', g.size(), 'sum', x.item())\n")
+                      "open(f'{sys.argv[1]}/rank{g.rank()}.txt', 'w').write("
+                      "f'rank {g.rank()} of {g.size()} sum {x.item()}')\n")
     run = subprocess.run([LAUNCH, "--backend", "ring", "-n", "2", "--starting-port",
-                          str(distributed.free_ports(2)), "--python", PY, "--", str(script)],
-                         capture_output=True, text=True, timeout=120)
+                          str(distributed.free_ports(2)), "--python", PY, "--", str(script),
+                          str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
-    assert sorted(run.stdout.split("\n")[:2]) == ["rank 0 of 2 sum 3.0", "rank 1 of 2 sum 3.0"]
+    got = sorted(f.read_text() for f in tmp_path.glob("rank*.txt"))
+    assert got == ["rank 0 of 2 sum 3.0", "rank 1 of 2 sum 3.0"], run.stdout
 
 
 def test_two_ranks_generate_as_one_process(folders, tmp_path):
