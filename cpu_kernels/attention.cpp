@@ -249,19 +249,8 @@ std::vector<mx::Shape> DecodeAttention::output_shapes(const std::vector<mx::arra
 
 bool DecodeAttention::is_equivalent(const mx::Primitive& other) const {
   const auto& o = static_cast<const DecodeAttention&>(other);
-  if (layouts_.size() != o.layouts_.size()) {
-    return false;
-  }
-  for (size_t j = 0; j < layouts_.size(); ++j) {
-    const auto &a = layouts_[j], &b = o.layouts_[j];
-    if (a.k_kind != b.k_kind || a.k_bits != b.k_bits || a.v_kind != b.v_kind ||
-        a.v_bits != b.v_bits || a.group != b.group || a.v_group != b.v_group ||
-        a.k_hi != b.k_hi) {
-      return false;
-    }
-  }
-  return counts_ == o.counts_ && firsts_ == o.firsts_ && has_sinks_ == o.has_sinks_ &&
-      split_tokens_ == o.split_tokens_ && fault_ == o.fault_;
+  return layouts_ == o.layouts_ && counts_ == o.counts_ && firsts_ == o.firsts_ &&
+      has_sinks_ == o.has_sinks_ && split_tokens_ == o.split_tokens_ && fault_ == o.fault_;
 }
 
 void DecodeAttention::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {

@@ -29,6 +29,7 @@ enum Kind : int {
 // channels; 6 arrays: that part, then the other channels at k_bits).
 struct SegmentLayout {
   int k_kind, k_bits, v_kind, v_bits, group, v_group, k_hi;
+  bool operator==(const SegmentLayout&) const = default;
 };
 
 // out [B, H, R, Dv] float32 = softmax attention of q [B, H, R, D] (float32,

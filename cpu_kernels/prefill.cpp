@@ -376,19 +376,8 @@ std::vector<mx::Shape> PrefillAttention::output_shapes(const std::vector<mx::arr
 
 bool PrefillAttention::is_equivalent(const mx::Primitive& other) const {
   const auto& o = static_cast<const PrefillAttention&>(other);
-  if (layouts_.size() != o.layouts_.size()) {
-    return false;
-  }
-  for (size_t j = 0; j < layouts_.size(); ++j) {
-    const auto &a = layouts_[j], &b = o.layouts_[j];
-    if (a.k_kind != b.k_kind || a.k_bits != b.k_bits || a.v_kind != b.v_kind ||
-        a.v_bits != b.v_bits || a.group != b.group || a.v_group != b.v_group ||
-        a.k_hi != b.k_hi) {
-      return false;
-    }
-  }
-  return counts_ == o.counts_ && firsts_ == o.firsts_ && starts_ == o.starts_ &&
-      q0_ == o.q0_ && causal_ == o.causal_ && window_ == o.window_ &&
+  return layouts_ == o.layouts_ && counts_ == o.counts_ && firsts_ == o.firsts_ &&
+      starts_ == o.starts_ && q0_ == o.q0_ && causal_ == o.causal_ && window_ == o.window_ &&
       has_sinks_ == o.has_sinks_ && fault_ == o.fault_;
 }
 
