@@ -30,7 +30,7 @@ from mlx_kvq.batch_cache import KVQBatchCache
 from mlx_kvq.cache import KVQCache
 from mlx_kvq.cpu_kernels import CHANNEL, FP, TOKEN
 from mlx_kvq.metal_kernels import decode as kernels
-from test_cpu_kernels import RTOL, ATOL, WIDTHS, deq, quantized
+from test_cpu_kernels import RTOL, ATOL, WIDTHS, _fill, deq, quantized
 
 if not cpu_kernels.usable():  # test_cpu_kernels says why, or fails when it should build
     pytest.skip(f"the native kernel is not available: {cpu_kernels.status()[1]}",
@@ -267,12 +267,6 @@ def test_split_keys_and_value_groups_are_refused():
 
 
 # ---------------------------------------------------------------- real caches
-def _fill(cache, n, key, H=2, D=64, B=1):
-    k1, k2 = mx.random.split(key)
-    cache.update_and_fetch(mx.random.normal((B, H, n, D), key=k1),
-                           mx.random.normal((B, H, n, D), key=k2))
-
-
 def _both_paths(monkeypatch, fn):
     out = {}
     for mode in ("mlx", "cpu"):
