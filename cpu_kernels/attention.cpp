@@ -137,6 +137,18 @@ mx::array decode_attention(
   return mx::array({B, H, R, Dv}, mx::float32, prim, inputs);
 }
 
+std::vector<mx::array> encode_io(mx::cpu::CommandEncoder& encoder,
+                                 const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  std::vector<mx::array> ins;
+  for (const auto& a : inputs) {
+    encoder.set_input_array(a);
+    ins.push_back(mx::array::unsafe_weak_copy(a));
+  }
+  encoder.set_output_array(out);
+  return ins;
+}
+
 std::vector<mx::array> segment_inputs(
     int B, int H, int D,
     const std::vector<mx::array>& arrays,
@@ -260,14 +272,8 @@ void DecodeAttention::eval_gpu(const std::vector<mx::array>&, std::vector<mx::ar
 void DecodeAttention::eval_cpu(const std::vector<mx::array>& inputs,
                                std::vector<mx::array>& outputs) {
   auto& out = outputs[0];
-  out.set_data(mx::allocator::malloc(out.nbytes()));
   auto& encoder = mx::cpu::get_command_encoder(stream());
-  std::vector<mx::array> ins;
-  for (const auto& a : inputs) {
-    encoder.set_input_array(a);
-    ins.push_back(mx::array::unsafe_weak_copy(a));
-  }
-  encoder.set_output_array(out);
+  auto ins = encode_io(encoder, inputs, out);
   encoder.dispatch([ins = std::move(ins), out = mx::array::unsafe_weak_copy(out),
                     layouts = layouts_, counts = counts_, firsts = firsts_,
                     has_sinks = has_sinks_, split = split_tokens_, fault = fault_]() mutable {

@@ -10,6 +10,7 @@
 
 #include "mlx/mlx.h"
 #include "mlx/primitives.h"
+#include "mlx/backend/cpu/encoder.h"
 
 namespace kvq {
 
@@ -51,6 +52,11 @@ mx::array decode_attention(
     mx::StreamOrDevice s = {});
 
 int threads();
+
+// A primitive's eval_cpu prologue: allocates `out`, registers the inputs and
+// `out` with the encoder, and returns the inputs' weak copies its task reads.
+std::vector<mx::array> encode_io(mx::cpu::CommandEncoder& encoder,
+                                 const std::vector<mx::array>& inputs, mx::array& out);
 
 // The checked, row-contiguous input arrays of cache segments read by queries
 // of batch B, kv heads H and key head dim D (the value head dim goes to Dv):

@@ -388,14 +388,8 @@ void PrefillAttention::eval_gpu(const std::vector<mx::array>&, std::vector<mx::a
 void PrefillAttention::eval_cpu(const std::vector<mx::array>& inputs,
                                 std::vector<mx::array>& outputs) {
   auto& out = outputs[0];
-  out.set_data(mx::allocator::malloc(out.nbytes()));
   auto& encoder = mx::cpu::get_command_encoder(stream());
-  std::vector<mx::array> ins;
-  for (const auto& a : inputs) {
-    encoder.set_input_array(a);
-    ins.push_back(mx::array::unsafe_weak_copy(a));
-  }
-  encoder.set_output_array(out);
+  auto ins = encode_io(encoder, inputs, out);
   encoder.dispatch([ins = std::move(ins), out = mx::array::unsafe_weak_copy(out),
                     layouts = layouts_, counts = counts_, firsts = firsts_, starts = starts_,
                     q0 = q0_, causal = causal_, window = window_, has_sinks = has_sinks_,
