@@ -103,20 +103,20 @@ class KVQBatchCache(KVQBaseCache):
                                                     self.n_body[b]))
         keys, values = self._ingest(keys, values)
         self._alloc_rows()
-        fronts, reals = [], []
-        for b in range(B):
-            front = min(self.skip[b], L)
-            self.skip[b] -= front
-            real = L - front
-            if self.remaining is not None:
-                real = min(real, self.remaining[b])
-                self.remaining[b] -= real
-            fronts.append(front)
-            reals.append(real)
+        fronts, reals = [0] * B, [L] * B
+        if any(self.skip) or self.remaining is not None:
+            for b in range(B):
+                front = min(self.skip[b], L)
+                self.skip[b] -= front
+                real = L - front
+                if self.remaining is not None:
+                    real = min(real, self.remaining[b])
+                    self.remaining[b] -= real
+                fronts[b], reals[b] = front, real
         self.q_start = list(self.offsets)
         takes = [min(r, self.spec.sinks - self.n_sink[b])
                  if self.n_body[b] == 0 and self.res_len[b] == 0 else 0
-                 for b, r in enumerate(reals)]
+                 for b, r in enumerate(reals)] if min(self.n_sink, default=0) < self.spec.sinks else [0] * B
         self._grow_residual(max(n + L for n in self.res_len))
         if any(fronts) or any(takes):
             for b in range(B):  # the first tokens of a sequence: per row
@@ -139,10 +139,10 @@ class KVQBatchCache(KVQBaseCache):
                 self.res_k, _ends(tuple(self.res_len), keys.shape), keys, axis=2)
             self.res_v = mx.put_along_axis(
                 self.res_v, _ends(tuple(self.res_len), values.shape), values, axis=2)
-        for b in range(B):
-            self.res_len[b] += reals[b] - takes[b]
-            self.offsets[b] += fronts[b] + reals[b]
-        for b in range(B):
+        self.res_len = [n + r - t for n, r, t in zip(self.res_len, reals, takes)]
+        self.offsets = [o + f + r for o, f, r in zip(self.offsets, fronts, reals)]
+        due = self.spec.flush_size(max(self.res_len, default=0)) > 0  # some row has a unit to flush
+        for b in range(B) if due or self.max_size is not None else ():
             self._flush_row(b)
             if self.max_size is not None:
                 self._evict_row(b, fronts[b] + reals[b])

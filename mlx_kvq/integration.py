@@ -8,6 +8,7 @@ the original. Other caches go to the original function untouched.
 
 import copy
 import sys
+import weakref
 
 import mlx.core as mx
 import mlx_lm.models.base as base
@@ -100,6 +101,9 @@ def check_model(model, spec=None):
     head dims the spec does not fit.
     """
     spec = parse_spec(spec)
+    passed = _checked.get(id(model))
+    if passed is not None and spec in passed:
+        return
     if not model_module_supported(model):
         raise ValueError(
             f"architecture {type(model).__module__!r} does not route attention through "
@@ -121,6 +125,16 @@ def check_model(model, spec=None):
                 "cannot quantize its KV cache"
             ) from None
         # Other failures (a model that needs more than tokens) are left to its real call.
+        return
+    if passed is None:  # forgotten with the model
+        passed = _checked[id(model)] = set()
+        weakref.finalize(model, _checked.pop, id(model), None)
+    passed.add(spec)
+
+
+# id(model) -> the specs check_model passed for it: a server makes a cache for
+# every chat, and the check's forward step costs about a decode step's graph.
+_checked = {}
 
 
 def sliding_layers(caches) -> list:

@@ -49,3 +49,15 @@ faults.Assistant.client(types.SimpleNamespace(url="http://127.0.0.1:9/"))
     err = r.stderr.strip().splitlines()[-1]
     assert err.startswith("mlx_kvq.harness.extras.MissingExtra:"), err
     assert "'openai'" in err and INSTALL in err, err
+
+
+def test_bench_serve_reports_the_median_of_the_alternating_rounds():
+    from mlx_kvq.harness import bench_serve
+
+    runs = [bench_serve.Run("ours", [10.0, 12.0, 9.0], 40.0, [64, 64], ["x", "y"]),
+            bench_serve.Run("peer", [10.0, 10.0, 10.0], 38.0, [64, 64], ["x", "z"])]
+    text = bench_serve.format_runs(runs, 2)
+    assert "time 1.00x, median of the rounds' 1.00 1.20 0.90 (goal <= 1.0x)" in text, text
+    assert "ours" in text and " 10.0 (10.0 12.0 9.0)" in text, text
+    assert "one-by-one / together 4.00x" in text, text
+    assert "replies identical to mlx_lm.server's: 1/2" in text, text
