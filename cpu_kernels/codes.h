@@ -107,8 +107,8 @@ void unpack(const uint32_t* row, int start, int n, float* out) {
   }
 }
 
-// 16 codes from code `start` (a multiple of 16) of a row, for widths that
-// divide 32: lane j holds word (j * BITS) / 32 shifted by (j * BITS) % 32.
+// 8 codes (half HALF of 16 from a multiple of 16) for widths that divide
+// 32: lane j holds word (j * BITS) / 32 shifted by (j * BITS) % 32.
 // Written with vector extensions, so it compiles to vector shifts (AVX2,
 // NEON) instead of one shift per code.
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
@@ -132,22 +132,56 @@ inline void unpack8(const uint32_t* w, float* out) {
   std::memcpy(out, &f, sizeof(f));
 }
 
+// The same for widths that do not divide 32 (3, 5, 6, 7): code j starts at
+// bit PHASE + j * BITS of w (PHASE: the first code's bit in its word) and
+// may end in the next word. Lane j takes the word of its first bit (lo) and
+// of its last bit (hi, the same word when the code fits in one) and joins
+// them as (lo >> s) | (hi << (32 - s)), the second shift split in two so
+// that s = 0 shifts by no more than 31. Words past the last code's are not
+// read.
+template <int BITS, int PHASE, int HALF>
+inline void unpack8_spanning(const uint32_t* w, float* out) {
+  constexpr uint32_t MASK = (1u << BITS) - 1u;
+  u32x8 lo, hi, sh;
+  for (int j = 0; j < 8; ++j) {
+    const int bit = PHASE + (HALF * 8 + j) * BITS;
+    lo[j] = w[bit >> 5];
+    hi[j] = w[(bit + BITS - 1) >> 5];
+    sh[j] = uint32_t(bit & 31);
+  }
+  const i32x8 codes = (i32x8)(((lo >> sh) | ((hi << 1) << (31 - sh))) & MASK);
+  const f32x8 f = __builtin_convertvector(codes, f32x8);
+  std::memcpy(out, &f, sizeof(f));
+}
+
+// 16 codes from code `start` (a multiple of 16) of a row, any width.
 template <int BITS>
 inline void unpack16(const uint32_t* row, int start, float* out) {
-  static_assert(32 % BITS == 0, "widths that divide 32");
-  const uint32_t* w = row + start * BITS / 32;
-  unpack8<BITS, 0>(w, out);
-  unpack8<BITS, 1>(w, out + 8);
+  if constexpr (32 % BITS == 0) {
+    const uint32_t* w = row + start * BITS / 32;
+    unpack8<BITS, 0>(w, out);
+    unpack8<BITS, 1>(w, out + 8);
+  } else {
+    // 16 codes span 16 * BITS bits, a multiple of 16: code `start` begins
+    // at bit 0 or 16 of its word.
+    const long bit = long(start) * BITS;
+    const uint32_t* w = row + (bit >> 5);
+    if ((bit & 31) == 0) {
+      unpack8_spanning<BITS, 0, 0>(w, out);
+      unpack8_spanning<BITS, 0, 1>(w, out + 8);
+    } else {
+      unpack8_spanning<BITS, 16, 0>(w, out);
+      unpack8_spanning<BITS, 16, 1>(w, out + 8);
+    }
+  }
 }
 
 // Codes [start, start + n): 16 at a time where they are aligned.
 template <int BITS>
 inline void unpack_run(const uint32_t* row, int start, int n, float* out) {
-  if constexpr (32 % BITS == 0) {
-    if (n == 16 && start % 16 == 0) {
-      unpack16<BITS>(row, start, out);
-      return;
-    }
+  if (n == 16 && start % 16 == 0) {
+    unpack16<BITS>(row, start, out);
+    return;
   }
   unpack<BITS>(row, start, n, out);
 }

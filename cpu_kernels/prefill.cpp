@@ -32,7 +32,7 @@ struct Tiles {
 };
 
 // Channel-key codes [tb, tb + n) of one channel row, 16 at a time where
-// aligned (widths that divide 32), else through the width's unpacker.
+// aligned, else through the width's unpacker.
 template <int BITS>
 void unpack_tokens(const Part& k, const uint32_t* row, int tb, int n, float* out) {
   int j = 0;
@@ -59,9 +59,11 @@ void load_keys(const Part& k, long bh, int tb, int n, int D, int G, int fault, T
       const uint32_t* row = codes + long(d) * k.words;
       switch (k.bits) {
         case 2: unpack_tokens<2>(k, row, tb, n, out); break;
+        case 3: unpack_tokens<3>(k, row, tb, n, out); break;
         case 4: unpack_tokens<4>(k, row, tb, n, out); break;
-        case 8: unpack_tokens<8>(k, row, tb, n, out); break;
-        default: k.unpack(row, tb, n, out);
+        case 5: unpack_tokens<5>(k, row, tb, n, out); break;
+        case 6: unpack_tokens<6>(k, row, tb, n, out); break;
+        default: unpack_tokens<8>(k, row, tb, n, out);
       }
       for (int j = 0; j < n;) {
         const int g = (tb + j) / G, len = std::min(n - j, (g + 1) * G - tb - j);
