@@ -88,3 +88,31 @@ def test_a_sentencepiece_vocabulary_without_scores_is_refused():
     meta["tokenizer.ggml.model"] = "bert"
     with pytest.raises(GGUFError, match="'bert' is not supported.*SentencePiece BPE"):
         gguf_tokenizer.build_tokenizer(meta)
+
+
+def test_the_metadata_as_the_converter_reads_it_from_a_file(tmp_path):
+    """The values GGUFReader gives back (numpy scalars, lists) build the same
+    tokenizer as the Python values written."""
+    from gguf import GGUFWriter
+
+    from mlx_kvq import gguf
+
+    sp, held_out = trained(True, 400)
+    meta = gguf_meta(sp, True)
+    w = GGUFWriter(str(tmp_path / "vocab.gguf"), "llama")
+    w.add_string("tokenizer.ggml.model", "llama")
+    w.add_array("tokenizer.ggml.tokens", meta["tokenizer.ggml.tokens"])
+    w.add_array("tokenizer.ggml.scores", meta["tokenizer.ggml.scores"])
+    w.add_array("tokenizer.ggml.token_type", meta["tokenizer.ggml.token_type"])
+    for key in ("bos", "eos", "unknown"):
+        w.add_uint32(f"tokenizer.ggml.{key}_token_id", meta[f"tokenizer.ggml.{key}_token_id"])
+    w.add_bool("tokenizer.ggml.add_space_prefix", True)
+    w.add_bool("tokenizer.ggml.add_bos_token", True)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    read = gguf.read_gguf(tmp_path / "vocab.gguf").meta
+    tok = gguf_tokenizer.build_tokenizer(read)
+    for text in held_out[:50]:
+        assert tok.encode(text).ids == [sp.bos_id()] + sp.encode(text)
