@@ -117,24 +117,37 @@ mx::array decode_attention(
     fail("q must be [B, H, R, D]");
   }
   const int B = q.shape(0), H = q.shape(1), R = q.shape(2), D = q.shape(3);
-  std::vector<mx::array> inputs = {rows_contiguous(mx::astype(q, mx::float32, s), s)};
   int Dv = -1;
-  for (auto& a : segment_inputs(B, H, D, arrays, layouts, counts, firsts, s, Dv)) {
-    inputs.push_back(std::move(a));
-  }
-  if (sinks) {
-    if (sinks->size() != size_t(H) * R) {
-      fail("sinks must hold one logit per query head (H * R)");
-    }
-    inputs.push_back(rows_contiguous(mx::astype(mx::reshape(*sinks, {H * R}, s), mx::float32, s),
-                                     s));
-  }
+  auto inputs = attention_inputs(q, H * R, B, H, D, arrays, layouts, counts, firsts, sinks, s, Dv);
   if (fault < NONE || fault > SPLIT_OVERWRITE) {
     fail("unknown fault");
   }
   auto prim = std::make_shared<DecodeAttention>(mx::to_stream(s, mx::Device::cpu), layouts,
                                                 counts, firsts, bool(sinks), split_tokens, fault);
   return mx::array({B, H, R, Dv}, mx::float32, prim, inputs);
+}
+
+std::vector<mx::array> attention_inputs(
+    const mx::array& q, int n_heads, int B, int H, int D,
+    const std::vector<mx::array>& arrays,
+    const std::vector<SegmentLayout>& layouts,
+    const std::vector<int>& counts,
+    const std::vector<int>& firsts,
+    const std::optional<mx::array>& sinks,
+    mx::StreamOrDevice s,
+    int& Dv) {
+  std::vector<mx::array> inputs = {rows_contiguous(mx::astype(q, mx::float32, s), s)};
+  for (auto& a : segment_inputs(B, H, D, arrays, layouts, counts, firsts, s, Dv)) {
+    inputs.push_back(std::move(a));
+  }
+  if (sinks) {
+    if (sinks->size() != size_t(n_heads)) {
+      fail("sinks must hold one logit per query head (H * R)");
+    }
+    inputs.push_back(rows_contiguous(
+        mx::astype(mx::reshape(*sinks, {n_heads}, s), mx::float32, s), s));
+  }
+  return inputs;
 }
 
 std::vector<mx::array> encode_io(mx::cpu::CommandEncoder& encoder,

@@ -70,6 +70,19 @@ std::vector<mx::array> segment_inputs(
     mx::StreamOrDevice s,
     int& Dv);
 
+// The inputs of an attention primitive: q as float32 (row-contiguous), the
+// segments' checked arrays (segment_inputs), then the learned sinks' logits
+// (one per query head, n_heads = H * R) when given.
+std::vector<mx::array> attention_inputs(
+    const mx::array& q, int n_heads, int B, int H, int D,
+    const std::vector<mx::array>& arrays,
+    const std::vector<SegmentLayout>& layouts,
+    const std::vector<int>& counts,
+    const std::vector<int>& firsts,
+    const std::optional<mx::array>& sinks,
+    mx::StreamOrDevice s,
+    int& Dv);
+
 class DecodeAttention : public mx::Primitive {
  public:
   DecodeAttention(

@@ -352,21 +352,9 @@ mx::array prefill_attention(const mx::array& q, const std::vector<mx::array>& ar
     }
   }
   auto cpu = mx::to_stream(s, mx::Device::cpu);
-  auto qf = mx::astype(q, mx::float32, cpu);
-  std::vector<mx::array> inputs = {qf.flags().row_contiguous && qf.is_available()
-                                       ? qf
-                                       : mx::contiguous(qf, false, cpu)};
   int Dv = -1;
-  for (auto& a : segment_inputs(B, H, D, arrays, layouts, counts, firsts, cpu, Dv)) {
-    inputs.push_back(std::move(a));
-  }
-  if (sinks) {
-    if (sinks->size() != size_t(H) * R) {
-      fail("sinks must hold one logit per query head (H * R)");
-    }
-    inputs.push_back(mx::contiguous(mx::astype(mx::reshape(*sinks, {H * R}, cpu), mx::float32,
-                                               cpu), false, cpu));
-  }
+  auto inputs = attention_inputs(q, H * R, B, H, D, arrays, layouts, counts, firsts, sinks, cpu,
+                                 Dv);
   auto prim = std::make_shared<PrefillAttention>(cpu, layouts, counts, firsts, starts, q0,
                                                  causal, window, bool(sinks), fault);
   return mx::array({B, H, R, L, Dv}, mx::float32, prim, inputs);
