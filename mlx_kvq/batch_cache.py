@@ -114,9 +114,11 @@ class KVQBatchCache(KVQBaseCache):
                     self.remaining[b] -= real
                 fronts[b], reals[b] = front, real
         self.q_start = list(self.offsets)
-        takes = [min(r, self.spec.sinks - self.n_sink[b])
-                 if self.n_body[b] == 0 and self.res_len[b] == 0 else 0
-                 for b, r in enumerate(reals)] if min(self.n_sink, default=0) < self.spec.sinks else [0] * B
+        takes = [0] * B  # tokens each row puts into its sinks
+        if min(self.n_sink, default=0) < self.spec.sinks:
+            takes = [min(r, self.spec.sinks - self.n_sink[b])
+                     if self.n_body[b] == 0 and self.res_len[b] == 0 else 0
+                     for b, r in enumerate(reals)]
         self._grow_residual(max(n + L for n in self.res_len))
         if any(fronts) or any(takes):
             for b in range(B):  # the first tokens of a sequence: per row
