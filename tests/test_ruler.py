@@ -113,6 +113,36 @@ def test_prompts_fill_the_length_and_split_at_the_context():
         ruler.build_prompts(tokenizer, tuple(TASKS), [1024], 11, 1, 0, ESSAY)
 
 
+class _MergingTokenizer:
+    """Characters as tokens, except ".\n", which is one token (as BPE
+    tokenizers merge a sentence's end with the line break after it)."""
+
+    def encode(self, text, add_special_tokens=False):
+        out, i = [], 0
+        while i < len(text):
+            if text.startswith(".\n", i):
+                out.append(1000)
+                i += 2
+            else:
+                out.append(ord(text[i]))
+                i += 1
+        return out
+
+
+def test_prompts_split_where_the_tokenizer_merges_across_the_context_end():
+    tok = _MergingTokenizer()
+    plan = plan_context("0:2048:0", spread(3, TASKS), ESSAY)
+    text = plan.render(2) + "."  # its last token merges with the question's line break
+    parts = ("<user>", "</user>")
+    context, suffixes = ruler.split_prompts(tok, text, plan.questions, parts)
+    assert tok.encode(parts[0] + text)[:len(context)] == context
+    assert len(context) < len(tok.encode(parts[0] + text))  # the merged token went to the questions
+    for q, suffix in zip(plan.questions, suffixes):
+        assert context + suffix == tok.encode(parts[0] + text + "\n" + q.text + parts[1]
+                                              + q.answer_prefix)
+        assert suffix[0] == 1000 and len(suffix) > 1
+
+
 def test_questions_spread_over_tasks_and_contexts():
     _, tokenizer = models.load()
     prompts = ruler.build_prompts(tokenizer, tuple(TASKS), [2048], 15, 3, 0, ESSAY)

@@ -93,18 +93,21 @@ def _encode(tokenizer, text):
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def split_prompt(tokenizer, context_text: str, question, parts) -> tuple:
-    """(context tokens, question tokens) of one question's prompt, the first
-    a true prefix of the prompt's tokens."""
+def split_prompts(tokenizer, context_text: str, questions, parts) -> tuple:
+    """(context tokens, each question's tokens after them) of the questions'
+    prompts: the context is the longest prefix of the context's own tokens
+    that every prompt starts with, so each prompt is exactly its own text's
+    tokens even where the tokenizer merges the context's last characters with
+    the question's first ones (the merged tokens then go to each question)."""
     pre, post = parts
     head = pre + context_text
-    full = _encode(tokenizer, head + "\n" + question.text + post + question.answer_prefix)
-    ctx = _encode(tokenizer, head)
-    if full[:len(ctx)] != ctx:
-        raise ValueError(f"the tokenizer merges tokens across the end of the shared context "
-                         f"({question.task}): its tokens are not a prefix of the question's "
-                         "prompt")
-    return ctx, full[len(ctx):]
+    fulls = [_encode(tokenizer, head + "\n" + q.text + post + q.answer_prefix)
+             for q in questions]
+    first = _encode(tokenizer, head)
+    n = min(len(first), *(len(f) - 1 for f in fulls))  # every question keeps a token
+    for f in fulls:
+        n = next((i for i in range(n) if f[i] != first[i]), n)
+    return first[:n], [f[n:] for f in fulls]
 
 
 def build_prompt(tokenizer, counts: dict, length: int, seed: str, essay: list,
@@ -114,8 +117,8 @@ def build_prompt(tokenizer, counts: dict, length: int, seed: str, essay: list,
     parts = parts or chat_parts(tokenizer)
     plan = ruler_tasks.plan_context(seed, counts, essay, blocks_per_kind=max(1, length // 2048))
     empty = plan.render(0)
-    tail = max(len(split_prompt(tokenizer, empty, q, parts)[1]) + q.max_tokens
-               for q in plan.questions)
+    _, suffixes = split_prompts(tokenizer, empty, plan.questions, parts)
+    tail = max(len(t) + q.max_tokens for t, q in zip(suffixes, plan.questions))
     budget = length - tail
 
     def size(n):
@@ -135,9 +138,9 @@ def build_prompt(tokenizer, counts: dict, length: int, seed: str, essay: list,
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if size(mid) <= budget else (lo, mid)
     text = plan.render(lo)
-    splits = [split_prompt(tokenizer, text, q, parts) for q in plan.questions]
+    context, suffixes = split_prompts(tokenizer, text, plan.questions, parts)
     depths = [round(text.find(q.answers[0]) / len(text), 3) for q in plan.questions]
-    return Prompt(length, seed, splits[0][0], plan.questions, [s for _, s in splits], depths)
+    return Prompt(length, seed, context, plan.questions, suffixes, depths)
 
 
 def build_prompts(tokenizer, tasks, lengths, questions, contexts, seed, essay) -> list:
