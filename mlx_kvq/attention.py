@@ -248,7 +248,19 @@ _prefill_runs = collections.Counter()
 
 
 def _native_wanted() -> bool:
-    """Whether decode steps should take the native CPU kernel."""
+    """Whether decode steps should take the native CPU kernel (decided once
+    per value of the kernel environment variable: every layer asks)."""
+    raw = os.environ.get(kernels.ENV_VAR)
+    wanted = _wanted.get(raw)
+    if wanted is None:
+        wanted = _wanted[raw] = _decide_native()
+    return wanted
+
+
+_wanted = {}
+
+
+def _decide_native() -> bool:
     mode = kernels.kernel_mode()
     if mode == "cpu":
         ok, why = cpu_kernels.status()
@@ -462,8 +474,15 @@ def _native_kind(layout):
 
 def _native_step(qg, cache, segs, mask, sinks):
     """A decode step in one native call: [B, H, R, Dv] float32, or None."""
+    B = qg.shape[0]
+    if cache.window is None and segs[0].ragged:  # a batch's decode step: no mask, no window
+        parts = [(seg.keys, seg.values, _native_kind(seg.k_layout), seg.k_layout.bits,
+                  _native_kind(seg.v_layout), seg.v_layout.bits,
+                  (seg.k_layout.group, seg.v_layout.group), seg.valid, (0,) * B,
+                  seg.k_layout.hi) for seg in segs]
+        return cpu_kernels.decode_attention(qg, parts, sinks)
     q0 = cache.query_start(1)
-    parts = [_native_segment(seg, q0, mask, cache.window, qg.shape[0]) for seg in segs]
+    parts = [_native_segment(seg, q0, mask, cache.window, B) for seg in segs]
     if any(p is None for p in parts):
         return None
     if sinks is not None:

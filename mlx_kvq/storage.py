@@ -9,6 +9,7 @@ channel-key spec). The caches (cache_base, cache, batch_cache) write and
 slice their buffers only through Layout; attention reads Segments.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
@@ -161,12 +162,14 @@ class Segment:
                        self.v_layout, valid)
 
 
+@functools.lru_cache(maxsize=256)
 def layouts(spec) -> Tuple[Layout, Layout]:
     """The (keys, values) layouts of a spec's quantized body."""
     return (Layout(spec.k_bits, spec.group_size, spec.keys_per_channel, spec.k_outliers),
             Layout(spec.v_bits, spec.value_group, False))
 
 
+@functools.lru_cache(maxsize=256)
 def fp_layout(spec) -> Layout:
     """The layout of a spec's 16-bit parts (sinks, residual)."""
     return Layout(None, spec.group_size, False)
