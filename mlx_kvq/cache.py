@@ -26,7 +26,7 @@ from mlx_lm.models.cache import create_attention_mask
 
 from . import quant
 from .cache_base import (FORMAT_VERSION, CachedTensorUse, Calibration,  # noqa: F401
-                         KVQBaseCache, KVQView, permute_channels)
+                         KVQBaseCache, KVQView, permute_channels, round_up)
 from .spec import KVQuantSpec
 from .storage import Layout, Segment, own_copy  # noqa: F401
 
@@ -190,10 +190,10 @@ class KVQCache(KVQBaseCache):
     def trim(self, n):
         n = min(n, self.size())
         unit = self.spec.flush_unit
-        # Bring back whole body groups (as their dequantized values) until the
-        # residual holds the tokens to drop.
-        while n > self._res_len() and self.n_body:
-            take = min(self.n_body, unit if unit > 1 else n - self._res_len())
+        # Bring back the fewest whole body units (as their dequantized values)
+        # for the residual to hold the tokens to drop, in one piece.
+        if n > self._res_len() and self.n_body:
+            take = min(self.n_body, round_up(n - self._res_len(), unit))
             k, v = self._decode_body(self.n_body - take, self.n_body)
             self.res_k, self.res_v = _cat(k, self.res_k), _cat(v, self.res_v)
             self.n_body -= take

@@ -66,7 +66,8 @@ def test_streaming_extends_conversation_from_cache(server):
     assert text
     assert chunks[-2].choices[0].finish_reason in ("stop", "length")
     first = chunks[-1].usage
-    assert first.prompt_tokens_details.cached_tokens == 0
+    # new: at most the chat template's start came from another conversation's cache
+    assert first.prompt_tokens_details.cached_tokens < first.prompt_tokens - 5
     cid = chunks[0].conversation
 
     history += [{"role": "assistant", "content": text},
@@ -76,6 +77,25 @@ def test_streaming_extends_conversation_from_cache(server):
     cached = r.usage.prompt_tokens_details.cached_tokens
     assert cached >= first.prompt_tokens  # the whole first turn came from the cache
     assert r.usage.prompt_tokens - cached < 20
+
+
+def test_a_new_conversation_starts_from_another_ones_cache(server):
+    """A prompt that begins as another conversation's did (the same question
+    asked again, as mlx_lm.server's prompt cache serves it) starts from a copy
+    of that cache: all but its last token cached, the same greedy reply, and
+    the first conversation's own cache untouched."""
+    client = server.client()
+    msgs = [{"role": "user", "content": "Name three rivers of Europe."}]
+    first = ask(client, msgs, max_tokens=6, temperature=0.0)
+    again = ask(client, msgs, max_tokens=6, temperature=0.0)
+    assert again.conversation != first.conversation
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+    assert again.choices[0].message.content == first.choices[0].message.content
+    history = msgs + [{"role": "assistant", "content": first.choices[0].message.content},
+                      {"role": "user", "content": "And of Asia?"}]
+    r = ask(client, history, max_tokens=3, extra_body={"conversation": first.conversation})
+    assert r.conversation == first.conversation
+    assert r.usage.prompt_tokens_details.cached_tokens >= first.usage.total_tokens - 1
 
 
 def test_conversation_from_page_addressable_by_api(server):
@@ -240,7 +260,7 @@ def test_commands_cross_the_wire_as_themselves():
     """Every command rank 0 tells the other ranks arrives as itself, pickled
     from builtins alone (short: most fit distributed.share's one all_sum)."""
     c = commands
-    told = [c.Beat(), c.Stop(), c.Forget([("a", True)]), c.Open("a", False), c.Trim("a", 3),
+    told = [c.Beat(), c.Stop(), c.Forget([("a", True)]), c.Open("a", False), c.Trim("a", 3), c.Fork("b", "a", 3),
             c.Park(["a", "b"]), c.Settle("a"), c.Insert("a", [1, 2], 8, 0.0, 1.0, None),
             c.Step(64, 8), c.End(0, "a", True), c.Drop(1, False), c.Prefill("a", [5, 6])]
     assert {type(x) for x in told} == set(c.COMMANDS.values())

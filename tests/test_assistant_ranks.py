@@ -60,7 +60,8 @@ def _start(name, folders, data, log, ranks=1, peer_timeout=20):
     return Assistant(data, *args, log_file=log, ranks=ranks)
 
 
-def _chat(server, text, cid=None, max_tokens=10, stop=None):
+def _chat(server, text, cid=None, max_tokens=10, stop=None, forget=False):
+    """(reply, usage); `forget`: delete the conversation after it."""
     body = {"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
             "temperature": 0}
     if stop:
@@ -69,6 +70,8 @@ def _chat(server, text, cid=None, max_tokens=10, stop=None):
         body["conversation"] = cid
     status, out = server.request("POST", "/v1/chat/completions", body)
     assert status == 200, out
+    if forget:
+        assert server.request("DELETE", f"/api/conversations/{out['conversation']}")[0] == 200
     return out["choices"][0]["message"]["content"], out["usage"]
 
 
@@ -86,7 +89,8 @@ def _session(server):
         t.start()
     for t in threads:
         t.join(300)
-    replies = [out[i] for i in range(len(QUESTIONS))] + [_chat(server, LONG)]
+    # Deleted, so that the next prompt cannot start from a copy of its cache.
+    replies = [out[i] for i in range(len(QUESTIONS))] + [_chat(server, LONG, forget=True)]
     # Cut by a stop string from its middle: the ranks ran on, the reply ends there.
     full = replies[-1][0]
     stopped = _chat(server, LONG, stop=full[len(full) // 2:len(full) // 2 + 3])

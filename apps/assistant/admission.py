@@ -52,7 +52,8 @@ class Admission:
             return None
         notice, kv_context = admitted
         session = self.sessions.open(cid)
-        cached = self.sessions.reuse(cid, session, tokens, keep_last=generate)
+        cached = self.sessions.reuse(cid, session, tokens, keep_last=generate,
+                                     busy=self.running())
         job.emit("start", {"prompt_tokens": len(tokens), "cached_tokens": cached,
                            "notice": self.sessions.notice(cid, notice)})
         return Admitted(session, tokens, cached, kv_context)

@@ -96,6 +96,19 @@ class Trim(Command):
 
 
 @command
+class Fork(Command):
+    """Start the conversation's cache from the first n tokens of another
+    conversation's (a prompt that begins as that one's did)."""
+
+    cid: str
+    donor: str
+    n: int
+
+    def replay(self, engine):
+        engine.sessions.fork(self.cid, engine.sessions.get(self.cid), self.donor, self.n)
+
+
+@command
 class Park(Command):
     """Drop these conversations' caches from memory (saved: loaded on use)."""
 

@@ -4,7 +4,10 @@ A `Session` is a conversation's prompt cache and the token ids it holds.
 `Sessions` keeps them least recently used first: `open` takes a
 conversation's cache from memory, else from its saved file (refused or
 unreadable: a new one, and a note for the reply), else new; `reuse` trims it
-to the longest common prefix with the next prompt; `save` writes a finished
+to the longest common prefix with the next prompt, or, when another idle
+conversation's cache shares a longer prefix with it (a new chat that starts
+as others did: the system prompt, the same question again), starts from a
+copy of that one's, as mlx_lm.server's prompt cache does; `save` writes a finished
 turn, messages first (`save_turn`) and then the cache (`save_cache`), so the
 messages are never lost;
 `make_room` parks the least recently used idle caches (they are saved after
@@ -17,18 +20,19 @@ any rank's saved share differs. HTTP threads only `forget` caches and read
 the memory panel's `snapshot`, under the lock.
 """
 
+import copy
 import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Collection, Dict, List, Optional, Tuple
 
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
 from mlx_kvq.cache import KVQCache
 
 from .budget import to_park
-from .commands import Open, Park, Settle, Trim
+from .commands import Fork, Open, Park, Settle, Trim
 from .store import DEFAULT_TITLE, CacheRefused, NotFound, Store, pause, title_of
 
 log = logging.getLogger("mlx_kvq.assistant")
@@ -137,18 +141,43 @@ class Sessions:
             saved = None
         return Session(*saved) if saved is not None else Session(loaded.new_cache())
 
-    def reuse(self, cid: str, session: Session, tokens: List[int], keep_last: bool) -> int:
-        """Trim the cache to its longest common prefix with `tokens`; the number
-        of tokens it still holds."""
-        n = common_prefix(session.tokens, tokens)
-        if keep_last:  # the last prompt token must run to give the first logits
-            n = min(n, len(tokens) - 1)
+    def reuse(self, cid: str, session: Session, tokens: List[int], keep_last: bool,
+              busy: Collection[str] = ()) -> int:
+        """Trim the cache to its longest common prefix with `tokens`, or start
+        it from the conversation in memory, not in `busy` (caches in use),
+        whose cache shares the longest prefix with them, if longer; the
+        number of tokens it then holds."""
+        limit = len(tokens) - 1 if keep_last else len(tokens)  # the last runs for logits
+        n = min(common_prefix(session.tokens, tokens), limit)
+        with self._lock:
+            others = [(k, v) for k, v in reversed(self._held.items())
+                      if k != cid and k not in busy]
+        best, donor = n, None
+        for k, other in others:  # most recent first
+            m = min(common_prefix(other.tokens, tokens), limit)
+            if m > best and can_trim_prompt_cache(other.cache):
+                best, donor = m, k
+        if donor is not None:
+            return self.fork(cid, session, donor, best)
         return self.trim(cid, session, n)
+
+    def fork(self, cid: str, session: Session, donor: str, n: int) -> int:
+        """Replace the cache with a copy of the first n tokens of `donor`'s."""
+        self.replay.tell(Fork(cid, donor, n))
+        other = self.get(donor)
+        session.cache, session.tokens = copy.deepcopy(other.cache), list(other.tokens)
+        n = self._trim(session, n)
+        session.stats = self.loaded.stats(session.cache)
+        log.info("conversation %s: %d prompt tokens from conversation %s's cache", cid, n, donor)
+        return n
 
     def trim(self, cid: str, session: Session, n: int) -> int:
         """Keep the first n tokens of the cache (all of them dropped if it
         cannot be trimmed); the number kept."""
         self.replay.tell(Trim(cid, n))
+        return self._trim(session, n)
+
+    def _trim(self, session: Session, n: int) -> int:
         drop = len(session.tokens) - n
         if drop:
             if can_trim_prompt_cache(session.cache):
