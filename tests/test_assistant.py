@@ -282,6 +282,53 @@ def test_a_follower_replays_forget_on_its_share(tmp_path):
     assert store.exists(kept) and not store.exists(deleted)
 
 
+def test_a_new_cache_copies_the_longest_idle_prefix_that_fits(tmp_path):
+    """Sessions.reuse starts a cache from the idle conversation sharing the
+    longest prefix, not from one in use nor from one holding more tokens
+    than the budget keeps for the new cache; the copy holds exactly the
+    donor's first tokens and the donor keeps all of its own."""
+    import mlx.core as mx
+    from mlx_kvq import KVQCache
+    from mlx_kvq.apps.assistant.sessions import Session, Sessions
+
+    class Loaded:
+        def new_cache(self):
+            return [KVQCache("k4v4")]
+
+        def stats(self, cache):
+            return {"cache_bytes": cache[0].nbytes}
+
+    def session(tokens):
+        c = KVQCache("k4v4")
+        mx.random.seed(len(tokens))
+        c.update_and_fetch(mx.random.normal((1, 2, len(tokens), 64)),
+                           mx.random.normal((1, 2, len(tokens), 64)))
+        return Session([c], list(tokens))
+
+    quiet = type("Quiet", (), {"tell": lambda self, command: None})()
+    sessions = Sessions(Loaded(), Store(tmp_path), quiet)
+    base = list(range(300))
+    held = {"short": session(base[:50]), "long": session(base + [7] * 20),
+            "huge": session(base + [9] * 900)}
+    sessions._held.update(held)
+    prompt = base + [1, 2]
+    new = Session(Loaded().new_cache())
+    assert sessions.reuse("new", new, prompt, keep_last=True, busy={"long"}, room=400) == 50
+    assert sessions.reuse("new", new, prompt, keep_last=True, room=400) == 300
+    assert new.tokens == base and new.cache[0].offset == 300
+    trimmed = session(base + [7] * 20)
+    trimmed.cache[0].trim(20)
+    for a, b in zip(tree_arrays(new.cache[0].state), tree_arrays(trimmed.cache[0].state)):
+        assert mx.array_equal(a, b)
+    assert held["long"].cache[0].offset == 320 and held["long"].tokens == base + [7] * 20
+
+
+def tree_arrays(state):
+    from mlx.utils import tree_flatten
+
+    return [x for _, x in tree_flatten(state) if hasattr(x, "shape")]
+
+
 def test_host_header_check():
     assert host_allowed("127.0.0.1:8080", "127.0.0.1", 8080)
     assert host_allowed("localhost:8080", "127.0.0.1", 8080)

@@ -53,7 +53,7 @@ class Admission:
         notice, kv_context = admitted
         session = self.sessions.open(cid)
         cached = self.sessions.reuse(cid, session, tokens, keep_last=generate,
-                                     busy=self.running())
+                                     busy=self.running(), room=kv_context)
         job.emit("start", {"prompt_tokens": len(tokens), "cached_tokens": cached,
                            "notice": self.sessions.notice(cid, notice)})
         return Admitted(session, tokens, cached, kv_context)

@@ -142,11 +142,12 @@ class Sessions:
         return Session(*saved) if saved is not None else Session(loaded.new_cache())
 
     def reuse(self, cid: str, session: Session, tokens: List[int], keep_last: bool,
-              busy: Collection[str] = ()) -> int:
+              busy: Collection[str] = (), room: Optional[int] = None) -> int:
         """Trim the cache to its longest common prefix with `tokens`, or start
         it from the conversation in memory, not in `busy` (caches in use),
-        whose cache shares the longest prefix with them, if longer; the
-        number of tokens it then holds."""
+        whose cache shares the longest prefix with them, if longer (and holds
+        at most `room` tokens, what the budget holds for this cache: the copy
+        is whole until trimmed); the number of tokens it then holds."""
         limit = len(tokens) - 1 if keep_last else len(tokens)  # the last runs for logits
         n = min(common_prefix(session.tokens, tokens), limit)
         with self._lock:
@@ -155,7 +156,8 @@ class Sessions:
         best, donor = n, None
         for k, other in others:  # most recent first
             m = min(common_prefix(other.tokens, tokens), limit)
-            if m > best and can_trim_prompt_cache(other.cache):
+            if m > best and (room is None or len(other.tokens) <= room) \
+                    and can_trim_prompt_cache(other.cache):
                 best, donor = m, k
         if donor is not None:
             return self.fork(cid, session, donor, best)
