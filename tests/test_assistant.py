@@ -284,22 +284,25 @@ def test_a_follower_replays_forget_on_its_share(tmp_path):
 
 def test_a_new_cache_copies_the_longest_idle_prefix_that_fits(tmp_path):
     """Sessions.reuse starts a cache from the idle conversation sharing the
-    longest prefix, not from one in use nor from one holding more tokens
-    than the budget keeps for the new cache; the copy holds exactly the
-    donor's first tokens and the donor keeps all of its own."""
+    longest prefix held in 16 bits, not from one in use, nor one holding more
+    tokens than the budget keeps for the new cache, nor one that quantized
+    the prefix; the copy holds exactly the donor's first tokens and the
+    donor keeps all of its own."""
     import mlx.core as mx
     from mlx_kvq import KVQCache
     from mlx_kvq.apps.assistant.sessions import Session, Sessions
 
+    spec = "k4v4-g32-r512-s4"  # a residual that holds the prompts below in 16 bits
+
     class Loaded:
         def new_cache(self):
-            return [KVQCache("k4v4")]
+            return [KVQCache(spec)]
 
         def stats(self, cache):
             return {"cache_bytes": cache[0].nbytes}
 
-    def session(tokens):
-        c = KVQCache("k4v4")
+    def session(tokens, kv=spec):
+        c = KVQCache(kv)
         mx.random.seed(len(tokens))
         c.update_and_fetch(mx.random.normal((1, 2, len(tokens), 64)),
                            mx.random.normal((1, 2, len(tokens), 64)))
@@ -309,7 +312,8 @@ def test_a_new_cache_copies_the_longest_idle_prefix_that_fits(tmp_path):
     sessions = Sessions(Loaded(), Store(tmp_path), quiet)
     base = list(range(300))
     held = {"short": session(base[:50]), "long": session(base + [7] * 20),
-            "huge": session(base + [9] * 900)}
+            "huge": session(base + [9] * 150), "quantized": session(base + [8] * 30, "k4v4")}
+    assert held["quantized"].cache[0].n_body and not held["long"].cache[0].n_body
     sessions._held.update(held)
     prompt = base + [1, 2]
     new = Session(Loaded().new_cache())

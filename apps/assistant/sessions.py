@@ -5,9 +5,10 @@ A `Session` is a conversation's prompt cache and the token ids it holds.
 conversation's cache from memory, else from its saved file (refused or
 unreadable: a new one, and a note for the reply), else new; `reuse` trims it
 to the longest common prefix with the next prompt, or, when another idle
-conversation's cache shares a longer prefix with it (a new chat that starts
-as others did: the system prompt, the same question again), starts from a
-copy of that one's, as mlx_lm.server's prompt cache does; `save` writes a finished
+conversation's cache holds a longer prefix of it in its 16-bit parts (a new
+chat that starts as others did: the chat template's system prompt, a short
+question asked again), starts from a copy of that one's, as mlx_lm.server's
+prompt cache does; `save` writes a finished
 turn, messages first (`save_turn`) and then the cache (`save_cache`), so the
 messages are never lost;
 `make_room` parks the least recently used idle caches (they are saved after
@@ -62,6 +63,13 @@ def common_prefix(a: List[int], b: List[int]) -> int:
             break
         n += 1
     return n
+
+
+def _in_16_bits(cache: list, n: int) -> bool:
+    """Whether every quantized layer holds its first n tokens in its 16-bit
+    parts (sinks, residual): a copy trimmed to them is then exactly what a
+    fresh prefill of those tokens holds, so a shared prefix changes no reply."""
+    return all(c.n_body == 0 or n <= c.body_start for c in cache if isinstance(c, KVQCache))
 
 
 def _extend(conv, messages: List[dict]):
@@ -157,7 +165,7 @@ class Sessions:
         for k, other in others:  # most recent first
             m = min(common_prefix(other.tokens, tokens), limit)
             if m > best and (room is None or len(other.tokens) <= room) \
-                    and can_trim_prompt_cache(other.cache):
+                    and can_trim_prompt_cache(other.cache) and _in_16_bits(other.cache, m):
                 best, donor = m, k
         if donor is not None:
             return self.fork(cid, session, donor, best)
