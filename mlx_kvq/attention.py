@@ -432,12 +432,18 @@ def _native_segment(seg, q0, mask, window, B):
     a mask it cannot express applies (a model-given mask over a non-ragged
     segment)."""
     unmasked, window_step = _unmasked_step(seg, q0, mask, window)
-    lk, lv = seg.k_layout, seg.v_layout
     if not unmasked:
         return None
     counts = tuple(seg.valid) if seg.ragged else (seg.length,) * B
     first = _window_first(seg, q0, window) if window_step else 0
     firsts = tuple(first) if isinstance(first, tuple) else (first,) * B
+    return _native_part(seg, counts, firsts)
+
+
+def _native_part(seg, counts, firsts):
+    """One segment as decode_attention takes it: row b sees tokens
+    [firsts[b], counts[b])."""
+    lk, lv = seg.k_layout, seg.v_layout
     return (seg.keys, seg.values, _native_kind(lk), lk.bits, _native_kind(lv), lv.bits,
             (lk.group, lv.group), counts, firsts, lk.hi)
 
@@ -476,10 +482,7 @@ def _native_step(qg, cache, segs, mask, sinks):
     """A decode step in one native call: [B, H, R, Dv] float32, or None."""
     B = qg.shape[0]
     if cache.window is None and segs[0].ragged:  # a batch's decode step: no mask, no window
-        parts = [(seg.keys, seg.values, _native_kind(seg.k_layout), seg.k_layout.bits,
-                  _native_kind(seg.v_layout), seg.v_layout.bits,
-                  (seg.k_layout.group, seg.v_layout.group), seg.valid, (0,) * B,
-                  seg.k_layout.hi) for seg in segs]
+        parts = [_native_part(seg, seg.valid, (0,) * B) for seg in segs]
         return cpu_kernels.decode_attention(qg, parts, sinks)
     q0 = cache.query_start(1)
     parts = [_native_segment(seg, q0, mask, cache.window, B) for seg in segs]
