@@ -125,14 +125,14 @@ def prefill_attention(q: mx.array, segments: Sequence[tuple], starts: Sequence[S
     scaled; R query heads per kv head, L positions) over cache segments,
     normalized: [B, H, R, L, Dv] float32.
 
-    segments: as decode_attention takes them, except keys split by width
-    (k_hi) and quantized values whose group differs from the keys' (both
-    refused: attend such chunks with MLX ops); starts: per segment, the
+    segments: as decode_attention takes them (keys split by width and
+    values with a group of their own included); starts: per segment, the
     absolute position of its token 0 in each batch row; q0: each row's
     position of its first query (query i at q0[b] + i). causal: a query sees
     no later token; window: nor one `window` or more positions before its
     own (0: no window). fault: as decode_attention's 1-4 (1 skips the online
-    softmax's rescaling), or 5 a query that also sees the token after it.
+    softmax's rescaling), 5 a query that also sees the token after it, or 6
+    the wider channels of keys split by width read at the narrower width.
     """
     module = _module()
     arrays, layouts, counts, firsts = _flat(segments)

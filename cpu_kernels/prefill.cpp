@@ -47,35 +47,51 @@ void unpack_tokens(const Part& k, const uint32_t* row, int tb, int n, float* out
   }
 }
 
-// Keys of tokens [tb, tb + n) as the tile kt[d * KB + j], zero past n.
-void load_keys(const Part& k, long bh, int tb, int n, int D, int G, int fault, Tiles& t) {
+// Channel row d's keys of tokens [tb, tb + n), dequantized into out[0, n)
+// and zero to KB: row `d` of part k (codes, scales and biases of its own).
+void channel_keys(const Part& k, long bh, int d, int tb, int n, int G, int fault, float* out) {
+  const uint32_t* row = k.codes + bh * k.head + long(d) * k.words;
+  const uint16_t* scales = k.scales + bh * k.scale_head + long(d) * k.groups;
+  const uint16_t* biases = k.biases + bh * k.scale_head + long(d) * k.groups;
+  switch (k.bits) {
+    case 2: unpack_tokens<2>(k, row, tb, n, out); break;
+    case 3: unpack_tokens<3>(k, row, tb, n, out); break;
+    case 4: unpack_tokens<4>(k, row, tb, n, out); break;
+    case 5: unpack_tokens<5>(k, row, tb, n, out); break;
+    case 6: unpack_tokens<6>(k, row, tb, n, out); break;
+    default: unpack_tokens<8>(k, row, tb, n, out);
+  }
+  for (int j = 0; j < n;) {
+    const int g = (tb + j) / G, len = std::min(n - j, (g + 1) * G - tb - j);
+    const int gs = fault == GROUP_OFFSET ? std::min(g + 1, k.groups - 1) : g;
+    const float s = half_to_float(scales[gs]), b = half_to_float(biases[gs]);
+    for (int i = j; i < j + len; ++i) {
+      out[i] = out[i] * s + b;
+    }
+    j += len;
+  }
+  std::fill(out + n, out + KB, 0.0f);
+}
+
+// Keys of tokens [tb, tb + n) of a segment as the tile kt[d * KB + j], zero
+// past n. Keys split by width hold channels [0, k_hi) in sg.k (one bit
+// wider) and [k_hi, D) in sg.k_lo, each part with its own scales.
+void load_keys(const Segment& sg, long bh, int tb, int n, int D, int fault, Tiles& t) {
+  const Part& k = sg.k;
+  const int G = sg.k_group;
   float* kt = t.kt.data();
   if (k.kind == CHANNEL) {
-    const uint32_t* codes = k.codes + bh * k.head;
-    const uint16_t* scales = k.scales + bh * k.scale_head;
-    const uint16_t* biases = k.biases + bh * k.scale_head;
+    Part wide = k;
+    if (sg.k_hi && fault == SPLIT_WIDTH) {  // the wide channels read at the narrow width
+      wide.bits = sg.k_lo.bits;
+      wide.unpack = sg.k_lo.unpack;
+    }
     for (int d = 0; d < D; ++d) {
-      float* out = kt + d * KB;
-      const uint32_t* row = codes + long(d) * k.words;
-      switch (k.bits) {
-        case 2: unpack_tokens<2>(k, row, tb, n, out); break;
-        case 3: unpack_tokens<3>(k, row, tb, n, out); break;
-        case 4: unpack_tokens<4>(k, row, tb, n, out); break;
-        case 5: unpack_tokens<5>(k, row, tb, n, out); break;
-        case 6: unpack_tokens<6>(k, row, tb, n, out); break;
-        default: unpack_tokens<8>(k, row, tb, n, out);
+      if (sg.k_hi && d >= sg.k_hi) {
+        channel_keys(sg.k_lo, bh, d - sg.k_hi, tb, n, G, fault, kt + d * KB);
+      } else {
+        channel_keys(wide, bh, d, tb, n, G, fault, kt + d * KB);
       }
-      for (int j = 0; j < n;) {
-        const int g = (tb + j) / G, len = std::min(n - j, (g + 1) * G - tb - j);
-        const int gs = fault == GROUP_OFFSET ? std::min(g + 1, k.groups - 1) : g;
-        const float s = half_to_float(scales[long(d) * k.groups + gs]);
-        const float b = half_to_float(biases[long(d) * k.groups + gs]);
-        for (int i = j; i < j + len; ++i) {
-          out[i] = out[i] * s + b;
-        }
-        j += len;
-      }
-      std::fill(out + n, out + KB, 0.0f);
     }
     return;
   }
@@ -262,7 +278,7 @@ void run_block(const Prefill& st, const Block& blk) {
     }
     for (long a = lo / KB * KB; a < hi; a += KB) {
       const int tb = int(std::max(a, lo)), n = int(std::min(a + KB, hi) - tb);
-      load_keys(sg.k, blk.bh, tb, n, D, sg.k_group, st.fault, t);
+      load_keys(sg, blk.bh, tb, n, D, st.fault, t);
       score_tiles(t.q.data(), rows, D, t.kt.data(), (n + NC - 1) / NC * NC, t.s.data());
       softmax_update(st, rows, real, start, tb, n, t);
       load_values(sg.v, blk.bh, tb, n, Dv, sg.v_group, t);
@@ -337,19 +353,8 @@ mx::array prefill_attention(const mx::array& q, const std::vector<mx::array>& ar
   if (window < 0) {
     fail("window must be >= 0 (0: no window)");
   }
-  if (fault < NONE || fault > CAUSAL) {
+  if (fault < NONE || fault > SPLIT_WIDTH) {
     fail("unknown fault");
-  }
-  for (const auto& L : layouts) {
-    if (L.k_hi) {
-      fail("keys split by width (k_hi > 0, outlier channels) are read by decode_attention "
-           "only; attend such a chunk with MLX ops (mlx_kvq.attention does)");
-    }
-    if (L.k_kind != FP && L.v_kind != FP && L.v_group != L.group) {
-      fail("values with a group of their own (v_group " + std::to_string(L.v_group) +
-           " != the keys' " + std::to_string(L.group) + ") are read by decode_attention "
-           "only; attend such a chunk with MLX ops (mlx_kvq.attention does)");
-    }
   }
   auto cpu = mx::to_stream(s, mx::Device::cpu);
   int Dv = -1;

@@ -35,9 +35,10 @@ namespace kvq {
 // A deliberate fault of the prefill kernel beyond decode's 1-4 (1 skips the
 // online softmax's rescaling, 2 gives every row the first row's counts and
 // positions, 3 ignores the window, 4 reads the next group's key scales):
-// 5 lets each query see the token after it (decode's 5 concerns keys split
-// by width, which prefill does not read).
-enum PrefillFault : int { CAUSAL = 5 };
+// 5 lets each query see the token after it, 6 reads the wider channels of
+// keys split by width at the narrower width (decode's 5 concerns the merge
+// of split keys' scores, which prefill does not have: it dequantizes them).
+enum PrefillFault : int { CAUSAL = 5, SPLIT_WIDTH = 6 };
 
 struct Prefill {
   int B, H, R, L, D, Dv, fault;
@@ -55,9 +56,8 @@ struct Prefill {
 void compute_prefill(const Prefill& st);
 
 // out [B, H, R, L, Dv] float32: attention of q [B, H, R, L, D] (float32,
-// scaled) over the segments (as decode_attention takes them, but neither
-// keys split by width nor quantized values whose group differs from the
-// keys': those are refused), query i of
+// scaled) over the segments (as decode_attention takes them: keys split by
+// width, values with a group of their own), query i of
 // row b at position q0[b] + i, token t of segment s at starts[s * B + b] + t.
 // causal: a query sees no later position; window > 0: nor a position
 // `window` or more before its own.

@@ -317,9 +317,8 @@ def kvq_attention(queries, cache, scale, mask=None, sinks=None):
             return _finish(out.reshape(B, Hq, 1, -1), spec, queries.dtype)
     if L > 1 and segs and _native_wanted() and (segs[0].ragged or isinstance(mask, str)):
         out = _native_prefill(q.reshape(B, H, rep, L, D), cache, segs, L, sinks)
-        if out is not None:
-            _prefill_runs["native"] += 1
-            return _finish(out.reshape(B, Hq, L, -1), spec, queries.dtype)
+        _prefill_runs["native"] += 1
+        return _finish(out.reshape(B, Hq, L, -1), spec, queries.dtype)
     if L == 1:
         _runs["metal" if kernels.use_metal() else "mlx"] += 1
     else:
@@ -449,22 +448,16 @@ def _native_part(seg, counts, firsts):
 
 
 def _native_prefill(q, cache, segs, L, sinks):
-    """A prefill chunk in one native call: [B, H, R, L, Dv] float32, or None
-    when a segment's layout is one the kernel does not read (keys split by
-    width, or quantized values with a group of their own). Every segment
-    is read whole (each row its count); the causal rule and the window apply
-    by positions, as _mask_segment applies them."""
+    """A prefill chunk in one native call: [B, H, R, L, Dv] float32. Every
+    segment is read whole (each row its count); the causal rule and the
+    window apply by positions, as _mask_segment applies them."""
     B = q.shape[0]
     q0 = cache.query_start(L)
     q0 = q0.tolist() if hasattr(q0, "tolist") else [q0] * B
     parts, starts = [], []
     for seg in segs:
-        lk, lv = seg.k_layout, seg.v_layout
-        if lk.hi or lk.bits is not None and lv.bits is not None and lk.group != lv.group:
-            return None
         counts = tuple(seg.valid) if seg.ragged else (seg.length,) * B
-        parts.append((seg.keys, seg.values, _native_kind(lk), lk.bits, _native_kind(lv), lv.bits,
-                      (lk.group, lv.group), counts, (0,) * B))
+        parts.append(_native_part(seg, counts, (0,) * B))
         starts.append(tuple(seg.start) if seg.ragged else (seg.start,) * B)
     if sinks is not None:
         sinks = sinks.astype(mx.float32)

@@ -8,12 +8,14 @@ rule and windows inside a group, sinks and residuals of several fills,
 per-token keys, learned sink logits, for 1, 2 and 3 threads. Tokens past a
 row's count are NaN and tokens the window or the causal rule hides hold
 large values, so a kernel that reads or keeps what it must not fails.
+Keys split by width (outlier channels one bit wider, each part with its own
+scales) and values with a group of their own are held to the same oracle.
 Broken variants (no online rescaling, every row with the first row's counts,
 the window ignored, a group offset off by one, a query seeing its next
-token) must fail the same checks. Then the kernel against the pure-MLX path
-through real caches (single, batched, windows, every spec width), and
-caches it does not read (outlier key channels, value groups of their own)
-refused by it and prefilled on the pure-MLX path.
+token, the wider channels read at the narrower width) must fail the same
+checks. Then the kernel against the pure-MLX path through real caches
+(single, batched, windows, every spec width, outlier channels and value
+groups).
 """
 
 import os
@@ -27,7 +29,7 @@ import pytest
 
 from mlx_kvq import attention, cpu_kernels
 from mlx_kvq.batch_cache import KVQBatchCache
-from mlx_kvq.cache import KVQCache
+from mlx_kvq.cache import Calibration, KVQCache
 from mlx_kvq.cpu_kernels import CHANNEL, FP, TOKEN
 from mlx_kvq.metal_kernels import decode as kernels
 from test_cpu_kernels import RTOL, ATOL, WIDTHS, _fill, deq, quantized
@@ -45,9 +47,12 @@ def make_chunk(rng, c):
     held = [[([], [], []) for _ in range(H)] for _ in range(B)]
     segs, starts = [], []
 
-    def add(kp, vp, k_kind, v_kind, kd, vd, counts, firsts, start):
+    hi, Gv = c.get("hi", 0), c.get("Gv", G)
+
+    def add(kp, vp, k_kind, v_kind, kd, vd, counts, firsts, start, split=0):
         segs.append((kp, vp, k_kind, kb if k_kind != FP else None, v_kind,
-                     vb if v_kind != FP else None, G, tuple(counts), tuple(firsts)))
+                     vb if v_kind != FP else None, (G, Gv), tuple(counts), tuple(firsts),
+                     split))
         starts.append(tuple(start))
         for b in range(B):
             for h in range(H):
@@ -79,7 +84,12 @@ def make_chunk(rng, c):
         v[b, :, :firsts[b]] = 8.0
         k[b, :, -(-counts[b] // G) * G if c["k_kind"] == CHANNEL and kb else counts[b]:] = np.nan
         v[b, :, counts[b]:] = np.nan
-    if kb and c["k_kind"] == CHANNEL:
+    if kb and c["k_kind"] == CHANNEL and hi:  # the first hi channels one bit wider
+        kt = k.swapaxes(-1, -2)
+        top, rest = quantized(kt[:, :, :hi], kb + 1, G), quantized(kt[:, :, hi:], kb, G)
+        kp = top + rest
+        kd = np.concatenate([deq(top, kb + 1, G), deq(rest, kb, G)], axis=-2).swapaxes(-1, -2)
+    elif kb and c["k_kind"] == CHANNEL:
         kp = quantized(k.swapaxes(-1, -2), kb, G)
         kd = deq(kp, kb, G).swapaxes(-1, -2)
     elif kb:
@@ -88,12 +98,12 @@ def make_chunk(rng, c):
     else:
         kp, kd = mx.array(k.astype(np.float16)), k.astype(np.float16).astype(np.float64)
     if vb:
-        vp = quantized(v, vb, G)
-        vd = deq(vp, vb, G)
+        vp = quantized(v, vb, Gv)
+        vd = deq(vp, vb, Gv)
     else:
         vp, vd = mx.array(v.astype(np.float16)), v.astype(np.float16).astype(np.float64)
     add(kp, vp, c["k_kind"] if kb else FP, TOKEN if vb else FP, kd, vd, counts, firsts,
-        body_start)
+        body_start, hi if kb else 0)
     if c["res"]:
         res = [(c["res"] + 7 * b) % (c["res"] + 1) for b in range(B)]
         fp_segment(res, [s + n for s, n in zip(body_start, counts)])
@@ -197,6 +207,30 @@ def test_the_cases_cover_what_the_kernel_must_hold():
     assert any(max(c["lag"]) for c in CASES) and any(c["Dv"] != c["D"] for c in CASES)
 
 
+def split_cases():
+    """Outlier-channel keys (split by width: every narrow width, 8 to 32
+    channels at one bit more) and value groups other than the keys'."""
+    rng = np.random.default_rng(25)
+    out = []
+    for i, (kb, vb) in enumerate([(2, 2), (2, 3), (3, 3), (4, 3), (5, 4), (3, None), (2, 8)]):
+        B, D = int(rng.integers(1, 4)), (64, 128, 256)[i % 3]
+        counts = [int(rng.integers(1, 300)) for _ in range(B)]
+        G, Gv = ((32, 64), (64, 32), (32, 128), (64, 64))[i % 4]
+        out.append(dict(
+            B=B, H=2, R=(1, 3, 4, 8)[i % 4], D=D, Dv=D, G=G, Gv=min(Gv, D), kb=kb, vb=vb,
+            hi=(8, 16, 32)[i % 3], counts=counts, firsts=[0] * B,
+            gaps=[int(rng.integers(0, 40)) for _ in range(B)], k_kind=CHANNEL, sinks=i % 5,
+            res=(0, 31, 64)[i % 3], L=(5, 70, 130)[i % 3], window=(0, 45, 100)[i % 3],
+            causal=True, learned=i % 3 == 1, lag=[0] * B, seed=200 + i))
+    return out
+
+
+@pytest.mark.parametrize("case", split_cases(), ids=lambda c: f"hi{c['hi']}-Gv{c['Gv']}-" + _id(c))
+def test_split_keys_and_value_groups_equal_the_float64_oracle(case):
+    out, want = run_case(case)
+    np.testing.assert_allclose(out, want, rtol=RTOL, atol=ATOL)
+
+
 # A chunk each broken variant must fail: a ragged batch whose first row is
 # the longest, a window inside a group over several groups of scales.
 BROKEN = dict(B=3, H=2, R=3, D=64, Dv=64, G=32, kb=4, vb=4, counts=[260, 130, 0],
@@ -211,6 +245,17 @@ def test_broken_variants_fail(fault):
     np.testing.assert_allclose(out, want, rtol=RTOL, atol=ATOL)
     bad, _ = run_case(BROKEN, fault=fault)
     assert not np.allclose(bad, want, rtol=RTOL, atol=ATOL, equal_nan=False)
+
+
+def test_split_keys_broken_variants_fail():
+    """Split keys whose wider channels are read at the narrower width, or
+    with the next group's scales, must not pass."""
+    case = dict(BROKEN, kb=3, hi=16, Gv=64)
+    out, want = run_case(case)
+    np.testing.assert_allclose(out, want, rtol=RTOL, atol=ATOL)
+    for fault in (4, 6):
+        bad, _ = run_case(case, fault=fault)
+        assert not np.allclose(bad, want, rtol=RTOL, atol=ATOL, equal_nan=False), fault
 
 
 def test_threads_one_two_three():
@@ -241,31 +286,6 @@ def test_bad_input_is_refused_with_what_would_work():
                                       [(0,)], [4])
 
 
-def test_split_keys_and_value_groups_are_refused():
-    """The prefill kernel reads neither keys split by width nor values with
-    a group of their own (decode_attention reads both): it says so."""
-    q = mx.zeros((1, 1, 1, 4, 64))
-
-    def triple(rows, words, groups):
-        return (mx.zeros((1, 1, rows, words), dtype=mx.uint32),
-                mx.zeros((1, 1, rows, groups), dtype=mx.float16),
-                mx.zeros((1, 1, rows, groups), dtype=mx.float16))
-
-    vals = triple(64, 64 * 4 // 32, 1)  # 64 tokens, 4-bit per-token values, group 64
-    split = triple(16, 64 * 4 // 32, 2) + triple(48, 64 * 3 // 32, 2)  # 16 channels at 4 bits
-    with pytest.raises(ValueError, match="split by width.*decode_attention only"):
-        cpu_kernels.prefill_attention(
-            q, [(split, vals, CHANNEL, 3, TOKEN, 4, (32, 64), (64,), (0,), 16)], [(0,)], [60])
-    keys = triple(64, 64 * 4 // 32, 2)
-    with pytest.raises(ValueError, match="group of their own.*decode_attention only"):
-        cpu_kernels.prefill_attention(
-            q, [(keys, vals, CHANNEL, 4, TOKEN, 4, (32, 64), (64,), (0,))], [(0,)], [60])
-    # The same segments read by the decode kernel.
-    out = cpu_kernels.decode_attention(
-        mx.zeros((1, 1, 1, 64)), [(split, vals, CHANNEL, 3, TOKEN, 4, (32, 64), (64,), (0,), 16)])
-    assert out.shape == (1, 1, 1, 64)
-
-
 # ---------------------------------------------------------------- real caches
 def _both_paths(monkeypatch, fn):
     out = {}
@@ -279,7 +299,8 @@ def _both_paths(monkeypatch, fn):
 
 
 @pytest.mark.parametrize("spec", ["k4v4", "k2v2-rot", "k3v5-g64", "k8v6", "k6v16", "k16v3",
-                                  "k4v4-ktok-rot", "k5v2-r32-s0", "fp16"])
+                                  "k4v4-ktok-rot", "k5v2-r32-s0", "fp16", "k3v3-o16-vg64-rot",
+                                  "k4v3-o16-g64-r0-rot", "k2v4-o8-g64-vg32"])
 def test_cache_chunks_equal_the_mlx_path(monkeypatch, spec):
     """A prefill chunk over real caches (the chunk's own tokens flushed into
     the body or waiting in the residual, after earlier chunks; a ragged batch
@@ -294,8 +315,11 @@ def test_cache_chunks_equal_the_mlx_path(monkeypatch, spec):
                                                                        mask="causal"))
         assert err < 1e-4, (spec, before, L, err)
     rows = []
+    # Rows batched together store keys in one channel order (outlier channels).
+    order = mx.array(np.tile(np.random.default_rng(1).permutation(64), (2, 1)).astype(np.int32))
+    calibration = Calibration(k_order=order) if "-o" in spec else None
     for n in (0, 40, 333):
-        c = KVQCache(spec)
+        c = KVQCache(spec, calibration=calibration)
         if n:
             _fill(c, n, mx.random.key(100 + n))
         rows.append(c)
@@ -304,31 +328,6 @@ def test_cache_chunks_equal_the_mlx_path(monkeypatch, spec):
     q = mx.random.normal((3, 6, 9, 64), key=mx.random.key(10))
     assert _both_paths(monkeypatch, lambda: attention.kvq_attention(q, batch, 0.125,
                                                                     mask="causal")) < 1e-4
-
-
-def test_split_key_caches_prefill_on_the_mlx_path(monkeypatch):
-    """Caches with outlier key channels and a value group of their own:
-    prefill chunks take the pure-MLX path (the native prefill kernel does not
-    read them), decode steps the native one, and both equal the MLX path."""
-    for mode in ("mlx", "cpu"):
-        monkeypatch.setenv(kernels.ENV_VAR, mode)
-        cache = KVQCache("k3v3-o16-vg64")
-        _fill(cache, 200, mx.random.key(3))
-        q = mx.random.normal((1, 4, 200, 64), key=mx.random.key(4))
-        before = (attention.prefill_paths_run().get("native", 0),
-                  attention.paths_run().get("native", 0))
-        prefill = attention.kvq_attention(q, cache, 0.125, mask="causal")
-        _fill(cache, 1, mx.random.key(5))
-        step = attention.kvq_attention(q[:, :, :1], cache, 0.125)
-        mx.eval(prefill, step)
-        after = (attention.prefill_paths_run().get("native", 0),
-                 attention.paths_run().get("native", 0))
-        assert after[0] == before[0]
-        assert (after[1] > before[1]) == (mode == "cpu")
-        if mode == "mlx":
-            ref = (prefill, step)
-    assert float(mx.abs(prefill - ref[0]).max()) < 1e-5
-    assert float(mx.abs(step - ref[1]).max()) < 1e-4
 
 
 def test_window_cache_chunks_equal_the_mlx_path(monkeypatch):
