@@ -143,7 +143,8 @@ def sliding_layers(caches) -> list:
             if type(c) is mlx_cache.RotatingKVCache and c.keep == 0]
 
 
-def make_prompt_cache(model, spec=None, max_kv_size=None, sliding_spec=SLIDING_DEFAULT):
+def make_prompt_cache(model, spec=None, max_kv_size=None, sliding_spec=SLIDING_DEFAULT,
+                      plan=None):
     """mlx-lm's make_prompt_cache with the KV caches quantized.
 
     Layers whose default cache is a plain KVCache get a KVQCache. Sliding-window
@@ -157,9 +158,13 @@ def make_prompt_cache(model, spec=None, max_kv_size=None, sliding_spec=SLIDING_D
     (SSM state) are untouched. With spec None, a plan baked by
     `mlx_kvq.calibrate` (model.kvq_plan, attached by mlx_kvq.load) gives each
     layer it covers its spec and calibration (sliding layers a plan does not
-    cover keep mlx-lm's cache); an explicit spec wins over it.
+    cover keep mlx-lm's cache); an explicit spec wins over it. `plan` (a
+    KVPlan for this model, kvplan.load_plan) stands in for the model's own.
     """
-    plan = getattr(model, "kvq_plan", None) if spec is None else None
+    if spec is None and plan is None:
+        plan = getattr(model, "kvq_plan", None)
+    elif spec is not None:
+        plan = None
     spec = parse_spec(spec)
     install()
     check_model(model, spec)

@@ -295,6 +295,22 @@ def test_default_model_end_to_end(tmp_path):
     measured = sum(c.nbytes for c in cache)
     assert sizing.kv_bytes(shapes.load_shape(str(out)), baked, 300) == measured
 
+    # Another folder's plan for the same model ("calibrated:<folder>" in
+    # mlx_kvq.eval), with what would work said when there is none.
+    from mlx_kvq.commands.evaluate import calibrations
+    from mlx_kvq.commands.schemes import Scheme
+
+    plain, _ = mlx_kvq.load()
+    caches = Scheme(f"calibrated:{out}").validate(model=plain).make(plain)
+    assert [c.spec for c in caches] == [model.kvq_plan.spec(i) for i in range(30)]
+    assert all(c.calibration is not None for c in caches)
+    assert f"(scheme 'calibrated:{out}')" in calibrations(plain, ["k4v4", f"calibrated:{out}"])
+    assert calibrations(plain, ["k4v4"]) is None
+    with pytest.raises(ValueError, match="holds no plan baked by mlx_kvq.calibrate"):
+        Scheme(f"calibrated:{tmp_path}").validate()
+    with pytest.raises(ValueError, match="calibrated:<folder>"):
+        Scheme("calibrated").validate(model=plain)
+
     # The assistant uses the baked plan with no flags; an explicit --kv wins.
     from mlx_kvq.apps.assistant.engine import Engine, Settings
     from mlx_kvq.apps.assistant.store import Store

@@ -23,6 +23,7 @@ import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -298,8 +299,9 @@ def run(argv=None):
     p = argparse.ArgumentParser(description="KV cache quality vs the full-precision cache")
     add_model(p, windowed=True)
     p.add_argument("--kv", nargs="+", default=None,
-                   help="mlx_kvq specs/presets, and mlx-lm baselines as mlx<bits>[-g<group>] "
-                   f"(default {' '.join(KLD_SCHEMES)})")
+                   help="mlx_kvq specs/presets, mlx-lm baselines as mlx<bits>[-g<group>], "
+                   "'calibrated' (the model folder's plan) or 'calibrated:<folder>' (a plan "
+                   f"baked into another folder of this model) (default {' '.join(KLD_SCHEMES)})")
     p.add_argument("--text", nargs="*", default=None,
                    help=".txt / .jsonl files (default: Jane Austen's novels, else the bundled sample)")
     p.add_argument("--window", type=positive_int, default=2048)
@@ -371,9 +373,7 @@ def run(argv=None):
     name = args.model or f"{DEFAULT_MODEL} (embedded)"
     meta = (name, describe_weights(args.model), source, len(tokens), args.window,
             args.chunk, n_windows)
-    kv_plan = getattr(model, "kvq_plan", None)
-    calibration = kv_plan and (f"{kv_plan.source}: {kv_plan.label()} (scheme 'calibrated'; the "
-                            "other schemes: dynamic per-group scales, none)")
+    calibration = calibrations(model, args.kv)
     print(disclosure(*meta, results or dict.fromkeys(args.kv), grid, calibration,
                      bool(shape.windows)))
     print(f"time:         {time.perf_counter() - t0:.0f} s")
@@ -391,15 +391,26 @@ def run(argv=None):
     return results, grid
 
 
+def calibrations(model, schemes) -> Optional[str]:
+    """The plans behind the "calibrated" schemes (source and per-layer
+    label), or None when no scheme is calibrated."""
+    said = [f"{p.source}: {p.label()} (scheme {s!r})" for s in dict.fromkeys(schemes)
+            if Scheme(s).kind == "calibrated" for p in [Scheme(s).plan(model)]]
+    plan = getattr(model, "kvq_plan", None)
+    if plan is not None and "calibrated" not in schemes:
+        said.insert(0, f"{plan.source}: {plan.label()} (baked into the model folder)")
+    return "; ".join(said + ["the other schemes: dynamic per-group scales, none"]) \
+        if said else None
+
+
 def run_ruler(p, args, model, tokenizer, shape, text, source):
     """--ruler: the RULER-style suite (ruler.py); its prompts are built
     (and refused if they do not fit) before anything runs."""
     from mlx_kvq.models import DEFAULT_MODEL, describe_weights
 
-    kv_plan = getattr(model, "kvq_plan", None)
     d = disclosure_dict(args.model or f"{DEFAULT_MODEL} (embedded)",
                         describe_weights(args.model), source, 0, 0, 0, 0, args.kv,
-                        calibration=kv_plan and f"{kv_plan.source}: {kv_plan.label()}",
+                        calibration=calibrations(model, args.kv),
                         windowed=bool(shape.windows))
     del d["windows"]
     d["corpus"] = source

@@ -1,7 +1,8 @@
 """Caches compared by `mlx_kvq.eval` and `mlx_kvq.bench`, by name: "fp"
 (mlx-lm's full-precision caches), "mlx<bits>[-g<group>]" (mlx-lm's
 QuantizedKVCache, every layer), "calibrated" (the per-layer plan baked into
-the model folder) or an mlx_kvq spec ("k4v4", "k3v3-rot", ...; after a "/",
+the model folder), "calibrated:<folder>" (the plan baked into another
+folder of the same model, so that plans compare in one run) or an mlx_kvq spec ("k4v4", "k3v3-rot", ...; after a "/",
 what sliding-window layers use (spec.sliding_base: "auto" by default,
 "/same", "/keep" for mlx-lm's full-precision cache, or another spec,
 "k4v4/k8v4"). A name is parsed
@@ -9,15 +10,17 @@ once into a Scheme, which makes its caches, checks that it applies to a
 model, counts its bytes and describes itself.
 """
 
+import functools
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
 from mlx_lm.models.cache import QuantizedKVCache
 from mlx_lm.models.cache import make_prompt_cache as mlx_make_prompt_cache
 
-from mlx_kvq import sizing
+from mlx_kvq import kvplan, sizing
 from mlx_kvq.integration import make_prompt_cache
 from mlx_kvq.spec import (SLIDING_DEFAULT, VALID_BITS, VALID_GROUPS, KVQuantSpec,
                           describe_sliding, parse_spec)
@@ -35,8 +38,15 @@ class Scheme:
     group: Optional[int] = field(init=False, default=None)
 
     def __post_init__(self):
-        base, _, sliding = self.name.partition("/")
         self.sliding = SLIDING_DEFAULT
+        self.folder = None
+        if self.name.startswith("calibrated:"):
+            self.kind, self.folder = "calibrated", self.name.partition(":")[2]
+            if not self.folder:
+                raise ValueError("scheme 'calibrated:<folder>' needs the folder of a plan "
+                                 "baked by mlx_kvq.calibrate --out <folder>")
+            return
+        base, _, sliding = self.name.partition("/")
         if sliding:
             if sliding not in ("keep", "same", "auto"):
                 try:
@@ -70,8 +80,7 @@ class Scheme:
             return [QuantizedKVCache(group_size=self.group, bits=self.bits)
                     for _ in model.layers]
         if self.kind == "calibrated":  # the plan baked by mlx_kvq.calibrate
-            self.validate(model=model)
-            return make_prompt_cache(model)
+            return make_prompt_cache(model, plan=self.plan(model))
         return make_prompt_cache(model, self.spec, sliding_spec=self.sliding)
 
     def validate(self, shape=None, model=None):
@@ -90,14 +99,32 @@ class Scheme:
                 raise ValueError(f"mlx-lm baseline {self.name!r}: mlx-lm's quantized "
                                  "attention does not support this model's attention sinks")
         elif self.kind == "calibrated":
-            if model is not None and getattr(model, "kvq_plan", None) is None:
-                raise ValueError("scheme 'calibrated' needs a model folder calibrated by "
-                                 "mlx_kvq.calibrate")
+            if self.folder is not None and kvplan.plan_files(Path(self.folder).expanduser()) \
+                    is None:
+                raise ValueError(f"scheme {self.name!r}: {self.folder} holds no plan baked by "
+                                 "mlx_kvq.calibrate (make one with mlx_kvq.calibrate --out "
+                                 f"{self.folder})")
+            if model is not None:
+                self.plan(model)
         elif self.kind == "spec":
             spec = self.spec
             if shape is not None:
                 spec.validate_for(shape.head_dim, shape.dv)
         return self
+
+    def plan(self, model) -> "kvplan.KVPlan":
+        """The plan of a "calibrated" scheme for `model`; ValueError (naming
+        the folder) when there is none or it was made for another model."""
+        if self.folder is None:
+            plan = getattr(model, "kvq_plan", None)
+            if plan is None:
+                raise ValueError("scheme 'calibrated' needs a model folder calibrated by "
+                                 "mlx_kvq.calibrate (or 'calibrated:<folder>' for a plan "
+                                 "baked into another folder of this model)")
+            return plan
+        plan = _load_plan(str(Path(self.folder).expanduser().resolve()))
+        kvplan.check_plan_model(plan, model)
+        return plan
 
     def kv_bytes(self, shape, context: int) -> int:
         """Bytes this scheme's caches hold after `context` tokens (sizing's
@@ -123,7 +150,13 @@ class Scheme:
             return (f"mlx-lm QuantizedKVCache {self.bits}-bit group {self.group}, "
                     "keys and values per token")
         if self.kind == "calibrated":
-            return "the per-layer plan baked into the model folder (see calibration)"
+            return ("the per-layer plan baked into " + (self.folder or "the model folder")
+                    + " (see calibration)")
         if not windowed:
             return self.spec.describe()
         return f"{self.spec.describe()}; {describe_sliding(self.spec, self.sliding)}"
+
+
+@functools.lru_cache(maxsize=8)
+def _load_plan(folder: str) -> "kvplan.KVPlan":
+    return kvplan.load_plan(folder)
