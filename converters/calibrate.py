@@ -45,7 +45,7 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from mlx_kvq.commands.cli_types import add_model, int_list, positive_int, tokens
+from mlx_kvq.commands.cli_types import add_model, count_list, int_list, positive_int, tokens
 from mlx_kvq.commands.corpus import source_text
 from ..integration import check_model, head_dim_of
 from ..kvplan import TRANSFORMS, KVPlan, LayerPlan, bake, model_identity, smoothing
@@ -409,7 +409,7 @@ def run(argv=None) -> KVPlan:
     p.add_argument("--target-bits", type=float, default=3.0,
                    help="Average K/V code bits per element (3.0: as k4v2)")
     p.add_argument("--bits", type=int_list, default=(2, 3, 4), help="Widths to choose from")
-    p.add_argument("--outliers", type=int_list, default=OUTLIER_COUNTS,
+    p.add_argument("--outliers", type=count_list, default=OUTLIER_COUNTS,
                    help="Outlier key channels per kv head (at one more bit) to choose "
                    "among per layer; 0 alone: none")
     p.add_argument("--v-groups", type=int_list, default=V_GROUPS,

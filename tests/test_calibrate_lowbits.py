@@ -201,3 +201,15 @@ def test_key_options_from_channel_errors_equal_a_cache_of_each():
         direct = fisher.layer(1, k, None, order)
         assert fast[str(k)] == pytest.approx(direct, rel=1e-4), k
     assert fast[str(specs[1])] < fast[str(specs[0])]  # outliers lower the error
+
+
+def test_outlier_counts_on_the_command_line_include_none(capsys):
+    """--outliers takes 0 (no outlier channels) among its counts, as its
+    default does; a negative or non-integer count is refused by name."""
+    with pytest.raises(SystemExit):  # parsed, then refused for the target
+        C.main(["--outliers", "0,16,48", "--target-bits", "9"])
+    assert "target 9.0 bits is outside the options" in capsys.readouterr().err
+    for bad in ("0,-8", "0,x"):
+        with pytest.raises(SystemExit):
+            C.main(["--outliers", bad])
+        assert "argument --outliers" in capsys.readouterr().err

@@ -73,6 +73,11 @@ def int_list(text: str) -> tuple:
     return tuple(positive_int(x) for x in str(text).split(","))
 
 
+def count_list(text: str) -> tuple:
+    """Comma-separated non-negative integers: 0,8,16."""
+    return tuple(nonneg_int(x) for x in str(text).split(","))
+
+
 def output_file(text: str) -> str:
     """A file to write at the end of a long run: its folder is made now, so
     a bad path fails before the work, not after."""
