@@ -10,6 +10,9 @@ dequantizes K and V in registers instead of materializing them.
 batch: row b sees tokens ``[0, n_tokens[b])``; a row with no token gets
 ``m = -inf, l = 0, o = 0``); ``first_token`` (likewise) hides the oldest
 tokens, as a sliding window does: row b sees ``[first_token[b], n_tokens[b])``.
+Keys split by width (``k_hi`` outlier channels one bit wider, the others in
+``k_lo``) are scored in one pass over the channels; values may have a group
+of their own (``v_group_size``).
 
 Design (split-K flash decoding):
 
@@ -70,8 +73,8 @@ MAX_ROWS = 16           # query rows per launch (registers: ROWS * D/32 floats p
 TG_MEM_BYTES = 32768    # threadgroup memory on Apple GPUs
 TARGET_THREADGROUPS = 256
 
-_INPUTS = ["qg", "k_codes", "k_scales", "k_biases", "v_codes", "v_scales", "v_biases",
-           "lengths", "starts", "params"]
+_INPUTS = ["qg", "k_codes", "k_scales", "k_biases", "kl_codes", "kl_scales", "kl_biases",
+           "v_codes", "v_scales", "v_biases", "lengths", "starts", "params"]
 _OUTPUTS = ["m_out", "l_out", "o_out"]
 
 
@@ -157,18 +160,24 @@ def _tg_bytes(rows: int, head_dim: int) -> int:
     return 4 * (rows * head_dim + rows * THREADS + NSG * rows)
 
 
-def supports(k_bits, v_bits, head_dim: int | None = None, group_size: int | None = None) -> bool:
+def supports(k_bits, v_bits, head_dim: int | None = None, group_size: int | None = None,
+             v_group_size: int | None = None, k_hi: int = 0) -> bool:
     """Whether the fused kernel handles this cache configuration (bits of
-    None mean an unquantized tensor: not handled). Pass head_dim and
-    group_size too when known; they are checked only if given."""
+    None mean an unquantized tensor: not handled). Pass head_dim and the
+    group sizes too when known; they are checked only if given. k_hi:
+    outlier key channels at k_bits + 1 (fewer than head_dim)."""
     if k_bits not in SUPPORTED_BITS or v_bits not in SUPPORTED_BITS:
         return False
     if head_dim is not None and head_dim not in SUPPORTED_HEAD_DIMS:
         return False
-    if group_size is not None and group_size not in SUPPORTED_GROUP_SIZES:
+    if k_hi and (k_hi < 0 or k_bits + 1 not in SUPPORTED_BITS
+                 or head_dim is not None and k_hi >= head_dim):
         return False
-    if head_dim is not None and group_size is not None and head_dim % group_size:
-        return False
+    for g in (group_size, v_group_size):
+        if g is not None and g not in SUPPORTED_GROUP_SIZES:
+            return False
+        if head_dim is not None and g is not None and head_dim % g:
+            return False
     return True
 
 
@@ -230,10 +239,18 @@ def metal_decode_partials(
     group_size: int,
     n_tokens: int | Sequence[int],
     first_token: int | Sequence[int] = 0,
+    v_group_size: int | None = None,
+    k_hi: int = 0,
+    k_lo: tuple | None = None,
     split_tokens: int | None = None,
     backend: str | None = None,
 ):
     """Fused-kernel version of ``attention.quantized_segment_partials``.
+
+    Keys split by width (outlier channels): ``k_hi`` > 0 channels at
+    ``k_bits + 1`` in k_codes/k_scales/k_biases (``[B, H, k_hi, ...]``) and
+    the other ``D - k_hi`` at ``k_bits`` in ``k_lo`` (codes, scales,
+    biases). ``v_group_size``: the values' group when it is not the keys'.
 
     ``n_tokens``: tokens held, one int for every batch row or a sequence of
     B ints, one per row (ragged batch; row b sees tokens [0, n_tokens[b]));
@@ -248,19 +265,28 @@ def metal_decode_partials(
     """
     B, H, R, D = qg.shape
     G = int(group_size)
+    Gv = int(v_group_size or G)
     counts, per_row = _token_counts(n_tokens, B)
     firsts, _ = _token_counts(first_token, B, "first_token")
-    if not supports(k_bits, v_bits, head_dim=D, group_size=G):
+    if not supports(k_bits, v_bits, head_dim=D, group_size=G, v_group_size=Gv, k_hi=k_hi):
         raise ValueError(
             f"fused decode kernel does not support head_dim={D}, k_bits={k_bits}, "
-            f"v_bits={v_bits}, group_size={G}"
+            f"v_bits={v_bits}, group_size={G}, v_group_size={Gv}, k_hi={k_hi}"
         )
-    if k_codes.shape[:3] != (B, H, D) or v_codes.shape[:2] != (B, H) or v_codes.shape[3] * 32 != D * v_bits:
+    if (k_hi > 0) != (k_lo is not None):
+        raise ValueError("keys split by width need both k_hi > 0 and k_lo (the other "
+                         "channels' codes, scales and biases)")
+    kl_codes, kl_scales, kl_biases = k_lo if k_hi else (k_codes, k_scales, k_biases)
+    if k_codes.shape[:3] != (B, H, k_hi or D) or (
+            k_hi and kl_codes.shape[:3] != (B, H, D - k_hi)) \
+            or v_codes.shape[:2] != (B, H) or v_codes.shape[3] * 32 != D * v_bits:
         raise ValueError(f"cache shapes {k_codes.shape}, {v_codes.shape} do not match qg {qg.shape}")
     k_words = k_codes.shape[-1]
     k_groups = k_scales.shape[-1]
+    kl_words = kl_codes.shape[-1]
     v_cap = v_codes.shape[2]
-    capacity = min(v_cap, k_words * 32 // k_bits, k_groups * G)
+    capacity = min(v_cap, k_words * 32 // (k_bits + (k_hi > 0)), kl_words * 32 // k_bits,
+                   k_groups * G)
     for b, n in enumerate(counts):
         if n < 0 or n % G or n > capacity:
             row = f" (batch row {b})" if per_row else ""
@@ -281,12 +307,14 @@ def metal_decode_partials(
 
     if k_scales.dtype not in (mx.float16, mx.float32):
         k_scales, k_biases = k_scales.astype(mx.float32), k_biases.astype(mx.float32)
+    if kl_scales.dtype != k_scales.dtype:
+        kl_scales, kl_biases = kl_scales.astype(k_scales.dtype), kl_biases.astype(k_scales.dtype)
     if v_scales.dtype not in (mx.float16, mx.float32):
         v_scales, v_biases = v_scales.astype(mx.float32), v_biases.astype(mx.float32)
     qg = qg.astype(mx.float32)
     lengths = mx.array(counts, dtype=mx.int32)
     starts = mx.array(firsts, dtype=mx.int32)
-    params = mx.array([H, split_tokens, k_words, k_groups, v_cap], dtype=mx.int32)
+    params = mx.array([H, split_tokens, k_words, k_groups, v_cap, kl_words], dtype=mx.int32)
     kernel = _decode_kernel(backend or _backend())
 
     # Rows are processed together (each K/V byte read once) up to MAX_ROWS;
@@ -299,12 +327,14 @@ def metal_decode_partials(
         assert _tg_bytes(rows, D) <= TG_MEM_BYTES
         q = qg if n_chunks == 1 else qg[:, :, r0 : r0 + rows]
         m, l, o = kernel(
-            inputs=[q, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases, lengths, starts,
-                    params],
+            inputs=[q, k_codes, k_scales, k_biases, kl_codes, kl_scales, kl_biases, v_codes,
+                    v_scales, v_biases, lengths, starts, params],
             template=[
                 ("KBITS", int(k_bits)),
                 ("VBITS", int(v_bits)),
                 ("GROUP", G),
+                ("VGROUP", Gv),
+                ("KHI", int(k_hi)),
                 ("HEAD_DIM", int(D)),
                 ("ROWS", int(rows)),
                 ("NSG", NSG),

@@ -12,22 +12,30 @@
 // splits. A split with no token of its row (past lengths[b], or lengths[b]
 // == 0) runs no block and writes m = -inf, l = 0, o = 0.
 //
-// Template: KBITS, VBITS (2..8), GROUP (quantization group size), HEAD_DIM,
-// ROWS (query rows per kv head), NSG (simdgroups per threadgroup).
+// Template: KBITS, VBITS (2..8), GROUP (the keys' quantization group size),
+// VGROUP (the values'), KHI (outlier key channels: the first KHI channels at
+// KBITS + 1 in k_*, the other HEAD_DIM - KHI at KBITS in kl_*; 0: all
+// HEAD_DIM channels at KBITS in k_*, kl_* unused), HEAD_DIM, ROWS (query
+// rows per kv head), NSG (simdgroups per threadgroup).
 // Inputs: qg f32 [B*Hkv, ROWS, HEAD_DIM] (already scaled),
-//   k_codes u32 [B*Hkv, HEAD_DIM, k_words]   (K^T packed along tokens),
-//   k_scales/k_biases [B*Hkv, HEAD_DIM, k_groups],
+//   k_codes u32 [B*Hkv, KHI or HEAD_DIM, k_words]   (K^T packed along tokens),
+//   k_scales/k_biases [B*Hkv, KHI or HEAD_DIM, k_groups],
+//   kl_codes u32 [B*Hkv, HEAD_DIM - KHI, kl_words], kl_scales/kl_biases
+//   [B*Hkv, HEAD_DIM - KHI, k_groups] (with KHI > 0),
 //   v_codes u32 [B*Hkv, v_cap, HEAD_DIM*VBITS/32] (V packed along head_dim),
-//   v_scales/v_biases [B*Hkv, v_cap, HEAD_DIM/GROUP],
+//   v_scales/v_biases [B*Hkv, v_cap, HEAD_DIM/VGROUP],
 //   lengths i32 [B] (tokens held by each batch row; multiples of GROUP),
 //   starts i32 [B] (first token each row's query sees; 0 <= starts <= lengths),
-//   params i32 [n_kv_heads (Hkv), split_tokens, k_words, k_groups, v_cap].
+//   params i32 [n_kv_heads (Hkv), split_tokens, k_words, k_groups, v_cap,
+//   kl_words].
 // Outputs: m_out, l_out [B*Hkv, n_splits, ROWS]; o_out [..., ROWS, HEAD_DIM].
 
 constexpr int TG = NSG * 32;               // threads == tokens per block
 constexpr int DPL = HEAD_DIM / 32;         // V channels owned by each lane
 constexpr int V_WORDS = HEAD_DIM * VBITS / 32;
-constexpr int V_GROUPS = HEAD_DIM / GROUP;
+constexpr int V_GROUPS = HEAD_DIM / VGROUP;
+constexpr int K_ROWS = KHI > 0 ? KHI : HEAD_DIM;   // channel rows of k_*
+constexpr int K_WIDE = KHI > 0 ? KBITS + 1 : KBITS; // their width
 
 const uint tid = thread_index_in_threadgroup;
 const uint lane = thread_index_in_simdgroup;
@@ -41,6 +49,7 @@ const int split_tokens = params[1];
 const int k_words = params[2];
 const int k_groups = params[3];
 const int v_cap = params[4];
+const int kl_words = params[5];
 
 // Uniform over the threadgroup (one batch row), so every thread runs the same
 // blocks. t_end <= t_begin for splits outside the row's tokens: no block runs.
@@ -60,12 +69,14 @@ for (uint i = tid; i < uint(ROWS * HEAD_DIM); i += TG) {
 }
 metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup);
 
-const size_t kc_off = size_t(bh) * HEAD_DIM * size_t(k_words);
-const size_t ks_off = size_t(bh) * HEAD_DIM * size_t(k_groups);
+const size_t kc_off = size_t(bh) * K_ROWS * size_t(k_words);
+const size_t ks_off = size_t(bh) * K_ROWS * size_t(k_groups);
+const size_t klc_off = size_t(bh) * (HEAD_DIM - KHI) * size_t(kl_words);
+const size_t kls_off = size_t(bh) * (HEAD_DIM - KHI) * size_t(k_groups);
 const size_t vc_off = size_t(bh) * size_t(v_cap) * V_WORDS;
 const size_t vs_off = size_t(bh) * size_t(v_cap) * V_GROUPS;
 const uint d0 = lane * DPL;                // this lane's V channels [d0, d0 + DPL)
-const uint vg = d0 / GROUP;                // ...all inside one V group
+const uint vg = d0 / VGROUP;               // ...all inside one V group
 
 float m_run[ROWS];
 float l_run[ROWS];
@@ -91,12 +102,22 @@ for (int blk = t_begin; blk < t_end; blk += TG) {
   }
   if (valid) {
     const uint g = uint(t) / GROUP;
-    for (int d = 0; d < HEAD_DIM; ++d) {
+    for (int d = 0; d < K_ROWS; ++d) {
       const size_t sb = ks_off + size_t(d) * k_groups + g;
       const float k =
-          float(kvq_unpack<KBITS>(k_codes + kc_off + size_t(d) * k_words, uint(t))) *
+          float(kvq_unpack<K_WIDE>(k_codes + kc_off + size_t(d) * k_words, uint(t))) *
               float(k_scales[sb]) +
           float(k_biases[sb]);
+      for (int r = 0; r < ROWS; ++r) {
+        s[r] += rows_tg[r * HEAD_DIM + d] * k;
+      }
+    }
+    for (int d = K_ROWS; d < HEAD_DIM; ++d) {  // with KHI > 0: the narrower channels
+      const size_t sb = kls_off + size_t(d - KHI) * k_groups + g;
+      const float k =
+          float(kvq_unpack<KBITS>(kl_codes + klc_off + size_t(d - KHI) * kl_words, uint(t))) *
+              float(kl_scales[sb]) +
+          float(kl_biases[sb]);
       for (int r = 0; r < ROWS; ++r) {
         s[r] += rows_tg[r * HEAD_DIM + d] * k;
       }

@@ -58,12 +58,15 @@ def _exps(scores):
 
 def quantized_segment_partials(
     qg, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases,
-    *, k_bits, v_bits, group_size, n_tokens, first_token=0,
+    *, k_bits, v_bits, group_size, n_tokens, first_token=0, v_group_size=None, k_hi=0,
+    k_lo=None,
 ):
     """Partials over a quantized body: channel keys [B, H, D, T] (along
     tokens), per-token values [B, H, T, D]; qg [B, H, R, D] already scaled.
     n_tokens: tokens held, one count for all rows or one per batch row;
     first_token: the first token the query sees (likewise; a window's).
+    Keys split by width: the first k_hi channels at k_bits + 1 in k_*, the
+    others in k_lo (codes, scales, biases); v_group_size: the values' group.
 
     The pure-MLX path of decode attention; the Metal decode kernel is held
     equal to it.
@@ -77,9 +80,10 @@ def quantized_segment_partials(
             mx.zeros((B, H, R), mx.float32),
             mx.zeros((B, H, R, v_codes.shape[-1] * 32 // v_bits), mx.float32),
         )
-    seg = Segment((0,) * B if valid else 0, length, (k_codes, k_scales, k_biases),
-                  (v_codes, v_scales, v_biases), Layout(k_bits, group_size, True),
-                  Layout(v_bits, group_size, False), valid)
+    keys = (k_codes, k_scales, k_biases) + (tuple(k_lo) if k_hi else ())
+    seg = Segment((0,) * B if valid else 0, length, keys, (v_codes, v_scales, v_biases),
+                  Layout(k_bits, group_size, True, k_hi),
+                  Layout(v_bits, v_group_size or group_size, False), valid)
     firsts = mx.array(first_token).reshape(-1, 1, 1, 1)
 
     def mask_fn(scores, t):  # a decode step: each row sees what it holds from its first
@@ -487,11 +491,9 @@ def _native_step(qg, cache, segs, mask, sinks):
 
 
 def _use_kernel(seg, head_dim):
-    if seg.k_layout.hi or seg.k_layout.group != seg.v_layout.group:
-        return False
     return kernels.use_metal() and kernels.supports(
         seg.k_layout.bits, seg.v_layout.bits, head_dim=head_dim,
-        group_size=seg.k_layout.group,
+        group_size=seg.k_layout.group, v_group_size=seg.v_layout.group, k_hi=seg.k_layout.hi,
     )
 
 
@@ -507,8 +509,10 @@ def _window_first(seg, q0, window):
 
 def _kernel_partials(qg, seg, first=0):
     # Whole preallocated buffers: slicing transposed codes would copy them.
+    hi = seg.k_layout.hi
     return kernels.metal_decode_partials(
-        qg, *seg.keys, *seg.values, k_bits=seg.k_layout.bits,
+        qg, *seg.keys[:3], *seg.values, k_bits=seg.k_layout.bits,
         v_bits=seg.v_layout.bits, group_size=seg.k_layout.group,
+        v_group_size=seg.v_layout.group, k_hi=hi, k_lo=tuple(seg.keys[3:]) if hi else None,
         n_tokens=seg.valid if seg.ragged else seg.length, first_token=first,
     )

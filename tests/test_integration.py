@@ -175,8 +175,10 @@ def test_max_kv_size_bounds_the_cache(llama_tiny):
     assert all(c.size() <= 256 for c in cache) and cache[0].offset == 700
 
 
-def test_decode_through_emulated_metal_kernel_matches_mlx_path(monkeypatch, llama_tiny):
-    """The whole model path with the Metal decode kernel (run by the CPU emulation)."""
+@pytest.mark.parametrize("spec", ["k4v2-g32-r32-s4", "k3v3-o16-vg64-r32-s4-rot"])
+def test_decode_through_emulated_metal_kernel_matches_mlx_path(monkeypatch, llama_tiny, spec):
+    """The whole model path with the Metal decode kernel (run by the CPU
+    emulation); outlier key channels and a value group of their own too."""
     from mlx_kvq.metal_kernels import decode as kernels
 
     tokens = mx.random.randint(0, 512, (1, 200), key=mx.random.key(6))
@@ -186,7 +188,7 @@ def test_decode_through_emulated_metal_kernel_matches_mlx_path(monkeypatch, llam
     outs = {}
     for mode in ("mlx", "emu"):
         monkeypatch.setenv(kernels.ENV_VAR, mode)
-        cache = mlx_kvq.make_prompt_cache(llama_tiny, "k4v2-g32-r32-s4")
+        cache = mlx_kvq.make_prompt_cache(llama_tiny, spec)
         outs[mode] = run_chunks(llama_tiny, cache, tokens, (190, 1, 1, 1, 7))
     assert len(calls) == 3 * len(llama_tiny.layers)  # every decode step, every layer
     assert float(mx.abs(outs["emu"] - outs["mlx"]).max()) < 1e-3

@@ -4,8 +4,9 @@ Every case runs the shipped kernel text (metal_kernels/dequant_attention.*)
 through mlx_kvq.metal_kernels.emulator and compares it with the pure-MLX reference
 attention.quantized_segment_partials and with a float64 numpy computation
 from the raw packed codes, for uniform batches (one token count) and ragged
-ones (one count per batch row). Broken kernel variants must fail the same
-check.
+ones (one count per batch row), keys split by width (outlier channels one
+bit wider) and values with a group of their own. Broken kernel variants
+must fail the same check.
 """
 
 
@@ -120,20 +121,31 @@ def truth_partials(qg, k_codes, k_scales, k_biases, v_codes, v_scales, v_biases,
         ]
         return tuple(np.concatenate([r[i] for r in rows], axis=0) for i in range(3))
 
-    def deq(codes, scales, biases, bits, count):
-        stream = np.unpackbits(np.array(codes).view(np.uint8), axis=-1, bitorder="little")
-        c = stream.reshape(*stream.shape[:-1], -1, bits) @ (1 << np.arange(bits))
-        s = np.repeat(np.array(scales).astype(np.float64), G, axis=-1)
-        b = np.repeat(np.array(biases).astype(np.float64), G, axis=-1)
-        return (c * s + b)[..., :count]
+    if n == first:
+        return _softmax_partials(qg, None, None, n, first)
+    kd = _deq(k_codes, k_scales, k_biases, kb, G, n)
+    vd = _deq(v_codes[:, :, :n], v_scales[:, :, :n], v_biases[:, :, :n], vb, G, qg.shape[-1])
+    return _softmax_partials(qg, kd, vd, n, first)
 
+
+def _deq(codes, scales, biases, bits, G, count):
+    """float64 values of packed codes (mx.quantize's LSB-first bit stream),
+    the first `count` along the last axis."""
+    stream = np.unpackbits(np.array(codes).view(np.uint8), axis=-1, bitorder="little")
+    c = stream.reshape(*stream.shape[:-1], -1, bits) @ (1 << np.arange(bits))
+    s = np.repeat(np.array(scales).astype(np.float64), G, axis=-1)
+    b = np.repeat(np.array(biases).astype(np.float64), G, axis=-1)
+    return c[..., :count] * s[..., :count] + b[..., :count]
+
+
+def _softmax_partials(qg, kd, vd, n, first):
+    """float64 (m, l, o) of qg over keys kd [B, H, D, >=n] and values vd
+    [B, H, n, D], tokens [first, n)."""
     q = np.array(qg).astype(np.float64)
     B, H, R, D = q.shape
     if n == first:
         return np.full((B, H, R), -np.inf), np.zeros((B, H, R)), np.zeros((B, H, R, D))
-    kd = deq(k_codes[..., : n * kb // 32], k_scales[..., : n // G], k_biases[..., : n // G], kb, n)
-    vd = deq(v_codes[:, :, :n], v_scales[:, :, :n], v_biases[:, :, :n], vb, D)  # [B, H, n, D]
-    kd, vd = kd[..., first:], vd[:, :, first:]
+    kd, vd = kd[..., first:n], vd[:, :, first:]
     s = q @ kd
     m = s.max(-1)
     p = np.exp(s - m[..., None])
@@ -353,6 +365,79 @@ def test_broken_kernel_is_caught(variant, monkeypatch):
         assert err > 100 * RTOL, f"{variant} not caught on {_case_id(case)}"
 
 
+# Keys split by width (the first hi channels at kb + 1) and values with a
+# group of their own: (B, H, rep, D, G, Gv, kb, vb, hi, n, split).
+SPLIT_CASES = [
+    (1, 2, 4, 64, 32, 64, 3, 3, 16, 192, None),
+    (2, 1, 2, 128, 64, 32, 2, 3, 32, (256, 64), 128),  # ragged, 2 splits
+    (1, 1, 8, 128, 32, 128, 4, 3, 8, 320, None),
+    (1, 2, 1, 256, 64, 64, 2, 2, 48, 128, None),
+]
+
+
+def run_split_case(case, seed=0):
+    """(kernel, reference, float64) partials of split keys; rows past their
+    count hold NaN for the kernel and the oracle, finite data for the
+    reference (it masks up to the largest count)."""
+    B, H, rep, D, G, Gv, kb, vb, hi, n, split = case
+    counts = _counts(n, B)
+    rng = np.random.default_rng(seed)
+    cap = max(counts) + 2 * max(G, 128)
+    kt = rng.standard_normal((B, H, D, cap)).astype(np.float16)
+    kt += rng.standard_normal((1, 1, D, 1)).astype(np.float16)
+    v = rng.standard_normal((B, H, cap, D)).astype(np.float16)
+    qg = mx.array((rng.standard_normal((B, H, rep, D)) * (2.0 / np.sqrt(D))).astype(np.float32))
+    out = []
+    for poison in (True, False):
+        k2, v2 = kt.copy(), v.copy()
+        if poison:
+            for b, nb in enumerate(counts):
+                k2[b, ..., nb:] = np.nan
+                v2[b, :, nb:] = np.nan
+        top = mx.quantize(mx.array(k2[:, :, :hi]), group_size=G, bits=kb + 1)
+        rest = mx.quantize(mx.array(k2[:, :, hi:]), group_size=G, bits=kb)
+        out.append((top, rest, mx.quantize(mx.array(v2), group_size=Gv, bits=vb)))
+    top, rest, vals = out[0]
+    rtop, rrest, rvals = out[0] if isinstance(n, int) else out[1]
+    kw = dict(k_bits=kb, v_bits=vb, group_size=G, v_group_size=Gv, k_hi=hi, n_tokens=n)
+    got = K.metal_decode_partials(qg, *top, *vals, k_lo=rest, split_tokens=split,
+                                  backend="emu", **kw)
+    ref = quantized_segment_partials(qg, *rtop, *rvals, k_lo=rrest, **kw)
+    mx.eval(*got, *ref)
+    truth = []
+    for b, nb in enumerate(counts):
+        row = lambda x: x[b:b + 1]  # noqa: E731
+        kd = np.concatenate([_deq(*map(row, top), kb + 1, G, nb),
+                             _deq(*map(row, rest), kb, G, nb)], axis=2)
+        vd = _deq(*(row(x)[:, :, :nb] for x in vals), vb, Gv, D)
+        truth.append(_softmax_partials(row(qg), kd, vd, nb, 0))
+    return got, ref, tuple(np.concatenate([t[i] for t in truth]) for i in range(3))
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: "B{}H{}r{}-D{}-G{}-Gv{}-k{}v{}-hi{}-n{}".format(
+    *c[:9], c[9] if isinstance(c[9], int) else "_".join(map(str, c[9]))))
+def test_split_keys_and_value_groups_match_reference(case):
+    got, ref, truth = run_split_case(case)
+    assert max(max_errors(got, ref)) < RTOL, max_errors(got, ref)
+    assert max(max_errors(got, truth)) < RTOL, max_errors(got, truth)
+
+
+@pytest.mark.parametrize("variant", ["narrow_at_wide_width", "values_at_key_group"])
+def test_broken_split_kernel_is_caught(variant, monkeypatch):
+    """The narrower channels read at the outlier channels' width, or values
+    dequantized with the keys' group, must not pass."""
+    header, body = K.kernel_sources()
+    old, new = {"narrow_at_wide_width": ("kvq_unpack<KBITS>(kl_codes", "kvq_unpack<K_WIDE>(kl_codes"),
+                "values_at_key_group": ("const uint vg = d0 / VGROUP;", "const uint vg = d0 / GROUP;")
+                }[variant]
+    assert body.count(old) == 1
+    kernel = metal_emu.metal_kernel("kvq_broken", K._INPUTS, K._OUTPUTS, body.replace(old, new),
+                                    header)
+    monkeypatch.setattr(K, "_decode_kernel", lambda backend: kernel)
+    got, ref, truth = run_split_case(SPLIT_CASES[1])
+    assert max(max(max_errors(got, ref)), max(max_errors(got, truth))) > 100 * RTOL
+
+
 def test_broken_ragged_variants_pass_uniform_batches(monkeypatch):
     """The raggedness variants are only wrong when the rows' counts differ."""
     for variant in _RAGGED_BROKEN:
@@ -416,3 +501,6 @@ def test_supports():
     assert K.supports(4, 2) and K.supports(3, 6, head_dim=128, group_size=64)
     assert not K.supports(None, 4) and not K.supports(4, 7) and not K.supports(1, 4)
     assert not K.supports(4, 4, head_dim=96) and not K.supports(4, 4, head_dim=64, group_size=128)
+    assert K.supports(3, 3, head_dim=64, group_size=32, v_group_size=64, k_hi=16)
+    assert not K.supports(8, 4, k_hi=8) and not K.supports(3, 3, head_dim=64, k_hi=64)
+    assert not K.supports(3, 3, head_dim=64, group_size=32, v_group_size=48)
