@@ -114,6 +114,14 @@ void unpack(const uint32_t* row, int start, int n, float* out) {
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
 typedef float f32x8 __attribute__((vector_size(32)));
+// 8 floats stored where a float may sit: a vector store the compiler keeps
+// (a memcpy into a small local array lets it split the array into scalars,
+// and the 8 codes then leave the vector register one at a time).
+typedef float f32x8_unaligned __attribute__((vector_size(32), aligned(4)));
+
+inline void store8(float* out, f32x8 f) {
+  *reinterpret_cast<f32x8_unaligned*>(out) = f;
+}
 
 template <int BITS, int HALF>
 inline void unpack8(const uint32_t* w, float* out) {
@@ -128,30 +136,38 @@ inline void unpack8(const uint32_t* w, float* out) {
     words = (lane + HALF * 8) / per == uint32_t(hi) ? u32x8{} + w[hi] : words;
   }
   const i32x8 codes = (i32x8)((words >> shifts) & MASK);
-  const f32x8 f = __builtin_convertvector(codes, f32x8);
-  std::memcpy(out, &f, sizeof(f));
+  store8(out, __builtin_convertvector(codes, f32x8));
 }
 
-// The same for widths that do not divide 32 (3, 5, 6, 7): code j starts at
-// bit PHASE + j * BITS of w (PHASE: the first code's bit in its word) and
-// may end in the next word. Lane j takes the word of its first bit (lo) and
-// of its last bit (hi, the same word when the code fits in one) and joins
-// them as (lo >> s) | (hi << (32 - s)), the second shift split in two so
-// that s = 0 shifts by no more than 31. Words past the last code's are not
-// read.
+// The same for widths that do not divide 32 (3, 5, 6): code j starts at bit
+// PHASE + j * BITS of w (PHASE: the first code's bit in its word). The 8
+// codes take 8 * BITS <= 48 bits from bit b0 = PHASE + HALF * 8 * BITS; with
+// PHASE 0 or 16 they lie in the word of b0 and, when they cross it, the next
+// one (read only then: words past the last code's are not read). Shifted
+// down by b0 % 32 they are two words a, b: lane j takes its code from
+// (a, b) or (b, 0) by whether it starts below bit 32, shifted by its start
+// mod 32 as (lo >> s) | (hi << (32 - s)), the second shift split in two so
+// that s = 0 shifts by no more than 31. The lanes' choices and shifts are
+// constants: two broadcasts, two blends and vector shifts, no gather.
 template <int BITS, int PHASE, int HALF>
 inline void unpack8_spanning(const uint32_t* w, float* out) {
   constexpr uint32_t MASK = (1u << BITS) - 1u;
-  u32x8 lo, hi, sh;
-  for (int j = 0; j < 8; ++j) {
-    const int bit = PHASE + (HALF * 8 + j) * BITS;
-    lo[j] = w[bit >> 5];
-    hi[j] = w[(bit + BITS - 1) >> 5];
-    sh[j] = uint32_t(bit & 31);
+  constexpr int b0 = PHASE + HALF * 8 * BITS, w0 = b0 >> 5, s0 = b0 & 31;
+  static_assert(s0 + 8 * BITS <= 64, "8 codes within two words");
+  uint64_t x = w[w0];
+  if constexpr (s0 + 8 * BITS > 32) {
+    x |= uint64_t(w[w0 + 1]) << 32;
   }
+  x >>= s0;
+  const u32x8 a = u32x8{} + uint32_t(x), b = u32x8{} + uint32_t(x >> 32);
+  const u32x8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  const u32x8 start = lane * BITS;
+  const i32x8 upper = (i32x8)(start >= 32);  // all ones where a code starts in b
+  const u32x8 lo = (u32x8)(upper ? (i32x8)b : (i32x8)a);
+  const u32x8 hi = (u32x8)(upper ? i32x8{} : (i32x8)b);
+  const u32x8 sh = start & 31;
   const i32x8 codes = (i32x8)(((lo >> sh) | ((hi << 1) << (31 - sh))) & MASK);
-  const f32x8 f = __builtin_convertvector(codes, f32x8);
-  std::memcpy(out, &f, sizeof(f));
+  store8(out, __builtin_convertvector(codes, f32x8));
 }
 
 // 16 codes from code `start` (a multiple of 16) of a row, any width.
