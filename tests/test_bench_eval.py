@@ -44,7 +44,8 @@ def test_attention_bench_structure(tmp_path, capsys):
     assert out[0].startswith("==== decode attention: 4 q heads, 2 kv heads, head_dim 64")
     kinds = ["sdpa float32", "sdpa float16", "kvq k4v4", "kvq k2v2", "mlx-lm q4 float32"]
     assert [c.kind for c in cases] == kinds * 2
-    for kind, column in (("sdpa float32", 4), ("sdpa float16", 5)):
+    assert "x k4v4" in out[1]  # the first spec is the third reference, timed in the same rounds
+    for kind, column in (("sdpa float32", 4), ("sdpa float16", 5), ("kvq k4v4", 6)):
         rows = [line.split() for line in out if kind in line]
         assert len(rows) == 2 and all(r[column] == "1.00" for r in rows)
     k4 = {c.context: c for c in cases if c.kind == "kvq k4v4"}

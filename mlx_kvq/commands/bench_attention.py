@@ -34,14 +34,18 @@ class AttentionCase:
         return self.bytes_read / self.seconds / 1e9
 
 
-def _time(fn, repeats):
-    mx.eval(fn())  # warm up
-    times = []
+def _time_interleaved(fns, repeats):
+    """Median seconds of each callable, timed in `repeats` rounds that each
+    call every one once (a load that comes and goes touches them alike)."""
+    for fn in fns:
+        mx.eval(fn())  # warm up
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        mx.eval(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, t in zip(fns, times):
+            t0 = time.perf_counter()
+            mx.eval(fn())
+            t.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
 
 
 def _filled_kvq(spec, keys, values, step=4096):
@@ -73,34 +77,35 @@ def bench_attention(contexts=(1024, 4096, 16384, 32768), specs=("k4v4", "k4v2", 
         k = mx.random.normal((1, H, T, D))
         v = mx.random.normal((1, H, T, D))
         mx.eval(q, k, v)
+        runs = []  # (kind, callable, bytes read)
         for dtype in (mx.float32, mx.float16):
             qd, kd, vd = q.astype(dtype), k.astype(dtype), v.astype(dtype)
             mx.eval(qd, kd, vd)
-            sec = _time(lambda: mx.fast.scaled_dot_product_attention(
-                qd, kd, vd, scale=scale, mask=None), repeats)
-            cases.append(AttentionCase(f"sdpa {_dtype_name(dtype)}", T, sec,
-                                       kd.nbytes + vd.nbytes))
+            runs.append((f"sdpa {_dtype_name(dtype)}",
+                         lambda qd=qd, kd=kd, vd=vd: mx.fast.scaled_dot_product_attention(
+                             qd, kd, vd, scale=scale, mask=None), kd.nbytes + vd.nbytes))
             bar.update(1)
-        for spec in map(parse_spec, specs):
+        for label in specs:
+            spec = parse_spec(label)
             cache = _filled_kvq(spec, k, v)
-            sec = _time(lambda c=cache: kvq_attention(q, c, scale=scale), repeats)
             nbytes = sizing.decode_bytes_read(spec, head_dim=D, n_tokens=T, n_kv_heads=H)
-            label = next((s for s in specs if parse_spec(s) == spec), str(spec))
-            cases.append(AttentionCase(f"kvq {label}", T, sec, nbytes))
-            del cache
+            runs.append((f"kvq {label}", lambda c=cache: kvq_attention(q, c, scale=scale),
+                         nbytes))
             bar.update(1)
         qd = q.astype(mlx_dtype)
         for bits in mlx_bits:
             qk = mx.quantize(k.astype(mlx_dtype), group_size=group_size, bits=bits)
             qv = mx.quantize(v.astype(mlx_dtype), group_size=group_size, bits=bits)
             mx.eval(qd, qk, qv)
-            sec = _time(lambda: quantized_scaled_dot_product_attention(
-                qd, qk, qv, scale=scale, mask=None, group_size=group_size, bits=bits),
-                repeats)
-            cases.append(AttentionCase(f"mlx-lm q{bits} {_dtype_name(mlx_dtype)}", T, sec,
-                                       sum(a.nbytes for a in (*qk, *qv))))
+            runs.append((f"mlx-lm q{bits} {_dtype_name(mlx_dtype)}",
+                         lambda qk=qk, qv=qv, bits=bits: quantized_scaled_dot_product_attention(
+                             qd, qk, qv, scale=scale, mask=None, group_size=group_size,
+                             bits=bits), sum(a.nbytes for a in (*qk, *qv))))
             bar.update(1)
-        del k, v
+        seconds = _time_interleaved([fn for _, fn, _ in runs], repeats)
+        cases.extend(AttentionCase(kind, T, sec, nbytes)
+                     for (kind, _, nbytes), sec in zip(runs, seconds))
+        del k, v, runs
         mx.clear_cache()
     bar.close()
     return cases
@@ -111,14 +116,19 @@ def _dtype_name(dtype) -> str:
 
 
 def format_attention_table(cases) -> str:
-    """Time per step, and as a ratio to sdpa over float32 and float16 K/V."""
+    """Time per step, and as a ratio to sdpa over float32 and float16 K/V
+    and to the first mlx_kvq spec (all timed in the same rounds)."""
     ref = {(c.kind, c.context): c.seconds for c in cases if c.kind.startswith("sdpa")}
-    head = (f"{'context':>8} {'attention':<22}{'µs/step':>10}{'x sdpa32':>10}{'x sdpa16':>10}"
-            f"{'MiB read':>10}{'GB/s':>8}")
+    first = next((c.kind for c in cases if c.kind.startswith("kvq ")), None)
+    ref.update({("first", c.context): c.seconds for c in cases if c.kind == first})
+    col = f"x {first[4:]}"[:12] if first else ""
+    head = (f"{'context':>8} {'attention':<26}{'µs/step':>10}{'x sdpa32':>10}{'x sdpa16':>10}"
+            f"{col:>13}{'MiB read':>10}{'GB/s':>8}")
     rows = [head, "-" * len(head)]
     for c in sorted(cases, key=lambda c: c.context):
-        rows.append(f"{c.context:>8} {c.kind:<22}{c.seconds * 1e6:>10.0f}"
+        vs_first = f"{c.seconds / ref['first', c.context]:>13.2f}" if first else ""
+        rows.append(f"{c.context:>8} {c.kind:<26}{c.seconds * 1e6:>10.0f}"
                     f"{c.seconds / ref['sdpa float32', c.context]:>10.2f}"
-                    f"{c.seconds / ref['sdpa float16', c.context]:>10.2f}"
+                    f"{c.seconds / ref['sdpa float16', c.context]:>10.2f}{vs_first}"
                     f"{c.bytes_read / 2**20:>10.1f}{c.gbps:>8.2f}")
     return "\n".join(rows)
