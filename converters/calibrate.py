@@ -16,8 +16,8 @@ Everything runs the model's own attention path, in three phases:
   * a greedy allocation per layer under the target average (choose.py):
     key width and outlier channels (k_outliers, in a key channel order
     ranked by range and gradient sensitivity), value width and value group,
-    then measured: kept only if it beats the best uniform spec of the same
-    average.
+    then measured: kept only if it beats the best uniform spec of the
+    largest average within the target.
 
 Written into the model folder: kv_plan.json (scheme, per-layer plan,
 measurements, disclosure), kv_scales.safetensors (statistics, smoothing
@@ -309,7 +309,8 @@ def calibrate(model, windows, *, target_bits=3.0, bits=(2, 3, 4), base=None,
 
     plan = KVPlan(base, plan_layers, stats, model_identity(model), alpha, target_bits,
                   measurements=m, k_order=orders)
-    # Measured: the uniform specs of the same average (with the chosen sinks)
+    # Measured: the uniform specs of the largest average within the target
+    # (with the chosen sinks)
     # and the plan, which is kept only if it beats the best of them.
     candidates = [replace(base, k_bits=k, v_bits=v) for k, v in splits]
     if verify_uniform == "best":

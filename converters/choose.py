@@ -24,9 +24,13 @@ SCALE_BITS = 32  # an fp16 scale and bias per group
 
 
 def uniform_splits(target: float, options) -> list:
-    """(k_bits, v_bits) pairs from `options` whose average is the target."""
-    return [(k, v) for k in sorted(options, reverse=True) for v in options
-            if abs((k + v) / 2 - target) < 1e-9]
+    """(k_bits, v_bits) pairs from `options` of the largest average within
+    the target (the target itself when pairs reach it: 3.0 -> k4v2, k3v3,
+    k2v4; 3.6 -> k4v3, k3v4): the uniform specs a plan must beat."""
+    pairs = [(k, v) for k in sorted(options, reverse=True) for v in options
+             if (k + v) / 2 <= target + 1e-9]
+    top = max(((k + v) / 2 for k, v in pairs), default=None)
+    return [(k, v) for k, v in pairs if abs((k + v) / 2 - top) < 1e-9]
 
 
 def smallest_tied(results: dict):

@@ -241,6 +241,10 @@ def test_allocate_gives_bits_where_they_pay():
     assert sum(bits.values()) / len(bits) <= 3.0
     assert bits[(0, "k")] == 4 and bits[(1, "v")] == 4 and bits[(0, "v")] == 2
     assert C.uniform_splits(3.0, options) == [(4, 2), (3, 3), (2, 4)]
+    # Between averages: the largest within the target (not the narrowest width).
+    assert C.uniform_splits(3.6, options) == [(4, 3), (3, 4)]
+    assert C.uniform_splits(2.85, options) == [(3, 2), (2, 3)]
+    assert C.uniform_splits(2.0, options) == [(2, 2)]
 
 
 def test_vllm_export_format(baked, tmp_path):
