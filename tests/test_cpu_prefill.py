@@ -33,6 +33,7 @@ from mlx_kvq.cache import Calibration, KVQCache
 from mlx_kvq.cpu_kernels import CHANNEL, FP, TOKEN
 from mlx_kvq.metal_kernels import decode as kernels
 from test_cpu_kernels import RTOL, ATOL, WIDTHS, _fill, deq, quantized
+from test_cpu_kernels import split_cases as decode_split_cases
 
 if not cpu_kernels.usable():  # test_cpu_kernels says why, or fails when it should build
     pytest.skip(f"the native kernel is not available: {cpu_kernels.status()[1]}",
@@ -208,20 +209,15 @@ def test_the_cases_cover_what_the_kernel_must_hold():
 
 
 def split_cases():
-    """Outlier-channel keys (split by width: every narrow width, 8 to 32
-    channels at one bit more) and value groups other than the keys'."""
-    rng = np.random.default_rng(25)
+    """The decode kernel's cases of keys split by width and value groups of
+    their own (test_cpu_kernels.split_cases) as prefill chunks: query
+    lengths, windows, residual fills and gaps before the body varied."""
     out = []
-    for i, (kb, vb) in enumerate([(2, 2), (2, 3), (3, 3), (4, 3), (5, 4), (3, None), (2, 8)]):
-        B, D = int(rng.integers(1, 4)), (64, 128, 256)[i % 3]
-        counts = [int(rng.integers(1, 300)) for _ in range(B)]
-        G, Gv = ((32, 64), (64, 32), (32, 128), (64, 64))[i % 4]
-        out.append(dict(
-            B=B, H=2, R=(1, 3, 4, 8)[i % 4], D=D, Dv=D, G=G, Gv=min(Gv, D), kb=kb, vb=vb,
-            hi=(8, 16, 32)[i % 3], counts=counts, firsts=[0] * B,
-            gaps=[int(rng.integers(0, 40)) for _ in range(B)], k_kind=CHANNEL, sinks=i % 5,
-            res=(0, 31, 64)[i % 3], L=(5, 70, 130)[i % 3], window=(0, 45, 100)[i % 3],
-            causal=True, learned=i % 3 == 1, lag=[0] * B, seed=200 + i))
+    for i, c in enumerate(decode_split_cases()):
+        B = c["B"]
+        out.append(dict(c, gaps=[(17 * b + i) % 40 for b in range(B)], res=(0, 31, 64)[i % 3],
+                        L=(5, 70, 130)[i % 3], window=(0, 45, 100)[i % 3], causal=True,
+                        lag=[0] * B, seed=200 + i))
     return out
 
 
