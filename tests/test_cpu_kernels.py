@@ -215,10 +215,17 @@ BROKEN = dict(B=3, H=2, R=4, D=64, Dv=64, G=32, kb=4, vb=4, counts=[600, 130, 0]
 @pytest.mark.parametrize("fault", [1, 2, 3, 4], ids=["merge", "row-count", "window",
                                                      "group-offset"])
 def test_broken_variants_fail(fault):
-    out, want = run_case(BROKEN)
+    check_faults_fail(run_case, BROKEN, [fault])
+
+
+def check_faults_fail(run, case, faults):
+    """The kernel passes `case` (run(case, fault=0) -> (out, want)) and each
+    deliberate fault fails it."""
+    out, want = run(case)
     np.testing.assert_allclose(out, want, rtol=RTOL, atol=ATOL)
-    bad, _ = run_case(BROKEN, fault=fault)
-    assert not np.allclose(bad, want, rtol=RTOL, atol=ATOL, equal_nan=False)
+    for fault in faults:
+        bad, _ = run(case, fault=fault)
+        assert not np.allclose(bad, want, rtol=RTOL, atol=ATOL, equal_nan=False), fault
 
 
 def split_cases():
@@ -248,12 +255,7 @@ def test_split_keys_and_value_groups_equal_the_float64_oracle(case):
 def test_split_keys_broken_variants_fail():
     """Split keys whose second part overwrote the first's scores, or read the
     next group's scales, must not pass."""
-    case = dict(BROKEN, kb=3, hi=16, Gv=64)
-    out, want = run_case(case)
-    np.testing.assert_allclose(out, want, rtol=RTOL, atol=ATOL)
-    for fault in (4, 5):
-        bad, _ = run_case(case, fault=fault)
-        assert not np.allclose(bad, want, rtol=RTOL, atol=ATOL, equal_nan=False), fault
+    check_faults_fail(run_case, dict(BROKEN, kb=3, hi=16, Gv=64), (4, 5))
 
 
 def test_threads_one_two_three():
