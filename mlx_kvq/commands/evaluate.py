@@ -394,8 +394,9 @@ def run(argv=None):
 def calibrations(model, schemes) -> Optional[str]:
     """The plans behind the "calibrated" schemes (source and per-layer
     label), or None when no scheme is calibrated."""
-    said = [f"{p.source}: {p.label()} (scheme {s!r})" for s in dict.fromkeys(schemes)
-            if Scheme(s).kind == "calibrated" for p in [Scheme(s).plan(model)]]
+    calibrated = [x for x in map(Scheme, dict.fromkeys(schemes)) if x.kind == "calibrated"]
+    said = [f"{p.source}: {p.label()} (scheme {x.name!r})"
+            for x in calibrated for p in [x.plan(model)]]
     plan = getattr(model, "kvq_plan", None)
     if plan is not None and "calibrated" not in schemes:
         said.insert(0, f"{plan.source}: {plan.label()} (baked into the model folder)")
