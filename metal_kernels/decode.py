@@ -281,6 +281,9 @@ def metal_decode_partials(
             k_hi and kl_codes.shape[:3] != (B, H, D - k_hi)) \
             or v_codes.shape[:2] != (B, H) or v_codes.shape[3] * 32 != D * v_bits:
         raise ValueError(f"cache shapes {k_codes.shape}, {v_codes.shape} do not match qg {qg.shape}")
+    if v_scales.shape[-1] * Gv != D:
+        raise ValueError(f"value scales {v_scales.shape} hold {v_scales.shape[-1]} groups per "
+                         f"token, v_group_size {Gv} gives {D // Gv}: pass the values' group")
     k_words = k_codes.shape[-1]
     k_groups = k_scales.shape[-1]
     kl_words = kl_codes.shape[-1]

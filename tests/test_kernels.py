@@ -422,6 +422,21 @@ def test_split_keys_and_value_groups_match_reference(case):
     assert max(max_errors(got, truth)) < RTOL, max_errors(got, truth)
 
 
+def test_split_inputs_are_validated():
+    """Split keys without their other part, or values read with a group
+    their scales do not hold, are refused with what would work."""
+    B, H, rep, D, G, Gv, kb, vb, hi, n, _ = SPLIT_CASES[0]
+    qg = mx.zeros((B, H, rep, D))
+    top = mx.quantize(mx.zeros((B, H, hi, 256)), group_size=G, bits=kb + 1)
+    rest = mx.quantize(mx.zeros((B, H, D - hi, 256)), group_size=G, bits=kb)
+    vals = mx.quantize(mx.zeros((B, H, 256, D)), group_size=Gv, bits=vb)
+    kw = dict(k_bits=kb, v_bits=vb, group_size=G, k_hi=hi, n_tokens=n, backend="emu")
+    with pytest.raises(ValueError, match="need both k_hi > 0 and k_lo"):
+        K.metal_decode_partials(qg, *top, *vals, v_group_size=Gv, **kw)
+    with pytest.raises(ValueError, match="pass the values' group"):
+        K.metal_decode_partials(qg, *top, *vals, k_lo=rest, **kw)  # values' group omitted
+
+
 @pytest.mark.parametrize("variant", ["narrow_at_wide_width", "values_at_key_group"])
 def test_broken_split_kernel_is_caught(variant, monkeypatch):
     """The narrower channels read at the outlier channels' width, or values
