@@ -277,7 +277,7 @@ def calibrate(model, windows, *, target_bits=3.0, bits=(2, 3, 4), base=None,
             k = est.key_options(i, k_opts, orders.get(i))
             bar.update(len(k_opts))
 
-            def v_spec(b, t, g=None):
+            def v_spec(b, t, g=base.v_group):
                 return replace(base, k_bits=None, v_bits=b, rotate=t == "rotate", v_group=g)
 
             first = {t: layer(i, v_spec(bits[0], t), s if t == "smooth" else None)
@@ -288,7 +288,7 @@ def calibrate(model, windows, *, target_bits=3.0, bits=(2, 3, 4), base=None,
                 for g in v_grps:
                     o = v_spec(b, t, g)
                     specs[(i, "v", str(o))] = o
-                    v[str(o)] = first[t] if (b, g) == (bits[0], None) else \
+                    v[str(o)] = first[t] if (b, g) == (bits[0], base.v_group) else \
                         layer(i, o, s if t == "smooth" else None)
             sens[(i, "k")], sens[(i, "v")] = k, v
             plan_layers[i] = LayerPlan(None, None, t)

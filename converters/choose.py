@@ -5,8 +5,9 @@ channels, and the greedy allocation under a target average.
 Costs are in code bits per element, with what an option adds to (or saves
 from) the base spec's bytes counted in the same unit: an outlier key channel
 is one more bit on 1/head_dim of the keys (k_outliers / head_dim), a value
-group of its own changes the values' fp16 scale and bias from 32/group_size
-to 32/v_group bits per element. A plan's average cost at or under the target
+group of its own changes the values' fp16 scale and bias from 32 bits per
+base value group (the base spec's v_group, else its group_size) to 32/v_group
+bits per element. A plan's average cost at or under the target
 therefore holds at most the bytes of a uniform spec of that many code bits.
 """
 
@@ -94,11 +95,14 @@ def key_options(base, bits, outliers, head_dim: int) -> list:
 
 
 def value_groups(base, v_groups, v_head_dim: int) -> list:
-    """Value group sizes to try (None: the base's), each dividing the value head dim."""
+    """Value group sizes to try, each dividing the value head dim, always
+    with the base spec's own value group (as the base's v_group: None when
+    it has none)."""
+    own = base.value_group
     out = []
-    for g in sorted(set(v_groups) | {base.group_size}):
+    for g in sorted(set(v_groups) | {own}):
         if g <= v_head_dim and v_head_dim % g == 0:
-            out.append(None if g == base.group_size else g)
+            out.append(base.v_group if g == own else g)
     return out
 
 
@@ -107,8 +111,7 @@ def key_cost(base, spec, head_dim: int) -> float:
 
 
 def value_cost(base, spec) -> float:
-    g = spec.v_group or base.group_size
-    return spec.v_bits + SCALE_BITS / g - SCALE_BITS / base.group_size
+    return spec.v_bits + SCALE_BITS / spec.value_group - SCALE_BITS / base.value_group
 
 
 def key_order(k_range: np.ndarray, weight: Optional[np.ndarray] = None) -> np.ndarray:

@@ -105,7 +105,7 @@ class KVPlan:
         p = self.layers[layer]
         return replace(self.base, k_bits=p.k_bits, v_bits=p.v_bits,
                        rotate=p.values == "rotate", k_outliers=p.k_outliers,
-                       v_group=p.v_group)
+                       v_group=p.v_group or self.base.v_group)
 
     def layer_config(self, layer: int) -> tuple:
         """(spec, value smoothing factors or None, key channel order or None)
@@ -144,7 +144,7 @@ class KVPlan:
         group of its own the difference of its scales' bits from the base's
         (32 bits of fp16 scale and bias per group)."""
         D = self.model.get("head_dim") or 0
-        g = self.base.group_size
+        g = self.base.value_group
         bits = []
         for p in self.layers.values():
             bits.append(16 if p.k_bits is None else

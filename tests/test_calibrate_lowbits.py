@@ -5,6 +5,7 @@ caches; plans made before these options load as they did."""
 
 import json
 import shutil
+from dataclasses import replace
 
 import mlx.core as mx
 import numpy as np
@@ -76,6 +77,11 @@ def test_options_that_fit():
                                                          (8, 0)]
     assert choose.value_groups(base, (32, 64, 128), 64) == [None, 64]
     assert choose.value_groups(parse_spec("k4v4-g64"), (32,), 64) == [32, None]
+    # a base with a value group of its own: that group, never the key group
+    own = parse_spec("k4v4-g128-vg64-r128")
+    assert choose.value_groups(own, (32,), 64) == [32, 64]
+    assert choose.value_cost(own, replace(own, v_bits=3)) == 3.0
+    assert choose.value_cost(own, replace(own, v_bits=3, v_group=32)) == 3.5
 
 
 def test_plan_chooses_new_options_within_the_uniform_bytes(lowbits):
@@ -176,6 +182,28 @@ def test_no_new_options_when_asked_for_none():
                        chunk=64, progress=False, outliers=(0,), v_groups=(32,))
     assert all(p.k_outliers == 0 and p.v_group is None for p in plan.layers.values())
     assert plan.k_order == {}
+
+
+def test_a_base_whose_key_group_is_wider_than_the_head():
+    """Per-channel keys in groups of 128 tokens, values in groups of 64 on
+    head_dim 64: every value option keeps a group that divides the head,
+    the plan's layers without a group of their own read the base's, and the
+    plan holds no more bytes than the uniform spec of its target."""
+    model = tiny_model("llama", num_hidden_layers=2)
+    windows = [np.random.default_rng(3).integers(0, 512, 320)]
+    base = parse_spec("k4v4-g128-vg64-r128-s4")
+    plan = C.calibrate(model, windows, target_bits=3.0, bits=(2, 3, 4), base=str(base),
+                       transforms=("none",), chunk=64, progress=False, outliers=(0,),
+                       v_groups=(32,))
+    specs = [plan.spec(i) for i in range(2)]
+    assert all(s.value_group in (32, 64) and s.group_size == 128 for s in specs)
+    assert plan.average_bits <= 3.0 + 1e-9
+    assert K.LayerPlan(3, 3).v_group is None
+    plan.layers[0] = replace(plan.layers[0], v_group=None)
+    assert plan.spec(0).value_group == 64
+    H, D, T = 2, 64, 8192
+    got = sum(sizing.layer_bytes(s, T, H, D) for s in specs)
+    assert got <= 2 * sizing.layer_bytes(replace(base, k_bits=3, v_bits=3), T, H, D)
 
 
 def test_key_options_from_channel_errors_equal_a_cache_of_each():
