@@ -144,10 +144,17 @@ class KVQBatchCache(KVQBaseCache):
         self.res_len = [n + r - t for n, r, t in zip(self.res_len, reals, takes)]
         self.offsets = [o + f + r for o, f, r in zip(self.offsets, fronts, reals)]
         due = self.spec.flush_size(max(self.res_len, default=0)) > 0  # some row has a unit to flush
+        self._read = None
+        if due:  # this update's queries read the residual before the flush
+            n = max(self.res_len)
+            before = (list(self.n_body), list(self.res_len), self.res_k[..., :n, :],
+                      self.res_v[..., :n, :], [self._row_size(b) for b in range(B)])
         for b in range(B) if due or self.max_size is not None else ():
             self._flush_row(b)
             if self.max_size is not None:
                 self._evict_row(b, fronts[b] + reals[b])
+        if due and before[4] == [self._row_size(b) for b in range(B)]:  # nothing evicted
+            self._read = before[:4]
         self._shrink_residual()
         return KVQView(self), KVQView(self)
 
@@ -225,19 +232,23 @@ class KVQBatchCache(KVQBaseCache):
 
     # -- reading ----------------------------------------------------------
 
-    def segments(self):
+    def segments(self, stored=False):
+        """As KVQCache.segments: after an update that flushed (unless
+        `stored`), each row's body as it was before and its 16-bit residual
+        before the flush."""
         fp, (lk, lv) = self._fp_layout(), self._layouts()
         B, out = self.batch_size, []
+        n_body, res_len, res_k, res_v = (self.n_body, self.res_len, self.res_k, self.res_v) \
+            if self._read is None or stored else self._read
         if max(self.n_sink, default=0):
             out.append(Segment((0,) * B, max(self.n_sink), self.sink_k, self.sink_v, fp, fp,
                                tuple(self.n_sink)))
-        if max(self.n_body, default=0):
-            out.append(Segment(tuple(self.body_start), max(self.n_body), self.body_k,
-                               self.body_v, lk, lv, tuple(self.n_body)))
-        if max(self.res_len, default=0):
-            out.append(Segment(tuple(o - r for o, r in zip(self.offsets, self.res_len)),
-                               max(self.res_len), self.res_k, self.res_v, fp, fp,
-                               tuple(self.res_len)))
+        if max(n_body, default=0):
+            out.append(Segment(tuple(self.body_start), max(n_body), self.body_k,
+                               self.body_v, lk, lv, tuple(n_body)))
+        if max(res_len, default=0):
+            out.append(Segment(tuple(o - r for o, r in zip(self.offsets, res_len)),
+                               max(res_len), res_k, res_v, fp, fp, tuple(res_len)))
         return out
 
     # -- the batch protocol -----------------------------------------------
@@ -333,6 +344,7 @@ class KVQBatchCache(KVQBaseCache):
         """Keep only these sequences, in this order (in place)."""
         keep = [int(i) for i in (batch_indices.tolist() if isinstance(batch_indices, mx.array)
                                  else batch_indices)]
+        self._read = None
         for name in ROW_FIELDS:
             v = getattr(self, name)
             setattr(self, name, [v[i] for i in keep])
@@ -370,6 +382,7 @@ class KVQBatchCache(KVQBaseCache):
                              f"and {self.dims[1:]}")
         if self.remaining is not None or other.remaining is not None:
             raise ValueError("cannot extend a batch cache in the middle of a prompt")
+        self._read = None
         src = self if self.dims is not None else other
         for c in (self, other):
             if c.dims is None and src.dims is not None:
@@ -394,6 +407,7 @@ class KVQBatchCache(KVQBaseCache):
         """Before a batched prompt: `left_padding` tokens of each row come
         first and are skipped; with `lengths`, only that many tokens of each
         row are real and the rest (right padding) is never stored."""
+        self._read = None
         if left_padding is not None:
             for b, p in enumerate(_ints(left_padding)):
                 self.skip[b] += p
@@ -412,6 +426,7 @@ class KVQBatchCache(KVQBaseCache):
 
     def trim(self, n):
         """Drop the last n tokens of every sequence."""
+        self._read = None
         n = min(n, min(self._row_size(b) for b in range(self.batch_size)))
         if n <= min(self.res_len):
             self.res_len = [r - n for r in self.res_len]

@@ -8,7 +8,13 @@ Tokens live in three segments, in temporal order:
   residual  the most recent tokens, 16-bit, flushed into the body once more
             than `spec.residual` wait (in whole groups for channel keys).
 Attention (attention.py) reads the segments where they are; nothing is
-dequantized into a full-precision copy. With `max_size` the oldest body
+dequantized into a full-precision copy. The queries of an update read the
+cache as it was before that update's flush: the tokens it flushed are read
+from their 16-bit copy (the residual before the flush), so a prefill chunk
+attends to its own tokens, and to the residual before them, at full
+precision, and a decode step reads the `residual` tokens before it at full
+precision as every step does; the quantized store is what later updates
+read. Bytes held do not change: the copy is the update's own input. With `max_size` the oldest body
 tokens are evicted in whole flush units; with `window` (a sliding-window
 layer) what no new query can see is dropped before new tokens arrive.
 
@@ -42,6 +48,7 @@ class KVQCache(KVQBaseCache):
         self.n_body = 0
         self.drift = None  # [2] counts of flushed K, V elements beyond the limits
         self.drift_checked = 0  # flushed K (= V) elements compared
+        self._read = None  # (n_body, res_k, res_v) as the last update's queries read them
 
     @classmethod
     def merge(cls, caches):
@@ -66,9 +73,13 @@ class KVQCache(KVQBaseCache):
             self.res_k = _cat(self.res_k, keys)
             self.res_v = _cat(self.res_v, values)
         self.offset += L
+        before = (self.n_body, self.size(), self.res_k, self.res_v)
+        self._read = None
         self._flush()
         if self.max_size is not None:
             self._evict(L)
+        if self.n_body != before[0] and self.size() == before[1]:  # flushed, evicted nothing
+            self._read = (before[0],) + before[2:]
         return KVQView(self), KVQView(self)
 
     def query_start(self, L):
@@ -128,26 +139,40 @@ class KVQCache(KVQBaseCache):
 
     # -- reading ----------------------------------------------------------
 
-    def segments(self):
-        """The cached tokens as Segments in temporal order (empty ones left out).
+    def read_counts(self, stored=False):
+        """(body, residual) tokens attention reads from the body and from
+        16-bit copies: the stored counts, or, right after an update that
+        flushed (unless `stored`), the counts before its flush."""
+        if self._read is None or stored:
+            return self.n_body, self._res_len()
+        return self._read[0], self.size() - self._sink_len() - self._read[0]
+
+    def segments(self, stored=False):
+        """The cached tokens as attention reads them, as Segments in temporal
+        order (empty ones left out): after an update that flushed, the body as
+        it was before and the 16-bit residual before the flush; with `stored`,
+        as they are stored (what later updates read).
 
         The body segment holds the preallocated buffers (no copy)."""
         fp, (lk, lv) = self._fp_layout(), self._layouts()
+        n_body, n_res = self.read_counts(stored)
+        res_k, res_v = (self.res_k, self.res_v) if self._read is None or stored \
+            else self._read[1:]
         out = []
         if self._sink_len():
             out.append(Segment(0, self._sink_len(), self.sink_k, self.sink_v, fp, fp))
-        if self.n_body:
-            out.append(Segment(self.body_start, self.n_body, self.body_k, self.body_v,
-                               lk, lv))
-        n_res = self._res_len()
+        if n_body:
+            out.append(Segment(self.body_start, n_body, self.body_k, self.body_v, lk, lv))
         if n_res:
-            out.append(Segment(self.offset - n_res, n_res, self.res_k, self.res_v, fp, fp))
+            out.append(Segment(self.offset - n_res, n_res, res_k, res_v, fp, fp))
         return out
 
-    def dequantized(self):
+    def dequantized(self, stored=True):
         """Every cached token as float32 [B, H, T, D] keys and values in the
-        model's space (rotation and smoothing undone): what attention reads,
-        token by token. Of a batch cache, extract(i) a row first."""
+        model's space (rotation and smoothing undone), token by token: as
+        stored (what the next update's attention reads), or with
+        stored=False as the last update's attention read them. Of a batch
+        cache, extract(i) a row first."""
         if self.empty():
             raise ValueError("the cache holds no tokens")
         if not self.size():  # trimmed to nothing: no tokens, the cache's dims
@@ -155,7 +180,7 @@ class KVQCache(KVQBaseCache):
             return mx.zeros((B, H, 0, D)), mx.zeros((B, H, 0, Dv))
         parts = [[s.k_layout.decode(s.k_layout.slice(s.keys, 0, s.length)),
                   s.v_layout.decode(s.v_layout.slice(s.values, 0, s.length))]
-                 for s in self.segments()]
+                 for s in self.segments(stored)]
         keys, values = (mx.concatenate(x, axis=2) for x in zip(*parts))
         if self.k_order is not None:
             keys = permute_channels(keys, mx.argsort(self.k_order, axis=-1))
@@ -188,6 +213,7 @@ class KVQCache(KVQBaseCache):
             self.body_start <= self._sink_len()
 
     def trim(self, n):
+        self._read = None
         n = min(n, self.size())
         unit = self.spec.flush_unit
         # Bring back the fewest whole body units (as their dequantized values)
@@ -264,6 +290,7 @@ class KVQCache(KVQBaseCache):
             raise ValueError(f"corrupt KVQCache state: {type(e).__name__}: {e}") from e
 
     def _set_state(self, v):
+        self._read = None
         meta = json.loads(v[0])
         if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
             raise ValueError(f"unknown KVQCache format "

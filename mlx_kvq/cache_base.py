@@ -125,6 +125,7 @@ class KVQBaseCache(_BaseCache):
     step = 256  # body capacity grows in steps (a multiple of every group size)
 
     _HELD = ("sink_k", "sink_v", "res_k", "res_v", "body_k", "body_v")
+    _read = None  # what the last update's queries read, if not what is stored (segments())
 
     def __init__(self, spec=None, max_size: Optional[int] = None,
                  calibration: Optional[Calibration] = None, window: Optional[int] = None):
@@ -191,7 +192,9 @@ class KVQBaseCache(_BaseCache):
         memo[id(getattr(self, "dtype", None))] = getattr(self, "dtype", None)
         out = self.__class__.__new__(self.__class__)
         memo[id(self)] = out
-        out.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        out.__dict__.update(copy.deepcopy(
+            {k: v for k, v in self.__dict__.items() if k != "_read"}, memo))
+        out._read = None  # a copy reads what is stored (its next update reads its own)
         return out
 
     @property

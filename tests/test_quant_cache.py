@@ -9,10 +9,11 @@ from mlx_kvq.cache import Calibration, Layout
 from mlx_kvq.harness.fuzz_cache import quantization_bound
 
 
-def cached_kv(cache):
-    """Keys and values as the cache represents them, dequantized, [B, H, T, D]."""
+def cached_kv(cache, stored=False):
+    """Keys and values as the cache's last update read them (or as stored),
+    dequantized, [B, H, T, D]."""
     ks, vs = [], []
-    for seg in cache.segments():
+    for seg in cache.segments(stored):
         t = seg.view(0, seg.length)
         ks.append(seg.k_layout.decode(t.keys))
         vs.append(seg.v_layout.decode(t.values))
@@ -70,7 +71,9 @@ def test_append_across_groups(label):
     res = segs[-1]
     if spec.quantized:
         unit = spec.group_size if spec.k_bits and spec.key_axis == "channel" else 1
-        assert spec.residual <= res.length < spec.residual + unit
+        assert spec.residual <= cache._res_len() < spec.residual + unit
+        # the last update's queries read its 299 tokens and the residual before them at 16 bits
+        assert res.length == cache.read_counts()[1] >= 299 + spec.residual
     kk, vv = cached_kv(cache)
     for got, want, bits in ((kk, k, spec.k_bits), (vv, v, spec.v_bits)):
         err = mx.abs(got - want[:, :, :n])
@@ -134,7 +137,7 @@ def test_trim_and_state_round_trip(label):
     k, v = mx.random.normal((1, 2, 300, 64)), mx.random.normal((1, 2, 300, 64))
     cache = KVQCache(spec)
     feed(cache, k, v, [250, 50])
-    full = cached_kv(cache)
+    full = cached_kv(cache, stored=True)
     # Trimming keeps what the cache held for the remaining tokens; body
     # groups brought back into the residual keep their dequantized values.
     for n, left in ((50, 250), (200, 50), (45, 5)):
@@ -146,7 +149,7 @@ def test_trim_and_state_round_trip(label):
     err = float(mx.abs(cached_kv(cache)[0] - k[:, :, :100]).max())
     assert err < MAX_ERR[spec.k_bits]
     restored = KVQCache.from_state(cache.state)
-    for a, b in zip(cached_kv(cache), cached_kv(restored)):
+    for a, b in zip(cached_kv(cache, stored=True), cached_kv(restored)):
         assert mx.array_equal(a, b)
     assert restored.offset == cache.offset and restored.spec == cache.spec
 
@@ -173,7 +176,7 @@ def test_nbytes_counts_everything():
     cache = KVQCache(spec)
     k = mx.random.normal((1, 4, 1024, 64))
     feed(cache, k, k, [1024])
-    n_res = cache.segments()[-1].length
+    n_res = cache.segments(stored=True)[-1].length
     assert 64 <= n_res < 96 and cache.n_body == 1024 - 4 - n_res
     cap = 1024  # bodies grow in steps of 256 tokens
     expect = (4 + n_res) * 4 * 64 * 2 * 2  # fp16 sinks + residual, K and V
@@ -328,7 +331,7 @@ def test_outlier_channels_are_the_widest_and_one_bit_finer():
     cal = KVQCache("k3v3-o4-r0", calibration=Calibration(k_order=given))
     cal.update_and_fetch(k, v)
     assert mx.array_equal(cal.k_order, given)
-    body = cal.segments()[1]
+    body = cal.segments(stored=True)[1]
     hi = cal.spec.k_bits + 1
     assert body.keys[0].shape[-2] == 4 and body.keys[0].shape[-1] == 256 * hi // 32
     assert float(mx.abs(cal.dequantized()[0] - k).max()) < float(errs["k3v3-r0"]) * 1.01
@@ -340,3 +343,31 @@ def test_outlier_and_value_group_options_count_their_bytes():
     keys = 256 * (16 * 4 + 48 * 3) // 8 + 64 * (256 // 32) * 4  # codes, fp16 scale+bias
     values = 256 * 64 * 3 // 8 + 256 * (64 // 64) * 4
     assert cache.nbytes == keys + values
+
+
+@pytest.mark.parametrize("label", ["k4v4", "k3v3-o8-vg64-rot", "k2v4-ktok-r3-s2"])
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_chunk_reads_what_it_flushes_at_16_bits(label, batched):
+    """The queries of an update read the tokens it flushed from their 16-bit
+    copy: a first chunk's attention equals exact attention, though the cache
+    stores most of it quantized; the next update reads them quantized."""
+    from mlx_kvq.batch_cache import KVQBatchCache
+
+    mx.random.seed(5)
+    B, T = (2, 300) if batched else (1, 300)
+    k, v = mx.random.normal((B, 2, T + 1, 64)), mx.random.normal((B, 2, T + 1, 64))
+    q = mx.random.normal((B, 4, T + 1, 64))
+    cache = KVQBatchCache(label, batch_size=B) if batched else KVQCache(label)
+
+    def attend(a, b):
+        mask = cache.make_mask(b - a)
+        cache.update_and_fetch(k[:, :, a:b], v[:, :, a:b])
+        got = kvq_attention(q[:, :, a:b], cache, scale=0.125, mask=mask)
+        kk, vv = (mx.repeat(x[:, :, :b], 2, 1) for x in (k, v))
+        exact = mx.fast.scaled_dot_product_attention(
+            q[:, :, a:b], kk, vv, scale=0.125, mask="causal" if b - a > 1 else None)
+        return float(mx.abs(got - exact).max())
+
+    assert attend(0, T) < 5e-3
+    assert max(cache.n_body) if batched else cache.n_body  # stored quantized
+    assert attend(T, T + 1) > 2e-2  # the next step reads the body's codes

@@ -39,8 +39,9 @@ def test_window_attention_equals_the_dequantized_reference(spec, window, H, Hq, 
         mask, ref_mask = cache.make_mask(L, window_size=window), ref.make_mask(L, window_size=window)
         cache.update_and_fetch(k, v)
         got = kvq_attention(q, cache, scale=D ** -0.5, mask=mask)
-        # The same keys and values, dequantized, under the model's window mask.
-        dk, dv = cache.dequantized()
+        # The same keys and values, dequantized as this update reads them
+        # (what it flushed from their 16-bit copy), under the model's window mask.
+        dk, dv = cache.dequantized(stored=False)
         held = dk.shape[2]
         want = mx.fast.scaled_dot_product_attention(
             q, dk, dv, scale=D ** -0.5,

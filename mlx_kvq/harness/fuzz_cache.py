@@ -72,7 +72,7 @@ def held_positions(cache):
     n_sink, n_res = c._sink_len(), c._res_len()
     parts = [(0, n_sink, False), (c.body_start, c.n_body, True), (c.offset - n_res, n_res, False)]
     parts = [p for p in parts if p[1]]
-    segs = [(s.start, s.length) for s in c.segments()]
+    segs = [(s.start, s.length) for s in c.segments(stored=True)]
     assert segs == [p[:2] for p in parts], f"segments {segs} disagree with the counts {parts}"
     pos = np.concatenate([np.arange(a, a + n) for a, n, _ in parts] or [np.zeros(0, int)])
     body = np.concatenate([np.full(n, b) for _, n, b in parts] or [np.zeros(0, bool)])
