@@ -35,9 +35,10 @@ def uniform_splits(target: float, options) -> list:
 
 
 def smallest_tied(results: dict):
-    """The first key (cheapest) whose KLD is within TIE of the best."""
+    """The first key (cheapest) whose KLD is within TIE of the best (a best
+    at or below zero, rounding noise of a lossless read, ties only itself)."""
     best = min(results.values())
-    return next(k for k, v in results.items() if v <= best * (1 + TIE))
+    return next(k for k, v in results.items() if v <= best + abs(best) * TIE)
 
 
 def allocate(sens: dict, options, target: float, cost: Optional[Callable] = None) -> dict:

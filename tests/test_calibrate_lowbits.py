@@ -190,7 +190,7 @@ def test_a_base_whose_key_group_is_wider_than_the_head():
     the plan's layers without a group of their own read the base's, and the
     plan holds no more bytes than the uniform spec of its target."""
     model = tiny_model("llama", num_hidden_layers=2)
-    windows = [np.random.default_rng(3).integers(0, 512, 320)]
+    windows = [np.random.default_rng(3).integers(0, 512, 640)]
     base = parse_spec("k4v4-g128-vg64-r128-s4")
     plan = C.calibrate(model, windows, target_bits=3.0, bits=(2, 3, 4), base=str(base),
                        transforms=("none",), chunk=64, progress=False, outliers=(0,),
