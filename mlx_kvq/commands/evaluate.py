@@ -1,7 +1,11 @@
 """Quality of KV cache schemes against the full-precision cache: `mlx_kvq.eval`.
 
 Teacher-forced: each window of text is fed in chunks, so attention reads what
-the cache stores. For every position the next-token distribution is compared
+the cache stores. The queries of a chunk read the tokens that chunk quantizes
+from their 16-bit copy (as every update does), so a position reads at most
+chunk - 1 more 16-bit tokens than a decode step would: the default chunk of
+32 measures what decoding reads; chunks of hundreds measure prefill, which
+reads more at 16 bits. For every position the next-token distribution is compared
 with the one computed over a full-precision KVCache: KL divergence, top-1
 agreement, and perplexity.
 
@@ -71,7 +75,7 @@ def cache_bits_per_element(cache) -> float:
     return 8.0 * total / elems
 
 
-def evaluate(model, tokens, schemes, window=2048, chunk=256, n_windows=4,
+def evaluate(model, tokens, schemes, window=2048, chunk=32, n_windows=4,
              progress=True):
     """Run every scheme over the same windows; returns {scheme: Result}."""
     tokens = np.asarray(tokens)
@@ -305,7 +309,10 @@ def run(argv=None):
     p.add_argument("--text", nargs="*", default=None,
                    help=".txt / .jsonl files (default: Jane Austen's novels, else the bundled sample)")
     p.add_argument("--window", type=positive_int, default=2048)
-    p.add_argument("--chunk", type=positive_int, default=256)
+    p.add_argument("--chunk", type=positive_int, default=32,
+                   help="Tokens teacher-forced per step (default 32: each position reads "
+                   "at most 31 more 16-bit tokens than a decode step; larger chunks read "
+                   "more of their own tokens at 16 bits, as prefill does)")
     p.add_argument("--windows", type=nonneg_int, default=None,
                    help="0 skips the KLD evaluation (default 4, 0 with --ruler)")
     p.add_argument("--needle", action="store_true", help="Also run passkey retrieval")
