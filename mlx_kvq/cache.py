@@ -14,8 +14,8 @@ from their 16-bit copy (the residual before the flush), so a prefill chunk
 attends to its own tokens, and to the residual before them, at full
 precision, and a decode step reads the `residual` tokens before it at full
 precision as every step does; the quantized store is what later updates
-read. Bytes held do not change: the copy is the update's own input. With `max_size` the oldest body
-tokens are evicted in whole flush units; with `window` (a sliding-window
+read. Bytes held do not change: the copy is the update's own input. With
+`max_size` the oldest body tokens are evicted in whole flush units; with `window` (a sliding-window
 layer) what no new query can see is dropped before new tokens arrive.
 
 The token counts are ints (`offset`, `body_start`, `n_body`); what this class
@@ -48,7 +48,6 @@ class KVQCache(KVQBaseCache):
         self.n_body = 0
         self.drift = None  # [2] counts of flushed K, V elements beyond the limits
         self.drift_checked = 0  # flushed K (= V) elements compared
-        self._read = None  # (n_body, res_k, res_v) as the last update's queries read them
 
     @classmethod
     def merge(cls, caches):
@@ -139,13 +138,13 @@ class KVQCache(KVQBaseCache):
 
     # -- reading ----------------------------------------------------------
 
-    def read_counts(self, stored=False):
-        """(body, residual) tokens attention reads from the body and from
-        16-bit copies: the stored counts, or, right after an update that
-        flushed (unless `stored`), the counts before its flush."""
+    def _reads(self, stored=False):
+        """(body tokens, residual K, residual V) attention reads: as stored,
+        or, right after an update that flushed (unless `stored`), as they
+        were before its flush."""
         if self._read is None or stored:
-            return self.n_body, self._res_len()
-        return self._read[0], self.size() - self._sink_len() - self._read[0]
+            return self.n_body, self.res_k, self.res_v
+        return self._read
 
     def segments(self, stored=False):
         """The cached tokens as attention reads them, as Segments in temporal
@@ -155,9 +154,8 @@ class KVQCache(KVQBaseCache):
 
         The body segment holds the preallocated buffers (no copy)."""
         fp, (lk, lv) = self._fp_layout(), self._layouts()
-        n_body, n_res = self.read_counts(stored)
-        res_k, res_v = (self.res_k, self.res_v) if self._read is None or stored \
-            else self._read[1:]
+        n_body, res_k, res_v = self._reads(stored)
+        n_res = 0 if res_k is None else res_k.shape[2]
         out = []
         if self._sink_len():
             out.append(Segment(0, self._sink_len(), self.sink_k, self.sink_v, fp, fp))

@@ -192,9 +192,9 @@ class KVQBaseCache(_BaseCache):
         memo[id(getattr(self, "dtype", None))] = getattr(self, "dtype", None)
         out = self.__class__.__new__(self.__class__)
         memo[id(self)] = out
+        # A copy reads what is stored (_read: the class default); its next update reads its own.
         out.__dict__.update(copy.deepcopy(
             {k: v for k, v in self.__dict__.items() if k != "_read"}, memo))
-        out._read = None  # a copy reads what is stored (its next update reads its own)
         return out
 
     @property
