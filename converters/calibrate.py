@@ -167,14 +167,15 @@ def _statistics(runner, windows, picks, skip, bar, checkpoint, keep_kv):
     return stats, refs, kvs, False
 
 
-def _fisher(model, picks, kvs, chunk, bar, checkpoint) -> Fisher:
-    """Phase 2 (estimated sensitivity): squared gradients on each picked window."""
+def _fisher(model, picks, kvs, base, chunk, bar, checkpoint) -> Fisher:
+    """Phase 2 (estimated sensitivity): squared gradients on each picked
+    window, of the queries that read each token quantized under `base`."""
     saved = checkpoint.load("gradients") or {}
     windows = []
     for w, (window, kv) in enumerate(zip(picks, kvs)):
         f = _unpack_layers(f"f{w}", saved)
         if not f:
-            f = squared_gradients(model, mx.array(window), kv)
+            f = squared_gradients(model, mx.array(window), kv, base, chunk)
             saved.update(_pack_layers(f"f{w}", f))
             checkpoint.save("gradients", saved)
         windows.append((kv, f))
@@ -225,7 +226,7 @@ def calibrate(model, windows, *, target_bits=3.0, bits=(2, 3, 4), base=None,
              + choose * len(layers) * (len(k_opts) + len(bits) * len(v_grps) - 1
                                        + len(transforms)))
     bar = tqdm(total=n_est + fisher * n_sens, disable=not progress, desc="sensitivity")
-    est = _fisher(model, picks, kvs, chunk, bar, checkpoint) if fisher else measured
+    est = _fisher(model, picks, kvs, base, chunk, bar, checkpoint) if fisher else measured
     m = {"windows": f"{len(refs)} x {len(windows[0])} tokens of the calibration windows, in "
                     f"{chunk}-token chunks; KLD to the full-precision model, mean per position",
          "sensitivity": est.method}

@@ -12,8 +12,16 @@ delta = dequantized - exact. To second order the KL divergence of the
 output is 1/2 delta' F delta, F the Fisher information of the output with
 respect to the stored keys and values; as in KVQuant, F is taken diagonal
 and estimated by squared gradients of the language-model loss with respect
-to every stored key and value element. One forward and backward pass per
-window gives F for every layer at once; delta for any spec, sink count,
+to every stored key and value element. A query reads a token's codes only
+once the token has left the 16-bit residual (before that it reads the
+exact copy), so the gradient of a token counts only the queries that read
+it quantized: the probe attends to the perturbed keys and values through a
+mask of those reads (`quantized_reads`, for the base spec's sinks,
+residual and flush unit, fed in the chunks the measured KLD is fed in)
+and to the exact ones elsewhere. Counting every later query instead ranks
+layers as if the nearest queries read the codes too, which decoding never
+does. One forward and backward pass per window gives F for every layer at
+once; delta for any spec, sink count,
 rotation or smoothing comes from pushing the recorded keys and values
 through a KVQCache of that spec and reading back what it stores
 (`KVQCache.dequantized`), which costs no model pass. A spec with outlier
@@ -34,6 +42,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.models import cache as mlx_cache
+from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import KVCache
 
 from ..cache import Calibration, KVQCache
@@ -122,36 +131,95 @@ class Measured:
         return {str(k): self.layer(i, k, None, order) for k in specs}
 
 
+def quantized_reads(spec, n: int, chunk: int = 1, window: Optional[int] = None) -> np.ndarray:
+    """[n, n] bool: whether query s reads token t from the quantized body
+    when n tokens are fed to a cache of `spec` in `chunk`-token updates (1:
+    decoding). An update's queries read the body as it was before the
+    update's flush (cache.py); the body lies between the sinks (and, with a
+    window, what was evicted) and the residual, and a window hides what is
+    older than its queries can see."""
+    out = np.zeros((n, n), bool)
+    if spec is None or not spec.quantized:
+        return out
+    for s in range(n):
+        a = s // chunk * chunk  # tokens held before this query's update
+        _, body, res = spec.token_split(a, window)
+        out[s, max(a - res - body, 0 if window is None else s - window + 1):a - res] = True
+    return out
+
+
 class _Probe(KVCache):
     """A full-precision cache that adds (zero) perturbations to what its layer
-    stores, so that gradients with respect to them can be taken."""
+    stores, so that gradients with respect to them can be taken. With `reads`
+    ((N, window) -> [N, N] bool, which queries read which tokens quantized)
+    the cache returns the exact keys and values followed by the perturbed
+    ones, and its mask sends each query to one copy of each token: the
+    perturbed copy where it reads the codes. The model makes one mask for
+    all layers, so every layer gets a probe (`dk` None: no perturbation)."""
 
-    def __init__(self, dk, dv):
+    def __init__(self, dk, dv, reads=None):
         super().__init__()
-        self.dk, self.dv = dk, dv
+        self.dk, self.dv, self.reads = dk, dv, reads
 
     def update_and_fetch(self, keys, values):
         a, b = self.offset, self.offset + keys.shape[2]
-        return super().update_and_fetch(keys + self.dk[..., a:b, :],
-                                        values + self.dv[..., a:b, :])
+        pk, pv = (keys, values) if self.dk is None else \
+            (keys + self.dk[..., a:b, :], values + self.dv[..., a:b, :])
+        if self.reads is None:
+            return super().update_and_fetch(pk, pv)
+        if a:
+            raise ValueError("a split-read probe takes its tokens in one update")
+        k, v = super().update_and_fetch(keys, values)
+        return mx.concatenate([k, pk], axis=2), mx.concatenate([v, pv], axis=2)
+
+    def make_mask(self, N, return_array=False, window_size=None):
+        if self.reads is None:
+            return super().make_mask(N, return_array=return_array, window_size=window_size)
+        causal = create_causal_mask(N, window_size=window_size)
+        far = mx.array(self.reads(N, window_size))
+        return mx.concatenate([causal & ~far, causal & far], axis=-1)
 
 
-def squared_gradients(model, tokens: mx.array, kv: Dict[int, tuple]) -> Dict[int, tuple]:
-    """Squared gradients of the summed next-token loss over `tokens` [T] with
-    respect to each layer's stored keys and values; kv holds the layers'
-    recorded [1, H, T, D] keys and values (their shapes are used)."""
+def gradients(model, tokens: mx.array, kv: Dict[int, tuple], reads=None) -> Dict[int, tuple]:
+    """Gradients of the summed next-token loss over `tokens` [T] with respect
+    to each layer's stored keys and values; kv holds the layers' recorded
+    [1, H, T, D] keys and values (their shapes are used). reads: (N,
+    window) -> [N, N] bool, the queries whose reads count (None: every
+    query's)."""
     layers = sorted(kv)
 
     def loss(deltas):
         caches = mlx_cache.make_prompt_cache(model)
+        if reads is not None:
+            caches = [_Probe(None, None, reads) for _ in caches]
         for i, d in zip(layers, deltas):
-            caches[i] = _Probe(*d)
+            caches[i] = _Probe(*d, reads)
         logits = model(tokens[None, :-1], cache=caches).astype(mx.float32)
         return nn.losses.cross_entropy(logits, tokens[None, 1:], reduction="sum")
 
     zeros = [tuple(mx.zeros(x[..., :-1, :].shape, mx.float32) for x in kv[i]) for i in layers]
-    _, grads = mx.value_and_grad(loss)(zeros)
-    out = {i: tuple(mx.square(g) for g in gs) for i, gs in zip(layers, grads)}
+    try:
+        _, grads = mx.value_and_grad(loss)(zeros)
+    except ValueError as e:
+        if reads is None:
+            raise
+        raise ValueError(f"{type(model).__module__}: its attention does not take the mask its "
+                         f"cache makes ({e}); use sensitivity='measured'") from e
+    return dict(zip(layers, grads))
+
+
+def squared_gradients(model, tokens: mx.array, kv: Dict[int, tuple], spec=None,
+                      chunk: int = 1) -> Dict[int, tuple]:
+    """Squared `gradients`. With a spec, a token's gradient counts only the
+    queries that read it quantized under that spec, fed in `chunk`-token
+    updates (`quantized_reads`); without one, every later query."""
+    reads = None
+    if spec is not None:
+        def reads(n, window):
+            return quantized_reads(spec if window is None else window_spec(spec, window),
+                                   n, chunk, window)
+    out = {i: tuple(mx.square(g) for g in gs)
+           for i, gs in gradients(model, tokens, kv, reads).items()}
     mx.eval(out)
     return out
 
