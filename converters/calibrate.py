@@ -184,7 +184,7 @@ def _fisher(model, picks, kvs, base, chunk, bar, checkpoint) -> Fisher:
 
 
 def calibrate(model, windows, *, target_bits=3.0, bits=(2, 3, 4), base=None,
-              transforms=TRANSFORMS, chunk=256, sensitivity_windows=1,
+              transforms=TRANSFORMS, chunk=32, sensitivity_windows=1,
               sensitivity="fisher", verify_uniform="all", progress=True,
               checkpoint=None, outliers=OUTLIER_COUNTS, v_groups=V_GROUPS) -> KVPlan:
     """Measure and choose a per-layer plan for `model` on token windows.
@@ -393,7 +393,10 @@ def run(argv=None) -> KVPlan:
                    "default: austen, else sample")
     p.add_argument("--tokens", type=tokens, default=8192, help="Calibration token budget")
     p.add_argument("--window", type=positive_int, default=1024)
-    p.add_argument("--chunk", type=positive_int, default=256)
+    p.add_argument("--chunk", type=positive_int, default=32,
+                   help="Tokens per forward pass when measuring (default 32: a position "
+                   "reads at most 31 more 16-bit tokens than a decode step, as in "
+                   "mlx_kvq.eval; larger chunks measure what prefill reads)")
     p.add_argument("--sensitivity-windows", type=positive_int, default=1,
                    help="Windows on which layer sensitivity is found")
     p.add_argument("--sensitivity", choices=("fisher", "measured"), default="fisher",
