@@ -204,7 +204,7 @@ def gradients(model, tokens: mx.array, kv: Dict[int, tuple], reads=None) -> Dict
         if reads is None:
             raise
         raise ValueError(f"{type(model).__module__}: its attention does not take the mask its "
-                         f"cache makes ({e}); use sensitivity='measured'") from e
+                         f"cache makes ({e}); calibrate it with --sensitivity measured") from e
     return dict(zip(layers, grads))
 
 
