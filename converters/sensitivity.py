@@ -187,24 +187,29 @@ def gradients(model, tokens: mx.array, kv: Dict[int, tuple], reads=None) -> Dict
     window) -> [N, N] bool, the queries whose reads count (None: every
     query's)."""
     layers = sorted(kv)
+    masks = []  # the masks the probes made: none if the model makes its own
+    probe_reads = reads if reads is None else lambda n, w: masks.append(n) or reads(n, w)
 
     def loss(deltas):
         caches = mlx_cache.make_prompt_cache(model)
         if reads is not None:
-            caches = [_Probe(None, None, reads) for _ in caches]
+            caches = [_Probe(None, None, probe_reads) for _ in caches]
         for i, d in zip(layers, deltas):
-            caches[i] = _Probe(*d, reads)
+            caches[i] = _Probe(*d, probe_reads)
         logits = model(tokens[None, :-1], cache=caches).astype(mx.float32)
         return nn.losses.cross_entropy(logits, tokens[None, 1:], reduction="sum")
 
     zeros = [tuple(mx.zeros(x[..., :-1, :].shape, mx.float32) for x in kv[i]) for i in layers]
+    why = (f"{type(model).__module__}: its attention does not take the mask its cache "
+           "makes; calibrate it with --sensitivity measured")
     try:
         _, grads = mx.value_and_grad(loss)(zeros)
     except ValueError as e:
-        if reads is None:
+        if reads is None or masks:
             raise
-        raise ValueError(f"{type(model).__module__}: its attention does not take the mask its "
-                         f"cache makes ({e}); calibrate it with --sensitivity measured") from e
+        raise ValueError(f"{why} ({e})") from e
+    if reads is not None and not masks:
+        raise ValueError(why)
     return dict(zip(layers, grads))
 
 

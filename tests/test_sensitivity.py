@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm.models.base import scaled_dot_product_attention
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 import mlx_kvq  # noqa: F401
 from mlx_kvq import KVQCache
@@ -90,7 +90,7 @@ def test_split_gradients_add_up_to_every_querys(arch):
     T = 96
     tokens = mx.array(np.random.default_rng(0).integers(0, 512, T))
     kv = {}
-    caches = __import__("mlx_lm").models.cache.make_prompt_cache(model)
+    caches = make_prompt_cache(model)
     model(tokens[None], cache=caches)
     for i, c in enumerate(caches):
         k, v = c.state[:2]
@@ -109,6 +109,20 @@ def test_split_gradients_add_up_to_every_querys(arch):
             assert scale > 0
             assert mx.abs(x + y - w).max().item() < 1e-4 * scale
             assert mx.abs(x - w).max().item() > 1e-2 * scale
+
+
+def test_split_gradients_refuse_a_model_that_makes_its_own_mask(monkeypatch):
+    """A model whose attention never asks its cache for a mask would read
+    both copies of every token: the split gradients are refused, by name."""
+    import mlx_lm.models.llama as llama
+
+    model = tiny_model("llama")
+    tokens = mx.array(np.arange(40) % 512)
+    kv = {i: (mx.zeros((1, 2, 40, 64)), mx.zeros((1, 2, 40, 64))) for i in range(2)}
+    S.gradients(model, tokens, kv, lambda n, w: np.zeros((n, n), bool))
+    monkeypatch.setattr(llama, "create_attention_mask", lambda h, cache=None, **kw: "causal")
+    with pytest.raises(ValueError, match="sensitivity measured"):
+        S.gradients(model, tokens, kv, lambda n, w: np.zeros((n, n), bool))
 
 
 def _sensitivities(model, tokens, options, chunk=64):
