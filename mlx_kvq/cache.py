@@ -15,8 +15,9 @@ attends to its own tokens, and to the residual before them, at full
 precision, and a decode step reads the `residual` tokens before it at full
 precision as every step does; the quantized store is what later updates
 read. Bytes held do not change: the copy is the update's own input. With
-`max_size` the oldest body tokens are evicted in whole flush units; with `window` (a sliding-window
-layer) what no new query can see is dropped before new tokens arrive.
+`max_size` the oldest body tokens are evicted in whole flush units; with
+`window` (a sliding-window layer) what no new query can see is dropped
+before new tokens arrive.
 
 The token counts are ints (`offset`, `body_start`, `n_body`); what this class
 shares with KVQBatchCache (buffers, limits, the byte model) is in
