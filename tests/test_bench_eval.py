@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 import mlx_kvq  # noqa: F401  (loads OpenBLAS before mlx)
-from mlx_kvq.commands import bench, evaluate, schemes
+from mlx_kvq.commands import bench, bench_concurrency, evaluate, schemes
 from mlx_kvq import attention, models, shapes, sizing
 
 
@@ -95,15 +95,15 @@ def test_concurrency_bench_tiny_model_chats_have_their_own_text():
 
     model = tiny_model("llama")
     tokens = list(range(1, 400))
-    prompts = bench.chat_prompts(tokens, 3, 40)
+    prompts = bench_concurrency.chat_prompts(tokens, 3, 40)
     assert [len(x) for x in prompts] == [40] * 3 and len({tuple(x) for x in prompts}) == 3
-    cases = bench.bench_concurrency(model, tokens, ["k4v4-r32"], (1, 2), 80, 4,
+    cases = bench_concurrency.bench_concurrency(model, tokens, ["k4v4-r32"], (1, 2), 80, 4,
                                     prefill_step=32, progress=False)
     assert [(c.chats, c.scheme) for c in cases] == [
         (n, s) for n in (1, 2) for s in ("fp (mlx-lm BatchKVCache float32)", "k4v4-r32")]
     assert all(c.generated == [4] * c.chats and c.ttft_median > 0 for c in cases)
     assert cases[1].kv_bytes_per_chat < cases[0].kv_bytes_per_chat / 2
-    ratios = bench.concurrency_ratios(cases)
+    ratios = bench_concurrency.concurrency_ratios(cases)
     assert ratios["k4v4-r32"]["vs_base"][1] == 1.0 and set(ratios["k4v4-r32"]["vs_fp"]) == {1, 2}
 
 

@@ -1,362 +1,41 @@
-"""Speed and memory of KV caches: `mlx_kvq.bench`.
+"""Speed and memory of KV caches: `mlx_kvq.bench`, the command line.
 
-Model bench (default): for each context length, every scheme in turn (mlx_kvq
-specs, mlx-lm's QuantizedKVCache as mlx<bits>, and the full-precision KVCache
-as the reference) prefills the same tokens as mlx-lm does (chunks of
---prefill-step, then the last token), then decodes greedily; prefill and
-decode tokens/s and the peak memory of each phase (reset per phase) are
-measured. Cases are interleaved, so drift in machine speed hits all alike.
+Model bench (default): one sequence, prefill then decode, every scheme
+against mlx-lm's full-precision KVCache (bench_model.py).
 
 --attention: the decode attention microbenchmark (bench_attention.py).
 
 --concurrency 1,4,8,16: N concurrent chats through mlx-lm's own batch
-machinery. For each N, each scheme in turn (every --kv mlx_kvq spec, and
-always the full-precision peer: mlx-lm's BatchKVCache in the model dtype),
-interleaved as the model bench is. Each chat gets its own document: N
-consecutive --context-token slices of the bench corpus, used as the prompts
-as they are (no chat template, so every chat's prompt is exactly --context
-tokens). The N prompts are inserted together into one BatchGenerator, with
-per-chat caches from make_batch_prompt_caches (none for the fp peer: mlx-lm
-makes its KVCaches), prefill chunks of --prefill-step-size and every chat
-prefilled in the same batch (prefill and completion batch sizes = N), greedy
-sampling and no stop tokens, so each chat generates exactly --max-tokens.
-One short untimed chat per scheme first takes the one-time costs.
-One run per case measures, from the times the generator hands out tokens:
-  decode t/s  aggregate: tokens generated after the first decode step over
-              the time from it to the last (prefill excluded);
-  e2e t/s     all generated tokens over the time from insert to the last;
-  TTFT        per chat, insert to its first token: median and p95;
-  peak        mx.get_peak_memory above the weights (reset per case);
-  KV/chat     nbytes of each chat's cache as its final response returns it
-              (the cache extracted from the batch), averaged over the chats.
-Below the table, from the same run: each scheme's decode t/s at each N over
-its own rate at the smallest N (N=1 normally), and over the fp peer's at the
-same N. Before any work, N chats of the fp peer (prompt + generated tokens,
-plus N times a one-chat prefill workspace) must fit this machine's memory:
-the model bench's check (evaluate.schemes_memory), scaled by N.
-mlx-lm's QuantizedKVCache has no batched form in mlx-lm 0.32 and is refused.
+machinery, against mlx-lm's fp BatchKVCache (bench_concurrency.py).
+
+Before any work, the flags are checked and the fp reference (for N chats:
+N of them) must fit this machine's memory.
 """
 
 import argparse
-import gc
 import json
 import platform
-import os
-import statistics
-import threading
-import time
-from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import mlx.core as mx
 import mlx_lm
-import numpy as np
-from mlx.utils import tree_flatten
-from mlx_lm.generate import BatchGenerator
-from tqdm import tqdm
 
 from mlx_kvq import blas, sizing, units
-from . import corpus
 from mlx_kvq.attention import describe_path
-from .bench_attention import _dtype_name, bench_attention, format_attention_table
+from mlx_kvq.models import DEFAULT_MODEL, describe_weights
+from mlx_kvq.spec import parse_spec
+from . import corpus
+from .bench_attention import bench_attention, format_attention_table
+from .bench_concurrency import (CONCURRENCY_SCHEMES, bench_concurrency, concurrency_ratios,
+                                format_concurrency_ratios, format_concurrency_table,
+                                fp_peer_name)
+from .bench_model import (DEFAULT_SCHEMES, clear, bench_model, format_model_table,
+                          stream_bandwidth)
 from .cli_types import (add_model, add_prefill_step_size, int_list, nonneg_int, output_file,
                         positive_int, token_list)
 from .cli_types import tokens as token_count
 from .evaluate import default_text, load_for_schemes, schemes_memory
 from .schemes import Scheme
-from mlx_kvq.integration import make_batch_prompt_caches, prefill
-from mlx_kvq.models import DEFAULT_MODEL, describe_weights
-from mlx_kvq.spec import parse_spec
-
-DEFAULT_SCHEMES = ("k4v4", "k4v2", "mlx4")
-CONCURRENCY_SCHEMES = ("k4v4", "k4v2")  # mlx-lm's QuantizedKVCache has no batched form
-
-
-@dataclass
-class ModelCase:
-    scheme: str
-    context: int
-    prefill_tps: float
-    decode_tps: float
-    prefill_peak: int  # bytes, weights included
-    decode_peak: int
-    kv_bytes: int
-
-
-@dataclass
-class ConcurrencyCase:
-    scheme: str
-    chats: int
-    context: int  # prompt tokens of each chat
-    generated: list  # tokens each chat generated
-    decode_tps: float  # aggregate: after the first decode step, to the last
-    e2e_tps: float  # aggregate: from insert (prefill included) to the last token
-    ttft_median: float  # seconds, insert to a chat's first token
-    ttft_p95: float
-    peak: int  # bytes above the weights
-    kv_bytes_per_chat: float  # mean nbytes of the chats' final caches
-
-
-def _cache_bytes(cache) -> int:
-    return sum(c.nbytes for c in cache)
-
-
-def _clear():
-    gc.collect()
-    mx.clear_cache()
-
-
-def run_case(model, tokens, scheme, context, decode_tokens, prefill_step) -> ModelCase:
-    """Prefill `context` tokens into a fresh cache, then decode."""
-    cache = Scheme(scheme).make(model)
-    x = mx.array(tokens[:context])[None]
-    _clear()
-    mx.reset_peak_memory()
-    t0 = time.perf_counter()
-    prefill(model, cache, x[0, :-1], prefill_step)
-    y = model(x[:, -1:], cache=cache)[:, -1].argmax(-1)
-    mx.eval(y)
-    t1 = time.perf_counter()
-    prefill_peak = mx.get_peak_memory()
-    mx.reset_peak_memory()
-    for _ in range(decode_tokens):
-        y = model(y[:, None], cache=cache)[:, -1].argmax(-1)
-        mx.eval(y)
-    t2 = time.perf_counter()
-    case = ModelCase(scheme, context, context / (t1 - t0),
-                     decode_tokens / (t2 - t1) if decode_tokens else 0.0,
-                     prefill_peak, mx.get_peak_memory(), _cache_bytes(cache))
-    del cache, y
-    _clear()
-    return case
-
-
-def bench_model(model, tokens, schemes=DEFAULT_SCHEMES, contexts=(1024, 4096, 8192),
-                decode_tokens=32, prefill_step=2048, repeats=1, progress=True):
-    """ModelCases for "fp" and every scheme at every context: the best
-    speed and the largest peak over `repeats` interleaved rounds."""
-    schemes = ["fp"] + [s for s in schemes if s != "fp"]
-    if len(tokens) < max(contexts):
-        reps = -(-max(contexts) // len(tokens))
-        tokens = list(tokens) * reps
-    best = {}
-    bar = tqdm(total=len(contexts) * repeats * len(schemes), disable=not progress,
-               desc="bench")
-    for ctx in contexts:
-        for _ in range(repeats):
-            for s in schemes:
-                c = run_case(model, tokens, s, ctx, decode_tokens, prefill_step)
-                b = best.setdefault((s, ctx), c)
-                b.prefill_tps = max(b.prefill_tps, c.prefill_tps)
-                b.decode_tps = max(b.decode_tps, c.decode_tps)
-                b.prefill_peak = max(b.prefill_peak, c.prefill_peak)
-                b.decode_peak = max(b.decode_peak, c.decode_peak)
-                bar.update(1)
-    bar.close()
-    return list(best.values())
-
-
-def stream_bandwidth(mib: int = 256, repeats: int = 5) -> float:
-    """Memory bandwidth in bytes/s by a streaming copy (read + write, as
-    STREAM counts it) on every core: the best of `repeats`."""
-    src = np.ones((mib << 20) // 8)
-    dst = np.empty_like(src)
-    cuts = np.linspace(0, src.size, (os.cpu_count() or 1) + 1).astype(int)
-
-    def copy(a, b):
-        np.copyto(dst[a:b], src[a:b])  # releases the GIL
-
-    best = float("inf")
-    for _ in range(repeats):
-        threads = [threading.Thread(target=copy, args=ab) for ab in zip(cuts[:-1], cuts[1:])]
-        t0 = time.perf_counter()
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * src.nbytes / best
-
-
-def step_bytes(case, weights_bytes: int) -> int:
-    """Bytes a decode step reads: the weights and the whole KV cache."""
-    return weights_bytes + case.kv_bytes
-
-
-def format_model_table(cases, weights_bytes=0, bandwidth=None) -> str:
-    """With `bandwidth` (bytes/s), the last columns are what a decode step
-    reads (weights + KV) per second, and its fraction of the bandwidth."""
-    ref = {c.context: c for c in cases if c.scheme == "fp"}
-    head = (f"{'context':>8} {'scheme':<10}{'prefill t/s':>12}{'x fp':>7}{'decode t/s':>12}"
-            f"{'x fp':>7}{'peak prefill':>14}{'x fp':>7}{'peak decode':>13}{'x fp':>7}"
-            f"{'KV MiB':>9}{'x fp':>7}" + (f"{'read GB/s':>11}{'x bw':>6}" if bandwidth else ""))
-    rows = [head, "-" * len(head)]
-
-    def above(n):  # peak above the weights, which every case holds alike
-        return n - weights_bytes
-
-    for c in sorted(cases, key=lambda c: c.context):
-        r = ref[c.context]
-        rows.append(
-            f"{c.context:>8} {c.scheme:<10}{c.prefill_tps:>12.1f}{c.prefill_tps / r.prefill_tps:>7.2f}"
-            f"{c.decode_tps:>12.2f}{c.decode_tps / max(r.decode_tps, 1e-9):>7.2f}"
-            f"{above(c.prefill_peak) / 2**20:>10.0f} MiB{above(c.prefill_peak) / above(r.prefill_peak):>7.2f}"
-            f"{above(c.decode_peak) / 2**20:>9.0f} MiB{above(c.decode_peak) / above(r.decode_peak):>7.2f}"
-            f"{c.kv_bytes / 2**20:>9.1f}{c.kv_bytes / r.kv_bytes:>7.2f}"
-            + (f"{step_bytes(c, weights_bytes) * c.decode_tps / 1e9:>11.2f}"
-               f"{step_bytes(c, weights_bytes) * c.decode_tps / bandwidth:>6.2f}"
-               if bandwidth else "")
-        )
-    return "\n".join(rows)
-
-
-# -- concurrent chats through mlx-lm's BatchGenerator ----------------------------
-
-
-def fp_peer_name(model) -> str:
-    """The full-precision peer: mlx-lm's BatchKVCache, which holds K/V in the
-    dtype of the model's activations (its floating-point parameters')."""
-    dtypes = (v.dtype for _, v in tree_flatten(model.parameters())
-              if mx.issubdtype(v.dtype, mx.floating))
-    return f"fp (mlx-lm BatchKVCache {_dtype_name(next(dtypes, mx.float32))})"
-
-
-def _is_fp(scheme: str) -> bool:
-    return scheme == "fp" or scheme.startswith("fp (")
-
-
-def chat_prompts(tokens, chats: int, context: int) -> list:
-    """One document per chat: consecutive `context`-token slices of the
-    corpus tokens (repeated from an offset if the corpus is too short)."""
-    tokens = list(tokens)
-    if len(tokens) < chats * context:
-        tokens = tokens * -(-chats * context // len(tokens))
-    return [tokens[i * context:(i + 1) * context] for i in range(chats)]
-
-
-def _batch_caches(model, scheme, chats):
-    """Per-chat prompt caches for BatchGenerator.insert; None for the fp peer
-    (mlx-lm then makes its own KVCaches and merges them into BatchKVCache)."""
-    if _is_fp(scheme):
-        return None
-    return make_batch_prompt_caches(model, chats, None if scheme == "calibrated" else
-                                    parse_spec(scheme))
-
-
-def _drain(gen, chats):
-    """Step the generator until every chat has finished: the times each
-    chat's tokens arrived, and each chat's cache from its final response."""
-    arrivals, finals = defaultdict(list), {}
-    while len(finals) < chats:
-        _, responses = gen.next()
-        now = time.perf_counter()
-        for r in responses:
-            arrivals[r.uid].append(now)
-            if r.finish_reason is not None:
-                finals[r.uid] = r.prompt_cache
-    return arrivals, finals
-
-
-def _rates(arrivals, t_insert):
-    """(decode t/s, end-to-end t/s, TTFTs) from token arrival times."""
-    times = sorted(t for ts in arrivals.values() for t in ts)
-    first, last = times[0], times[-1]
-    after_first = sum(t > first for t in times)
-    decode = after_first / (last - first) if last > first else 0.0
-    return decode, len(times) / (last - t_insert), [ts[0] - t_insert for ts in arrivals.values()]
-
-
-def run_concurrency_case(model, prompts, scheme, max_tokens, prefill_step, weights=0,
-                         name=None) -> ConcurrencyCase:
-    """All `prompts` inserted at once into one BatchGenerator; each chat
-    generates exactly `max_tokens` greedy tokens (no stop tokens)."""
-    n = len(prompts)
-    _clear()
-    mx.reset_peak_memory()
-    caches = _batch_caches(model, scheme, n)
-    gen = BatchGenerator(model, max_tokens=max_tokens, stop_tokens=None,
-                         prefill_step_size=prefill_step, prefill_batch_size=n,
-                         completion_batch_size=n)
-    t0 = time.perf_counter()
-    uids = gen.insert(prompts, [max_tokens] * n, caches=caches)
-    arrivals, finals = _drain(gen, n)
-    gen.close()
-    decode, e2e, ttft = _rates(arrivals, t0)
-    case = ConcurrencyCase(
-        name or scheme, n, len(prompts[0]), [len(arrivals[u]) for u in uids], decode, e2e,
-        statistics.median(ttft), float(np.percentile(ttft, 95)),
-        mx.get_peak_memory() - weights,
-        statistics.mean(_cache_bytes(finals[u]) for u in uids))
-    del gen, caches, finals
-    _clear()
-    return case
-
-
-def bench_concurrency(model, tokens, schemes=CONCURRENCY_SCHEMES, concurrency=(1, 4, 8, 16),
-                      context=1024, max_tokens=64, prefill_step=2048, weights=0,
-                      progress=True):
-    """ConcurrencyCases for the fp peer and every scheme at every N, run
-    interleaved (for N: for scheme) over the same N documents."""
-    fp = fp_peer_name(model)
-    schemes = ["fp"] + [s for s in schemes if not _is_fp(s)]
-    for s in schemes:  # untimed: the first case would pay one-time costs alone
-        run_concurrency_case(model, chat_prompts(tokens, 1, min(context, 32)), s, 2,
-                             prefill_step)
-    bar = tqdm(total=len(concurrency) * len(schemes), disable=not progress,
-               desc="concurrency")
-    cases = []
-    for n in concurrency:
-        prompts = chat_prompts(tokens, n, context)
-        for s in schemes:
-            cases.append(run_concurrency_case(model, prompts, s, max_tokens, prefill_step,
-                                              weights, fp if s == "fp" else s))
-            bar.update(1)
-    bar.close()
-    return cases
-
-
-def concurrency_ratios(cases) -> dict:
-    """Per scheme and N, aggregate decode t/s over the same scheme's at the
-    smallest N ("vs_base"), and over the fp peer's at the same N ("vs_fp")."""
-    rate = {(c.scheme, c.chats): c.decode_tps for c in cases}
-    fp = {c.chats: c.decode_tps for c in cases if _is_fp(c.scheme)}
-    base = min(c.chats for c in cases)
-    out = {}
-    for c in cases:
-        r = out.setdefault(c.scheme, {"base_chats": base, "vs_base": {}, "vs_fp": {}})
-        r["vs_base"][c.chats] = c.decode_tps / max(rate[c.scheme, base], 1e-9)
-        r["vs_fp"][c.chats] = c.decode_tps / max(fp[c.chats], 1e-9)
-    return out
-
-
-def format_concurrency_table(cases) -> str:
-    fp = {c.chats: c for c in cases if _is_fp(c.scheme)}
-    w = max(len("scheme"), *(len(c.scheme) for c in cases)) + 2
-    head = (f"{'chats':>5}  {'scheme':<{w}}{'decode t/s':>11}{'e2e t/s':>9}"
-            f"{'TTFT med s':>12}{'TTFT p95 s':>12}{'peak MiB':>10}{'KV MiB/chat':>13}{'x fp':>7}")
-    rows = [head, "-" * len(head)]
-    for c in cases:
-        rows.append(f"{c.chats:>5}  {c.scheme:<{w}}{c.decode_tps:>11.1f}{c.e2e_tps:>9.1f}"
-                    f"{c.ttft_median:>12.2f}{c.ttft_p95:>12.2f}{c.peak / 2**20:>10.0f}"
-                    f"{c.kv_bytes_per_chat / 2**20:>13.2f}"
-                    f"{c.kv_bytes_per_chat / fp[c.chats].kv_bytes_per_chat:>7.2f}")
-    return "\n".join(rows)
-
-
-def format_concurrency_ratios(cases) -> str:
-    ratios = concurrency_ratios(cases)
-    ns = sorted({c.chats for c in cases})
-    base = ns[0]
-    w = max(34, max(len(s) for s in ratios) + 4)
-    cols = "".join(f"{f'N={n}':>8}" for n in ns)
-    lines = ["aggregate decode t/s ratios, from this run:",
-             f"  {f'over the same scheme at N={base}':<{w}}{cols}"]
-    lines += [f"    {s:<{w - 2}}" + "".join(f"{r['vs_base'][n]:>8.2f}" for n in ns)
-              for s, r in ratios.items()]
-    lines.append(f"  {'over the fp peer at the same N':<{w}}{cols}")
-    lines += [f"    {s:<{w - 2}}" + "".join(f"{r['vs_fp'][n]:>8.2f}" for n in ns)
-              for s, r in ratios.items() if not _is_fp(s)]
-    return "\n".join(lines)
 
 
 def _environment() -> str:
@@ -464,7 +143,7 @@ def _corpus_tokens(tokenizer, n_tokens):
 
 
 def _weights_bytes():
-    _clear()
+    clear()
     return mx.get_active_memory()
 
 

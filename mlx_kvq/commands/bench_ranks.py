@@ -30,7 +30,8 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_kvq import distributed
-from .bench import _clear, _corpus_tokens, run_case
+from .bench import _corpus_tokens
+from .bench_model import clear, run_case
 from .cli_types import add_model, add_prefill_step_size, nonneg_int, positive_int
 from .cli_types import tokens as token_count
 from mlx_kvq.models import load
@@ -67,7 +68,7 @@ def worker(args):
         shard = None
     else:
         model, tokenizer, shard = distributed.load(args.model, args.sharding, group)
-    _clear()
+    clear()
     weights = mx.get_active_memory()
     tokens, _ = _corpus_tokens(tokenizer, args.context)
     tokens = (tokens * (-(-args.context // max(len(tokens), 1))))[:args.context]
