@@ -182,19 +182,49 @@ def test_bad_ruler_arguments_are_clear_errors(argv, msg, capsys):
     assert e.value.code == 2 and msg in capsys.readouterr().err
 
 
-def test_ruler_cli_end_to_end_and_copies_answer_as_a_fresh_prefill(tmp_path, capsys):
-    """A bounded run on the embedded model; fp's answers from copies of the
-    shared cache (the second question's copy made after the first was
-    answered) equal those of a fresh prefill of each whole prompt."""
+def test_ruler_cli_end_to_end_resumes_and_copies_answer_as_a_fresh_prefill(
+        tmp_path, capsys, monkeypatch):
+    """A bounded run on the embedded model, stopped after fp's run and
+    resumed by the same command (only k4v4 runs then; a file of other
+    settings is refused and kept); fp's answers from copies of the shared
+    cache (the second question's copy made after the first was answered)
+    equal those of a fresh prefill of each whole prompt."""
+    path = tmp_path / "r.json"
     argv = ["--ruler", "--ruler-lengths", "512", "--ruler-tasks", "niah_single_1,vt",
             "--ruler-questions", "2", "--kv", "k4v4", "--seed", "3",
-            "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path)]
+            "--json", str(path), "--plot", str(tmp_path)]
+    real, calls = ruler.answers, []
+
+    def stopped_at_the_second_run(*a, **k):
+        calls.append(a[2])  # the cache
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(ruler, "answers", stopped_at_the_second_run)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.run(argv)
+    unfinished = json.loads(path.read_text())
+    assert unfinished["complete"] is False and unfinished["elapsed"] > 0
+    assert [r["scheme"] for r in unfinished["records"]] == ["fp", "fp"]
+    other = list(argv)
+    other[argv.index("--seed") + 1] = "4"
+    with pytest.raises(SystemExit):
+        evaluate.run(other)
+    err = capsys.readouterr().err
+    assert "unfinished RULER run made with other settings (seed differ)" in err
+    assert json.loads(path.read_text()) == unfinished
+
+    calls.clear()
     rows, records = evaluate.run(argv)
+    assert len(calls) == 1  # k4v4's run; fp's came from the file
     out, err = capsys.readouterr()
+    assert "resuming" in err and "1 of 2 (context, scheme) runs" in err
     assert "estimated run time" in err and "an estimate" in err
     assert "==== RULER" in out and "niah_single_1" in out and "all" in out
-    saved = json.loads((tmp_path / "r.json").read_text())
-    assert saved["rows"] == rows and saved["records"] == records
+    saved = json.loads(path.read_text())
+    assert saved["rows"] == rows and saved["records"] == records and saved["complete"]
+    assert records[:2] == unfinished["records"]
     assert "niah_single_1, vt" in saved["disclosure"]["ruler"]
     assert (tmp_path / "ruler.png").is_file()
     assert {(r["scheme"], r["task"]) for r in records} == {

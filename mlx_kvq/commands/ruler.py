@@ -19,17 +19,22 @@ trained context (config max_position_embeddings) or whose cache, its copy,
 the weights and a prefill chunk's workspace exceed the machine's memory.
 The run time is estimated from a short prefill and a few decode steps timed
 before the run, extrapolated with the attention's growth over the context.
+With --json, the file is rewritten after each (context, scheme) run, marked
+unfinished until the end; the same command resumes an unfinished run from it
+(runs take hours on a CPU), refusing a file of other settings.
 """
 
 import copy
+import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, generate_step
 from tqdm import tqdm
 
-from mlx_kvq import sizing, units
+from mlx_kvq import files, sizing, units
 from . import ruler_tasks
 from .cli_types import nonneg_int, positive_int, token_list
 from .schemes import Scheme
@@ -290,14 +295,23 @@ def answers(model, tokenizer, cache, prompt, batch: int, chunk: int):
 
 
 def run_prompts(model, tokenizer, prompts, schemes, chunk: int, batch: int = 1,
-                progress=True) -> list:
-    """Every scheme ("fp" first) answers every question: one record each."""
+                progress=True, done=None, save=None) -> list:
+    """Every scheme ("fp" first) answers every question: one record each.
+    `done` maps (length, seed, scheme) to the records of runs already made
+    (saved_runs), which are taken as they are; `save(records)` is called
+    after each (context, scheme) run."""
     schemes = ["fp"] + [s for s in schemes if s != "fp"]
+    done = done or {}
     steps = sum(-(-len(p.context) // chunk) + len(p.questions) for p in prompts)
     bar = tqdm(total=steps * len(schemes), disable=not progress, desc="ruler", unit="step")
     records = []
     for p in prompts:
         for s in schemes:
+            old = done.get((p.length, p.seed, s))
+            if old is not None and len(old) == len(p.questions):
+                records += old
+                bar.update(-(-len(p.context) // chunk) + len(p.questions))
+                continue
             cache = Scheme(s).make(model)
             for i in range(0, len(p.context), chunk):
                 _prefill(model, p.context[i:i + chunk], cache, chunk)
@@ -309,8 +323,46 @@ def run_prompts(model, tokenizer, prompts, schemes, chunk: int, batch: int = 1,
                                 "answers": q.answers, "output": out, "score": q.score(out)})
                 bar.update(1)
             del cache
+            if save is not None:
+                save(records)
     bar.close()
     return records
+
+
+# -- runs longer than a sitting: --json holds every finished (context, scheme) --------
+
+def run_settings(args, disclosure: dict) -> dict:
+    """What fixes the questions and each scheme's answers: a run resumes
+    only from a file made with the same."""
+    key = {k: disclosure[k] for k in ("model", "weights", "calibration", "corpus")}
+    key.update(tasks=ruler_tasks.parse_tasks(args.ruler_tasks),
+               lengths=args.ruler_lengths, questions=args.ruler_questions,
+               contexts=args.ruler_contexts, seed=args.seed, chunk=args.chunk,
+               batch=args.ruler_batch)
+    return json.loads(json.dumps(key))  # as it reads back from the file
+
+
+def saved_runs(path, settings: dict) -> tuple:
+    """({(length, seed, scheme): records}, seconds spent) of an unfinished
+    run in the --json file `path` made with these settings; ({}, 0) when
+    there is none. An unfinished run of other settings is refused: it would
+    be written over."""
+    try:
+        saved = json.loads(Path(path).read_text(encoding="utf-8")) if path else None
+    except (OSError, ValueError):
+        saved = None  # no file, or not one of this suite's: written as before
+    if not isinstance(saved, dict) or saved.get("complete", True):
+        return {}, 0.0
+    if saved.get("settings") != settings:
+        old = saved.get("settings") or {}
+        differ = [k for k in settings if old.get(k) != settings[k]]
+        raise ValueError(f"--json {path} holds an unfinished RULER run made with other "
+                         f"settings ({', '.join(differ) or 'unreadable'} differ): run its "
+                         "command again to resume it, or write to another --json")
+    runs = {}
+    for r in saved["records"]:
+        runs.setdefault((r["length"], r["seed"], r["scheme"]), []).append(r)
+    return runs, float(saved.get("elapsed", 0.0))
 
 
 def summarize(records) -> list:
@@ -374,24 +426,40 @@ def format_table(rows) -> str:
 
 
 def run(args, model, tokenizer, shape, essay_text: str, source: str, disclosure: dict):
-    """The --ruler mode of mlx_kvq.eval; returns (rows, records)."""
-    import json
+    """The --ruler mode of mlx_kvq.eval; returns (rows, records). With
+    --json, the file holds every finished (context, scheme) run as the run
+    goes; the same command resumes an unfinished one."""
     import sys
 
     tasks = ruler_tasks.parse_tasks(args.ruler_tasks)
     schemes = list(args.kv)
     prompts = build_prompts(tokenizer, tasks, args.ruler_lengths, args.ruler_questions,
                             args.ruler_contexts, args.seed, ruler_tasks.sentences(essay_text))
-    est = estimate_seconds(model, shape, prompts, 1 + len(schemes), args.chunk)
+    settings = run_settings(args, disclosure)
+    done, before = saved_runs(args.json, settings)
+    runs = [(p.length, p.seed, s) for p in prompts for s in ["fp", *schemes]]
+    resumed = sum(r in done for r in runs)
+    est = estimate_seconds(model, shape, prompts, 1 + len(schemes), args.chunk) \
+        * (len(runs) - resumed) / len(runs)
     n_q = sum(len(p.questions) for p in prompts)
+    if resumed:
+        print(f"RULER: resuming --json {args.json}: {resumed} of {len(runs)} (context, "
+              "scheme) runs already made are taken from it", file=sys.stderr)
     print(f"RULER: {len(prompts)} shared context(s), {n_q} questions, {len(schemes) + 1} "
           f"schemes; estimated run time {_minutes(est)} "
           "(an estimate: a short prefill and decode steps timed now, extrapolated over the "
           "context, every scheme as fast as fp, every answer at its token cap)",
           file=sys.stderr)
     t0 = time.perf_counter()
-    records = run_prompts(model, tokenizer, prompts, schemes, args.chunk, args.ruler_batch)
-    took = time.perf_counter() - t0
+
+    def save(records):  # after each (context, scheme) run: a stop loses at most one
+        files.write_json(args.json, {"settings": settings, "complete": False,
+                                     "elapsed": before + time.perf_counter() - t0,
+                                     "disclosure": disclosure, "records": records})
+
+    records = run_prompts(model, tokenizer, prompts, schemes, args.chunk, args.ruler_batch,
+                          done=done, save=save if args.json else None)
+    took = before + time.perf_counter() - t0
     rows = summarize(records)
     print(format_table(rows))
     disclosure = dict(disclosure, ruler=(
@@ -399,14 +467,16 @@ def run(args, model, tokenizer, shape, essay_text: str, source: str, disclosure:
         f"context, question and answer cap); {args.ruler_contexts} shared context(s) and "
         f"{n_q // len(args.ruler_lengths)} questions per length, seed {args.seed}; haystack "
         f"prose: {source}; greedy answers, scored by RULER's string match"),
-        estimate=f"{est:.0f} s", time=f"{took:.0f} s")
+        estimate=f"{est:.0f} s", time=f"{took:.0f} s" + (
+            f" (over more than one run: {resumed} of {len(runs)} (context, scheme) runs "
+            "resumed from --json)" if resumed else ""))
     for k, v in disclosure.items():
         if k != "schemes":
             print(f"{k + ':':<14}{v}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"disclosure": disclosure, "rows": rows, "records": records}, f,
-                      indent=1)
+        files.write_json(args.json, {"settings": settings, "complete": True, "elapsed": took,
+                                     "disclosure": disclosure, "rows": rows,
+                                     "records": records})
     if args.plot:
         from . import plots
 
