@@ -302,15 +302,19 @@ def run_prompts(model, tokenizer, prompts, schemes, chunk: int, batch: int = 1,
     after each (context, scheme) run."""
     schemes = ["fp"] + [s for s in schemes if s != "fp"]
     done = done or {}
-    steps = sum(-(-len(p.context) // chunk) + len(p.questions) for p in prompts)
-    bar = tqdm(total=steps * len(schemes), disable=not progress, desc="ruler", unit="step")
+
+    def steps(p):  # prefill chunks, then one per answer
+        return -(-len(p.context) // chunk) + len(p.questions)
+
+    bar = tqdm(total=sum(map(steps, prompts)) * len(schemes), disable=not progress,
+               desc="ruler", unit="step")
     records = []
     for p in prompts:
         for s in schemes:
             old = done.get((p.length, p.seed, s))
             if old is not None and len(old) == len(p.questions):
                 records += old
-                bar.update(-(-len(p.context) // chunk) + len(p.questions))
+                bar.update(steps(p))
                 continue
             cache = Scheme(s).make(model)
             for i in range(0, len(p.context), chunk):
@@ -331,12 +335,11 @@ def run_prompts(model, tokenizer, prompts, schemes, chunk: int, batch: int = 1,
 
 # -- runs longer than a sitting: --json holds every finished (context, scheme) --------
 
-def run_settings(args, disclosure: dict) -> dict:
+def run_settings(args, tasks, disclosure: dict) -> dict:
     """What fixes the questions and each scheme's answers: a run resumes
     only from a file made with the same."""
     key = {k: disclosure[k] for k in ("model", "weights", "calibration", "corpus")}
-    key.update(tasks=ruler_tasks.parse_tasks(args.ruler_tasks),
-               lengths=args.ruler_lengths, questions=args.ruler_questions,
+    key.update(tasks=tasks, lengths=args.ruler_lengths, questions=args.ruler_questions,
                contexts=args.ruler_contexts, seed=args.seed, chunk=args.chunk,
                batch=args.ruler_batch)
     return json.loads(json.dumps(key))  # as it reads back from the file
@@ -435,7 +438,7 @@ def run(args, model, tokenizer, shape, essay_text: str, source: str, disclosure:
     schemes = list(args.kv)
     prompts = build_prompts(tokenizer, tasks, args.ruler_lengths, args.ruler_questions,
                             args.ruler_contexts, args.seed, ruler_tasks.sentences(essay_text))
-    settings = run_settings(args, disclosure)
+    settings = run_settings(args, tasks, disclosure)
     done, before = saved_runs(args.json, settings)
     runs = [(p.length, p.seed, s) for p in prompts for s in ["fp", *schemes]]
     resumed = sum(r in done for r in runs)
