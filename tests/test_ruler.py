@@ -235,6 +235,16 @@ def test_ruler_cli_end_to_end_resumes_and_copies_answer_as_a_fresh_prefill(
         assert 0 <= by[(t, "k4v4")]["score"] <= 1
     assert all(r["context_tokens"] < 512 for r in records)
 
+    calls.clear()  # a scheme added to the finished run's command runs alone
+    more = argv[:argv.index("k4v4") + 1] + ["k8v8"] + argv[argv.index("k4v4") + 1:]
+    _, both = evaluate.run(more)
+    assert len(calls) == 1 and "2 of 3 (context, scheme) runs" in capsys.readouterr().err
+    assert both[:4] == records and {r["scheme"] for r in both[4:]} == {"k8v8"}
+    calls.clear()  # and one left out of it stays in the file
+    _, kept = evaluate.run(argv)
+    assert calls == [] and kept == both
+    assert json.loads(path.read_text())["records"] == both
+
     model, tokenizer = models.load()
     [p] = ruler.build_prompts(tokenizer, ("niah_single_1", "vt"), [512], 2, 1, 3,
                               ruler_tasks.sentences(evaluate.default_text(

@@ -21,7 +21,9 @@ The run time is estimated from a short prefill and a few decode steps timed
 before the run, extrapolated with the attention's growth over the context.
 With --json, the file is rewritten after each (context, scheme) run, marked
 unfinished until the end; the same command resumes an unfinished run from it
-(runs take hours on a CPU), refusing a file of other settings.
+(runs take hours on a CPU), refusing an unfinished file of other settings,
+and with schemes added to --kv, finished or not, runs only those (the
+file's other schemes stay in it).
 """
 
 import copy
@@ -346,17 +348,21 @@ def run_settings(args, tasks, disclosure: dict) -> dict:
 
 
 def saved_runs(path, settings: dict) -> tuple:
-    """({(length, seed, scheme): records}, seconds spent) of an unfinished
-    run in the --json file `path` made with these settings; ({}, 0) when
-    there is none. An unfinished run of other settings is refused: it would
-    be written over."""
+    """({(length, seed, scheme): records}, seconds spent) of the run in the
+    --json file `path` made with these settings, finished or not (a scheme
+    added to a finished run's command runs alone); ({}, 0) when there is
+    none. An unfinished run of other settings is refused: it would be
+    written over (a finished one is an earlier result, written over as any
+    output file)."""
     try:
         saved = json.loads(Path(path).read_text(encoding="utf-8")) if path else None
     except (OSError, ValueError):
         saved = None  # no file, or not one of this suite's: written as before
-    if not isinstance(saved, dict) or saved.get("complete", True):
+    if not isinstance(saved, dict) or "records" not in saved:
         return {}, 0.0
     if saved.get("settings") != settings:
+        if saved.get("complete", True):
+            return {}, 0.0
         old = saved.get("settings") or {}
         differ = [k for k in settings if old.get(k) != settings[k]]
         raise ValueError(f"--json {path} holds an unfinished RULER run made with other "
@@ -431,7 +437,8 @@ def format_table(rows) -> str:
 def run(args, model, tokenizer, shape, essay_text: str, source: str, disclosure: dict):
     """The --ruler mode of mlx_kvq.eval; returns (rows, records). With
     --json, the file holds every finished (context, scheme) run as the run
-    goes; the same command resumes an unfinished one."""
+    goes; the same command resumes an unfinished one, and with schemes
+    added to --kv runs only those."""
     import sys
 
     tasks = ruler_tasks.parse_tasks(args.ruler_tasks)
@@ -440,6 +447,11 @@ def run(args, model, tokenizer, shape, essay_text: str, source: str, disclosure:
                             args.ruler_contexts, args.seed, ruler_tasks.sentences(essay_text))
     settings = run_settings(args, tasks, disclosure)
     done, before = saved_runs(args.json, settings)
+    kept = [s for s in dict.fromkeys(k[2] for k in done) if s not in ("fp", *schemes)]
+    if kept:  # the file's other schemes stay in it and in the table
+        schemes += kept
+        disclosure = dict(disclosure, schemes={**disclosure["schemes"], **{
+            s: Scheme(s).describe(bool(shape.windows)) for s in kept}})
     runs = [(p.length, p.seed, s) for p in prompts for s in ["fp", *schemes]]
     resumed = sum(r in done for r in runs)
     est = estimate_seconds(model, shape, prompts, 1 + len(schemes), args.chunk) \
