@@ -23,7 +23,9 @@ With --json, the file is rewritten after each (context, scheme) run, marked
 unfinished until the end; the same command resumes an unfinished run from it
 (runs take hours on a CPU), refusing an unfinished file of other settings,
 and with schemes added to --kv, finished or not, runs only those (the
-file's other schemes stay in it).
+file's other schemes stay in it, but for a plan: the plans named by --kv
+are a setting, so leaving "calibrated" out makes a finished file one of
+other settings, written over).
 """
 
 import copy
