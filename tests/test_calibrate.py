@@ -301,8 +301,7 @@ def test_default_model_end_to_end(tmp_path):
 
     # Another folder's plan for the same model ("calibrated:<folder>" in
     # mlx_kvq.eval), with what would work said when there is none.
-    from mlx_kvq.commands.evaluate import calibrations
-    from mlx_kvq.commands.schemes import Scheme
+    from mlx_kvq.commands.schemes import Scheme, calibrations
 
     plain, _ = mlx_kvq.load()
     caches = Scheme(f"calibrated:{out}").validate(model=plain).make(plain)

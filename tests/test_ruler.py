@@ -295,3 +295,39 @@ def test_kv_report_says_when_the_cache_quantizes_and_what_it_saves_at_8k_and_32k
     assert stats.quantized_tokens == stats.tokens - 4 - 64 - (stats.tokens - 68) % 32
     assert f"{stats.quantized_tokens} of these {stats.tokens} tokens are quantized" in \
         format_report(stats, peak=0)
+
+
+def test_a_saved_run_gives_back_runs_of_its_settings_and_plans(tmp_path):
+    """A --json file gives back its runs when made with the same settings;
+    a calibrated scheme's runs only when made with the plan it has now
+    (named in --kv: it runs again; left out: refused, the file kept)."""
+    from mlx_kvq.commands.ruler_runs import same_plans, saved_runs
+
+    settings = {"model": "m", "seed": 0, "lengths": [4096]}
+    recs = [{"length": 4096, "seed": "0:4096:0", "scheme": s, "score": 1.0}
+            for s in ("fp", "k4v4", "calibrated")]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"settings": settings, "plans": {"calibrated": "plan A"},
+                                "complete": True, "elapsed": 5.0, "records": recs}))
+    done, before, plans = saved_runs(path, settings)
+    assert sorted(k[2] for k in done) == ["calibrated", "fp", "k4v4"] and before == 5.0
+    assert plans == {"calibrated": "plan A"}
+    assert saved_runs(path, {**settings, "seed": 1}) == ({}, 0.0, {})  # finished: written over
+    assert saved_runs(tmp_path / "none.json", settings) == ({}, 0.0, {})
+
+    kept, said = same_plans(path, done, plans, {"calibrated": "plan A"}, ["k4v4"])
+    assert kept == done and said == []
+    kept, said = same_plans(path, done, plans, {"calibrated": "plan B"}, ["calibrated"])
+    assert sorted(k[2] for k in kept) == ["fp", "k4v4"]
+    assert said == ["calibrated ran with another plan than its current one (plan A): "
+                    "it runs again"]
+    with pytest.raises(ValueError, match="runs of 'calibrated' made with another plan than "
+                       r"it has now \(plan B\): name calibrated in --kv"):
+        same_plans(path, done, plans, {"calibrated": "plan B"}, ["k4v4"])
+
+    # an unfinished file of other settings is refused, naming what differs
+    # (a setting the command no longer has included)
+    path.write_text(json.dumps({"settings": {**settings, "calibration": "x"},
+                                "complete": False, "records": recs}))
+    with pytest.raises(ValueError, match=r"other settings \(calibration differ\)"):
+        saved_runs(path, settings)

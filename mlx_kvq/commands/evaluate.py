@@ -27,7 +27,6 @@ import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -41,7 +40,7 @@ from .cli_types import add_model, fraction_list, nonneg_int, output_file, positi
 from mlx_kvq.integration import model_config, sliding_layers
 from mlx_kvq.report import kv_stats
 from . import ruler, ruler_tasks
-from .schemes import Scheme
+from .schemes import Scheme, calibrations
 
 KLD_SCHEMES = ("k8v8", "k4v4", "k4v2", "k2v2", "mlx8", "mlx4", "mlx4-g32", "mlx2", "mlx2-g32")
 
@@ -396,19 +395,6 @@ def run(argv=None):
         for path in plots.eval_plots(results, grid, args.plot):
             print(f"plot:         {path}")
     return results, grid
-
-
-def calibrations(model, schemes) -> Optional[str]:
-    """The plans behind the "calibrated" schemes (source and per-layer
-    label), or None when no scheme is calibrated."""
-    calibrated = [x for x in map(Scheme, dict.fromkeys(schemes)) if x.kind == "calibrated"]
-    said = [f"{p.source}: {p.label()} (scheme {x.name!r})"
-            for x in calibrated for p in [x.plan(model)]]
-    plan = getattr(model, "kvq_plan", None)
-    if plan is not None and "calibrated" not in schemes:
-        said.insert(0, f"{plan.source}: {plan.label()} (baked into the model folder)")
-    return "; ".join(said + ["the other schemes: dynamic per-group scales, none"]) \
-        if said else None
 
 
 def run_ruler(p, args, model, tokenizer, shape, text, source):

@@ -17,31 +17,26 @@ fp when its score equals fp's.
 The planner refuses, before the model runs, lengths beyond the model's
 trained context (config max_position_embeddings) or whose cache, its copy,
 the weights and a prefill chunk's workspace exceed the machine's memory.
-The run time is estimated from a short prefill and a few decode steps timed
-before the run, extrapolated with the attention's growth over the context.
-With --json, the file is rewritten after each (context, scheme) run, marked
-unfinished until the end; the same command resumes an unfinished run from it
-(runs take hours on a CPU), refusing an unfinished file of other settings,
-and with schemes added to --kv, finished or not, runs only those (the
-file's other schemes stay in it, but for a plan: the plans named by --kv
-are a setting, so leaving "calibrated" out makes a finished file one of
-other settings, written over).
+The run time is estimated from a short prefill, a few decode steps and one
+layer's attention timed before the run (on a CPU the attention's time per
+key is several times what its flops say).
+With --json, the file holds every finished (context, scheme) run as the run
+goes: the same command resumes it (runs take hours on a CPU), and schemes
+added to --kv run alone (ruler_runs.py says what a file gives back).
 """
 
 import copy
-import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, generate_step
 from tqdm import tqdm
 
 from mlx_kvq import files, sizing, units
-from . import ruler_tasks
+from . import ruler_runs, ruler_tasks
 from .cli_types import nonneg_int, positive_int, token_list
-from .schemes import Scheme
+from .schemes import Scheme, calibrations, plan_labels
 
 DEFAULT_SCHEMES = ("k4v4", "k3v3", "k2v2", "mlx4")
 
@@ -201,10 +196,10 @@ def _prefill(model, tokens, cache, chunk):
 
 
 def estimate_seconds(model, shape, prompts, n_schemes: int, chunk: int) -> float:
-    """The run time, from a short prefill and decode steps timed now: a token
-    at context c costs its weights' share plus attention over c tokens
-    (attention's flops per context token over the weights' per token for
-    prefill, the cache's bytes per token over the weights' for decode)."""
+    """The run time, from the model and one layer's attention timed now: a
+    token at context c costs its weights' share (a short prefill and decode
+    steps) plus attention over c keys in every layer (the attention's time
+    per query and key, measured at a prefill chunk and a decode step)."""
     n = min(chunk, 128)
     toks = list(range(100, 100 + n))
     cache = Scheme("fp").make(model)
@@ -217,19 +212,32 @@ def estimate_seconds(model, shape, prompts, n_schemes: int, chunk: int) -> float
     for _ in range(4):
         mx.eval(model(mx.array([[7]]), cache=cache))
     per_step = (time.perf_counter() - t0) / 4
-    attn = 4 * shape.n_layers * shape.n_heads * shape.head_dim
-    dense = 2 * max(shape.weight_bytes / shape.dtype_bytes, 1)
-    grow_prefill = attn / dense
-    grow_decode = Scheme("fp").kv_bytes(shape, 1024) / 1024 / max(shape.weight_bytes, 1)
+    pair = shape.n_layers * _attention_seconds(shape, min(chunk, 256), 2048)
+    key = shape.n_layers * _attention_seconds(shape, 1, 4096)
     total = 0.0
     for p in prompts:
         L = len(p.context)
-        prefill = per_token * (L + grow_prefill * L * L / 2)
-        answers = sum(per_token * len(s) * (1 + grow_prefill * L)
-                      + q.max_tokens * per_step * (1 + grow_decode * L)
+        prefill = per_token * L + pair * L * L / 2
+        answers = sum(len(s) * (per_token + pair * L) + q.max_tokens * (per_step + key * L)
                       for q, s in zip(p.questions, p.suffixes))
         total += n_schemes * (prefill + answers)
     return total
+
+
+def _attention_seconds(shape, queries: int, keys: int) -> float:
+    """Seconds per (query, key) of one layer's attention (mlx's fused
+    attention, as mlx-lm calls it) with `queries` new tokens over `keys`."""
+    q = mx.random.normal((1, shape.n_heads, queries, shape.head_dim))
+    k = mx.random.normal((1, shape.n_kv_heads, keys, shape.head_dim))
+    v = mx.random.normal((1, shape.n_kv_heads, keys, shape.dv))
+    mask = "causal" if queries > 1 else None
+    mx.eval(q, k, v)
+    seconds = []
+    for _ in range(3):  # the first warms up
+        t0 = time.perf_counter()
+        mx.eval(mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask))
+        seconds.append(time.perf_counter() - t0)
+    return min(seconds[1:]) / (queries * keys)
 
 
 # -- running -------------------------------------------------------------------------
@@ -302,7 +310,7 @@ def run_prompts(model, tokenizer, prompts, schemes, chunk: int, batch: int = 1,
                 progress=True, done=None, save=None) -> list:
     """Every scheme ("fp" first) answers every question: one record each.
     `done` maps (length, seed, scheme) to the records of runs already made
-    (saved_runs), which are taken as they are; `save(records)` is called
+    (ruler_runs.saved_runs), which are taken as they are; `save(records)` is called
     after each (context, scheme) run."""
     schemes = ["fp"] + [s for s in schemes if s != "fp"]
     done = done or {}
@@ -335,45 +343,6 @@ def run_prompts(model, tokenizer, prompts, schemes, chunk: int, batch: int = 1,
                 save(records)
     bar.close()
     return records
-
-
-# -- runs longer than a sitting: --json holds every finished (context, scheme) --------
-
-def run_settings(args, tasks, disclosure: dict) -> dict:
-    """What fixes the questions and each scheme's answers: a run resumes
-    only from a file made with the same."""
-    key = {k: disclosure[k] for k in ("model", "weights", "calibration", "corpus")}
-    key.update(tasks=tasks, lengths=args.ruler_lengths, questions=args.ruler_questions,
-               contexts=args.ruler_contexts, seed=args.seed, chunk=args.chunk,
-               batch=args.ruler_batch)
-    return json.loads(json.dumps(key))  # as it reads back from the file
-
-
-def saved_runs(path, settings: dict) -> tuple:
-    """({(length, seed, scheme): records}, seconds spent) of the run in the
-    --json file `path` made with these settings, finished or not (a scheme
-    added to a finished run's command runs alone); ({}, 0) when there is
-    none. An unfinished run of other settings is refused: it would be
-    written over (a finished one is an earlier result, written over as any
-    output file)."""
-    try:
-        saved = json.loads(Path(path).read_text(encoding="utf-8")) if path else None
-    except (OSError, ValueError):
-        saved = None  # no file, or not one of this suite's: written as before
-    if not isinstance(saved, dict) or "records" not in saved:
-        return {}, 0.0
-    if saved.get("settings") != settings:
-        if saved.get("complete", True):
-            return {}, 0.0
-        old = saved.get("settings") or {}
-        differ = [k for k in settings if old.get(k) != settings[k]]
-        raise ValueError(f"--json {path} holds an unfinished RULER run made with other "
-                         f"settings ({', '.join(differ) or 'unreadable'} differ): run its "
-                         "command again to resume it, or write to another --json")
-    runs = {}
-    for r in saved["records"]:
-        runs.setdefault((r["length"], r["seed"], r["scheme"]), []).append(r)
-    return runs, float(saved.get("elapsed", 0.0))
 
 
 def summarize(records) -> list:
@@ -447,13 +416,18 @@ def run(args, model, tokenizer, shape, essay_text: str, source: str, disclosure:
     schemes = list(args.kv)
     prompts = build_prompts(tokenizer, tasks, args.ruler_lengths, args.ruler_questions,
                             args.ruler_contexts, args.seed, ruler_tasks.sentences(essay_text))
-    settings = run_settings(args, tasks, disclosure)
-    done, before = saved_runs(args.json, settings)
+    settings = ruler_runs.run_settings(args, tasks, disclosure)
+    done, before, saved_plans = ruler_runs.saved_runs(args.json, settings)
     kept = [s for s in dict.fromkeys(k[2] for k in done) if s not in ("fp", *schemes)]
     if kept:  # the file's other schemes stay in it and in the table
         schemes += kept
-        disclosure = dict(disclosure, schemes={**disclosure["schemes"], **{
-            s: Scheme(s).describe(bool(shape.windows)) for s in kept}})
+        disclosure = dict(disclosure, calibration=calibrations(model, schemes) or
+                          disclosure["calibration"], schemes={**disclosure["schemes"], **{
+                              s: Scheme(s).describe(bool(shape.windows)) for s in kept}})
+    plans = plan_labels(model, schemes)
+    done, said = ruler_runs.same_plans(args.json, done, saved_plans, plans, args.kv)
+    for line in said:
+        print(f"RULER: --json {args.json}: {line}", file=sys.stderr)
     runs = [(p.length, p.seed, s) for p in prompts for s in ["fp", *schemes]]
     resumed = sum(r in done for r in runs)
     est = estimate_seconds(model, shape, prompts, 1 + len(schemes), args.chunk) \
@@ -464,13 +438,14 @@ def run(args, model, tokenizer, shape, essay_text: str, source: str, disclosure:
               "scheme) runs already made are taken from it", file=sys.stderr)
     print(f"RULER: {len(prompts)} shared context(s), {n_q} questions, {len(schemes) + 1} "
           f"schemes; estimated run time {_minutes(est)} "
-          "(an estimate: a short prefill and decode steps timed now, extrapolated over the "
-          "context, every scheme as fast as fp, every answer at its token cap)",
+          "(an estimate: a short prefill, decode steps and one layer's attention timed now, "
+          "extrapolated over the context, every scheme as fast as fp, every answer at its "
+          "token cap)",
           file=sys.stderr)
     t0 = time.perf_counter()
 
     def save(records):  # after each (context, scheme) run: a stop loses at most one
-        files.write_json(args.json, {"settings": settings, "complete": False,
+        files.write_json(args.json, {"settings": settings, "plans": plans, "complete": False,
                                      "elapsed": before + time.perf_counter() - t0,
                                      "disclosure": disclosure, "records": records})
 
@@ -491,7 +466,8 @@ def run(args, model, tokenizer, shape, essay_text: str, source: str, disclosure:
         if k != "schemes":
             print(f"{k + ':':<14}{v}")
     if args.json:
-        files.write_json(args.json, {"settings": settings, "complete": True, "elapsed": took,
+        files.write_json(args.json, {"settings": settings, "plans": plans, "complete": True,
+                                     "elapsed": took,
                                      "disclosure": disclosure, "rows": rows,
                                      "records": records})
     if args.plot:

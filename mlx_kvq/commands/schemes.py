@@ -157,6 +157,25 @@ class Scheme:
         return f"{self.spec.describe()}; {describe_sliding(self.spec, self.sliding)}"
 
 
+def plan_labels(model, schemes) -> dict:
+    """{name: its plan's source and per-layer label} of the "calibrated"
+    schemes among `schemes`: what, beyond its name, fixes such a scheme's
+    answers."""
+    return {x.name: f"{p.source}: {p.label()}" for x in map(Scheme, dict.fromkeys(schemes))
+            if x.kind == "calibrated" for p in [x.plan(model)]}
+
+
+def calibrations(model, schemes) -> Optional[str]:
+    """The plans behind the "calibrated" schemes (source and per-layer
+    label), or None when no scheme is calibrated."""
+    said = [f"{label} (scheme {name!r})" for name, label in plan_labels(model, schemes).items()]
+    plan = getattr(model, "kvq_plan", None)
+    if plan is not None and "calibrated" not in schemes:
+        said.insert(0, f"{plan.source}: {plan.label()} (baked into the model folder)")
+    return "; ".join(said + ["the other schemes: dynamic per-group scales, none"]) \
+        if said else None
+
+
 @functools.lru_cache(maxsize=8)
 def _load_plan(folder: str) -> "kvplan.KVPlan":
     return kvplan.load_plan(folder)
