@@ -161,8 +161,8 @@ def plan_labels(model, schemes) -> dict:
     """{name: its plan's source and per-layer label} of the "calibrated"
     schemes among `schemes`: what, beyond its name, fixes such a scheme's
     answers."""
-    return {x.name: f"{p.source}: {p.label()}" for x in map(Scheme, dict.fromkeys(schemes))
-            if x.kind == "calibrated" for p in [x.plan(model)]}
+    return {x.name: _label(x.plan(model)) for x in map(Scheme, dict.fromkeys(schemes))
+            if x.kind == "calibrated"}
 
 
 def calibrations(model, schemes) -> Optional[str]:
@@ -171,9 +171,13 @@ def calibrations(model, schemes) -> Optional[str]:
     said = [f"{label} (scheme {name!r})" for name, label in plan_labels(model, schemes).items()]
     plan = getattr(model, "kvq_plan", None)
     if plan is not None and "calibrated" not in schemes:
-        said.insert(0, f"{plan.source}: {plan.label()} (baked into the model folder)")
+        said.insert(0, f"{_label(plan)} (baked into the model folder)")
     return "; ".join(said + ["the other schemes: dynamic per-group scales, none"]) \
         if said else None
+
+
+def _label(plan) -> str:
+    return f"{plan.source}: {plan.label()}"
 
 
 @functools.lru_cache(maxsize=8)
