@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 import mlx_kvq  # noqa: F401  (loads OpenBLAS before mlx)
-from mlx_kvq.commands import bench, bench_concurrency, evaluate, schemes
+from mlx_kvq.commands import bench, bench_concurrency, evaluate, run_time, schemes
 from mlx_kvq import attention, models, shapes, sizing
 
 
@@ -136,8 +136,10 @@ def test_eval_cli_json_with_needle(tmp_path, capsys):
                                    "--windows", "1", "--needle", "--needle-contexts", "160",
                                    "--needle-depths", "0.5", "--json", str(tmp_path / "e.json"),
                                    "--plot", str(tmp_path)])
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "passkey retrieval accuracy" in out and "==== disclosure" in out
+    assert "KLD: 1 window(s) of 128 tokens, 2 schemes and fp; estimated run time" in err
+    assert "(KLD estimate " in out
     saved = json.loads((tmp_path / "e.json").read_text())
     d = saved["disclosure"]
     assert d["weights"] == "GGUF Q4_1 dequantized to float32"
@@ -152,6 +154,19 @@ def test_eval_cli_json_with_needle(tmp_path, capsys):
     assert grid["accuracy"]["fp"] == saved["needle"]["accuracy"]["fp"]
     assert results["k4v4"].kld_mean >= 0
     assert {p.name for p in tmp_path.glob("*.png")} == {"quality_vs_bits.png", "needle.png"}
+
+
+def test_run_time_counts_attention_over_the_keys_each_token_reads():
+    c = run_time.Costs(per_token=1e-3, per_step=2e-3, pair=1e-6, key=3e-7)
+    whole = c.prefill(1000)
+    assert whole == pytest.approx(1000 * 1e-3 + 1e-6 * 1000 * 1000 / 2)
+    chunks = sum(c.prefill(min(32, 1000 - i), i) for i in range(0, 1000, 32))
+    assert chunks == pytest.approx(whole)  # fed in chunks or at once, the same reads
+    assert c.prefill(2000) - 2 * whole == pytest.approx(1e-6 * 1000 * 1000)
+    assert c.decode(10, 4096) == pytest.approx(10 * (2e-3 + 3e-7 * 4096))
+    shape = SimpleNamespace(n_heads=4, n_kv_heads=2, head_dim=16, dv=16)
+    one = run_time.attention_seconds(shape, 8, 256)
+    assert 0 < one < 1e-3
 
 
 @pytest.mark.parametrize("cli, argv, msg", [

@@ -39,7 +39,7 @@ from mlx_kvq import blas, shapes, sizing, units
 from .cli_types import add_model, fraction_list, nonneg_int, output_file, positive_int, token_list
 from mlx_kvq.integration import model_config, sliding_layers
 from mlx_kvq.report import kv_stats
-from . import ruler, ruler_tasks
+from . import ruler, ruler_tasks, run_time
 from .schemes import Scheme, calibrations
 
 KLD_SCHEMES = ("k8v8", "k4v4", "k4v2", "k2v2", "mlx8", "mlx4", "mlx4-g32", "mlx2", "mlx2-g32")
@@ -75,8 +75,11 @@ def cache_bits_per_element(cache) -> float:
 
 
 def evaluate(model, tokens, schemes, window=2048, chunk=32, n_windows=4,
-             progress=True):
-    """Run every scheme over the same windows; returns {scheme: Result}."""
+             progress=True, costs=None):
+    """Run every scheme over the same windows; returns {scheme: Result}.
+    With `costs` (run_time.Costs) the progress bar advances by each chunk's
+    estimated time, so its remaining time counts the longer reads of later
+    chunks."""
     tokens = np.asarray(tokens)
     n_avail = len(tokens) // window
     if n_avail == 0:
@@ -86,7 +89,10 @@ def evaluate(model, tokens, schemes, window=2048, chunk=32, n_windows=4,
     results = {s: Result(s, Scheme(s).describe(windowed)) for s in schemes}
     nll = {s: [] for s in schemes}
     nll_ref, agree = [], {s: [] for s in schemes}
-    bar = tqdm(total=n_windows * (window // chunk), disable=not progress, desc="eval")
+    work = (lambda c0: costs.prefill(min(chunk, window - c0), c0)) if costs else (lambda c0: 1)
+    bar = tqdm(total=n_windows * sum(map(work, range(0, window, chunk))),
+               disable=not progress, desc="eval",
+               bar_format="{l_bar}{bar}| [{elapsed}<{remaining}]" if costs else None)
     for w in range(n_windows):
         win = mx.array(tokens[w * window:(w + 1) * window])[None]
         caches = {"fp": Scheme("fp").make(model)}
@@ -104,7 +110,7 @@ def evaluate(model, tokens, schemes, window=2048, chunk=32, n_windows=4,
                 nll[s].append(-mx.take_along_axis(out[:n], tgt[:, None], -1)[:, 0])
                 results[s].klds.append(kld)
                 mx.eval(kld, agree[s][-1], nll[s][-1])
-            bar.update(1)
+            bar.update(work(c0))
         for s in schemes:
             results[s].bits_per_element = cache_bits_per_element(caches[s])
     bar.close()
@@ -366,23 +372,32 @@ def run(argv=None):
     if trained and longest > trained:
         print(f"warning: {longest} tokens exceed the model's trained context of {trained}",
               file=sys.stderr)
+    n_windows = min(args.windows, len(tokens) // args.window)
+    costs = run_time.measure(model, shape, args.chunk) if n_windows else None
+    if costs:
+        est = n_windows * (1 + len(args.kv)) * costs.prefill(args.window)
+        print(f"KLD: {n_windows} window(s) of {args.window} tokens, {len(args.kv)} schemes and "
+              f"fp; estimated run time {run_time.minutes(est)} (an estimate: the weights and "
+              "one layer's attention timed now, extrapolated over the window, every scheme as "
+              "fast as fp)", file=sys.stderr)
     t0 = time.perf_counter()
     results, grid = {}, None
     if args.windows > 0:
-        results = evaluate(model, tokens, args.kv, args.window, args.chunk, args.windows)
+        results = evaluate(model, tokens, args.kv, args.window, args.chunk, args.windows,
+                           costs=costs)
         print(format_table(results))
     if args.needle:
         grid = needle_grid(model, tokenizer, tokens, args.kv, args.needle_contexts,
                            args.needle_depths, args.needle_trials)
         print(format_needle(grid))
-    n_windows = min(args.windows, len(tokens) // args.window)
     name = args.model or f"{DEFAULT_MODEL} (embedded)"
     meta = (name, describe_weights(args.model), source, len(tokens), args.window,
             args.chunk, n_windows)
     calibration = calibrations(model, args.kv)
     print(disclosure(*meta, results or dict.fromkeys(args.kv), grid, calibration,
                      bool(shape.windows)))
-    print(f"time:         {time.perf_counter() - t0:.0f} s")
+    print(f"time:         {time.perf_counter() - t0:.0f} s"
+          + (f" (KLD estimate {est:.0f} s)" if costs else ""))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"disclosure": disclosure_dict(*meta, args.kv, grid, calibration,

@@ -17,9 +17,8 @@ fp when its score equals fp's.
 The planner refuses, before the model runs, lengths beyond the model's
 trained context (config max_position_embeddings) or whose cache, its copy,
 the weights and a prefill chunk's workspace exceed the machine's memory.
-The run time is estimated from a short prefill, a few decode steps and one
-layer's attention timed before the run (on a CPU the attention's time per
-key is several times what its flops say).
+The run time is estimated before the run from the model's weights and one
+layer's attention timed then (run_time.py).
 With --json, the file holds every finished (context, scheme) run as the run
 goes: the same command resumes it (runs take hours on a CPU), and schemes
 added to --kv run alone (ruler_runs.py says what a file gives back).
@@ -34,7 +33,7 @@ from mlx_lm.generate import BatchGenerator, generate_step
 from tqdm import tqdm
 
 from mlx_kvq import files, sizing, units
-from . import ruler_runs, ruler_tasks
+from . import ruler_runs, ruler_tasks, run_time
 from .cli_types import nonneg_int, positive_int, token_list
 from .schemes import Scheme, calibrations, plan_labels
 
@@ -196,48 +195,16 @@ def _prefill(model, tokens, cache, chunk):
 
 
 def estimate_seconds(model, shape, prompts, n_schemes: int, chunk: int) -> float:
-    """The run time, from the model and one layer's attention timed now: a
-    token at context c costs its weights' share (a short prefill and decode
-    steps) plus attention over c keys in every layer (the attention's time
-    per query and key, measured at a prefill chunk and a decode step)."""
-    n = min(chunk, 128)
-    toks = list(range(100, 100 + n))
-    cache = Scheme("fp").make(model)
-    _prefill(model, toks[:16], cache, chunk)  # warm up
-    cache = Scheme("fp").make(model)
-    t0 = time.perf_counter()
-    _prefill(model, toks, cache, chunk)
-    per_token = (time.perf_counter() - t0) / n
-    t0 = time.perf_counter()
-    for _ in range(4):
-        mx.eval(model(mx.array([[7]]), cache=cache))
-    per_step = (time.perf_counter() - t0) / 4
-    pair = shape.n_layers * _attention_seconds(shape, min(chunk, 256), 2048)
-    key = shape.n_layers * _attention_seconds(shape, 1, 4096)
+    """The run time (run_time.py): every scheme prefills each context, then
+    feeds each question's suffix and decodes its answer up to its cap."""
+    c = run_time.measure(model, shape, chunk)
     total = 0.0
     for p in prompts:
         L = len(p.context)
-        prefill = per_token * L + pair * L * L / 2
-        answers = sum(len(s) * (per_token + pair * L) + q.max_tokens * (per_step + key * L)
+        answers = sum(c.prefill(len(s), L) + c.decode(q.max_tokens, L)
                       for q, s in zip(p.questions, p.suffixes))
-        total += n_schemes * (prefill + answers)
+        total += n_schemes * (c.prefill(L) + answers)
     return total
-
-
-def _attention_seconds(shape, queries: int, keys: int) -> float:
-    """Seconds per (query, key) of one layer's attention (mlx's fused
-    attention, as mlx-lm calls it) with `queries` new tokens over `keys`."""
-    q = mx.random.normal((1, shape.n_heads, queries, shape.head_dim))
-    k = mx.random.normal((1, shape.n_kv_heads, keys, shape.head_dim))
-    v = mx.random.normal((1, shape.n_kv_heads, keys, shape.dv))
-    mask = "causal" if queries > 1 else None
-    mx.eval(q, k, v)
-    seconds = []
-    for _ in range(3):  # the first warms up
-        t0 = time.perf_counter()
-        mx.eval(mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask))
-        seconds.append(time.perf_counter() - t0)
-    return min(seconds[1:]) / (queries * keys)
 
 
 # -- running -------------------------------------------------------------------------
@@ -437,7 +404,7 @@ def run(args, model, tokenizer, shape, essay_text: str, source: str, disclosure:
         print(f"RULER: resuming --json {args.json}: {resumed} of {len(runs)} (context, "
               "scheme) runs already made are taken from it", file=sys.stderr)
     print(f"RULER: {len(prompts)} shared context(s), {n_q} questions, {len(schemes) + 1} "
-          f"schemes; estimated run time {_minutes(est)} "
+          f"schemes; estimated run time {run_time.minutes(est)} "
           "(an estimate: a short prefill, decode steps and one layer's attention timed now, "
           "extrapolated over the context, every scheme as fast as fp, every answer at its "
           "token cap)",
@@ -479,7 +446,3 @@ def run(args, model, tokenizer, shape, essay_text: str, source: str, disclosure:
 
 def _share(x) -> str:
     return "-" if x is None else f"{x:.2f}"
-
-
-def _minutes(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"

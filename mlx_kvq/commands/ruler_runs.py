@@ -68,7 +68,8 @@ def same_plans(path, done: dict, saved: dict, plans: dict, named) -> tuple:
         raise ValueError(f"--json {path} holds runs of {', '.join(map(repr, left))} made with "
                          f"another plan than {'it has' if len(left) == 1 else 'they have'} "
                          f"now ({plans[left[0]]}): name {' '.join(left)} in --kv to run "
-                         "it again, or write to another --json")
+                         f"{'it' if len(left) == 1 else 'them'} again, or write to "
+                         "another --json")
     said = [f"{s} ran with another plan than its current one ({saved.get(s) or 'unknown'}): "
             "it runs again" for s in stale]
     return {k: v for k, v in done.items() if k[2] not in stale}, said
