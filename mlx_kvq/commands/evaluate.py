@@ -376,10 +376,11 @@ def run(argv=None):
     costs = run_time.measure(model, shape, args.chunk) if n_windows else None
     if costs:
         est = n_windows * (1 + len(args.kv)) * costs.prefill(args.window)
-        print(f"KLD: {n_windows} window(s) of {args.window} tokens, {len(args.kv)} schemes and "
-              f"fp; estimated run time {run_time.minutes(est)} (an estimate: the weights and "
-              "one layer's attention timed now, extrapolated over the window, every scheme as "
-              "fast as fp)", file=sys.stderr)
+        print(f"KLD: {n_windows} window(s) of {args.window} tokens, {len(args.kv)} "
+              f"scheme{'s' * (len(args.kv) > 1)} and fp; estimated run time "
+              f"{run_time.minutes(est)} (an estimate: the weights and one layer's attention "
+              "timed now, extrapolated over the window, every scheme as fast as fp)",
+              file=sys.stderr)
     t0 = time.perf_counter()
     results, grid = {}, None
     if args.windows > 0:
