@@ -377,9 +377,7 @@ def run(argv=None):
     if costs:
         est = n_windows * (1 + len(args.kv)) * costs.prefill(args.window)
         print(f"KLD: {n_windows} window(s) of {args.window} tokens, {len(args.kv)} "
-              f"scheme{'s' * (len(args.kv) > 1)} and fp; estimated run time "
-              f"{run_time.minutes(est)} (an estimate: the weights and one layer's attention "
-              "timed now, extrapolated over the window, every scheme as fast as fp)",
+              f"scheme{'s' * (len(args.kv) > 1)} and fp; {run_time.said(est, 'window')}",
               file=sys.stderr)
     t0 = time.perf_counter()
     results, grid = {}, None

@@ -404,10 +404,7 @@ def run(args, model, tokenizer, shape, essay_text: str, source: str, disclosure:
         print(f"RULER: resuming --json {args.json}: {resumed} of {len(runs)} (context, "
               "scheme) runs already made are taken from it", file=sys.stderr)
     print(f"RULER: {len(prompts)} shared context(s), {n_q} questions, {len(schemes) + 1} "
-          f"schemes; estimated run time {run_time.minutes(est)} "
-          "(an estimate: a short prefill, decode steps and one layer's attention timed now, "
-          "extrapolated over the context, every scheme as fast as fp, every answer at its "
-          "token cap)",
+          f"schemes; {run_time.said(est, 'context', 'every answer at its token cap')}",
           file=sys.stderr)
     t0 = time.perf_counter()
 

@@ -73,3 +73,10 @@ def attention_seconds(shape, queries: int, keys: int) -> float:
 
 def minutes(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+def said(seconds: float, over: str, *more: str) -> str:
+    """The estimate as the commands print it, with what it assumes."""
+    return (f"estimated run time {minutes(seconds)} (an estimate: a short prefill, decode "
+            f"steps and one layer's attention timed now, extrapolated over the {over}, every "
+            f"scheme as fast as fp{''.join(', ' + m for m in more)})")
