@@ -331,3 +331,27 @@ def test_a_saved_run_gives_back_runs_of_its_settings_and_plans(tmp_path):
                                 "complete": False, "records": recs}))
     with pytest.raises(ValueError, match=r"other settings \(calibration differ\)"):
         saved_runs(path, settings)
+
+
+def test_a_stop_while_adding_a_scheme_keeps_the_later_contexts_runs():
+    """Each save holds every run of the file, those of contexts the loop has not
+    reached yet too: a stop during the first new run loses none of them."""
+    model, tokenizer = models.load()
+    prompts = ruler.build_prompts(tokenizer, ("niah_single_1",), [512], 2, 2, 3, ESSAY)
+    assert len(prompts) == 2 and prompts[0].seed != prompts[1].seed
+    done = {(p.length, p.seed, s): [{"length": p.length, "seed": p.seed, "scheme": s,
+                                     "task": q.task, "score": 1.0} for q in p.questions]
+            for p in prompts for s in ("fp", "k4v4")}
+    saved = []
+
+    def save(records):
+        saved.append(list(records))
+        raise KeyboardInterrupt  # stopped right after the first new run
+
+    with pytest.raises(KeyboardInterrupt):
+        ruler.run_prompts(model, tokenizer, prompts, ["k4v4", "k8v8"], 512, done=done,
+                          progress=False, save=save)
+    [records] = saved
+    runs = Counter((r["seed"], r["scheme"]) for r in records)
+    assert runs == {(p.seed, s): 1 for p in prompts for s in ("fp", "k4v4")} | {
+        (prompts[0].seed, "k8v8"): 1}

@@ -278,9 +278,11 @@ def run_prompts(model, tokenizer, prompts, schemes, chunk: int, batch: int = 1,
     """Every scheme ("fp" first) answers every question: one record each.
     `done` maps (length, seed, scheme) to the records of runs already made
     (ruler_runs.saved_runs), which are taken as they are; `save(records)` is called
-    after each (context, scheme) run."""
+    after each (context, scheme) run, with the runs of `done` not reached yet
+    (a stop then loses none of them)."""
     schemes = ["fp"] + [s for s in schemes if s != "fp"]
     done = done or {}
+    ahead = dict(done)  # runs of `done` the loop has not taken yet
 
     def steps(p):  # prefill chunks, then one per answer
         return -(-len(p.context) // chunk) + len(p.questions)
@@ -290,7 +292,7 @@ def run_prompts(model, tokenizer, prompts, schemes, chunk: int, batch: int = 1,
     records = []
     for p in prompts:
         for s in schemes:
-            old = done.get((p.length, p.seed, s))
+            old = ahead.pop((p.length, p.seed, s), None)
             if old is not None and len(old) == len(p.questions):
                 records += old
                 bar.update(steps(p))
@@ -307,7 +309,7 @@ def run_prompts(model, tokenizer, prompts, schemes, chunk: int, batch: int = 1,
                 bar.update(1)
             del cache
             if save is not None:
-                save(records)
+                save(records + [r for rs in ahead.values() for r in rs])
     bar.close()
     return records
 
