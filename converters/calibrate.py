@@ -64,11 +64,19 @@ QUICK_TOKENS = 2048  # --quick: statistics from at most this many tokens
 # -- measuring and choosing ---------------------------------------------------------
 
 
+def default_bits(target_bits) -> tuple:
+    """The widths a plan chooses among when none are given: every width from
+    2 up to the first above the target (2, 3, 4 for targets below 4 bits; 2 to
+    5 for 4.0), so that a plan can spend more than the target where it pays."""
+    hi = min([b for b in VALID_BITS if b > max(target_bits, 3)] or VALID_BITS[-1:])
+    return tuple(b for b in VALID_BITS if b <= hi)
+
+
 def check_options(target_bits, bits, base, transforms):
     """Validated (base spec, sorted bit widths, transforms); ValueError names
-    the option that is wrong."""
+    the option that is wrong. bits None: default_bits(target_bits)."""
     base = parse_spec(base) if base is not None else KVQuantSpec()
-    bits = sorted(set(bits))
+    bits = sorted(set(default_bits(target_bits) if bits is None else bits))
     if any(b not in VALID_BITS for b in bits):
         raise ValueError(f"bits {bits}: each must be one of {VALID_BITS}")
     if not bits[0] <= target_bits <= bits[-1]:
@@ -183,12 +191,13 @@ def _fisher(model, picks, kvs, base, chunk, bar, checkpoint) -> Fisher:
     return Fisher(windows, chunk, windows_of(model))
 
 
-def calibrate(model, windows, *, target_bits=3.0, bits=(2, 3, 4), base=None,
+def calibrate(model, windows, *, target_bits=3.0, bits=None, base=None,
               transforms=TRANSFORMS, chunk=32, sensitivity_windows=1,
               sensitivity="fisher", verify_uniform="all", progress=True,
               checkpoint=None, outliers=OUTLIER_COUNTS, v_groups=V_GROUPS) -> KVPlan:
     """Measure and choose a per-layer plan for `model` on token windows.
 
+    bits: the widths to choose among per layer (None: default_bits(target_bits)).
     sensitivity: "fisher" (estimated from one gradient pass per window) or
     "measured" (a forward pass per layer and option). verify_uniform: "all"
     uniform specs of the target average are measured against the plan, or
@@ -413,7 +422,9 @@ def run(argv=None) -> KVPlan:
                    "tokens and print calibration time as a multiple of it")
     p.add_argument("--target-bits", type=float, default=3.0,
                    help="Average K/V code bits per element (3.0: as k4v2)")
-    p.add_argument("--bits", type=int_list, default=(2, 3, 4), help="Widths to choose from")
+    p.add_argument("--bits", type=int_list, default=None,
+                   help="Widths to choose from (default: 2 up to the first width above the "
+                   "target: 2,3,4 below 4 bits, 2,3,4,5 for 4.0)")
     p.add_argument("--outliers", type=count_list, default=OUTLIER_COUNTS,
                    help="Outlier key channels per kv head (at one more bit) to choose "
                    "among per layer; 0 alone: none")

@@ -374,8 +374,17 @@ def test_sliding_window_layers_are_calibrated_too():
     assert kinds == ["RotatingKVCache", "RotatingKVCache", "KVQCache"]
 
 
+@pytest.mark.parametrize("target, widths", [
+    (3.0, (2, 3, 4)), (3.6, (2, 3, 4)), (2.0, (2, 3, 4)), (4.0, (2, 3, 4, 5)),
+    (5.5, (2, 3, 4, 5, 6)), (6.0, (2, 3, 4, 5, 6, 8)), (8.0, (2, 3, 4, 5, 6, 8))])
+def test_default_widths_reach_the_first_above_the_target(target, widths):
+    assert C.default_bits(target) == widths
+    assert C.check_options(target, None, None, ("none",))[1] == list(widths)
+
+
 @pytest.mark.parametrize("argv, msg", [
-    (["--target-bits", "9"], "target 9.0 bits is outside the options [2, 3, 4]"),
+    (["--target-bits", "9"], "target 9.0 bits is outside the options [2, 3, 4, 5, 6, 8]"),
+    (["--target-bits", "5", "--bits", "2,3,4"], "target 5.0 bits is outside the options [2, 3, 4]"),
     (["--bits", "7"], "bits [7]: each must be one of"),
     (["--transforms", "none,bogus"], "transforms ['bogus']: use some of"),
     (["--v-groups", "32,48"], "value groups [48]: each must be one of"),
