@@ -281,8 +281,7 @@ def run_prompts(model, tokenizer, prompts, schemes, chunk: int, batch: int = 1,
     after each (context, scheme) run, with the runs of `done` not reached yet
     (a stop then loses none of them)."""
     schemes = ["fp"] + [s for s in schemes if s != "fp"]
-    done = done or {}
-    ahead = dict(done)  # runs of `done` the loop has not taken yet
+    ahead = dict(done or {})  # runs of `done` the loop has not taken yet
 
     def steps(p):  # prefill chunks, then one per answer
         return -(-len(p.context) // chunk) + len(p.questions)
